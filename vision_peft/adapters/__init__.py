@@ -1,0 +1,44 @@
+"""Adapter registry. An adapter is a registered function ``apply(backbone, cfg) -> AdapterHandle`` that
+mutates the (already frozen) backbone in place; new parameters it creates are the trainable ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from vision_peft.registry import Registry
+
+ADAPTERS: Registry = Registry("adapter")
+
+
+@dataclass
+class AdapterHandle:
+    """What an adapter touched, and how to fold it into plain weights for export."""
+
+    name: str
+    touched: list[str] = field(default_factory=list)  # module names changed or added
+    merge_fn: Callable[[], None] | None = None  # folds re-parameterisations into the base weights
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge_fn is not None
+
+    def merge(self) -> None:
+        if self.merge_fn is not None:
+            self.merge_fn()
+            self.merge_fn = None
+
+
+def apply_adapter(backbone: nn.Module, cfg) -> AdapterHandle:
+    """Freeze ``backbone`` and apply the adapter named by ``cfg.name``."""
+    entry = ADAPTERS.get(cfg.name)
+    backbone.requires_grad_(False)
+    return entry.builder(backbone, cfg)
+
+
+from vision_peft.adapters import baselines, lora, pad_prompt, vpt  # noqa: E402,F401
+
+__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter"]

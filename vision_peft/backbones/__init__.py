@@ -1,0 +1,23 @@
+"""Backbone registry: ``build_backbone(BackboneConfig)`` from a spec like ``timm:vit_small_patch16_224``.
+
+The part before ``:`` names the registry entry; the rest is passed to its builder.
+"""
+
+from __future__ import annotations
+
+from vision_peft.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+
+from vision_peft.backbones import effnet_lite, minilm, open_clip_models, timm_models  # noqa: E402,F401
+from vision_peft.backbones.base import Backbone, ImageBackbone, TextBackbone, WeightsNotFoundError  # noqa: E402
+
+
+def build_backbone(cfg) -> Backbone:
+    """Build a frozen-ready backbone from a :class:`~vision_peft.config.BackboneConfig`."""
+    family, _, arg = cfg.name.partition(":")
+    entry = BACKBONES.get(family)
+    return entry.builder(arg, cfg)
+
+
+__all__ = ["BACKBONES", "Backbone", "ImageBackbone", "TextBackbone", "WeightsNotFoundError", "build_backbone"]

@@ -1,0 +1,164 @@
+"""The backbone contract shared by every family (image, text, point cloud).
+
+A backbone is an ``nn.Module`` with ``embed_dim``, ``data_config`` (preprocessing that travels into the
+run's config, predict, the app and the ONNX bundle), ``forward_features``, ``forward_intermediates`` for
+dense tasks, and ``target_groups`` mapping portable names (``qkv``, ``attn_out``, ``mlp``, ``conv_pw`` …)
+to the family's own module-name patterns (``fnmatch`` style, relative to the backbone).
+"""
+
+from __future__ import annotations
+
+import abc
+import fnmatch
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Requested pretrained weights are not available locally and downloads are not allowed."""
+
+
+class _AbstractModuleMeta(abc.ABCMeta, type(nn.Module)):
+    """Lets nn.Module subclasses declare abstract methods."""
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses set the attributes below in ``__init__``."""
+
+    kind: str = "image"  # image | text | points
+    spec: str = ""  # the registry spec that built it, e.g. "timm:vit_small_patch16_224"
+    embed_dim: int = 0  # size of forward_features' output
+    data_config: dict[str, Any] = {}  # preprocessing: input_size, mean, std, interpolation …
+    target_groups: dict[str, list[str]] = {}  # portable group → module-name patterns
+    weights_id: str = "random-init"  # sha256 of the loaded weights (content hash), or "random-init"
+    weights_source: str = "random init"  # where the weights came from, for logs and model cards
+
+    def resolve_targets(self, targets: list[str]) -> list[str]:
+        """Expand portable group names and patterns into concrete module names (sorted, unique)."""
+        names = [n for n, _ in self.named_modules() if n]
+        out: list[str] = []
+        for t in targets:
+            patterns = self.target_groups.get(t, [t])
+            hit = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            if not hit:
+                groups = ", ".join(sorted(self.target_groups)) or "none"
+                raise ValueError(
+                    f"target {t!r} matches no module of backbone {self.spec!r}; "
+                    f"portable groups for it: {groups}; or give a module-name pattern like 'model.blocks.*.attn.qkv'"
+                )
+            out.extend(h for h in hit if h not in out)
+        return out
+
+
+class ImageBackbone(Backbone):
+    """Image encoder: pixels (B, 3, H, W), normalised by ``data_config``, to features."""
+
+    kind = "image"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_prompts = nn.ModuleList()  # pixel-space prompts applied before the network
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        for prompt in self.input_prompts:
+            x = prompt(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding (B, embed_dim)."""
+        return self._features(self.prepare(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """Feature maps (B, C_i, H_i, W_i) at the given block/stage indices (negative counts from the end)."""
+        return self._intermediates(self.prepare(x), indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+    def token_blocks(self) -> tuple[nn.ModuleList, int] | None:
+        """(transformer blocks taking (B, L, D) tokens, number of prefix tokens) for token prompts, or None."""
+        return None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        _, h, w = self.data_config["input_size"]
+        return int(h), int(w)
+
+
+class TextBackbone(Backbone, metaclass=_AbstractModuleMeta):
+    """Text encoder with its tokenizer and token embeddings exposed for prompt learning."""
+
+    kind = "text"
+    width: int = 0  # token feature width
+    context_length: int = 0  # maximum number of tokens
+
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{'input_ids': (B, L) int64, 'attention_mask': (B, L) int64}; truncates to context_length."""
+
+    @abc.abstractmethod
+    def token_embedding(self) -> nn.Embedding:
+        """The input token-embedding table (prompt contexts live in its space)."""
+
+    @abc.abstractmethod
+    def forward_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token features (B, L, width), sentence feature (B, embed_dim)); ``inputs_embeds`` replaces lookup."""
+
+    def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(input_ids, attention_mask)[1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(input_ids, attention_mask)
+
+    @abc.abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (text adapters attach here)."""
+
+
+def state_hash(module: nn.Module) -> str:
+    """sha256 over names, shapes and bytes of a module's state dict: identifies the exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without unpickling code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weight file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, or not a checkpoint at all
+        raise ValueError(
+            f"{path} could not be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "convert it to .safetensors or a plain tensor state dict"
+        ) from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
+def seeded_init(fn, seed: int = 0):
+    """Run a model constructor under a fixed torch seed so random-init backbones are reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()

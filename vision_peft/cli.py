@@ -1,0 +1,165 @@
+"""The command line: ``python -m vision_peft train|eval|predict|export|list|app``.
+
+Only this module reads argv. Every command is a thin call into the library, so the CLI, the app and the
+Python API cannot drift apart. Errors that are the user's to fix print one line (no traceback) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vision_peft.config import load_recipe, load_run_config, parse_overrides
+    from vision_peft.train import run
+
+    if args.resume:
+        cfg = load_run_config(args.resume)
+        if args.recipe or args.overrides:
+            raise ValueError("--resume continues a run with its own config.json; give no recipe or overrides")
+    else:
+        if not args.recipe:
+            raise ValueError("train needs a recipe (a YAML file or a name from tasks/); see `python -m vision_peft list recipes`")
+        if args.recipe.endswith("config.json"):  # re-run from a run directory's resolved config
+            cfg_data = json.loads(Path(args.recipe).read_text())["config"]
+            from vision_peft.config import RunConfig, deep_merge
+
+            cfg = RunConfig.from_dict(deep_merge(cfg_data, parse_overrides(args.overrides)))
+        else:
+            cfg = load_recipe(args.recipe, args.overrides)
+    run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
+    print(run_dir)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vision_peft.predict import load_run
+    from vision_peft.train import make_loader, resolve_device, EpochSampler
+
+    device = resolve_device(args.device)
+    cfg, task, model, _ = load_run(args.run, device)
+    data = task.datasets(model)
+    if args.split not in data:
+        raise ValueError(f"split {args.split!r} not available; splits: {', '.join(data)}")
+    ds = data[args.split]
+    loader = make_loader(task, ds, cfg.train.batch_size, EpochSampler(len(ds), 0, shuffle=False), 0, False, device)
+    res = task.evaluate(model, loader, device)
+    if not args.full:
+        res = {k: v for k, v in res.items() if not isinstance(v, list)}
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vision_peft.predict import predict_images
+
+    for rec in predict_images(args.run, args.inputs, device=args.device, top_k=args.top_k):
+        print(json.dumps(rec))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vision_peft.export import export_run
+
+    out = args.bundle or args.out
+    man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device)
+    p = man["parity"]
+    print(json.dumps({"bundle": str(Path(out) if out else Path(args.run) / "export"), "max_abs_diff": p["max_abs_diff"],
+                      "per_batch": p["per_batch"], "providers": p["providers"], "files": man["files"]}, indent=2))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from vision_peft.adapters import ADAPTERS
+    from vision_peft.backbones import BACKBONES
+    from vision_peft.config import recipe_dirs
+    from vision_peft.data import DATASETS
+    from vision_peft.tasks import TASKS
+
+    what = args.what
+    regs = {"backbones": BACKBONES, "adapters": ADAPTERS, "tasks": TASKS, "datasets": DATASETS}
+    if what in regs:
+        for name, e in regs[what].items():
+            print(f"{name:16s} {e.help}")
+    elif what == "recipes":
+        seen = set()
+        for d in recipe_dirs():
+            for f in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+                if f.stem not in seen:
+                    seen.add(f.stem)
+                    print(f"{f.stem:28s} {f}")
+    else:
+        for k in list(regs) + ["recipes"]:
+            print(f"== {k}")
+            _list(argparse.Namespace(what=k))
+    return 0
+
+
+def _app(args: argparse.Namespace) -> int:
+    try:
+        from app.main import launch
+    except ImportError as e:
+        raise ValueError(f"the browser app is not available in this installation ({e})") from None
+    launch(host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vision_peft", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a recipe; dotted overrides like --train.lr=5e-4")
+    t.add_argument("recipe", nargs="?", help="YAML recipe path or name in tasks/ (or a run's config.json)")
+    t.add_argument("--resume", help="continue an interrupted run directory from its checkpoint/")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="evaluate a finished run on a split")
+    e.add_argument("run")
+    e.add_argument("--split", default="test")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--full", action="store_true", help="include the confusion matrix")
+    pr = sub.add_parser("predict", help="predict with a finished run")
+    pr.add_argument("run")
+    pr.add_argument("inputs", nargs="+", help="input files (images for classification)")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--top-k", type=int, default=5)
+    x = sub.add_parser("export", help="export a run to an ONNX bundle with a parity check")
+    x.add_argument("run")
+    x.add_argument("--out", help="bundle folder (default <run>/export)")
+    x.add_argument("--bundle", help="same as --out")
+    x.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    x.add_argument("--atol", type=float, default=1e-4)
+    x.add_argument("--device", default="cpu", help="onnxruntime device for the parity check (cpu|cuda)")
+    ls = sub.add_parser("list", help="list backbones, adapters, tasks, datasets or recipes")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"])
+    a = sub.add_parser("app", help="start the browser app")
+    a.add_argument("--host", default="127.0.0.1")
+    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--auth", help="user:password (required when binding beyond localhost)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "train":
+        args.overrides = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export, "list": _list, "app": _app}
+    from vision_peft.checkpoint import CheckpointError
+
+    try:
+        return handlers[args.cmd](args)
+    except (*USER_ERRORS, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Run an exported vision_peft bundle with onnxruntime only: no PyTorch, no model code.
+
+A bundle is a folder holding ``manifest.json`` (format ``vision_peft.bundle/1``: task, graphs with their inputs and
+outputs, preprocess specs, labels, the sha256 of every other file, a parity report) and the ONNX graphs it names
+(design.md §8). This module reads it with onnxruntime, numpy and Pillow alone; it imports nothing from vision_peft
+but the torch-free :mod:`vision_peft.preprocess`, so it runs where only the deployment dependencies are installed.
+
+```
+bundle = load_bundle("runs/rs_scenes/bundle", device="auto")
+bundle.classify(["airport.jpg"])  # [{"label": "Airport", "index": 0, "prob": 0.97, "probs": {...}}]
+bundle.run("model", image=x)       # {"logits": array(...)}
+```
+
+Command line: ``python -m vision_peft.deploy <bundle> <image> [<image> ...] [--device cpu|cuda|auto] [--strict]``
+prints one JSON line per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import platform
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from vision_peft import __version__
+from vision_peft.preprocess import ImageInput, preprocess_batch, validate_spec
+
+BUNDLE_FORMAT = "vision_peft.bundle/1"
+SUPPORTED_FORMATS = (BUNDLE_FORMAT,)
+MANIFEST = "manifest.json"
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+_cuda_libs_preloaded = False
+_cuda_preload_log = ""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its manifest and one onnxruntime session per graph.
+
+    Attributes:
+        path: The bundle folder.
+        manifest: The parsed ``manifest.json``.
+        sessions: Graph name -> onnxruntime session.
+        requested_providers: Execution providers asked for, in priority order.
+        graph_providers: Graph name -> providers onnxruntime really uses (``session.get_providers()``).
+    """
+
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    sessions: dict[str, ort.InferenceSession] = field(repr=False)
+    requested_providers: list[str]
+    graph_providers: dict[str, list[str]]
+
+    @property
+    def task(self) -> str:
+        """The task the bundle was exported for (``classification``, ``few_shot`` …)."""
+        return self.manifest["task"]
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in logit order (empty when the task has none)."""
+        return list(self.manifest.get("labels") or [])
+
+    @property
+    def preprocess(self) -> dict[str, dict[str, Any]]:
+        """Input name -> preprocess spec, as written in the manifest."""
+        return dict(self.manifest.get("preprocess") or {})
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers really in use, over all graphs, in priority order."""
+        seen: list[str] = []
+        for used in self.graph_providers.values():
+            seen += [p for p in used if p not in seen]
+        return seen
+
+    def run(self, graph_name: str, **inputs: Any) -> dict[str, np.ndarray]:
+        """Runs one graph on already preprocessed tensors.
+
+        Args:
+            graph_name: A key of the manifest's ``graphs``.
+            **inputs: One array per graph input, by name. Numbers are cast to the graph's dtype when that is
+                lossless in kind (float64 -> float32 is fine, float -> int64 is refused).
+
+        Returns:
+            Output name -> array, for every graph output.
+
+        Raises:
+            ValueError: Unknown graph, missing/unknown input names, or a shape/dtype the graph cannot take.
+        """
+        if graph_name not in self.sessions:
+            raise ValueError(f"unknown graph {graph_name!r}; this bundle has: {', '.join(self.sessions)}")
+        session = self.sessions[graph_name]
+        expected = {i.name: i for i in session.get_inputs()}
+        missing, unknown = sorted(set(expected) - set(inputs)), sorted(set(inputs) - set(expected))
+        if missing or unknown:
+            want = ", ".join(f"{n} {list(i.shape)} {i.type}" for n, i in expected.items())
+            raise ValueError(f"graph {graph_name!r} takes inputs {want}; missing {missing}, unknown {unknown}")
+        feed = {}
+        for name, meta in expected.items():
+            arr = np.asarray(inputs[name])
+            dtype = _ORT_DTYPES.get(meta.type)
+            if dtype is not None and arr.dtype != dtype:
+                if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+                    raise ValueError(f"input {name!r} of graph {graph_name!r} needs {meta.type}, got {arr.dtype}")
+                arr = arr.astype(dtype)
+            shape = list(meta.shape)
+            if arr.ndim != len(shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(shape, arr.shape, strict=True)
+            ):
+                raise ValueError(
+                    f"input {name!r} of graph {graph_name!r} must have shape {shape} (strings are free axes), "
+                    f"got {list(arr.shape)}"
+                )
+            feed[name] = np.ascontiguousarray(arr)
+        values = session.run(None, feed)
+        return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
+
+    def classify(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[dict[str, Any]]:
+        """Classifies raw images (preprocessing as the manifest says, then the graph, then softmax).
+
+        Args:
+            images: Paths, PIL images or HWC uint8 RGB arrays.
+            batch_size: Images per onnxruntime call (a graph exported with a fixed batch size uses that instead).
+
+        Returns:
+            One dict per image: ``label`` (top class), ``index`` (its logit index), ``prob`` (its probability) and
+            ``probs`` (label -> probability for every class).
+
+        Raises:
+            ValueError: The bundle is not a classification bundle, or its manifest does not fit its graph.
+        """
+        if self.task != "classification":
+            raise ValueError(
+                f"classify() needs a bundle exported for task 'classification', this one is {self.task!r}; "
+                f"call run(graph_name, **inputs) with the graphs {list(self.sessions)} instead"
+            )
+        if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
+            raise ValueError(f"classify() takes a list of images, got {type(images).__name__}; wrap one in a list")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        graph, input_name, output_name = self._classification_io()
+        spec = self._image_spec(input_name)
+        labels = self.labels
+        fixed = self.sessions[graph].get_inputs()[0].shape[0]
+        step = fixed if isinstance(fixed, int) else batch_size
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(images), step):
+            chunk = list(images[start : start + step])
+            x = preprocess_batch(chunk, spec)  # (B,3,H,W)
+            if isinstance(fixed, int) and len(chunk) < fixed:
+                x = np.concatenate([x, np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)])  # pad to fixed B
+            logits = self.run(graph, **{input_name: x})[output_name][: len(chunk)]
+            if logits.ndim != 2 or logits.shape[1] != len(labels):
+                raise ValueError(
+                    f"graph {graph!r} output {output_name!r} has shape {list(logits.shape)} but the manifest lists "
+                    f"{len(labels)} labels; the bundle is inconsistent, re-export it"
+                )
+            for row in softmax(logits):
+                idx = int(np.argmax(row))
+                results.append(
+                    {
+                        "label": labels[idx],
+                        "index": idx,
+                        "prob": float(row[idx]),
+                        "probs": {label: float(p) for label, p in zip(labels, row, strict=True)},
+                    }
+                )
+        return results
+
+    def _classification_io(self) -> tuple[str, str, str]:
+        """(graph, input name, output name) of the image -> logits graph."""
+        graphs = self.manifest["graphs"]
+        if "model" in graphs:
+            graph = "model"
+        elif len(graphs) == 1:
+            graph = next(iter(graphs))
+        else:
+            raise ValueError(f"classification bundle must have a graph named 'model', found {list(graphs)}")
+        inputs = [i.name for i in self.sessions[graph].get_inputs()]
+        outputs = [o.name for o in self.sessions[graph].get_outputs()]
+        if len(inputs) != 1:
+            raise ValueError(f"classification graph {graph!r} must take one image input, it takes {inputs}")
+        if "logits" in outputs:
+            output = "logits"
+        elif len(outputs) == 1:
+            output = outputs[0]
+        else:
+            raise ValueError(f"classification graph {graph!r} must have an output named 'logits', found {outputs}")
+        return graph, inputs[0], output
+
+    def _image_spec(self, input_name: str) -> dict[str, Any]:
+        specs = self.preprocess
+        if input_name not in specs:
+            raise ValueError(
+                f"manifest.json of {self.path} has no preprocess spec for input {input_name!r} "
+                f"(found {list(specs)}); re-export the bundle"
+            )
+        try:
+            return validate_spec(specs[input_name])
+        except ValueError as e:
+            raise ValueError(f"manifest.json of {self.path}: preprocess[{input_name!r}]: {e}") from e
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax (subtracts the max; computed in float64).
+
+    Args:
+        logits: Scores of any shape.
+        axis: Axis holding the classes.
+
+    Returns:
+        float64 probabilities summing to 1 along ``axis``.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Reads and checks a bundle's ``manifest.json`` (structure and format version only; files are not hashed).
+
+    Args:
+        path: The bundle folder.
+
+    Returns:
+        The parsed manifest.
+
+    Raises:
+        FileNotFoundError: No bundle folder or no manifest in it.
+        ValueError: Unknown format version, or a required field is missing or malformed.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{manifest_path} not found: {path} is not a vision_peft bundle folder; "
+            "pass the folder that `python -m vision_peft export` wrote"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path} is not valid JSON ({e}); re-export the bundle") from e
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise ValueError(f"{manifest_path} has no 'format' field; it is not a vision_peft bundle manifest")
+    fmt = manifest["format"]
+    if fmt not in SUPPORTED_FORMATS:
+        raise ValueError(
+            f"unsupported bundle format {fmt!r} in {manifest_path}; vision_peft {__version__} reads "
+            f"{', '.join(SUPPORTED_FORMATS)}. Upgrade vision_peft to the version that exported the bundle "
+            f"({manifest.get('vision_peft_version', 'unknown')}) or re-export it with this one"
+        )
+    for key, kind in (("task", str), ("graphs", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{manifest_path}: field {key!r} must be a {kind.__name__}; re-export the bundle")
+    if not manifest["graphs"]:
+        raise ValueError(f"{manifest_path} lists no graphs; re-export the bundle")
+    for name, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+            raise ValueError(f"{manifest_path}: graph {name!r} needs a 'file' entry; re-export the bundle")
+        for key in ("inputs", "outputs"):
+            if not isinstance(graph.get(key), dict) or not graph[key]:
+                raise ValueError(f"{manifest_path}: graph {name!r} needs non-empty {key!r}; re-export the bundle")
+    if manifest["task"] == "classification":
+        labels = manifest.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"{manifest_path}: a classification bundle needs 'labels', a list of class names")
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"{manifest_path}: duplicate labels {dupes}; class names must be unique")
+    return manifest
+
+
+def _member(path: Path, name: str) -> Path:
+    """Resolves a file named in the manifest, refusing names that leave the bundle folder."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"manifest.json of {path} names file {name!r} outside the bundle; re-export the bundle")
+    return path / rel
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Checks the sha256 of every file the manifest lists, and that every graph file is listed.
+
+    Args:
+        path: The bundle folder.
+        manifest: Its parsed manifest.
+
+    Raises:
+        FileNotFoundError: A listed file is missing.
+        ValueError: A file's hash differs from the manifest, or a graph file has no hash.
+    """
+    path = Path(path)
+    files: dict[str, str] = manifest["files"]
+    for name, graph in manifest["graphs"].items():
+        if graph["file"] not in files:
+            raise ValueError(
+                f"manifest.json of {path} has no sha256 for {graph['file']!r} (graph {name!r}); re-export the "
+                "bundle, or load it with verify=False at your own risk"
+            )
+    for name, expected in files.items():
+        file = _member(path, name)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"bundle file {name!r} listed in manifest.json is missing from {path}; copy the whole bundle folder"
+            )
+        actual = sha256_file(file)
+        if actual != str(expected).lower():
+            raise ValueError(
+                f"bundle file {name!r} in {path} does not match manifest.json (sha256 {actual} != {expected}): it "
+                "was changed or corrupted after export; restore the original file or re-export the bundle "
+                "(load_bundle(..., verify=False) skips this check at your own risk)"
+            )
+
+
+def _cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads, i.e. a CUDA GPU can exist on this machine at all."""
+    name = {"Linux": "libcuda.so.1", "Windows": "nvcuda.dll"}.get(platform.system())
+    if name is None:
+        return False
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def _preload_cuda_libs() -> None:
+    """Loads the CUDA/cuDNN libraries of pip's nvidia-* packages once, so CUDA works without ``import torch``."""
+    global _cuda_libs_preloaded, _cuda_preload_log
+    if _cuda_libs_preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _cuda_libs_preloaded = True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):  # preload_dlls prints; keep stdout clean for the CLI's JSON lines
+            ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - best effort; a real failure shows up as a CPU fallback below
+        buf.write(f"preload_dlls failed: {e}\n")
+    _cuda_preload_log = buf.getvalue().strip()
+
+
+def _request_providers(device: str) -> list[str]:
+    """Execution providers to ask onnxruntime for, in priority order."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU_EP]
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA_EP not in available:
+        raise RuntimeError(
+            f"device='cuda' needs onnxruntime's {CUDA_EP}, but onnxruntime {ort.__version__} only offers "
+            f"{available}; install the GPU build (pip uninstall onnxruntime && pip install onnxruntime-gpu) "
+            "or use device='cpu' / 'auto'"
+        )
+    if device == "auto" and (CUDA_EP not in available or not _cuda_driver_present()):
+        return [CPU_EP]
+    _preload_cuda_libs()
+    return [CUDA_EP, CPU_EP]
+
+
+def _fallback_message(graph: str, file: str, used: list[str]) -> str:
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version
+    except ImportError:  # CPU builds have no CUDA version
+        cuda_version = "?"
+    msg = (
+        f"onnxruntime fell back to CPU for graph {graph!r} ({file}): {CUDA_EP} was requested but the session uses "
+        f"{used}. onnxruntime-gpu {ort.__version__} (built for CUDA {cuda_version}) could not start CUDA; its own "
+        f"log above says which library failed. Fix: install the CUDA {cuda_version} and cuDNN 9 libraries matching "
+        "onnxruntime-gpu (e.g. pip install 'onnxruntime-gpu[cuda,cudnn]', or put the toolkit on LD_LIBRARY_PATH), "
+        "check that nvidia-smi sees a GPU, or load with device='cpu' to run on the CPU on purpose"
+    )
+    return msg + (f". preload_dlls said: {_cuda_preload_log}" if _cuda_preload_log else "")
+
+
+def load_bundle(
+    path: str | Path,
+    device: str = "auto",
+    strict: bool = False,
+    verify: bool = True,
+    session_options: ort.SessionOptions | None = None,
+) -> Bundle:
+    """Loads a bundle folder and opens an onnxruntime session for each graph.
+
+    Args:
+        path: The bundle folder (or its ``manifest.json``).
+        device: "cpu"; "cuda" (needs onnxruntime-gpu); or "auto": CUDA first when onnxruntime offers it and an
+            NVIDIA driver is present, else CPU.
+        strict: Raise instead of silently running on the CPU when CUDA was requested but onnxruntime could not
+            start it. Without it, ``device="cuda"`` falling back only warns; check ``Bundle.providers``.
+        verify: Check the sha256 of every file listed in the manifest before loading.
+        session_options: Passed to every ``onnxruntime.InferenceSession`` (threads, optimisation level …).
+
+    Returns:
+        The loaded bundle.
+
+    Raises:
+        FileNotFoundError: No bundle or a listed file is missing.
+        ValueError: Unknown format, malformed manifest, a file changed since export, or graph I/O not matching it.
+        RuntimeError: CUDA asked for but unavailable (``device="cuda"``), or not really used (``strict=True``).
+    """
+    path = Path(path)
+    if path.name == MANIFEST and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundle folder {path} does not exist; pass the folder holding manifest.json")
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    requested = _request_providers(device)
+    sessions: dict[str, ort.InferenceSession] = {}
+    graph_providers: dict[str, list[str]] = {}
+    for name, graph in manifest["graphs"].items():
+        file = _member(path, graph["file"])
+        if not file.is_file():
+            raise FileNotFoundError(f"graph {name!r} file {graph['file']!r} is missing from {path}")
+        session = ort.InferenceSession(str(file), sess_options=session_options, providers=requested)
+        used = list(session.get_providers())
+        if CUDA_EP in requested and CUDA_EP not in used:
+            if strict:
+                raise RuntimeError(_fallback_message(name, graph["file"], used))
+            if device == "cuda":
+                warnings.warn(_fallback_message(name, graph["file"], used), RuntimeWarning, stacklevel=2)
+        _check_graph_io(path, name, graph, session)
+        sessions[name], graph_providers[name] = session, used
+    return Bundle(path, manifest, sessions, requested, graph_providers)
+
+
+def _check_graph_io(path: Path, name: str, graph: dict[str, Any], session: ort.InferenceSession) -> None:
+    """The graph's real input/output names must be the ones the manifest promises."""
+    for key, real in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        real_names, listed = sorted(x.name for x in real), sorted(graph[key])
+        if real_names != listed:
+            raise ValueError(
+                f"bundle {path}: graph {name!r} ({graph['file']}) has {key} {real_names} but manifest.json lists "
+                f"{listed}; the bundle is inconsistent, re-export it"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: classify images with a bundle, one JSON line per image.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 on success, 1 when the bundle or an image cannot be used.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m vision_peft.deploy",
+        description="Classify images with an exported vision_peft bundle (onnxruntime only, no PyTorch).",
+    )
+    parser.add_argument("bundle", type=Path, help="bundle folder (holds manifest.json)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="execution device (default: auto)")
+    parser.add_argument("--strict", action="store_true", help="fail instead of falling back from CUDA to CPU")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime call (default: 16)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    args = parser.parse_args(argv)
+    try:
+        bundle = load_bundle(args.bundle, device=args.device, strict=args.strict, verify=not args.no_verify)
+        results = bundle.classify(args.images, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for image, result in zip(args.images, results, strict=True):
+        line = {
+            "image": str(image),
+            "label": result["label"],
+            "index": result["index"],
+            "prob": result["prob"],
+            "providers": bundle.providers,
+        }
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""ONNX export of a finished run into a deployment bundle (design.md §8), with a parity gate.
+
+Steps: load the run, merge re-parameterising adapters (checked: merged torch == unmerged torch), freeze,
+export with torch's ONNX exporter (dynamo by default, TorchScript as an option), run the graph on
+onnxruntime at two batch sizes and compare with PyTorch (max |Δ| and top-1 agreement). A graph that fails
+parity is never written: the bundle is assembled in a temporary folder and moved into place only on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import vision_peft
+from vision_peft.checkpoint import atomic_write_json
+from vision_peft.predict import load_run
+
+BUNDLE_FORMAT = "vision_peft.bundle/1"
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce PyTorch (or could not be built); nothing was written."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _batched(example: dict[str, torch.Tensor], b: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in example.items():
+        shape = (b, *v.shape[1:])
+        if v.dtype.is_floating_point:
+            out[k] = torch.randn(shape, generator=g, dtype=v.dtype)
+        else:  # integer inputs (token ids, class ids): resample within the example's range
+            hi = int(v.max()) + 1
+            out[k] = torch.randint(0, max(hi, 1), shape, generator=g, dtype=v.dtype)
+    return out
+
+
+def onnx_export(module: torch.nn.Module, example: dict[str, torch.Tensor], output_names: list[str], path: Path,
+                exporter: str = "dynamo", dynamic_batch: bool = True, opset: int | None = None) -> None:
+    """Export ``module(*example.values())`` to ``path`` (a ``.onnx.data`` sidecar may be written beside it)."""
+    names = list(example)
+    args = tuple(example[n] for n in names)
+    torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path breaks tracing exporters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            dyn = None
+            if dynamic_batch:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                dyn = {n: {0: batch} for n in names}
+            kw = {"opset_version": opset} if opset else {}
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names,
+                              dynamic_shapes=dyn, dynamo=True, external_data=True, verbose=False, **kw)
+        elif exporter == "torchscript":
+            axes = {n: {0: "batch"} for n in names + output_names} if dynamic_batch else None
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names,
+                              dynamic_axes=axes, dynamo=False, opset_version=opset or 17)
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
+
+
+def ort_session(path: Path, device: str = "cpu"):
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+
+def parity_check(module: torch.nn.Module, example: dict[str, torch.Tensor], output_names: list[str], onnx_path: Path,
+                 batch_sizes: tuple[int, ...], atol: float, rtol: float, device: str = "cpu") -> dict[str, Any]:
+    """Compare torch and onnxruntime on random inputs at each batch size; returns the report."""
+    sess = ort_session(onnx_path, device)
+    report: dict[str, Any] = {"batch_sizes": list(batch_sizes), "atol": atol, "rtol": rtol,
+                              "providers": sess.get_providers(), "per_batch": []}
+    ok = True
+    for i, b in enumerate(batch_sizes):
+        inputs = _batched(example, b, seed=1234 + i)
+        with torch.no_grad():
+            ref = module(*inputs.values())
+        ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        got = sess.run(output_names, {k: v.numpy() for k, v in inputs.items()})
+        entry: dict[str, Any] = {"batch": b}
+        for name, r, g in zip(output_names, ref, got):
+            r = r.float().numpy()
+            diff = float(np.abs(r - g).max()) if r.size else 0.0
+            scale = float(np.abs(r).max()) if r.size else 0.0
+            entry[f"{name}_max_abs_diff"] = diff
+            entry[f"{name}_max_abs_ref"] = scale
+            if r.ndim == 2 and r.shape[1] > 1:
+                entry[f"{name}_top1_agreement"] = float((r.argmax(1) == g.argmax(1)).mean())
+            if diff > atol + rtol * scale or g.shape != r.shape:
+                ok = False
+        report["per_batch"].append(entry)
+    report["max_abs_diff"] = max(v for e in report["per_batch"] for k, v in e.items() if k.endswith("max_abs_diff"))
+    report["passed"] = ok
+    return report
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter: str = "dynamo",
+               batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4, rtol: float = 1e-4,
+               device: str = "cpu", opset: int | None = None) -> dict[str, Any]:
+    """Export a run to a bundle folder (default ``<run>/export``); returns the manifest.
+
+    Raises:
+        ExportError: merging changed the outputs or onnxruntime disagrees with PyTorch beyond tolerance.
+    """
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "export"
+    cfg, task, model, info = load_run(run_dir, "cpu")
+    spec = task.export_spec(model)
+    example = spec.example_inputs
+    with torch.no_grad():
+        before = spec.module(*example.values())
+    model.adapter.merge()
+    model.requires_grad_(False).eval()
+    with torch.no_grad():
+        after = spec.module(*example.values())
+    before = [before] if isinstance(before, torch.Tensor) else list(before)
+    after = [after] if isinstance(after, torch.Tensor) else list(after)
+    merge_diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
+    if merge_diff > atol + rtol * max(float(b.abs().max()) for b in before):
+        raise ExportError(f"merging adapter {cfg.adapter.name} changed the outputs (max |Δ| {merge_diff:.3g}); not exporting")
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        onnx_path = tmp / f"{spec.graph_name}.onnx"
+        t0 = time.perf_counter()
+        try:
+            onnx_export(spec.module, example, spec.output_names, onnx_path, exporter, spec.dynamic_batch, opset)
+        except Exception as e:
+            raise ExportError(f"the {exporter} exporter failed on {run_dir}: {type(e).__name__}: {e}"
+                              + (" (try --exporter torchscript)" if exporter == "dynamo" else "")) from e
+        export_s = time.perf_counter() - t0
+        import onnx
+
+        onnx.checker.check_model(str(onnx_path))
+        report = parity_check(spec.module, example, spec.output_names, onnx_path, batch_sizes, atol, rtol, device)
+        report.update({"merge_max_abs_diff": merge_diff, "exporter": exporter, "export_seconds": export_s})
+        if not report["passed"]:
+            raise ExportError(
+                f"onnxruntime disagrees with PyTorch on {run_dir}: max |Δ| {report['max_abs_diff']:.3g} > atol {atol} "
+                f"(+ rtol {rtol}·|ref|); per batch: {json.dumps(report['per_batch'])}. The model was not written"
+            )
+        sess = ort_session(onnx_path)
+        graph = {
+            "file": onnx_path.name,
+            "inputs": {i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
+                       for i in sess.get_inputs()},
+            "outputs": {o.name: {"shape": [d if isinstance(d, int) else "batch" for d in o.shape], "dtype": _dt(o.type),
+                                 "meaning": (spec.outputs_meaning or {}).get(o.name, "")}
+                        for o in sess.get_outputs()},
+        }
+        del sess
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "task": cfg.task.name,
+            "backbone": cfg.backbone.name,
+            "adapter": cfg.adapter.name,
+            "vision_peft_version": vision_peft.__version__,
+            "graphs": {spec.graph_name: graph},
+            "preprocess": spec.preprocess or {},
+            "labels": spec.labels or [],
+            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            "parity": report,
+            "source_run": str(run_dir.resolve()),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _dt(onnx_type: str) -> str:
+    return {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
+            "tensor(int32)": "int32", "tensor(bool)": "bool"}.get(onnx_type, onnx_type)

@@ -1,0 +1,76 @@
+"""Load a finished run directory and predict with it (PyTorch path).
+
+``load_run`` rebuilds the backbone from the run's config, checks that its weights are the ones the run was
+trained on (content hash), applies the adapter and loads ``adapter.safetensors`` strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vision_peft import checkpoint as ckpt
+from vision_peft.config import RunConfig
+from vision_peft.tasks import TASKS, Task, TaskModel
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", adapter_file: str | Path | None = None
+             ) -> tuple[RunConfig, Task, TaskModel, dict[str, Any]]:
+    """(config, task, model in eval mode, config.json info) for a run directory.
+
+    Raises:
+        CheckpointError: the directory is not a finished run, or its backbone weights differ from the ones
+            available now (another backbone or another weight file).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / ckpt.CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ckpt.CheckpointError(f"{run_dir} is not a run directory ({cfg_path} is missing)")
+    info = json.loads(cfg_path.read_text())
+    cfg = RunConfig.from_dict(info["config"])
+    task = TASKS.get(cfg.task.name).builder(cfg)
+    if hasattr(task, "set_classes") and "classes" in info.get("task_state", {}):
+        task.set_classes(info["task_state"]["classes"])
+    model = task.build_model()
+    want, got = info["backbone"]["weights_id"], model.backbone.weights_id
+    if want != got:
+        raise ckpt.CheckpointError(
+            f"{run_dir} was trained on backbone {info['backbone']['spec']} with weights {want[:12]}… "
+            f"({info['backbone']['weights_source']}), but the weights found now hash to {got[:12]}… "
+            f"({model.backbone.weights_source}). Point backbone.weights at the original file"
+        )
+    path = Path(adapter_file) if adapter_file else run_dir / ckpt.ADAPTER_FILE
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{path} is missing: the run has not finished (resume it with --resume {run_dir})")
+    ckpt.load_adapter_into(model, ckpt.load_tensors(path), str(path))
+    model.to(device).eval()
+    return cfg, task, model, info
+
+
+@torch.no_grad()
+def predict_images(run_dir: str | Path, images: list[str | Path], device: str = "cpu", top_k: int = 5
+                   ) -> list[dict[str, Any]]:
+    """Classify image files with a classification run: label, probability and the top-k classes."""
+    from vision_peft.preprocess import load_image, preprocess_image
+
+    cfg, task, model, info = load_run(run_dir, device)
+    if cfg.task.name != "classification":
+        raise ValueError(f"predict_images needs a classification run; {run_dir} is a {cfg.task.name} run")
+    spec = task.image_spec(model)
+    classes = task.classes
+    out = []
+    for path in images:
+        x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
+        probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
+        order = np.argsort(-probs)[:top_k]
+        out.append({
+            "file": str(path),
+            "label": classes[int(order[0])],
+            "prob": float(probs[order[0]]),
+            "top": [{"label": classes[int(i)], "prob": float(probs[i])} for i in order],
+        })
+    return out

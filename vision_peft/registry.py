@@ -1,0 +1,75 @@
+"""One small generic registry for backbones, adapters, tasks and datasets.
+
+An entry is (name, builder, config class). Duplicate names raise; unknown names raise with the list of
+known ones. The registry is the only list: the CLI, the app and parametrized tests all read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(LookupError):
+    """An unknown registry name; the message lists the known names."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """A registered builder and the dataclass that configures it."""
+
+    name: str
+    builder: T
+    config_cls: type | None
+    help: str
+
+
+class Registry(Generic[T]):
+    """A name → (builder, config class) map with loud errors."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, config_cls: type | None = None, help: str = "") -> Callable[[T], T]:
+        """Decorator registering ``builder`` under ``name``."""
+
+        def deco(builder: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            doc = help or (getattr(builder, "__doc__", None) or "").strip().split("\n")[0]
+            self._entries[name] = Entry(name, builder, config_cls, doc)
+            return builder
+
+        return deco
+
+    def get(self, name: str) -> Entry[T]:
+        """Return the entry for ``name`` or raise naming the known ones."""
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, list(self._entries), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; known: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def items(self) -> list[tuple[str, Entry[T]]]:
+        return [(n, self._entries[n]) for n in self.names()]
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {', '.join(self.names())})"
+
+
+def describe(obj: Any) -> str:
+    """First docstring line of an object, for listings."""
+    return (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]

@@ -1,0 +1,123 @@
+"""Task registry and the contract every task follows.
+
+A task owns its data reading, model head, loss, metrics, prediction and export wrapper. The training
+engine (``vision_peft.train``) only sees :class:`Task` and :class:`TaskModel`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vision_peft.registry import Registry
+
+TASKS: Registry = Registry("task")
+
+
+class TaskModel(nn.Module):
+    """A frozen backbone + adapter + trainable head. ``forward(batch) -> {"loss", "output"}``."""
+
+    def __init__(self, backbone: nn.Module, adapter) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter  # AdapterHandle (not a module)
+        self._base_ids: set[int] = set()
+
+    def mark_base(self, base_ids: set[int]) -> None:
+        """Record the tensors of the pretrained backbone (before the adapter) so they are never saved."""
+        self._base_ids = set(base_ids)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changed: trainable parameters, tensors the adapter created, and the running
+        statistics of normalisation layers that train (full fine-tuning)."""
+        sd = self.state_dict(keep_vars=True)
+        keep: dict[str, torch.Tensor] = {}
+        trainable_modules = {
+            name for name, m in self.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        }
+        for key, t in sd.items():
+            owner = key.rsplit(".", 1)[0] if "." in key else ""
+            if getattr(t, "requires_grad", False) or id(t) not in self._base_ids or owner in trainable_modules:
+                keep[key] = t.detach()
+        return keep
+
+    def set_train_mode(self) -> None:
+        """train(), but frozen BatchNorm layers keep their pretrained statistics (eval mode)."""
+        self.train()
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        head = getattr(self, "head", None)
+        return [p for p in head.parameters() if p.requires_grad] if head is not None else []
+
+
+def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, set[int]]:
+    """Backbone from ``cfg.backbone``, frozen, with ``cfg.adapter`` applied; returns (backbone, handle, base ids)."""
+    from vision_peft.adapters import apply_adapter
+    from vision_peft.backbones import build_backbone
+
+    backbone = build_backbone(cfg.backbone)
+    base_ids = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
+    handle = apply_adapter(backbone, cfg.adapter)
+    return backbone, handle, base_ids
+
+
+@dataclass
+class ExportSpec:
+    """Everything the exporter needs: a module with fixed tensor inputs/outputs and how to feed it."""
+
+    module: nn.Module  # forward(*inputs) -> outputs, in the order of output_names
+    example_inputs: dict[str, torch.Tensor]  # name -> example (batch dim first)
+    output_names: list[str]
+    dynamic_batch: bool = True
+    outputs_meaning: dict[str, str] | None = None
+    preprocess: dict[str, Any] | None = None  # the bundle manifest's preprocess section
+    labels: list[str] | None = None
+    graph_name: str = "model"
+
+
+class Task(abc.ABC):
+    """One task: data, model, loss, metrics, predict, export."""
+
+    name: str = ""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def build_model(self) -> TaskModel:
+        """The adapted backbone plus this task's head."""
+
+    @abc.abstractmethod
+    def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
+        """Splits by name; ``train`` is required, ``val`` and ``test`` are evaluated when present."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
+        """Task metrics on a loader; the headline metric comes first."""
+
+    @abc.abstractmethod
+    def export_spec(self, model: TaskModel) -> ExportSpec:
+        """The module and example inputs that ONNX export traces."""
+
+    @abc.abstractmethod
+    def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:
+        """A tiny valid batch for tests."""
+
+    def state_info(self) -> dict[str, Any]:
+        """Task facts that must travel with the run (class names …) into config.json."""
+        return {}
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return torch.utils.data.default_collate(items)
+
+
+from vision_peft.tasks import classification  # noqa: E402,F401
+
+__all__ = ["TASKS", "Task", "TaskModel", "ExportSpec", "build_adapted_backbone"]

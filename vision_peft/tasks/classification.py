@@ -1,0 +1,195 @@
+"""Image classification on folder-per-class data: the skeleton the product tasks follow.
+
+Frozen backbone (+ adapter) → pooled features → linear head; cross-entropy (optional label smoothing);
+metrics: top-1 accuracy, mean per-class accuracy and the confusion matrix. The split is stratified per
+class with counts and seed written in the recipe, and the file lists land in the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision_peft.config import ConfigError, resolve_data_path
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone
+
+
+@dataclass
+class ClassificationConfig:
+    """Folder-per-class image classification."""
+
+    name: str = "classification"  # registry name
+    data_root: str = "aid"  # folder of class sub-folders (relative paths resolve under $VISION_PEFT_DATA)
+    classes: list[str] | None = None  # classes to use, in label order; None = every sub-folder, sorted
+    split: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 10, "test": 30})  # images per class; -1 = the rest
+    split_seed: int = 0  # seed of the stratified split
+    bad_files: str = "skip"  # corrupt / non-image files: skip (with a warning) | fail
+    augment: str = "standard"  # none | light | standard | aerial (see vision_peft.augment)
+    resize: str = "shorter_then_center_crop"  # eval-time resize: shorter_then_center_crop | squash | letterbox
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    head_dropout: float = 0.0  # dropout before the linear head
+
+    def __post_init__(self) -> None:
+        if self.bad_files not in ("skip", "fail"):
+            raise ConfigError(f"task.bad_files must be skip or fail, got {self.bad_files!r}")
+        if "train" not in self.split:
+            raise ConfigError(f"task.split needs a 'train' count, got {self.split}")
+        unknown = set(self.split) - {"train", "val", "test"}
+        if unknown:
+            raise ConfigError(f"task.split keys must be train/val/test, got {sorted(unknown)}")
+        if sum(1 for v in self.split.values() if v < 0) > 1:
+            raise ConfigError("task.split: only one split may take the rest (-1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"task.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+
+
+class ClassifierModel(TaskModel):
+    """backbone → pooled features → dropout → linear head."""
+
+    def __init__(self, backbone: nn.Module, adapter, num_classes: int, dropout: float, smoothing: float) -> None:
+        super().__init__(backbone, adapter)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=0.01)
+        self.smoothing = smoothing
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.backbone.forward_features(image)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch["image"])
+        out = {"output": logits}
+        if "label" in batch:
+            out["loss"] = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.smoothing)
+        return out
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: ClassifierModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(image)
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (target, pred), 1)  # rows = true class, columns = predicted
+    return cm
+
+
+@TASKS.register("classification", config_cls=ClassificationConfig, help="image classification, folder-per-class data")
+class ClassificationTask(Task):
+    """Folder-per-class image classification with a linear head."""
+
+    name = "classification"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._scan = None
+        self._classes: list[str] | None = None
+
+    # -- data -------------------------------------------------------------------------------------------
+    def scan(self):
+        if self._scan is None:
+            from vision_peft.data.folder import scan_image_folder
+
+            t = self.cfg.task
+            self._scan = scan_image_folder(resolve_data_path(t.data_root), t.classes, t.bad_files)
+            self._classes = self._scan.classes
+        return self._scan
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            self.scan()
+        return self._classes
+
+    def set_classes(self, classes: list[str]) -> None:
+        """Use a known class list (from a run directory) without scanning data."""
+        self._classes = list(classes)
+
+    def state_info(self) -> dict[str, Any]:
+        return {"classes": self.classes}
+
+    def splits(self) -> dict[str, list[tuple[str, int]]]:
+        from vision_peft.data.folder import stratified_split
+
+        scan = self.scan()
+        return stratified_split(scan.samples, scan.classes, dict(self.cfg.task.split), self.cfg.task.split_seed)
+
+    def image_spec(self, model: TaskModel) -> dict:
+        from vision_peft.preprocess import image_spec
+
+        return image_spec(model.backbone.data_config, resize=self.cfg.task.resize)
+
+    def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
+        from vision_peft.augment import build_augment
+        from vision_peft.data.folder import ImageClassificationDataset
+
+        spec = self.image_spec(model)
+        aug = build_augment(self.cfg.task.augment, tuple(spec["size"]), spec.get("interpolation", "bilinear"))
+        out = {}
+        for split, samples in self.splits().items():
+            if samples:
+                out[split] = ImageClassificationDataset(
+                    samples, spec, augment=aug if split == "train" else None, seed=self.cfg.train.seed
+                )
+        return out
+
+    # -- model ------------------------------------------------------------------------------------------
+    def build_model(self) -> ClassifierModel:
+        backbone, handle, base_ids = build_adapted_backbone(self.cfg)
+        if getattr(backbone, "kind", "image") != "image":
+            raise ConfigError(f"classification needs an image backbone; {self.cfg.backbone.name!r} is a {backbone.kind} encoder")
+        t = self.cfg.task
+        model = ClassifierModel(backbone, handle, len(self.classes), t.head_dropout, t.label_smoothing)
+        model.mark_base(base_ids)
+        return model
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
+        model.eval()
+        preds, targets, losses = [], [], []
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(batch)
+            losses.append(float(out["loss"]) * len(batch["label"]))
+            preds.append(out["output"].float().argmax(1).cpu().numpy())
+            targets.append(batch["label"].cpu().numpy())
+        pred, target = np.concatenate(preds), np.concatenate(targets)
+        n = len(self.classes)
+        cm = confusion_matrix(pred, target, n)
+        per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+        return {
+            "top1": float((pred == target).mean()),
+            "mean_class_acc": float(per_class[cm.sum(1) > 0].mean()),
+            "loss": float(sum(losses) / len(target)),
+            "n": int(len(target)),
+            "confusion_matrix": cm.tolist(),
+        }
+
+    # -- export / tests ---------------------------------------------------------------------------------
+    def export_spec(self, model: TaskModel) -> ExportSpec:
+        h, w = model.backbone.input_size
+        return ExportSpec(
+            module=_LogitsOnly(model),
+            example_inputs={"image": torch.randn(2, 3, h, w)},
+            output_names=["logits"],
+            outputs_meaning={"logits": "class logits in labels order (softmax for probabilities)"},
+            preprocess={"image": self.image_spec(model)},
+            labels=list(self.classes),
+        )
+
+    def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:
+        h, w = model.backbone.input_size
+        return {"image": torch.randn(n, 3, h, w), "label": torch.randint(0, len(self.classes), (n,))}
