@@ -67,7 +67,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export or re-train the run") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); re-export or re-train the run"
+        ) from None
 
 
 def safe_torch_load(path: str | Path) -> Any:

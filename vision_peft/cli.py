@@ -25,12 +25,14 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run with its own config.json; give no recipe or overrides")
     else:
         if not args.recipe:
-            raise ValueError("train needs a recipe (a YAML file or a name from tasks/); see `python -m vision_peft list recipes`")
+            raise ValueError(
+                "train needs a recipe (a YAML file or a name from tasks/); see `python -m vision_peft list recipes`"
+            )
         if args.recipe.endswith("config.json"):  # re-run from a run directory's resolved config
             cfg_data = json.loads(Path(args.recipe).read_text())["config"]
-            from vision_peft.config import RunConfig, deep_merge
+            from vision_peft.config import RunConfig, apply_overrides
 
-            cfg = RunConfig.from_dict(deep_merge(cfg_data, parse_overrides(args.overrides)))
+            cfg = RunConfig.from_dict(apply_overrides(cfg_data, parse_overrides(args.overrides)))
         else:
             cfg = load_recipe(args.recipe, args.overrides)
     run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
@@ -40,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from vision_peft.predict import load_run
-    from vision_peft.train import make_loader, resolve_device, EpochSampler
+    from vision_peft.train import EpochSampler, make_loader, resolve_device
 
     device = resolve_device(args.device)
     cfg, task, model, _ = load_run(args.run, device)
@@ -70,8 +72,18 @@ def _export(args: argparse.Namespace) -> int:
     out = args.bundle or args.out
     man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device)
     p = man["parity"]
-    print(json.dumps({"bundle": str(Path(out) if out else Path(args.run) / "export"), "max_abs_diff": p["max_abs_diff"],
-                      "per_batch": p["per_batch"], "providers": p["providers"], "files": man["files"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bundle": str(Path(out) if out else Path(args.run) / "export"),
+                "max_abs_diff": p["max_abs_diff"],
+                "per_batch": p["per_batch"],
+                "providers": p["providers"],
+                "files": man["files"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -135,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--atol", type=float, default=1e-4)
     x.add_argument("--device", default="cpu", help="onnxruntime device for the parity check (cpu|cuda)")
     ls = sub.add_parser("list", help="list backbones, adapters, tasks, datasets or recipes")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"])
+    ls.add_argument(
+        "what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"]
+    )
     a = sub.add_parser("app", help="start the browser app")
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=7860)

@@ -134,6 +134,12 @@ class RunConfig:
         for section in ("backbone", "train", "output"):
             ftype = {f.name: f for f in dataclasses.fields(cls)}[section].default_factory
             out[section] = build_dataclass(ftype, data.get(section) or {}, section)
+        from vision_peft.backbones import BACKBONES  # the family before ':' must be registered
+
+        try:
+            BACKBONES.get(out["backbone"].name.partition(":")[0])
+        except LookupError as e:
+            raise ConfigError(f"backbone.name={out['backbone'].name!r}: {e}") from None
         return cls(**out)
 
 
@@ -191,6 +197,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -248,6 +259,20 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge overrides into recipe data. An override that switches a polymorphic section to another
+    ``name`` (e.g. ``--adapter.name=linear`` on a LoRA recipe) replaces that section instead of merging,
+    because the old method's keys mean nothing to the new one."""
+    data = copy.deepcopy(data)
+    for section in ("task", "adapter"):
+        new = overrides.get(section)
+        old = data.get(section)
+        old_name = old if isinstance(old, str) else (old or {}).get("name")
+        if isinstance(new, dict) and "name" in new and new["name"] != old_name:
+            data[section] = {}
+    return deep_merge(data, overrides)
+
+
 def recipe_dirs() -> list[Path]:
     """Folders searched for recipe names: ./tasks, then the repository's tasks/."""
     return [Path.cwd() / "tasks", REPO_ROOT / "tasks"]
@@ -263,7 +288,9 @@ def find_recipe(name_or_path: str) -> Path:
             if cand.is_file():
                 return cand
     known = sorted({f.stem for d in recipe_dirs() if d.is_dir() for f in d.glob("*.yaml")})
-    raise ConfigError(f"recipe {name_or_path!r} not found (looked for the file and in tasks/); known: {', '.join(known)}")
+    raise ConfigError(
+        f"recipe {name_or_path!r} not found (looked for the file and in tasks/); known: {', '.join(known)}"
+    )
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
@@ -275,7 +302,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
         raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    data = deep_merge(data, overrides or {})
+    data = apply_overrides(data, overrides or {})
     try:
         return RunConfig.from_dict(data)
     except ConfigError as e:

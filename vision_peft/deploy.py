@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from vision_peft import __version__
 from vision_peft.preprocess import ImageInput, preprocess_batch, validate_spec
@@ -450,7 +451,13 @@ def load_bundle(
         file = _member(path, graph["file"])
         if not file.is_file():
             raise FileNotFoundError(f"graph {name!r} file {graph['file']!r} is missing from {path}")
-        session = ort.InferenceSession(str(file), sess_options=session_options, providers=requested)
+        try:
+            session = ort.InferenceSession(str(file), sess_options=session_options, providers=requested)
+        except (InvalidProtobuf, InvalidGraph, NoSuchFile, Fail) as e:
+            raise ValueError(
+                f"onnxruntime cannot load graph {name!r} from {file} ({type(e).__name__}: {e}); the file is damaged "
+                "or was written by a newer exporter: re-export the bundle or upgrade onnxruntime"
+            ) from e
         used = list(session.get_providers())
         if CUDA_EP in requested and CUDA_EP not in used:
             if strict:

@@ -52,8 +52,15 @@ def _batched(example: dict[str, torch.Tensor], b: int, seed: int) -> dict[str, t
     return out
 
 
-def onnx_export(module: torch.nn.Module, example: dict[str, torch.Tensor], output_names: list[str], path: Path,
-                exporter: str = "dynamo", dynamic_batch: bool = True, opset: int | None = None) -> None:
+def onnx_export(
+    module: torch.nn.Module,
+    example: dict[str, torch.Tensor],
+    output_names: list[str],
+    path: Path,
+    exporter: str = "dynamo",
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> None:
     """Export ``module(*example.values())`` to ``path`` (a ``.onnx.data`` sidecar may be written beside it)."""
     names = list(example)
     args = tuple(example[n] for n in names)
@@ -66,12 +73,30 @@ def onnx_export(module: torch.nn.Module, example: dict[str, torch.Tensor], outpu
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 dyn = {n: {0: batch} for n in names}
             kw = {"opset_version": opset} if opset else {}
-            torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names,
-                              dynamic_shapes=dyn, dynamo=True, external_data=True, verbose=False, **kw)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=names,
+                output_names=output_names,
+                dynamic_shapes=dyn,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+                **kw,
+            )
         elif exporter == "torchscript":
             axes = {n: {0: "batch"} for n in names + output_names} if dynamic_batch else None
-            torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names,
-                              dynamic_axes=axes, dynamo=False, opset_version=opset or 17)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=names,
+                output_names=output_names,
+                dynamic_axes=axes,
+                dynamo=False,
+                opset_version=opset or 17,
+            )
         else:
             raise ValueError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
 
@@ -87,12 +112,25 @@ def ort_session(path: Path, device: str = "cpu"):
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
-def parity_check(module: torch.nn.Module, example: dict[str, torch.Tensor], output_names: list[str], onnx_path: Path,
-                 batch_sizes: tuple[int, ...], atol: float, rtol: float, device: str = "cpu") -> dict[str, Any]:
+def parity_check(
+    module: torch.nn.Module,
+    example: dict[str, torch.Tensor],
+    output_names: list[str],
+    onnx_path: Path,
+    batch_sizes: tuple[int, ...],
+    atol: float,
+    rtol: float,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Compare torch and onnxruntime on random inputs at each batch size; returns the report."""
     sess = ort_session(onnx_path, device)
-    report: dict[str, Any] = {"batch_sizes": list(batch_sizes), "atol": atol, "rtol": rtol,
-                              "providers": sess.get_providers(), "per_batch": []}
+    report: dict[str, Any] = {
+        "batch_sizes": list(batch_sizes),
+        "atol": atol,
+        "rtol": rtol,
+        "providers": sess.get_providers(),
+        "per_batch": [],
+    }
     ok = True
     for i, b in enumerate(batch_sizes):
         inputs = _batched(example, b, seed=1234 + i)
@@ -117,9 +155,16 @@ def parity_check(module: torch.nn.Module, example: dict[str, torch.Tensor], outp
     return report
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter: str = "dynamo",
-               batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4, rtol: float = 1e-4,
-               device: str = "cpu", opset: int | None = None) -> dict[str, Any]:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    exporter: str = "dynamo",
+    batch_sizes: tuple[int, ...] = (1, 3),
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    device: str = "cpu",
+    opset: int | None = None,
+) -> dict[str, Any]:
     """Export a run to a bundle folder (default ``<run>/export``); returns the manifest.
 
     Raises:
@@ -140,7 +185,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter:
     after = [after] if isinstance(after, torch.Tensor) else list(after)
     merge_diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
     if merge_diff > atol + rtol * max(float(b.abs().max()) for b in before):
-        raise ExportError(f"merging adapter {cfg.adapter.name} changed the outputs (max |Δ| {merge_diff:.3g}); not exporting")
+        raise ExportError(
+            f"merging adapter {cfg.adapter.name} changed the outputs (max |Δ| {merge_diff:.3g}); not exporting"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         onnx_path = tmp / f"{spec.graph_name}.onnx"
@@ -148,8 +195,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter:
         try:
             onnx_export(spec.module, example, spec.output_names, onnx_path, exporter, spec.dynamic_batch, opset)
         except Exception as e:
-            raise ExportError(f"the {exporter} exporter failed on {run_dir}: {type(e).__name__}: {e}"
-                              + (" (try --exporter torchscript)" if exporter == "dynamo" else "")) from e
+            raise ExportError(
+                f"the {exporter} exporter failed on {run_dir}: {type(e).__name__}: {e}"
+                + (" (try --exporter torchscript)" if exporter == "dynamo" else "")
+            ) from e
         export_s = time.perf_counter() - t0
         import onnx
 
@@ -164,11 +213,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter:
         sess = ort_session(onnx_path)
         graph = {
             "file": onnx_path.name,
-            "inputs": {i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
-                       for i in sess.get_inputs()},
-            "outputs": {o.name: {"shape": [d if isinstance(d, int) else "batch" for d in o.shape], "dtype": _dt(o.type),
-                                 "meaning": (spec.outputs_meaning or {}).get(o.name, "")}
-                        for o in sess.get_outputs()},
+            "inputs": {
+                i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
+                for i in sess.get_inputs()
+            },
+            "outputs": {
+                o.name: {
+                    "shape": [d if isinstance(d, int) else "batch" for d in o.shape],
+                    "dtype": _dt(o.type),
+                    "meaning": (spec.outputs_meaning or {}).get(o.name, ""),
+                }
+                for o in sess.get_outputs()
+            },
         }
         del sess
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -197,5 +253,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, exporter:
 
 
 def _dt(onnx_type: str) -> str:
-    return {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
-            "tensor(int32)": "int32", "tensor(bool)": "bool"}.get(onnx_type, onnx_type)
+    return {
+        "tensor(float)": "float32",
+        "tensor(int64)": "int64",
+        "tensor(float16)": "float16",
+        "tensor(int32)": "int32",
+        "tensor(bool)": "bool",
+    }.get(onnx_type, onnx_type)

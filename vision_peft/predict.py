@@ -18,8 +18,9 @@ from vision_peft.config import RunConfig
 from vision_peft.tasks import TASKS, Task, TaskModel
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", adapter_file: str | Path | None = None
-             ) -> tuple[RunConfig, Task, TaskModel, dict[str, Any]]:
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", adapter_file: str | Path | None = None
+) -> tuple[RunConfig, Task, TaskModel, dict[str, Any]]:
     """(config, task, model in eval mode, config.json info) for a run directory.
 
     Raises:
@@ -52,8 +53,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", adapter_fi
 
 
 @torch.no_grad()
-def predict_images(run_dir: str | Path, images: list[str | Path], device: str = "cpu", top_k: int = 5
-                   ) -> list[dict[str, Any]]:
+def predict_images(
+    run_dir: str | Path, images: list[str | Path], device: str = "cpu", top_k: int = 5
+) -> list[dict[str, Any]]:
     """Classify image files with a classification run: label, probability and the top-k classes."""
     from vision_peft.preprocess import load_image, preprocess_image
 
@@ -67,10 +69,12 @@ def predict_images(run_dir: str | Path, images: list[str | Path], device: str = 
         x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
         probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
         order = np.argsort(-probs)[:top_k]
-        out.append({
-            "file": str(path),
-            "label": classes[int(order[0])],
-            "prob": float(probs[order[0]]),
-            "top": [{"label": classes[int(i)], "prob": float(probs[i])} for i in order],
-        })
+        out.append(
+            {
+                "file": str(path),
+                "label": classes[int(order[0])],
+                "prob": float(probs[order[0]]),
+                "top": [{"label": classes[int(i)], "prob": float(probs[i])} for i in order],
+            }
+        )
     return out

@@ -158,8 +158,13 @@ def count_parameters(model: TaskModel) -> dict[str, int]:
     head_n = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in head)
     backbone_total = sum(p.numel() for p in model.backbone.parameters())
     total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "trainable_no_head": trainable - head_n, "head": head_n,
-            "backbone_total": backbone_total, "total": total}
+    return {
+        "trainable": trainable,
+        "trainable_no_head": trainable - head_n,
+        "head": head_n,
+        "backbone_total": backbone_total,
+        "total": total,
+    }
 
 
 def describe_counts(c: dict[str, int]) -> str:
@@ -176,7 +181,9 @@ def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.output.name or f"{cfg.task.name}-{cfg.adapter.name}-{datetime.now():%Y%m%d-%H%M%S}"
     d = root / name
     if (d / ckpt.CONFIG_FILE).exists():
-        raise FileExistsError(f"run directory {d} already exists; resume it with --resume {d} or pick another output.name")
+        raise FileExistsError(
+            f"run directory {d} already exists; resume it with --resume {d} or pick another output.name"
+        )
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -245,12 +252,16 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     if rank == 0:
         if resume is not None:
             run_dir = Path(resume)
-            saved = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()) if (run_dir / ckpt.CONFIG_FILE).exists() else None
+            saved = (
+                json.loads((run_dir / ckpt.CONFIG_FILE).read_text()) if (run_dir / ckpt.CONFIG_FILE).exists() else None
+            )
             if saved is None:
                 raise ckpt.CheckpointError(f"--resume {run_dir}: not a run directory (config.json missing)")
             if saved["config"] != cfg.to_dict():
                 diff = [k for k in cfg.to_dict() if cfg.to_dict()[k] != saved["config"].get(k)]
-                raise ckpt.CheckpointError(f"--resume {run_dir}: the config differs from the run's in section(s) {diff}")
+                raise ckpt.CheckpointError(
+                    f"--resume {run_dir}: the config differs from the run's in section(s) {diff}"
+                )
         else:
             run_dir = new_run_dir(cfg)
     if distributed:
@@ -340,7 +351,9 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
         if split not in data or rank != 0:
             return None
         ds = data[split]
-        loader = make_loader(task, ds, t.batch_size, EpochSampler(len(ds), 0, shuffle=False), t.num_workers, False, device)
+        loader = make_loader(
+            task, ds, t.batch_size, EpochSampler(len(ds), 0, shuffle=False), t.num_workers, False, device
+        )
         res = task.evaluate(model, loader, device, amp_dtype)
         model.set_train_mode()
         return res
@@ -359,9 +372,13 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         py = random.getstate()
         npst = np.random.get_state()
-        meta = {"step": step, "total_steps": total_steps, "time": time.time(),
-                "rng_python": [py[0], list(py[1]), py[2]],
-                "rng_numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+        meta = {
+            "step": step,
+            "total_steps": total_steps,
+            "time": time.time(),
+            "rng_python": [py[0], list(py[1]), py[2]],
+            "rng_numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        }
         ckpt.save_checkpoint(run_dir, state, meta)
 
     model.set_train_mode()
@@ -369,8 +386,14 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.task.name}/{cfg.adapter.name}", unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc=f"train {cfg.task.name}/{cfg.adapter.name}",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     step_delay = float(os.environ.get("VISION_PEFT_STEP_DELAY", "0"))  # debugging/tests: slow each step down
     t_start, step_times = time.perf_counter(), []
     last_eval: dict[str, Any] = {}
@@ -412,8 +435,17 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if step % t.log_every == 0 or step == total_steps:
-                log_metrics({"step": step, "epoch": epoch, "loss": loss_sum, "lr": sched.get_last_lr()[0],
-                             "step_time": dt, "time": time.time(), "total_steps": total_steps})
+                log_metrics(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_sum,
+                        "lr": sched.get_last_lr()[0],
+                        "step_time": dt,
+                        "time": time.time(),
+                        "total_steps": total_steps,
+                    }
+                )
             if step % eval_every == 0 and step < total_steps and "val" in data:
                 last_eval = evaluate("val") or {}
                 if last_eval:
@@ -435,9 +467,16 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             log_metrics({"step": step, "split": split, **_scalars(res)})
             log.info("final %s %s", split, _fmt(res))
     if rank == 0:
-        ckpt.save_tensors(run_dir / ckpt.ADAPTER_FILE, model.adapter_state_dict(),
-                          metadata={"backbone": model.backbone.spec, "weights_id": model.backbone.weights_id,
-                                    "adapter": cfg.adapter.name, "task": cfg.task.name})
+        ckpt.save_tensors(
+            run_dir / ckpt.ADAPTER_FILE,
+            model.adapter_state_dict(),
+            metadata={
+                "backbone": model.backbone.spec,
+                "weights_id": model.backbone.weights_id,
+                "adapter": cfg.adapter.name,
+                "task": cfg.task.name,
+            },
+        )
         timing = {
             "train_seconds": time.perf_counter() - t_start,
             "step_time_median": float(np.median(step_times)) if step_times else None,

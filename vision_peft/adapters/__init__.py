@@ -4,8 +4,8 @@ mutates the (already frozen) backbone in place; new parameters it creates are th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 

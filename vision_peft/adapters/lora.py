@@ -88,8 +88,13 @@ class LoRALinear(nn.Linear):
         return out + z * self.lora.scale
 
     def merged(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.weight + self.lora.delta().to(self.weight.dtype))
             if self.bias is not None:
@@ -122,7 +127,14 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     touched: list[str] = []
     for name in names:
         mod = backbone.get_submodule(name)
-        if isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
+        parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
+        if isinstance(parent, nn.MultiheadAttention) and isinstance(mod, nn.Linear):
+            # MHA's fused forward reads out_proj.weight directly, so a side path would be bypassed: re-parameterise
+            if parametrize.is_parametrized(mod, "weight"):
+                continue
+            parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
+            mod.parametrizations.weight.original.requires_grad_(False)
+        elif isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
             _set_module(backbone, name, LoRALinear(mod, cfg, gen))
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not parametrize.is_parametrized(mod, "weight"):
             parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
@@ -130,7 +142,9 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
         elif isinstance(mod, nn.MultiheadAttention):
             if mod.in_proj_weight is None:
                 raise ValueError(f"{name}: MultiheadAttention with separate q/k/v weights; target them directly")
-            parametrize.register_parametrization(mod, "in_proj_weight", LoRAParametrization(mod.in_proj_weight, cfg, gen))
+            parametrize.register_parametrization(
+                mod, "in_proj_weight", LoRAParametrization(mod.in_proj_weight, cfg, gen)
+            )
             mod.parametrizations.in_proj_weight.original.requires_grad_(False)
         else:
             continue  # a pattern may also match containers (e.g. 'blocks.*'); only leaf layers are adapted

@@ -55,7 +55,9 @@ class PadPrompt(nn.Module):
         return x + self.frame().to(x.dtype)
 
 
-@ADAPTERS.register("pad_prompt", config_cls=PadPromptConfig, help="learnable input-border pixel prompts (any image backbone)")
+@ADAPTERS.register(
+    "pad_prompt", config_cls=PadPromptConfig, help="learnable input-border pixel prompts (any image backbone)"
+)
 def apply_pad_prompt(backbone: nn.Module, cfg: PadPromptConfig) -> AdapterHandle:
     """Add a learnable pixel frame in front of any image backbone."""
     if not hasattr(backbone, "input_prompts"):

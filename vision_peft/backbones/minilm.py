@@ -54,17 +54,24 @@ class MiniLM(TextBackbone):
         self.width = self.embed_dim = int(bert.config.hidden_size)
         self.context_length = int(min(getattr(tokenizer, "model_max_length", 512), bert.config.max_position_embeddings))
         self.target_groups = {
-            "qkv": ["bert.encoder.layer.*.attention.self.query", "bert.encoder.layer.*.attention.self.key",
-                    "bert.encoder.layer.*.attention.self.value"],
+            "qkv": [
+                "bert.encoder.layer.*.attention.self.query",
+                "bert.encoder.layer.*.attention.self.key",
+                "bert.encoder.layer.*.attention.self.value",
+            ],
             "attn_out": ["bert.encoder.layer.*.attention.output.dense"],
             "mlp": ["bert.encoder.layer.*.intermediate.dense", "bert.encoder.layer.*.output.dense"],
         }
-        self.data_config = {"context_length": self.context_length, "tokenizer": str(model_dir / "tokenizer.json"),
-                            "padding": "right"}
+        self.data_config = {
+            "context_length": self.context_length,
+            "tokenizer": str(model_dir / "tokenizer.json"),
+            "padding": "right",
+        }
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                              return_tensors="pt")
+        enc = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
     def token_embedding(self) -> nn.Embedding:

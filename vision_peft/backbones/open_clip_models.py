@@ -41,12 +41,16 @@ def _groups(prefix: str) -> dict[str, list[str]]:
 def parse_spec(arg: str) -> tuple[str, str | None]:
     arch, _, tag = arg.partition("@")
     if not arch:
-        raise ValueError("open_clip backbone needs an architecture: open_clip:<arch>@<tag>, e.g. open_clip:ViT-B-32@openai")
+        raise ValueError(
+            "open_clip backbone needs an architecture: open_clip:<arch>@<tag>, e.g. open_clip:ViT-B-32@openai"
+        )
     if arch not in open_clip.list_models():
         import difflib
 
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-        raise ValueError(f"unknown open_clip architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise ValueError(
+            f"unknown open_clip architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     return arch, (tag or None)
 
 
@@ -58,8 +62,10 @@ def create_clip(arg: str, cfg: BackboneConfig) -> tuple[nn.Module, str, dict]:
         model = seeded_init(lambda: open_clip.create_model(arch, pretrained=None, **kwargs))
         return model, "random init (seed 0)", {}
     if not tag and not cfg.weights:
-        raise ValueError(f"open_clip:{arch} needs a pretrained tag or file: open_clip:{arch}@<tag>, "
-                         f"tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+        raise ValueError(
+            f"open_clip:{arch} needs a pretrained tag or file: open_clip:{arch}@<tag>, "
+            f"tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}"
+        )
     pcfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     looked: list[str] = []
     file: Path | None = None
@@ -180,7 +186,9 @@ def build_open_clip_image(arg: str, cfg: BackboneConfig) -> OpenClipImage:
     return bb
 
 
-@BACKBONES.register("open_clip_text", config_cls=BackboneConfig, help="open_clip text tower: open_clip_text:<arch>@<tag>")
+@BACKBONES.register(
+    "open_clip_text", config_cls=BackboneConfig, help="open_clip text tower: open_clip_text:<arch>@<tag>"
+)
 def build_open_clip_text(arg: str, cfg: BackboneConfig) -> OpenClipText:
     """open_clip text tower and tokenizer (open_clip_text:<arch>@<tag or file>)."""
     model, source, _ = create_clip(arg, cfg)

@@ -50,9 +50,7 @@ class TimmBackbone(ImageBackbone):
             "interpolation": str(dc.get("interpolation", "bilinear")),
         }
         names = {n for n, _ in self.named_modules()}
-        self.target_groups = {
-            k: v for k, v in TIMM_GROUPS.items() if any(self._match(n, p) for n in names for p in v)
-        }
+        self.target_groups = {k: v for k, v in TIMM_GROUPS.items() if any(self._match(n, p) for n in names for p in v)}
 
     @staticmethod
     def _match(name: str, pattern: str) -> bool:
@@ -107,7 +105,8 @@ def create_timm(name: str, cfg: BackboneConfig, **kwargs: Any) -> tuple[nn.Modul
             import difflib
 
             close = difflib.get_close_matches(base, timm.list_models(), n=3)
-            raise ValueError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            hint = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('*vit*')"
+            raise ValueError(f"unknown timm model {name!r}; {hint}")
     kwargs = {"num_classes": 0, **kwargs}
     if cfg.image_size and _accepts_img_size(name):
         kwargs["img_size"] = cfg.image_size

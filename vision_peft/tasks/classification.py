@@ -26,7 +26,9 @@ class ClassificationConfig:
     name: str = "classification"  # registry name
     data_root: str = "aid"  # folder of class sub-folders (relative paths resolve under $VISION_PEFT_DATA)
     classes: list[str] | None = None  # classes to use, in label order; None = every sub-folder, sorted
-    split: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 10, "test": 30})  # images per class; -1 = the rest
+    split: dict[str, int] = field(
+        default_factory=lambda: {"train": 60, "val": 10, "test": 30}
+    )  # images per class; -1 = the rest
     split_seed: int = 0  # seed of the stratified split
     bad_files: str = "skip"  # corrupt / non-image files: skip (with a warning) | fail
     augment: str = "standard"  # none | light | standard | aerial (see vision_peft.augment)
@@ -148,7 +150,9 @@ class ClassificationTask(Task):
     def build_model(self) -> ClassifierModel:
         backbone, handle, base_ids = build_adapted_backbone(self.cfg)
         if getattr(backbone, "kind", "image") != "image":
-            raise ConfigError(f"classification needs an image backbone; {self.cfg.backbone.name!r} is a {backbone.kind} encoder")
+            raise ConfigError(
+                f"classification needs an image backbone; {self.cfg.backbone.name!r} is a {backbone.kind} encoder"
+            )
         t = self.cfg.task
         model = ClassifierModel(backbone, handle, len(self.classes), t.head_dropout, t.label_smoothing)
         model.mark_base(base_ids)

@@ -1,0 +1,231 @@
+"""Shared fixtures: real data/weight roots (loud when missing), tiny generated image folders, tiny run configs.
+
+Tests that need real data or weights read ``$VISION_PEFT_DATA`` / ``$VISION_PEFT_WEIGHTS`` (design.md §5). CI sets
+both; a test that silently skips there is a failing test, so a missing variable or folder *fails* the test with
+the fix in the message instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+TINY_IMAGE_SIZE = 32  # input size of every tiny backbone in the tests
+
+
+def _root_from_env(var: str, what: str) -> Path:
+    value = os.environ.get(var)
+    if not value:
+        pytest.fail(
+            f"${var} is not set: these tests need the real {what}. "
+            f"Run with `export {var}=/work/shared/{what.split()[0]}` (CI sets it); they never skip.",
+            pytrace=False,
+        )
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        pytest.fail(f"${var}={value} is not a folder; point it at the shared {what}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """$VISION_PEFT_DATA as a Path (fails, never skips, when unset or missing)."""
+    return _root_from_env("VISION_PEFT_DATA", "data root")
+
+
+@pytest.fixture(scope="session")
+def weights_root() -> Path:
+    """$VISION_PEFT_WEIGHTS as a Path (fails, never skips, when unset or missing)."""
+    return _root_from_env("VISION_PEFT_WEIGHTS", "weights root")
+
+
+@pytest.fixture(scope="session")
+def aid_root(data_root: Path) -> Path:
+    """The AID scene dataset (30 class folders of aerial JPEGs) under the data root."""
+    root = data_root / "aid"
+    if not root.is_dir() or not any(root.iterdir()):
+        pytest.fail(f"{root} is missing or empty; $VISION_PEFT_DATA must hold the AID dataset in aid/", pytrace=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def aid_images(aid_root: Path) -> Callable[..., list[Path]]:
+    """``aid_images(n, classes)`` → the first ``n`` images of each class (sorted, so tests are deterministic)."""
+
+    def pick(n: int = 2, classes: Sequence[str] = ("Airport", "Beach")) -> list[Path]:
+        out: list[Path] = []
+        for c in classes:
+            files = sorted((aid_root / c).glob("*.jpg"))[:n]
+            if not files:
+                pytest.fail(f"no AID images in {aid_root / c}", pytrace=False)
+            out += files
+        return out
+
+    return pick
+
+
+def _pattern_image(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndarray:
+    """A class-dependent pattern (stripes at a class-specific angle) plus noise, uint8 (H, W, 3)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    angle = label * np.pi / 5
+    wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 3.0)  # (H, W)
+    base = (wave[..., None] * 80 + 128 + rng.normal(0, 20, (h, w, 3))).clip(0, 255)
+    base[..., label % 3] = base[..., label % 3] * 0.5 + 100  # a class colour cast
+    return base.astype(np.uint8)
+
+
+def write_image_folder(
+    root: Path,
+    classes: Sequence[str] = ("alpha", "beta", "gamma"),
+    per_class: int = 4,
+    size: tuple[int, int] = (40, 48),
+) -> Path:
+    """Write a folder-per-class dataset of small generated images under ``root``; returns ``root``.
+
+    Every class gets ``per_class`` images, mixing JPEG and PNG; the first class also holds a grayscale PNG and an
+    RGBA PNG (counted in ``per_class``) so the readers' colour conversion is exercised.
+    """
+    rng = np.random.default_rng(0)
+    h, w = size
+    for label, cls in enumerate(classes):
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.fromarray(_pattern_image(rng, label, h, w), "RGB")
+            if label == 0 and i == 0:
+                img.convert("L").save(d / f"{cls}_{i:02d}_gray.png")
+            elif label == 0 and i == 1:
+                rgba = img.convert("RGBA")
+                rgba.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+                rgba.save(d / f"{cls}_{i:02d}_rgba.png")
+            elif i % 2:
+                img.save(d / f"{cls}_{i:02d}.png")
+            else:
+                img.save(d / f"{cls}_{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``tiny_image_folder(classes=..., per_class=4, size=(40, 48), name="tiny_data")`` → dataset root
+    in tmp_path (see :func:`write_image_folder`: JPEG + PNG, one grayscale and one RGBA image)."""
+
+    def make(
+        classes: Sequence[str] = ("alpha", "beta", "gamma"),
+        per_class: int = 4,
+        size: tuple[int, int] = (40, 48),
+        name: str = "tiny_data",
+    ) -> Path:
+        return write_image_folder(tmp_path / name, classes, per_class, size)
+
+    return make
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_recipe(data_root: str | Path, runs_root: str | Path) -> dict[str, Any]:
+    """A complete recipe for a seconds-long CPU run: timm:test_vit (random init) + LoRA r=2, 32×32 input."""
+    return {
+        "task": {
+            "name": "classification",
+            "data_root": str(data_root),
+            "split": {"train": 2, "val": 1, "test": 1},
+            "augment": "none",
+            "resize": "squash",
+        },
+        "backbone": {"name": "timm:test_vit", "pretrained": False, "image_size": TINY_IMAGE_SIZE},
+        "adapter": {"name": "lora", "r": 2, "targets": ["qkv"]},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 1e-3, "device": "cpu", "log_every": 1},
+        "output": {"runs_root": str(runs_root), "name": "tiny"},
+    }
+
+
+def make_run_cfg(data_root: str | Path, runs_root: str | Path, *dotted: str, **sections: Any):
+    """RunConfig from :func:`tiny_recipe`, then section dicts (merged), then dotted overrides ``"train.lr=5e-4"``.
+
+    A section given as a dict is merged into the default; ``adapter={...}`` or ``task={...}`` with a different
+    ``name`` replaces the section (the fields belong to another config class).
+    """
+    from vision_peft.config import RunConfig, deep_merge, parse_overrides
+
+    data = tiny_recipe(data_root, runs_root)
+    for key, value in sections.items():
+        current = data.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(current, dict)
+            and value.get("name", current.get("name")) == current.get("name")
+        ):
+            data[key] = _deep_merge(current, value)
+        else:
+            data[key] = value
+    data = deep_merge(data, parse_overrides(list(dotted)))
+    return RunConfig.from_dict(data)
+
+
+@pytest.fixture
+def run_cfg(tmp_path: Path, tiny_image_folder: Callable[..., Path]) -> Callable[..., Any]:
+    """``run_cfg(*dotted, **sections)`` → a validated tiny RunConfig (data generated in tmp_path, runs in
+    tmp_path/runs, CPU, timm:test_vit at 32×32, 2 steps). Pass ``task={"data_root": ...}`` for other data."""
+    state: dict[str, Path] = {}
+
+    def make(*dotted: str, **sections: Any):
+        task = sections.get("task")
+        own_data = isinstance(task, dict) and "data_root" in task
+        if "data" not in state and not own_data:
+            state["data"] = tiny_image_folder(name="run_cfg_data")
+        return make_run_cfg(state.get("data", "unused"), tmp_path / "runs", *dotted, **sections)
+
+    return make
+
+
+def reset_vision_peft_logging() -> None:
+    """Detach the handlers ``train.run`` installs on the ``vision_peft`` logger (stderr + train.log) and let
+    records propagate again, so later tests' caplog sees library warnings."""
+    log = logging.getLogger("vision_peft")
+    for h in list(log.handlers):
+        if getattr(h, "_vision_peft", False):
+            log.removeHandler(h)
+            h.close()
+    log.propagate = True
+
+
+@pytest.fixture
+def vp_logging_reset():
+    """Undo, after the test, the logging handlers a ``train.run`` / CLI call left on the ``vision_peft`` logger."""
+    yield
+    reset_vision_peft_logging()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step run directory (timm:test_vit + LoRA r=2 on generated data), trained once per session.
+
+    Treat it as read-only: copy it (``shutil.copytree``) before editing anything inside.
+    """
+    from vision_peft.train import run
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    data = write_image_folder(base / "data")
+    cfg = make_run_cfg(data, base / "runs")
+    try:
+        run_dir = run(cfg, progress=False)
+    finally:
+        reset_vision_peft_logging()
+    return Path(run_dir)

@@ -1,0 +1,378 @@
+"""Adapters (design.md §3): generated from the registry, so a new adapter is covered without a new test.
+
+Every registered adapter is applied to every tiny image backbone it is compatible with; the invariants are
+freezing (only adapter tensors train), step-0 identity for re-parameterising adapters, exact ``merge()``, and a
+gradient for every trainable tensor. Method-specific tests follow (LoRA on fused MHA and TF-"same" convs,
+asymmetric LoRA, VPT sizes, pad-prompt limits).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from vision_peft.adapters import ADAPTERS, AdapterHandle, apply_adapter
+from vision_peft.adapters.lora import LoRAConfig
+from vision_peft.adapters.pad_prompt import PadPromptConfig
+from vision_peft.adapters.vpt import VPTConfig
+from vision_peft.backbones import ImageBackbone, build_backbone
+from vision_peft.config import BackboneConfig
+
+SIZE = 32
+IMAGE_BACKBONES = ["timm:test_vit", "timm:test_efficientnet", "open_clip:vp-tiny-clip"]
+TOKEN_ONLY = {"vpt"}  # adapters that need token blocks (ViT-style); every other adapter must work on every backbone
+MERGE_TOL = 1e-5
+_PRISTINE: dict[str, ImageBackbone] = {}
+
+
+def backbone(spec: str) -> ImageBackbone:
+    """A fresh copy of a tiny random backbone (built once per spec, deep-copied per test)."""
+    if spec not in _PRISTINE:
+        _PRISTINE[spec] = build_backbone(BackboneConfig(name=spec, pretrained=False, image_size=SIZE)).eval()
+    return copy.deepcopy(_PRISTINE[spec])
+
+
+def tiny_adapter_cfg(name: str, bb: ImageBackbone, **kw):
+    """The adapter's default config, shrunk for a 32×32 input and pointed at targets the backbone has."""
+    cls = ADAPTERS.get(name).config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    tiny = {}
+    if "targets" in fields:
+        tiny["targets"] = [g for g in ("qkv", "attn_out", "mlp", "conv_pw", "conv_dw") if g in bb.target_groups]
+    if "pad" in fields:
+        tiny["pad"] = 4
+    if "num_tokens" in fields:
+        tiny["num_tokens"] = 3
+    if "r" in fields:
+        tiny["r"] = 2
+    return cls(**{**tiny, **kw})
+
+
+def compatible(name: str, bb: ImageBackbone) -> bool:
+    return name not in TOKEN_ONLY or bb.token_blocks() is not None
+
+
+PAIRS = [(a, b) for a in ADAPTERS.names() for b in IMAGE_BACKBONES]
+IDS = [f"{a}-{b}" for a, b in PAIRS]
+
+
+def x_input(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def apply(name: str, spec: str, **kw) -> tuple[ImageBackbone, ImageBackbone, AdapterHandle, dict[str, torch.Tensor]]:
+    """(frozen reference, adapted copy, handle, the reference state before the adapter)."""
+    ref = backbone(spec)
+    bb = copy.deepcopy(ref)
+    before = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+    bb._orig_ids = {id(p) for p in bb.parameters()}  # type: ignore[attr-defined]
+    handle = apply_adapter(bb, tiny_adapter_cfg(name, bb, **kw))
+    return ref, bb, handle, before
+
+
+def randomise_trainable(bb: nn.Module, std: float = 0.05, seed: int = 1) -> int:
+    """Give every new trainable tensor random values (LoRA's B is zero at step 0); returns how many."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad and id(p) not in bb._orig_ids:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+                n += 1
+    return n
+
+
+def original_state(bb: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The frozen tensors after the adapter, keyed like ``before`` (parametrized weights live under .original)."""
+    sd = bb.state_dict()
+    out = {}
+    for k in before:
+        if k in sd:
+            out[k] = sd[k]
+        else:
+            mod, _, leaf = k.rpartition(".")
+            out[k] = sd[f"{mod}.parametrizations.{leaf}.original"]
+    return out
+
+
+# -- registry-generated invariants ------------------------------------------------------------------------------
+def test_every_adapter_is_covered() -> None:
+    assert {a for a, _ in PAIRS} == set(ADAPTERS.names())
+    for name in ADAPTERS.names():
+        assert any(compatible(name, backbone(b)) for b in IMAGE_BACKBONES), f"{name} fits no tiny backbone"
+
+
+@pytest.mark.parametrize(("name", "spec"), PAIRS, ids=IDS)
+def test_incompatible_pairs_fail_loudly(name: str, spec: str) -> None:
+    bb = backbone(spec)
+    if compatible(name, bb):
+        apply_adapter(bb, tiny_adapter_cfg(name, bb))  # must not raise
+    else:
+        with pytest.raises(ValueError, match=r"(?i)token backbone.*pad_prompt"):
+            apply_adapter(bb, tiny_adapter_cfg(name, bb))
+
+
+def _compatible_pairs() -> list[tuple[str, str]]:
+    return [(a, b) for a, b in PAIRS if compatible(a, backbone(b))]
+
+
+COMPAT = _compatible_pairs()
+COMPAT_IDS = [f"{a}-{b}" for a, b in COMPAT]
+
+
+@pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
+def test_only_adapter_tensors_train(name: str, spec: str) -> None:
+    _, bb, handle, before = apply(name, spec)
+    assert handle.name == name
+    trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
+    if name == "full":  # the baseline that unfreezes everything
+        assert all(p.requires_grad for p in bb.parameters())
+        return
+    for n, p in trainable.items():
+        assert id(p) not in bb._orig_ids, f"{name} left the pretrained tensor {n} trainable"
+        owners = [t for t in handle.touched if t == "" or n.startswith(t + ".")]
+        assert owners, f"trainable {n} is not under a module the handle reports as touched ({handle.touched})"
+    for n, p in bb.named_parameters():
+        if id(p) in bb._orig_ids:
+            assert not p.requires_grad, f"{name}: pretrained {n} is trainable"
+    if name != "linear":
+        assert trainable, f"{name} created no trainable parameter on {spec}"
+    # nothing in the pretrained weights moved
+    after = original_state(bb, before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{name} changed the frozen tensor {k}"
+
+
+@pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
+def test_step0_identity_or_frozen_weights_untouched(name: str, spec: str) -> None:
+    ref, bb, handle, before = apply(name, spec)
+    x = x_input()
+    with torch.no_grad():
+        want, got = ref.forward_features(x), bb.forward_features(x)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    if handle.mergeable:
+        # a re-parameterisation starts at the frozen model (LoRA: B = 0)
+        assert (got - want).abs().max() < 1e-6
+    else:
+        # VPT cannot be identical at step 0: its prompt tokens are extra attention keys from the first step,
+        # so only assert that the frozen weights stay exactly as they were.
+        after = original_state(bb, before)
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
+def test_merge_keeps_outputs_and_leaves_plain_modules(name: str, spec: str) -> None:
+    ref, bb, handle, _ = apply(name, spec)
+    n_random = randomise_trainable(bb) if name != "full" else 0
+    x = x_input(seed=3)
+    with torch.no_grad():
+        frozen = ref.forward_features(x)
+        adapted = bb.forward_features(x)
+    reparam = handle.mergeable
+    if reparam:
+        assert n_random > 0
+        assert (adapted - frozen).abs().max() > 1e-4, "randomised adapter tensors did not change the output"
+    handle.merge()
+    assert not handle.mergeable  # merging twice is a no-op
+    handle.merge()
+    with torch.no_grad():
+        merged = bb.forward_features(x)
+    assert (merged - adapted).abs().max() < MERGE_TOL
+    if reparam:
+        leftovers = [n for n, m in bb.named_modules() if parametrize.is_parametrized(m)]
+        assert not leftovers, f"parametrizations left after merge: {leftovers}"
+        adapter_mods = [n for n, m in bb.named_modules() if type(m).__module__.startswith("vision_peft.adapters")]
+        assert not adapter_mods, f"adapter modules left after merge: {adapter_mods}"
+        assert not [n for n, p in bb.named_parameters() if p.requires_grad]
+        assert set(bb.state_dict()) == set(ref.state_dict()), "merge must give back the plain backbone's keys"
+
+
+@pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
+def test_gradient_reaches_every_trainable_tensor(name: str, spec: str) -> None:
+    _, bb, _, _ = apply(name, spec)
+    randomise_trainable(bb)  # so that LoRA's A gets a non-zero gradient too
+    trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
+    if not trainable:
+        assert name == "linear"
+        return
+    bb.eval()
+    f = bb.forward_features(x_input())
+    (f.float() ** 2).mean().backward()
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"{name} on {spec}: no gradient reached {missing[:5]}"
+    zero = [n for n, p in trainable.items() if p.grad.abs().sum() == 0]
+    assert len(zero) < len(trainable), f"every gradient is zero: {zero[:5]}"
+    for n, p in bb.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+
+
+# -- LoRA specifics ---------------------------------------------------------------------------------------------
+def test_lora_on_open_clip_mha_reparameterises_in_proj() -> None:
+    ref, bb, handle, _ = apply("lora", "open_clip:vp-tiny-clip", targets=["qkv"])
+    assert handle.touched
+    for name in handle.touched:
+        mod = bb.get_submodule(name)
+        assert isinstance(mod, nn.MultiheadAttention)
+        assert parametrize.is_parametrized(mod, "in_proj_weight")
+    n_train = sum(p.numel() for p in bb.parameters() if p.requires_grad)
+    layers, width, r = len(handle.touched), 48, 2
+    assert n_train == layers * r * (width + 3 * width)  # A (r × D) + B (3D × r) per MHA
+    x = x_input()
+    with torch.no_grad():
+        assert (bb.forward_features(x) - ref.forward_features(x)).abs().max() < 1e-6
+        randomise_trainable(bb)
+        changed = bb.forward_features(x)
+    # the fused MHA path must see the update (an nn.Linear-only LoRA would be silently bypassed)
+    assert (changed - ref.forward_features(x)).abs().max() > 1e-3
+    handle.merge()
+    with torch.no_grad():
+        assert (bb.forward_features(x) - changed).abs().max() < MERGE_TOL
+    assert not any(parametrize.is_parametrized(bb.get_submodule(n)) for n in handle.touched)
+
+
+def test_lora_targeting_mha_out_proj_changes_outputs() -> None:
+    ref, bb, handle, _ = apply("lora", "open_clip:vp-tiny-clip", targets=["attn_out"])
+    x = x_input()
+    randomise_trainable(bb)
+    with torch.no_grad():
+        assert (bb.forward_features(x) - ref.forward_features(x)).abs().max() > 1e-3
+
+
+def test_asymmetric_lora_trains_only_b_and_saves_a(run_cfg) -> None:
+    from vision_peft.tasks import build_adapted_backbone
+    from vision_peft.tasks.classification import ClassifierModel
+
+    cfg = run_cfg(adapter={"name": "lora", "r": 2, "targets": ["qkv"], "train_a": False})
+    bb, handle, base_ids = build_adapted_backbone(cfg)
+    trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("lora_B") for n in trainable), trainable
+    a_buffers = [n for n, _ in bb.named_buffers() if n.endswith("lora_A")]
+    assert len(a_buffers) == len(trainable) == len(handle.touched)
+    model = ClassifierModel(bb, handle, num_classes=3, dropout=0.0, smoothing=0.0)
+    model.mark_base(base_ids)
+    sd = model.adapter_state_dict()
+    assert {f"backbone.{n}" for n in a_buffers} <= set(sd), "frozen A must travel with the adapter"
+    assert {f"backbone.{n}" for n in trainable} <= set(sd)
+    assert {"head.weight", "head.bias"} <= set(sd)
+    base_keys = [k for k in sd if k.startswith("backbone.") and ".lora." not in k]
+    assert not base_keys, f"pretrained tensors in the adapter file: {base_keys[:4]}"
+    # A is reproducible from the seed (so a frozen A is the same in every run)
+    bb2, _, _ = build_adapted_backbone(cfg)
+    assert all(torch.equal(bb.get_buffer(n), bb2.get_buffer(n)) for n in a_buffers)
+
+
+def test_lora_symmetric_state_has_no_pretrained_tensors(run_cfg) -> None:
+    from vision_peft.tasks import build_adapted_backbone
+    from vision_peft.tasks.classification import ClassifierModel
+
+    bb, handle, base_ids = build_adapted_backbone(run_cfg())
+    model = ClassifierModel(bb, handle, num_classes=3, dropout=0.0, smoothing=0.0)
+    model.mark_base(base_ids)
+    keys = set(model.adapter_state_dict())
+    want = {f"backbone.{n}" for n, p in bb.named_parameters() if p.requires_grad} | {"head.weight", "head.bias"}
+    assert keys == want
+
+
+@pytest.fixture(scope="module")
+def effnet(weights_root: Path) -> ImageBackbone:
+    return build_backbone(BackboneConfig(name="effnet_lite0", image_size=64)).eval()
+
+
+@pytest.mark.parametrize("which", ["timm:test_efficientnet", "effnet_lite0"])
+def test_lora_on_tf_same_convs_keeps_shapes(which: str, request: pytest.FixtureRequest) -> None:
+    from timm.layers import Conv2dSame
+
+    if which == "effnet_lite0":
+        ref = request.getfixturevalue("effnet")
+        size = 64
+    else:
+        ref, size = backbone(which), SIZE
+    bb = copy.deepcopy(ref)
+    bb._orig_ids = {id(p) for p in bb.parameters()}
+    # stem (strided, TF-"same" on Lite0), every depthwise conv, one expand/project pair, the head conv
+    targets = ["model.conv_stem", "conv_dw", "model.blocks.3.0.conv_pw*", "conv_head"]
+    handle = apply_adapter(bb, LoRAConfig(r=2, targets=targets))
+    same = [n for n in handle.touched if isinstance(bb.get_submodule(n), Conv2dSame)]
+    if which == "effnet_lite0":
+        assert same, "EfficientNet-Lite0's strided convs are TF-'same' padded: LoRA must adapt them too"
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    idx = [0, 1, 2, -1]
+    with torch.no_grad():
+        want = ref.forward_intermediates(x, idx)
+        got0 = bb.forward_intermediates(x, idx)
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(want, got0))
+        randomise_trainable(bb, std=0.01)
+        got = bb.forward_intermediates(x, idx)
+        feats = bb.forward_features(x)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert all(torch.isfinite(t).all() for t in got)
+    assert (feats - ref.forward_features(x)).abs().max() > 1e-5
+    handle.merge()
+    with torch.no_grad():
+        merged = bb.forward_features(x)
+    assert (merged - feats).abs().max() < 1e-4 * max(1.0, feats.abs().max().item())
+    assert all(type(bb.get_submodule(n)) in (nn.Conv2d, Conv2dSame) for n in handle.touched)
+    assert all(isinstance(bb.get_submodule(n), Conv2dSame) for n in same)  # still pads the TF way
+
+
+def test_lora_matching_nothing_raises() -> None:
+    bb = backbone("timm:test_efficientnet")
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_adapter(bb, LoRAConfig(targets=["qkv"]))
+
+
+# -- VPT specifics ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [b for b in IMAGE_BACKBONES if backbone(b).token_blocks() is not None])
+def test_vpt_deep_vs_shallow_sizes(spec: str) -> None:
+    p = 3
+    counts = {}
+    for deep in (True, False):
+        bb = backbone(spec)
+        blocks, _ = bb.token_blocks()
+        apply_adapter(bb, VPTConfig(num_tokens=p, deep=deep))
+        counts[deep] = sum(t.numel() for t in bb.parameters() if t.requires_grad)
+        dim = bb.vpt.tokens.shape[-1]
+        with torch.no_grad():
+            x = x_input()
+            maps = bb.forward_intermediates(x, [-1])
+            plain = backbone(spec).forward_intermediates(x, [-1])
+        assert maps[0].shape == plain[0].shape  # prompts are stripped after every block
+    assert counts[True] == len(blocks) * p * dim
+    assert counts[False] == p * dim
+
+
+def test_vpt_shallow_and_deep_differ_from_frozen() -> None:
+    x = x_input()
+    ref = backbone("timm:test_vit")
+    with torch.no_grad():
+        frozen = ref.forward_features(x)
+        for deep in (True, False):
+            bb = backbone("timm:test_vit")
+            apply_adapter(bb, VPTConfig(num_tokens=2, deep=deep))
+            assert (bb.forward_features(x) - frozen).abs().max() > 1e-6
+
+
+# -- pad prompt specifics ---------------------------------------------------------------------------------------
+def test_pad_prompt_rejects_a_pad_too_large() -> None:
+    bb = backbone("timm:test_vit")
+    with pytest.raises(ValueError, match=r"pad=16 leaves no image inside a 32×32 input; use pad < 16"):
+        apply_adapter(bb, PadPromptConfig(pad=16))
+    with pytest.raises(ValueError, match="positive frame width"):
+        PadPromptConfig(pad=0)
+
+
+def test_pad_prompt_parameter_count_and_input_size() -> None:
+    bb = backbone("timm:test_efficientnet")
+    pad = 4
+    apply_adapter(bb, PadPromptConfig(pad=pad))
+    n = sum(p.numel() for p in bb.parameters() if p.requires_grad)
+    assert n == 3 * (2 * pad * SIZE + 2 * pad * (SIZE - 2 * pad))
+    with pytest.raises(ValueError, match="pad_prompt was built for"):
+        bb.forward_features(torch.randn(1, 3, SIZE + 8, SIZE + 8))

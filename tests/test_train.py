@@ -1,0 +1,195 @@
+"""The training engine: exact resume after SIGKILL, torchrun data parallelism, accumulation, metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vision_peft.checkpoint import load_tensors
+from vision_peft.config import RunConfig
+from vision_peft.train import run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_recipe(runs_root: Path, name: str, **train) -> dict:
+    """A real-data recipe small enough for CPU tests: 3 AID classes, timm's test ViT at 32²."""
+    return {
+        "task": {
+            "name": "classification",
+            "data_root": "aid",
+            "classes": ["Beach", "Forest", "Port"],
+            "split": {"train": 8, "val": 2, "test": 4},
+            "augment": "light",
+            "resize": "squash",
+        },
+        "backbone": {"name": "timm:test_vit", "pretrained": False, "image_size": 32},
+        "adapter": {"name": "lora", "r": 4, "targets": ["qkv", "mlp"], "dropout": 0.1},
+        "train": {
+            "epochs": 3,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "device": "cpu",
+            "log_every": 1,
+            "ckpt_every": 2,
+            **train,
+        },
+        "output": {"runs_root": str(runs_root), "name": name},
+    }
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, aid_root: Path) -> None:
+    # Both runs go through the same CLI in the same environment: Adam amplifies float-level differences
+    # between thread settings, so the reference must not run in-process.
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ref")))
+    res = subprocess.run(
+        [sys.executable, "-m", "vision_peft", "train", str(tmp_path / "ref.yaml"), "--no-progress"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = load_tensors(tmp_path / "ref" / "adapter.safetensors")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "killed")))
+    env = _env()
+    env["VISION_PEFT_STEP_DELAY"] = "0.4"  # slow steps down so the kill lands mid-run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vision_peft", "train", str(recipe), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    meta = tmp_path / "killed" / "checkpoint" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if meta.exists() and json.loads(meta.read_text())["step"] >= 6:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(meta.read_text())["step"]
+    total = json.loads((tmp_path / "killed" / "config.json").read_text())["steps"]["total"]
+    assert 6 <= killed_at < total, "the kill must land part-way through the run"
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+
+    res = subprocess.run(
+        [sys.executable, "-m", "vision_peft", "train", "--resume", str(tmp_path / "killed"), "--no-progress"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = load_tensors(tmp_path / "killed" / "adapter.safetensors")
+    assert set(resumed) == set(ref)
+    for k in ref:
+        assert torch.allclose(resumed[k], ref[k], atol=1e-5, rtol=1e-4), (k, (resumed[k] - ref[k]).abs().max())
+    # the adapter really trained (the comparison is not between two untouched initialisations)
+    assert any(float(v.abs().max()) > 0 for k, v in ref.items() if "lora_B" in k)
+    # metrics.jsonl has each step once, in order, after the resume
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+        if "split" not in json.loads(ln)
+    ]
+    assert steps == list(range(1, total + 1))
+
+
+def test_resume_refuses_changed_config(tmp_path: Path, aid_root: Path) -> None:
+    d = run(RunConfig.from_dict(tiny_recipe(tmp_path, "a", epochs=1)), progress=False)
+    changed = RunConfig.from_dict(tiny_recipe(tmp_path, "a", epochs=1, lr=1e-2))
+    from vision_peft.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="differs"):
+        run(changed, resume=d, progress=False)
+
+
+def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ddp", epochs=2, ckpt_every=0)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "vision_peft",
+        "train",
+        str(recipe),
+        "--no-progress",
+    ]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert info["world_size"] == 2
+    # 24 training images sharded over 2 ranks of batch 4 -> 3 steps per epoch
+    assert info["steps"]["per_epoch"] == 3 and info["steps"]["total"] == 6
+    final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
+    assert final["test"]["n"] == 12
+    adapter = load_tensors(tmp_path / "ddp" / "adapter.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path: Path, aid_root: Path) -> None:
+    """batch 4 × accumulation 2 takes the same optimizer steps as batch 8 when nothing random intervenes."""
+    common = {"epochs": 1, "max_steps": 2, "warmup_steps": 0, "grad_clip": None}
+    a = tiny_recipe(tmp_path, "acc", batch_size=4, grad_accum=2, **common)
+    b = tiny_recipe(tmp_path, "big", batch_size=8, grad_accum=1, **common)
+    for r in (a, b):
+        r["adapter"]["dropout"] = 0.0
+        r["task"]["augment"] = "none"
+    ta = load_tensors(run(RunConfig.from_dict(a), progress=False) / "adapter.safetensors")
+    tb = load_tensors(run(RunConfig.from_dict(b), progress=False) / "adapter.safetensors")
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-5), k
+
+
+def test_run_directory_contents(tmp_path: Path, aid_root: Path) -> None:
+    d = run(RunConfig.from_dict(tiny_recipe(tmp_path, "files", epochs=1)), progress=False)
+    for f in (
+        "config.json",
+        "adapter.safetensors",
+        "metrics.jsonl",
+        "train.log",
+        "README.md",
+        "split.json",
+        "checkpoint/state.pt",
+        "checkpoint/meta.json",
+        "final_metrics.json",
+    ):
+        assert (d / f).is_file(), f
+    info = json.loads((d / "config.json").read_text())
+    assert info["backbone"]["spec"] == "timm:test_vit" and len(info["backbone"]["weights_id"]) == 64
+    assert info["backbone"]["data_config"]["input_size"] == [3, 32, 32]
+    p = info["parameters"]
+    assert p["trainable"] == p["trainable_no_head"] + p["head"] and p["head"] == 64 * 3 + 3
+    log = (d / "train.log").read_text()
+    assert "trainable" in log and "of the backbone without head" in log
+    # only adapter tensors and the head are saved, never the frozen backbone
+    saved = load_tensors(d / "adapter.safetensors")
+    assert all(("lora" in k) or k.startswith("head.") for k in saved), sorted(saved)[:5]
+    split = json.loads((d / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"]) and not set(split["train"]) & set(split["val"])
+    assert len(split["test"]) == 12
