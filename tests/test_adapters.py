@@ -376,3 +376,23 @@ def test_pad_prompt_parameter_count_and_input_size() -> None:
     assert n == 3 * (2 * pad * SIZE + 2 * pad * (SIZE - 2 * pad))
     with pytest.raises(ValueError, match="pad_prompt was built for"):
         bb.forward_features(torch.randn(1, 3, SIZE + 8, SIZE + 8))
+
+
+def test_adapter_state_survives_device_moves(run_cfg) -> None:
+    """``.to()`` replaces buffer tensors (a CUDA move did, in the first GPU smoke run): frozen BatchNorm
+    statistics must still be recognised as pretrained and stay out of the adapter file."""
+    from vision_peft.tasks import build_adapted_backbone
+    from vision_peft.tasks.classification import ClassifierModel
+
+    cfg = run_cfg(
+        backbone={"name": "timm:test_efficientnet", "pretrained": False},
+        adapter={"name": "lora", "r": 2, "targets": ["conv_pw"]},
+    )
+    bb, handle, base = build_adapted_backbone(cfg)
+    model = ClassifierModel(bb, handle, num_classes=3, dropout=0.0, smoothing=0.0)
+    model.mark_base(base)
+    before = set(model.adapter_state_dict())
+    model.to(torch.float64).to(torch.float32)
+    after = set(model.adapter_state_dict())
+    assert before == after
+    assert not [k for k in after if "running_" in k or "num_batches" in k]

@@ -64,14 +64,22 @@ def onnx_export(
     """Export ``module(*example.values())`` to ``path`` (a ``.onnx.data`` sidecar may be written beside it)."""
     names = list(example)
     args = tuple(example[n] for n in names)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path breaks tracing exporters
+    try:
+        _export(module, args, names, output_names, path, exporter, dynamic_batch, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export(module, args, names, output_names, path, exporter, dynamic_batch, opset) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             dyn = None
             if dynamic_batch:
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                dyn = {n: {0: batch} for n in names}
+                dyn = tuple({0: batch} for _ in names)  # positional: forward's own argument names may differ
             kw = {"opset_version": opset} if opset else {}
             torch.onnx.export(
                 module,
@@ -184,7 +192,7 @@ def export_run(
     before = [before] if isinstance(before, torch.Tensor) else list(before)
     after = [after] if isinstance(after, torch.Tensor) else list(after)
     merge_diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
-    if merge_diff > atol + rtol * max(float(b.abs().max()) for b in before):
+    if merge_diff > 1e-4 * (1 + max(float(b.abs().max()) for b in before)):  # merging is exact up to float rounding
         raise ExportError(
             f"merging adapter {cfg.adapter.name} changed the outputs (max |Δ| {merge_diff:.3g}); not exporting"
         )

@@ -26,10 +26,12 @@ class TaskModel(nn.Module):
         self.backbone = backbone
         self.adapter = adapter  # AdapterHandle (not a module)
         self._base_ids: set[int] = set()
+        self._base_buffers: set[str] = set()
 
-    def mark_base(self, base_ids: set[int]) -> None:
-        """Record the tensors of the pretrained backbone (before the adapter) so they are never saved."""
-        self._base_ids = set(base_ids)
+    def mark_base(self, base: tuple[set[int], set[str]]) -> None:
+        """Record the pretrained backbone's parameters (by identity, stable under ``.to()``) and buffers (by
+        name: ``.to()`` replaces buffer tensors) before the adapter, so they are never saved."""
+        self._base_ids, self._base_buffers = set(base[0]), {f"backbone.{n}" for n in base[1]}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changed: trainable parameters, tensors the adapter created, and the running
@@ -41,7 +43,12 @@ class TaskModel(nn.Module):
         }
         for key, t in sd.items():
             owner = key.rsplit(".", 1)[0] if "." in key else ""
-            if getattr(t, "requires_grad", False) or id(t) not in self._base_ids or owner in trainable_modules:
+            if isinstance(t, nn.Parameter):
+                new = id(t) not in self._base_ids
+                keep_it = t.requires_grad or new
+            else:
+                keep_it = key not in self._base_buffers or owner in trainable_modules
+            if keep_it:
                 keep[key] = t.detach()
         return keep
 
@@ -57,15 +64,18 @@ class TaskModel(nn.Module):
         return [p for p in head.parameters() if p.requires_grad] if head is not None else []
 
 
-def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, set[int]]:
-    """Backbone from ``cfg.backbone``, frozen, with ``cfg.adapter`` applied; returns (backbone, handle, base ids)."""
+def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, tuple[set[int], set[str]]]:
+    """Backbone from ``cfg.backbone``, frozen, with ``cfg.adapter`` applied; returns (backbone, handle, base).
+
+    ``base`` = (ids of the pretrained parameters, names of the pretrained buffers), for ``TaskModel.mark_base``.
+    """
     from vision_peft.adapters import apply_adapter
     from vision_peft.backbones import build_backbone
 
     backbone = build_backbone(cfg.backbone)
-    base_ids = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
+    base = ({id(p) for p in backbone.parameters()}, {n for n, _ in backbone.named_buffers()})
     handle = apply_adapter(backbone, cfg.adapter)
-    return backbone, handle, base_ids
+    return backbone, handle, base
 
 
 @dataclass
