@@ -59,9 +59,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vision_peft.predict import predict_images
+    from vision_peft.predict import predict_files
 
-    for rec in predict_images(args.run, args.inputs, device=args.device, top_k=args.top_k):
+    for rec in predict_files(args.run, args.inputs, device=args.device, top_k=args.top_k):
         print(json.dumps(rec))
     return 0
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--full", action="store_true", help="include the confusion matrix")
     pr = sub.add_parser("predict", help="predict with a finished run")
     pr.add_argument("run")
-    pr.add_argument("inputs", nargs="+", help="input files (images for classification)")
+    pr.add_argument("inputs", nargs="+", help="input files, as the run's task reads them (images, point clouds …)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--top-k", type=int, default=5)
     x = sub.add_parser("export", help="export a run to an ONNX bundle with a parity check")

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vision_peft import checkpoint as ckpt
@@ -52,29 +51,9 @@ def load_run(
     return cfg, task, model, info
 
 
-@torch.no_grad()
-def predict_images(
-    run_dir: str | Path, images: list[str | Path], device: str = "cpu", top_k: int = 5
+def predict_files(
+    run_dir: str | Path, inputs: list[str | Path], device: str = "cpu", top_k: int = 5
 ) -> list[dict[str, Any]]:
-    """Classify image files with a classification run: label, probability and the top-k classes."""
-    from vision_peft.preprocess import load_image, preprocess_image
-
-    cfg, task, model, info = load_run(run_dir, device)
-    if cfg.task.name != "classification":
-        raise ValueError(f"predict_images needs a classification run; {run_dir} is a {cfg.task.name} run")
-    spec = task.image_spec(model)
-    classes = task.classes
-    out = []
-    for path in images:
-        x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
-        probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
-        order = np.argsort(-probs)[:top_k]
-        out.append(
-            {
-                "file": str(path),
-                "label": classes[int(order[0])],
-                "prob": float(probs[order[0]]),
-                "top": [{"label": classes[int(i)], "prob": float(probs[i])} for i in order],
-            }
-        )
-    return out
+    """Predict input files with any finished run (images, point files … as the run's task reads them)."""
+    _, task, model, _ = load_run(run_dir, device)
+    return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k)

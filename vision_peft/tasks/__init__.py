@@ -120,6 +120,12 @@ class Task(abc.ABC):
     def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:
         """A tiny valid batch for tests."""
 
+    def predict(
+        self, model: TaskModel, inputs: list[str], device: torch.device, top_k: int = 5
+    ) -> list[dict[str, Any]]:
+        """Predictions for input files (the CLI's ``predict``): one JSON-able dict per input."""
+        raise ValueError(f"task {self.name!r} has no file-based predict; use its Python API")
+
     def state_info(self) -> dict[str, Any]:
         """Task facts that must travel with the run (class names …) into config.json."""
         return {}

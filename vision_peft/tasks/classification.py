@@ -182,6 +182,29 @@ class ClassificationTask(Task):
             "confusion_matrix": cm.tolist(),
         }
 
+    @torch.no_grad()
+    def predict(
+        self, model: TaskModel, inputs: list[str], device: torch.device, top_k: int = 5
+    ) -> list[dict[str, Any]]:
+        from vision_peft.preprocess import load_image, preprocess_image
+
+        model.eval()
+        spec = self.image_spec(model)
+        out = []
+        for path in inputs:
+            x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
+            probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
+            order = np.argsort(-probs)[:top_k]
+            out.append(
+                {
+                    "file": str(path),
+                    "label": self.classes[int(order[0])],
+                    "prob": float(probs[order[0]]),
+                    "top": [{"label": self.classes[int(i)], "prob": float(probs[i])} for i in order],
+                }
+            )
+        return out
+
     # -- export / tests ---------------------------------------------------------------------------------
     def export_spec(self, model: TaskModel) -> ExportSpec:
         h, w = model.backbone.input_size
