@@ -229,3 +229,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         reset_vision_peft_logging()
     return Path(run_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_bundle(tmp_path_factory, aid_root):
+    """(run dir, bundle dir) of a seconds-long classification run on 3 real AID classes, exported with int8."""
+    from vision_peft.config import load_recipe
+    from vision_peft.export import export_run
+    from vision_peft.train import run
+
+    root = tmp_path_factory.mktemp("cls-bundle")
+    cfg = load_recipe("classification-tiny", {"output": {"runs_root": str(root), "name": "run"}})
+    run_dir = run(cfg, progress=False)
+    export_run(run_dir, run_dir / "bundle", int8=True)
+    return run_dir, run_dir / "bundle"

@@ -70,20 +70,19 @@ def _export(args: argparse.Namespace) -> int:
     from vision_peft.export import export_run
 
     out = args.bundle or args.out
-    man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device)
+    man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device, int8=args.int8)
     p = man["parity"]
-    print(
-        json.dumps(
-            {
-                "bundle": str(Path(out) if out else Path(args.run) / "export"),
-                "max_abs_diff": p["max_abs_diff"],
-                "per_batch": p["per_batch"],
-                "providers": p["providers"],
-                "files": man["files"],
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "bundle": str(Path(out) if out else Path(args.run) / "export"),
+        "max_abs_diff": p["max_abs_diff"],
+        "per_batch": p["per_batch"],
+        "providers": p["providers"],
+        "files": man["files"],
+    }
+    if "int8" in p:
+        summary["int8"] = {k: v for k, v in p["int8"].items() if k not in ("fp32", "int8")}
+        summary["int8"].update({f"{k}_top1": (p["int8"][k] or {}).get("top1") for k in ("fp32", "int8")})
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -110,6 +109,15 @@ def _list(args: argparse.Namespace) -> int:
         for k in list(regs) + ["recipes"]:
             print(f"== {k}")
             _list(argparse.Namespace(what=k))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vision_peft.serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: reachable beyond this machine", file=sys.stderr)
+    serve(args.bundle, host=args.host, port=args.port, device=args.device, strict=args.strict)
     return 0
 
 
@@ -146,10 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     x.add_argument("--atol", type=float, default=1e-4)
     x.add_argument("--device", default="cpu", help="onnxruntime device for the parity check (cpu|cuda)")
+    x.add_argument(
+        "--int8", action="store_true", help="also write a dynamic-int8 graph and report its task-metric change"
+    )
     ls = sub.add_parser("list", help="list backbones, adapters, tasks, datasets or recipes")
     ls.add_argument(
         "what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"]
     )
+    s = sub.add_parser("serve", help="serve an exported bundle over HTTP (torch-free runtime)")
+    s.add_argument("bundle")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--strict", action="store_true", help="refuse to start when CUDA was asked for but is not used")
     a = sub.add_parser("app", help="start the browser app")
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=7860)
@@ -165,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export, "list": _list, "app": _app}
+    handlers = {
+        "train": _train,
+        "eval": _eval,
+        "predict": _predict,
+        "export": _export,
+        "list": _list,
+        "app": _app,
+        "serve": _serve,
+    }
     from vision_peft.checkpoint import CheckpointError
 
     try:

@@ -8,7 +8,6 @@ parity is never written: the bundle is assembled in a temporary folder and moved
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import torch
 
 import vision_peft
 from vision_peft.checkpoint import atomic_write_json
+from vision_peft.deploy import sha256_file
 from vision_peft.predict import load_run
 
 BUNDLE_FORMAT = "vision_peft.bundle/1"
@@ -29,14 +29,6 @@ BUNDLE_FORMAT = "vision_peft.bundle/1"
 
 class ExportError(RuntimeError):
     """The exported graph does not reproduce PyTorch (or could not be built); nothing was written."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _batched(example: dict[str, torch.Tensor], b: int, seed: int) -> dict[str, torch.Tensor]:
@@ -172,8 +164,12 @@ def export_run(
     rtol: float = 1e-4,
     device: str = "cpu",
     opset: int | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Export a run to a bundle folder (default ``<run>/export``); returns the manifest.
+
+    With ``int8``, the bundle also holds ``<graph>_int8`` (onnxruntime dynamic int8 quantisation of the
+    MatMul/Gemm/Conv weights) and the parity report states the task-metric change on the run's test split.
 
     Raises:
         ExportError: merging changed the outputs or onnxruntime disagrees with PyTorch beyond tolerance.
@@ -236,13 +232,17 @@ def export_run(
         }
         del sess
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "preprocess.json").write_text(json.dumps(spec.preprocess or {}, indent=2) + "\n")
+        graphs = {spec.graph_name: graph}
+        if int8:
+            graphs[f"{spec.graph_name}_int8"], report["int8"] = _quantize(tmp, onnx_path, graph, task, model, spec)
         manifest = {
             "format": BUNDLE_FORMAT,
             "task": cfg.task.name,
             "backbone": cfg.backbone.name,
             "adapter": cfg.adapter.name,
             "vision_peft_version": vision_peft.__version__,
-            "graphs": {spec.graph_name: graph},
+            "graphs": graphs,
             "preprocess": spec.preprocess or {},
             "labels": spec.labels or [],
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
@@ -253,11 +253,51 @@ def export_run(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o755)
         tmp.rename(out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _quantize(folder: Path, onnx_path: Path, graph: dict, task, model, spec) -> tuple[dict, dict]:
+    """Dynamic int8 quantisation; returns (graph entry, report with the task-metric change)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q_path = folder / f"{onnx_path.stem}_int8.onnx"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        # the dynamo exporter's value_info can disagree with onnx's shape inference; the quantiser re-infers
+        m = onnx.load(str(onnx_path))
+        del m.graph.value_info[:]
+        clean = Path(td) / "clean.onnx"
+        onnx.save(m, str(clean), save_as_external_data=True, location="clean.onnx.data")
+        quantize_dynamic(str(clean), str(q_path), weight_type=QuantType.QInt8)
+    rep: dict[str, Any] = {
+        "quantize_seconds": time.perf_counter() - t0,
+        "method": "onnxruntime quantize_dynamic QInt8",
+        "bytes_fp32": sum(p.stat().st_size for p in folder.glob(f"{onnx_path.stem}.onnx*")),
+        "bytes_int8": q_path.stat().st_size,
+    }
+    sessions = {"fp32": ort_session(onnx_path), "int8": ort_session(q_path)}
+    names = list(spec.example_inputs)
+    for key, sess in sessions.items():
+
+        def run_fn(inputs: dict[str, np.ndarray], sess=sess) -> np.ndarray:
+            return sess.run([spec.output_names[0]], {n: inputs[n] for n in names})[0]
+
+        rep[key] = task.evaluate_onnx(run_fn, model)
+    if rep["fp32"] and rep["int8"]:
+        p32, p8 = rep["fp32"].pop("predictions", None), rep["int8"].pop("predictions", None)
+        if p32 is not None and p8 is not None:
+            rep["prediction_agreement"] = float(np.mean(np.asarray(p32) == np.asarray(p8)))
+        rep["metric_change"] = {
+            k: rep["int8"][k] - rep["fp32"][k] for k in rep["fp32"] if isinstance(rep["fp32"][k], float)
+        }
+    entry = {**graph, "file": q_path.name, "quantization": "dynamic int8 (weights), fp32 activations"}
+    return entry, rep
 
 
 def _dt(onnx_type: str) -> str:

@@ -126,6 +126,11 @@ class Task(abc.ABC):
         """Predictions for input files (the CLI's ``predict``): one JSON-able dict per input."""
         raise ValueError(f"task {self.name!r} has no file-based predict; use its Python API")
 
+    def evaluate_onnx(self, run_fn, model: TaskModel) -> dict[str, Any] | None:
+        """Task metrics of an exported graph on the test split; ``run_fn(inputs) -> first output``.
+        None when the task has no such evaluation."""
+        return None
+
     def state_info(self) -> dict[str, Any]:
         """Task facts that must travel with the run (class names …) into config.json."""
         return {}
