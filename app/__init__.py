@@ -1,0 +1,1 @@
+"""The vision_peft browser app (Gradio). Only this package imports gradio."""
