@@ -1,8 +1,8 @@
 """GPU smoke test: every landed task trains a few steps on CUDA, exports, and runs on onnxruntime's CUDA
 provider; one table comes out. Run through ``bench/gpu_smoke.sh`` (at most ~5 minutes on one GPU).
 
-Rows: classification with EfficientNet-Lite0 (real ImageNet weights) + LoRA under bf16 autocast, the same
-with full fine-tuning under fp16 autocast + grad scaler, and timm's test ViT + deep VPT under bf16.
+Rows: every landed task (classification with three adapters and two autocast modes, few-shot, point clouds,
+referring segmentation, diffusion) trains a few steps on CUDA, then exports and checks parity.
 Columns: steps, first/last loss, median step time, peak CUDA memory, val top-1, export parity (torch vs
 onnxruntime, max |Δ|), onnxruntime providers really in use, and whether strict CUDA mode held.
 """
@@ -18,15 +18,71 @@ from pathlib import Path
 
 import torch
 
-ROWS = [
-    ("effnet_lite0+lora bf16", {"adapter": {"name": "lora", "r": 8, "targets": ["conv_pw"]}, "train": {"amp": "bf16"}}),
-    ("effnet_lite0+full fp16", {"adapter": {"name": "full"}, "train": {"amp": "fp16", "lr": 3e-4}}),
+CLS = {
+    "task": {"classes": ["Airport", "Beach", "Forest", "Port", "River"], "split": {"train": 20, "val": 10, "test": 10}}
+}
+RANDOM_TEXT = {"name": "minilm", "pretrained": False}  # MiniLM's config/tokenizer travel; its 90 MB weights do not
+ROWS = [  # (row, recipe, overrides): each landed task, a few CUDA steps under autocast, then export + parity
     (
-        "test_vit+vpt-deep bf16",
+        "classification effnet_lite0+lora bf16",
+        "classification-aid",
+        {**CLS, "adapter": {"name": "lora", "r": 8, "targets": ["conv_pw"]}, "train": {"amp": "bf16"}},
+    ),
+    (
+        "classification effnet_lite0+full fp16",
+        "classification-aid",
+        {**CLS, "adapter": {"name": "full"}, "train": {"amp": "fp16", "lr": 3e-4}},
+    ),
+    (
+        "classification test_vit+vpt bf16",
+        "classification-aid",
         {
+            **CLS,
             "adapter": {"name": "vpt", "num_tokens": 8},
             "train": {"amp": "bf16"},
             "backbone": {"name": "timm:test_vit", "pretrained": False, "image_size": 64},
+        },
+    ),
+    (
+        "fewshot effnet_lite0+prompt_map bf16",
+        "fewshot-aid-1shot",
+        {
+            "task": {
+                "classes": {
+                    "base": ["Forest", "Port", "River"],
+                    "val": ["Desert", "Bridge"],
+                    "novel": ["Airport", "Beach"],
+                },
+                "n_way": 2,
+                "q_query": 5,
+                "train_q_query": 3,
+                "train_episodes": 20,
+                "val_episodes": 4,
+                "finetune_steps": 2,
+            },
+            "train": {"amp": "bf16", "batch_size": 1},
+        },
+    ),
+    (
+        "pointcloud pointnet+PPT bf16",
+        "pointcloud-modelnet10",
+        {"task": {"shots": 4, "text_backbone": RANDOM_TEXT}, "train": {"amp": "bf16", "batch_size": 8}},
+    ),
+    (
+        "refseg effnet_lite0+minilm DETRIS bf16",
+        "refseg-coco128",
+        {
+            "task": {"split": {"train": -1, "test": 10}, "text_backbone": RANDOM_TEXT},
+            "train": {"amp": "bf16", "batch_size": 8},
+        },
+    ),
+    (
+        "diffusion DiT+KIND-pretrain bf16",
+        "diffusion-aid-kind-pretrain",
+        {
+            "task": {"classes": ["Forest", "Port", "River"], "train_per_class": 20, "eval_per_class": 5},
+            "backbone": {"name": "dit:d4-w192-h4-c3", "pretrained": False},
+            "train": {"amp": "bf16", "batch_size": 32},
         },
     ),
 ]
@@ -39,7 +95,7 @@ def main() -> int:
     from vision_peft.train import run
 
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu" = a quick dry run of this script
-    steps = 20 if device == "cuda" else 2
+    steps = 10 if device == "cuda" else 2
     if device == "cuda":
         assert torch.cuda.is_available(), "no CUDA device"
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
@@ -48,16 +104,22 @@ def main() -> int:
     print(f"onnxruntime {ort.__version__}, available providers: {ort.get_available_providers()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     table = []
-    for name, over in ROWS:
+    from vision_peft.config import find_recipe
+
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None  # e.g. "fewshot,pointcloud": a subset of rows
+    for name, recipe, over in ROWS:
+        if only and not any(name.startswith(o) for o in only):
+            continue
         row = {"row": name}
         try:
-            over = {**over}
-            over.setdefault("backbone", {})
-            over["task"] = {
-                "classes": ["Airport", "Beach", "Forest", "Port", "River"],
-                "split": {"train": 40, "val": 20, "test": 20},
-            }
-            amp = over["train"]["amp"] if device == "cuda" else "none"
+            find_recipe(recipe)
+        except Exception:
+            row["error"] = f"recipe {recipe} not landed"
+            table.append(row)
+            continue
+        try:
+            over = {k: dict(v) for k, v in over.items()}
+            amp = over["train"].pop("amp") if device == "cuda" else "none"
             over["train"] = {
                 "max_steps": steps,
                 "batch_size": 32,
@@ -68,8 +130,8 @@ def main() -> int:
                 **over["train"],
                 "amp": amp,
             }
-            over["output"] = {"runs_root": str(root), "name": name.split()[0].replace("+", "-")}
-            cfg = load_recipe("classification-aid", over)
+            over["output"] = {"runs_root": str(root), "name": name.split()[0] + "-" + name.split()[1].replace("+", "-")}
+            cfg = load_recipe(recipe, over)
             t0 = time.perf_counter()
             run_dir = run(cfg, progress=False)
             row["train_s"] = round(time.perf_counter() - t0, 1)
@@ -79,6 +141,15 @@ def main() -> int:
                 if "loss" in json.loads(ln) and "split" not in json.loads(ln)
             ]
             final = json.loads((run_dir / "final_metrics.json").read_text())
+            metric = next(
+                (
+                    (f"{sp}.{k}", v)
+                    for sp in ("val", "test")
+                    for k, v in (final.get(sp) or {}).items()
+                    if isinstance(v, float)
+                ),
+                ("-", float("nan")),
+            )
             row.update(
                 {
                     "steps": len(losses),
@@ -86,7 +157,7 @@ def main() -> int:
                     "loss_last": round(losses[-1], 3),
                     "step_ms": round(1000 * final["timing"]["step_time_median"], 1),
                     "peak_MiB": round(final["timing"]["peak_memory_mb"]),
-                    "val_top1": round(final["val"]["top1"], 3),
+                    "metric": f"{metric[0]}={metric[1]:.3f}",
                 }
             )
             try:
@@ -105,7 +176,7 @@ def main() -> int:
                 row["strict_cuda"] = f"refused: {str(e)[:60]}"
         except Exception as e:
             traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
         table.append(row)
         print(json.dumps(row), flush=True)
     cols = [
@@ -115,7 +186,7 @@ def main() -> int:
         "loss_last",
         "step_ms",
         "peak_MiB",
-        "val_top1",
+        "metric",
         "parity_max_abs",
         "parity_providers",
         "deploy_providers",

@@ -13,4 +13,4 @@ export VISION_PEFT_DATA=${VISION_PEFT_DATA:-$(pwd)/.gpu/data}
 export VISION_PEFT_WEIGHTS=${VISION_PEFT_WEIGHTS:-$(pwd)/.gpu/weights}
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 280 python3 bench/gpu_smoke.py
+timeout ${GPU_SMOKE_TIMEOUT:-280} python3 bench/gpu_smoke.py

@@ -235,9 +235,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=5e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
+        value = yaml.safe_load(raw) if raw != "" else ""  # `null` or `~` give None; `none` stays a string
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

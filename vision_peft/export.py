@@ -58,10 +58,12 @@ def onnx_export(
     args = tuple(example[n] for n in names)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path breaks tracing exporters
+    module.eval()
     try:
         _export(module, args, names, output_names, path, exporter, dynamic_batch, opset)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        module.eval()  # the TorchScript exporter restores the wrapper's own (train) mode recursively
 
 
 def _export(module, args, names, output_names, path, exporter, dynamic_batch, opset) -> None:
@@ -147,7 +149,7 @@ def parity_check(
             entry[f"{name}_max_abs_ref"] = scale
             if r.ndim == 2 and r.shape[1] > 1:
                 entry[f"{name}_top1_agreement"] = float((r.argmax(1) == g.argmax(1)).mean())
-            if diff > atol + rtol * scale or g.shape != r.shape:
+            if not diff <= atol + rtol * scale or g.shape != r.shape:  # `not <=` also fails on NaN
                 ok = False
         report["per_batch"].append(entry)
     report["max_abs_diff"] = max(v for e in report["per_batch"] for k, v in e.items() if k.endswith("max_abs_diff"))
@@ -178,6 +180,7 @@ def export_run(
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
     cfg, task, model, info = load_run(run_dir, "cpu")
     spec = task.export_spec(model)
+    spec.module.eval()  # wrappers are fresh modules (train mode by default); export and parity run in eval
     example = spec.example_inputs
     with torch.no_grad():
         before = spec.module(*example.values())

@@ -39,6 +39,15 @@ def apply_adapter(backbone: nn.Module, cfg) -> AdapterHandle:
     return entry.builder(backbone, cfg)
 
 
-from vision_peft.adapters import baselines, lora, pad_prompt, vpt  # noqa: E402,F401
+from vision_peft.adapters import (  # noqa: E402,F401  # noqa: E402,F401
+    baselines,
+    detris,  # noqa: E402,F401
+    kind,
+    lora,
+    pad_prompt,
+    prompt_map,
+    sara,
+    vpt,
+)
 
 __all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter"]

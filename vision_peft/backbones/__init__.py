@@ -9,7 +9,7 @@ from vision_peft.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
 
-from vision_peft.backbones import effnet_lite, minilm, open_clip_models, timm_models  # noqa: E402,F401
+from vision_peft.backbones import dit, effnet_lite, minilm, open_clip_models, pointbert, pointnet, taef2, timm_models  # noqa: E402,F401  # noqa: E402,F401  # noqa: E402,F401
 from vision_peft.backbones.base import Backbone, ImageBackbone, TextBackbone, WeightsNotFoundError  # noqa: E402
 
 

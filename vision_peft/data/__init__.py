@@ -6,6 +6,11 @@ from vision_peft.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
 
-from vision_peft.data import folder  # noqa: E402,F401
+from vision_peft.data import (  # noqa: E402,F401
+    episodes,
+    folder,
+    points,  # noqa: E402,F401
+    refer,  # noqa: E402,F401
+)
 
 __all__ = ["DATASETS"]

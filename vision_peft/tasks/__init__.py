@@ -139,6 +139,12 @@ class Task(abc.ABC):
         return torch.utils.data.default_collate(items)
 
 
-from vision_peft.tasks import classification  # noqa: E402,F401
+from vision_peft.tasks import (  # noqa: E402,F401
+    classification,
+    diffusion,  # noqa: E402,F401
+    fewshot,
+    pointcloud,  # noqa: E402,F401
+    refseg,  # noqa: E402,F401
+)
 
 __all__ = ["TASKS", "Task", "TaskModel", "ExportSpec", "build_adapted_backbone"]

@@ -1,0 +1,273 @@
+"""Diffusion task, TAEF2, latent DiT, SaRA / FISH sparse engine, KIND. Tiny models, 16–32 px images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vision_peft.adapters import apply_adapter
+from vision_peft.adapters.kind import KINDConfig, KINDLinear
+from vision_peft.adapters.sara import (
+    FISHConfig,
+    SaRAConfig,
+    SparseCheckpointError,
+    SparseLinear,
+    fisher_scores,
+    load_sparse,
+    nuclear_penalty,
+    optimizer_state_bytes,
+    save_sparse,
+    select_entries,
+)
+from vision_peft.backbones.dit import DiT, DiTArch
+from vision_peft.tasks.diffusion import (
+    DiffusionInputError,
+    check_sampling,
+    encode_images,
+    frechet_distance,
+    list_class_images,
+    load_rgb,
+)
+
+
+def tiny_dit(classes: int = 3, seed: int = 0, randomize: bool = True) -> DiT:
+    torch.manual_seed(seed)
+    m = DiT(DiTArch(depth=1, width=32, heads=2, num_classes=classes))
+    if randomize:  # adaLN-Zero starts at zero output; give the gates some weight so gradients flow everywhere
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def dit_loss(m: DiT, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 32, 4, 4, generator=g)
+    return m(x, torch.tensor([1, 200, 500, 900]), torch.tensor([0, 1, 2, 0])).pow(2).mean()
+
+
+# -- TAEF2 --------------------------------------------------------------------------------------------------
+def test_taef2_strict_and_reconstruction_psnr(weights_root, aid_images):
+    from vision_peft.backbones.taef2 import load_taef2
+
+    vae = load_taef2()
+    assert sum(p.numel() for p in vae.encoder.parameters()) > 1.2e6
+    x = load_rgb(aid_images(1, ("Beach",))[0], 128, 16)[None]
+    with torch.no_grad():
+        z = vae.encode(x)
+        r = vae.decode(z)
+    assert z.shape == (1, 32, 16, 16)
+    psnr = 10 * np.log10(1 / float(((r - x) ** 2).mean()))
+    assert psnr > 28.0, psnr  # README: ≈31.6 dB on an AID image; random init gives ≈4 dB
+    sd = vae.encoder.state_dict()
+    sd.pop("0.bias")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        vae.encoder.load_state_dict(sd, strict=True)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(torch.zeros(1, 3, 12, 12))
+
+
+# -- DiT + sampler input checks ------------------------------------------------------------------------------
+def test_dit_adaln_zero_and_shapes():
+    m = tiny_dit(randomize=False)
+    out = m(torch.randn(2, 32, 4, 6), torch.tensor([3, 700]), torch.tensor([0, 3]))
+    assert out.shape == (2, 32, 4, 6) and float(out.detach().abs().max()) == 0.0  # adaLN-Zero: zero output at init
+    with pytest.raises(ValueError, match="patch"):
+        m(torch.randn(1, 32, 5, 4), torch.tensor([1]), torch.tensor([0]))
+
+
+def test_sampling_and_data_validation(tmp_path):
+    check_sampling(25, 2.0, 1000)
+    for steps, g in ((0, 1.0), (1001, 1.0), (10, -1.0), (10, 50.0), (10, float("nan"))):
+        with pytest.raises(DiffusionInputError):
+            check_sampling(steps, g, 1000)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DiffusionInputError, match="no images"):
+        list_class_images(tmp_path, ["a"])
+    with pytest.raises(DiffusionInputError, match="does not exist"):
+        list_class_images(tmp_path / "nope", ["a"])
+    from PIL import Image
+
+    Image.new("RGB", (10, 12)).save(tmp_path / "a" / "small.png")
+    with pytest.raises(DiffusionInputError, match="smaller than the smallest latent grid"):
+        load_rgb(tmp_path / "a" / "small.png", 32, 16)
+    with pytest.raises(DiffusionInputError, match="smaller than"):
+        encode_images(None, torch.zeros(1, 3, 8, 8))
+
+
+def test_frechet_distance_basic():
+    rng = np.random.RandomState(0)
+    a = rng.randn(200, 4)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a + 3.0) == pytest.approx(36.0, rel=0.05)
+
+
+# -- SaRA / FISH ------------------------------------------------------------------------------------------------
+def test_sara_selection_reports_tau_and_count():
+    s = {"a": torch.arange(100.0).reshape(10, 10), "b": torch.arange(100.0, 200.0).reshape(10, 10)}
+    idx, rep = select_entries(s, 0.1, None, "global", largest=False)
+    assert rep["selected"] == 20 and rep["per_tensor"] == {"a": 20, "b": 0} and rep["threshold"] == 19.0
+    idx, rep = select_entries(s, 0.1, None, "per_tensor", largest=False)
+    assert rep["per_tensor"] == {"a": 10, "b": 10}
+    idx, rep = select_entries(s, None, 5.0, "global", largest=False)
+    assert rep["selected"] == 5 and rep["threshold"] == 5.0 and idx["a"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sara_sparse_grads_optimizer_state_nuclear_merge(tmp_path):
+    m = tiny_dit()
+    ref = tiny_dit()
+    h = apply_adapter(m, SaRAConfig(fraction=0.1, targets=["blocks_linear"]))
+    layers = [m.get_submodule(n) for n in h.touched]
+    assert all(isinstance(x, SparseLinear) for x in layers) and h.report["selected"] > 0
+    with torch.no_grad():  # unchanged at step 0
+        assert torch.allclose(dit_loss(m), dit_loss(ref))
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(x.sparse_values) for x in layers}
+    assert sum(p.numel() for p in trainable) == h.report["selected"]
+    dit_loss(m).backward()
+    for x in layers:
+        assert x.weight.grad is None and x.sparse_values.grad.shape == x.sparse_idx.shape
+    # optimizer state exists only for the selected entries: a measured fraction equal to the selected one
+    opt = torch.optim.AdamW(trainable)
+    opt.step()
+    dense = [nn.Parameter(x.weight.detach().clone()) for x in layers]
+    for p in dense:
+        p.grad = torch.ones_like(p)
+    dopt = torch.optim.AdamW(dense)
+    dopt.step()
+
+    def moment_bytes(o):  # exp_avg + exp_avg_sq (the scalar step counters aside)
+        return sum(v.numel() * v.element_size() for s in o.state.values() for v in s.values() if v.dim() > 0)
+
+    selected = sum(x.sparse_idx.numel() for x in layers) / sum(x.weight.numel() for x in layers)
+    assert moment_bytes(opt) / moment_bytes(dopt) == pytest.approx(selected, rel=1e-9)
+    assert optimizer_state_bytes(opt) < 0.11 * optimizer_state_bytes(dopt)
+    # the nuclear-norm penalty on the scattered ΔW reaches p
+    opt.zero_grad()
+    with torch.no_grad():
+        for x in layers:
+            x.sparse_values.add_(torch.randn_like(x.sparse_values) * 0.01)
+    nuclear_penalty(layers).backward()
+    assert layers[0].sparse_values.grad is not None and float(layers[0].sparse_values.grad.abs().sum()) > 0
+    # progressive re-selection keeps the trained values (frozen sparse part) and the base weight unchanged
+    w_before = layers[0].dense_weight().detach().clone()
+    base_before = layers[0].weight.detach().clone()
+    layers[0].reselect(opt)
+    assert torch.allclose(layers[0].dense_weight(), w_before) and torch.equal(layers[0].weight, base_before)
+    assert layers[0].sparse_values not in opt.state or not opt.state[layers[0].sparse_values]
+    # explicit checkpoint: indices + values + base hash; reload onto the same base, refuse another base
+    save_sparse(tmp_path / "s.safetensors", m, h.touched)
+    with torch.no_grad():
+        out = m(torch.ones(1, 32, 4, 4), torch.tensor([5]), torch.tensor([1]))
+    m2 = tiny_dit()
+    h2 = apply_adapter(m2, SaRAConfig(fraction=0.1, targets=["blocks_linear"]))
+    load_sparse(tmp_path / "s.safetensors", m2, h2.touched)
+    with torch.no_grad():
+        assert torch.allclose(m2(torch.ones(1, 32, 4, 4), torch.tensor([5]), torch.tensor([1])), out, atol=1e-6)
+    other = tiny_dit(seed=1)
+    h3 = apply_adapter(other, SaRAConfig(fraction=0.1, targets=["blocks_linear"]))
+    with pytest.raises(SparseCheckpointError, match="other base weights"):
+        load_sparse(tmp_path / "s.safetensors", other, h3.touched)
+    # merge() to plain dense Linear layers, same outputs
+    h.merge()
+    assert not any(isinstance(x, SparseLinear) for x in m.modules())
+    with torch.no_grad():
+        assert torch.allclose(m(torch.ones(1, 32, 4, 4), torch.tensor([5]), torch.tensor([1])), out, atol=1e-5)
+
+
+def test_fish_uses_fisher_scores(tmp_path):
+    from safetensors.torch import save_file
+
+    m = tiny_dit()
+    names = m.resolve_targets(["blocks_linear"])
+    sc = fisher_scores(m, names, lambda b: dit_loss(m, b), [0, 1])
+    assert all(sc[n].shape == m.get_submodule(n).weight.shape for n in names)
+    save_file(sc, str(tmp_path / "f.safetensors"))
+    m.requires_grad_(False)
+    h = apply_adapter(m, FISHConfig(fraction=0.05, fisher_file=str(tmp_path / "f.safetensors")))
+    lay = m.get_submodule(names[0])
+    top = sc[names[0]].reshape(-1).topk(5).indices
+    assert torch.isin(top, lay.sparse_idx).all() and h.report["selected"] > 0
+
+
+# -- KIND -------------------------------------------------------------------------------------------------------
+def test_kind_pretrain_gates_and_transfer():
+    m = tiny_dit(classes=4)
+    m.requires_grad_(False)
+    h = apply_adapter(m, KINDConfig(mode="pretrain", learngene_rank=8, tailor_rank=2, groups=2))
+    lay = m.get_submodule(h.touched[0])
+    assert isinstance(lay, KINDLinear) and all(p.requires_grad for p in m.parameters())
+    g = lay.gate(torch.tensor([0, 1, 2, 4]))  # class 4 = null: no tailor
+    assert g.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
+    x = torch.randn(2, 32, 4, 4)
+    m(x, torch.tensor([10, 20]), torch.tensor([0, 0])).pow(2).mean().backward()  # only group 0 classes
+    assert float(lay.s_t.grad[2:].abs().sum()) == 0.0 and float(lay.s_t.grad[:2].abs().sum()) > 0
+    assert float(lay.s_g.grad.abs().sum()) > 0  # learngenes learn from every class
+    # transfer on a KIND-pre-trained checkpoint: learngenes frozen (base weight), new tailors trainable
+    from vision_peft.adapters.kind import kind_pretrained_state
+
+    sd, extra = kind_pretrained_state(m, h.touched)
+    base = DiT(m.arch)
+    base.load_state_dict(sd)
+    base.extra_tensors = extra
+    base.requires_grad_(False)
+    h2 = apply_adapter(base, KINDConfig(mode="transfer", tailor_rank=2, groups=3, tailor_init="mean"))
+    names = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert names and all(n.rsplit(".", 1)[1] in ("u_t", "s_t", "v_t") for n in names)
+    assert base.get_submodule(h2.touched[0]).s_t.numel() == 6
+    with pytest.raises(ValueError, match="KIND-pre-trained"):
+        apply_adapter(tiny_dit(), KINDConfig(mode="transfer", tailor_init="mean"))
+
+
+# -- task end to end: pretrain → base checkpoint → SaRA adapt → sample grid → ONNX + onnxruntime sampler ----------
+def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, weights_root, monkeypatch):
+    from vision_peft.config import RunConfig
+    from vision_peft.predict import load_run
+    from vision_peft.tasks.diffusion import OrtSampler, export_diffusion, sample_run, write_base_checkpoint
+    from vision_peft.train import run
+
+    data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
+    common = {
+        "train": {"max_steps": 2, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 5},
+        "output": {"runs_root": str(tmp_path / "runs")},
+    }
+    task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
+            "eval_per_class": 1, "flip": False}  # fmt: skip
+    pre = RunConfig.from_dict(
+        {
+            **common,
+            "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
+            "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
+            "adapter": {"name": "full"},
+        }
+    )
+    pre.output.name = "pre"
+    base = write_base_checkpoint(run(pre, progress=False))
+    ad = RunConfig.from_dict(
+        {
+            **common,
+            "task": {**task, "stage": "adapt", "classes": ["b", "c"]},
+            "backbone": {"name": f"dit:{base}"},
+            "adapter": {"name": "sara", "fraction": 0.2, "reselect_step": 1},
+        }
+    )
+    ad.output.name = "sara"
+    rd = run(ad, progress=False)
+    _, _, model, _ = load_run(rd)
+    with pytest.raises(DiffusionInputError, match="outside the trained classes"):
+        model.sample(torch.tensor([2]), steps=2)
+    a = model.sample(torch.tensor([0, 1]), steps=3, guidance=1.5, seed=7)
+    b = model.sample(torch.tensor([0, 1]), steps=3, guidance=1.5, seed=7)
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)  # deterministic DDIM
+    assert sample_run(rd, ["c"], 2, tmp_path / "g.png", steps=2).is_file()
+    with pytest.raises(DiffusionInputError, match="not trained"):
+        sample_run(rd, ["zebra"], 1, tmp_path / "g2.png", steps=2)
+    man = export_diffusion(rd, tmp_path / "onnx")
+    assert man["parity"]["merge_max_abs_diff"] < 1e-4
+    ort = OrtSampler(tmp_path / "onnx")
+    noise = np.random.RandomState(0).standard_normal((2, 32, 2, 2)).astype(np.float32)
+    img = ort.sample([0, 1], steps=3, guidance=1.5, noise=noise)
+    ref = model.sample(torch.tensor([0, 1]), steps=3, guidance=1.5, noise=torch.from_numpy(noise)).numpy()
+    assert img.shape == (2, 3, 16, 16) and np.abs(img - ref).max() < 2e-3  # numpy+onnxruntime sampler parity

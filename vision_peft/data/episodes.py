@@ -1,0 +1,245 @@
+"""Episodic few-shot data: N-way K-shot Q-query episodes from folder-per-class images.
+
+A recipe declares a class split (``base`` / ``val`` / ``novel`` class names); :func:`check_class_split` checks
+that the splits are disjoint and that every class exists. :class:`EpisodeSampler` draws episode ``i`` from a
+generator seeded by ``(seed, i)`` only, so episode ``i`` is the same whatever order episodes are asked for in
+(benchmark rows, resumed runs and workers all see identical episodes). Support and query images of an episode
+are disjoint. :class:`EpisodeDataset` turns episodes into tensors, one episode per item, so the training engine
+can iterate over them with ``batch_size: 1`` and a collate that unwraps the single item.
+
+Images go through :func:`vision_peft.preprocess.load_image` (grayscale, RGBA, palette … become RGB) and are
+resized to the backbone's input size, so folders of mixed image sizes are fine.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vision_peft.data import DATASETS
+from vision_peft.data.folder import DatasetError, scan_image_folder
+
+SPLITS = ("base", "val", "novel")
+
+
+@dataclass
+class Episode:
+    """One N-way episode: ``classes[j]`` is episode label j; files are (path, episode label) pairs."""
+
+    index: int
+    classes: list[str]
+    support: list[tuple[str, int]]  # N·K items, grouped by class
+    query: list[tuple[str, int]]  # N·Q items, grouped by class
+
+
+def check_class_split(split: dict[str, list[str]], available: list[str] | None = None) -> None:
+    """Check a base/val/novel class split: known keys, disjoint lists, no duplicates, classes present.
+
+    Raises:
+        DatasetError: a split key is unknown, a class sits in two splits (names both), a class is listed twice,
+            or a class has no folder in the dataset.
+    """
+    unknown = sorted(set(split) - set(SPLITS))
+    if unknown:
+        raise DatasetError(f"unknown class split(s) {unknown}; use {', '.join(SPLITS)}")
+    seen: dict[str, str] = {}
+    for name, classes in split.items():
+        for c in classes:
+            if c in seen:
+                where = f"twice in {name!r}" if seen[c] == name else f"in both {seen[c]!r} and {name!r}"
+                raise DatasetError(
+                    f"class {c!r} is listed {where}; the base / val / novel class splits must be disjoint "
+                    "(few-shot evaluation is only meaningful on classes never seen in meta-training)"
+                )
+            seen[c] = name
+    if available is not None:
+        missing = [c for c in seen if c not in available]
+        if missing:
+            raise DatasetError(
+                f"class(es) {', '.join(missing)} of the recipe's split have no folder in the dataset; "
+                f"present: {', '.join(available)}"
+            )
+
+
+class EpisodeSampler:
+    """Seeded N-way K-shot Q-query episodes over ``{class name: [image paths]}``.
+
+    Args:
+        files: image paths per class (the classes of one split).
+        n_way: classes per episode, or a (min, max) range drawn uniformly per episode (various-way).
+        k_shot: support images per class.
+        q_query: query images per class (disjoint from the support).
+        seed: episode ``i`` depends only on (seed, i).
+    """
+
+    def __init__(
+        self, files: dict[str, list[str]], n_way: int | tuple[int, int], k_shot: int, q_query: int, seed: int = 0
+    ) -> None:
+        lo, hi = (n_way, n_way) if isinstance(n_way, int) else (int(n_way[0]), int(n_way[1]))
+        if lo < 2 or hi < lo:
+            raise ValueError(f"n_way must be >= 2 (or a range lo <= hi with lo >= 2), got {n_way}")
+        if k_shot < 1 or q_query < 1:
+            raise ValueError(f"k_shot and q_query must be positive, got k_shot={k_shot}, q_query={q_query}")
+        if hi > len(files):
+            raise DatasetError(
+                f"{hi}-way episodes need {hi} classes but the split has {len(files)} ({', '.join(files)}); "
+                "lower n_way or add classes to the split"
+            )
+        need = k_shot + q_query
+        for c, paths in files.items():
+            if len(paths) < need:
+                raise DatasetError(
+                    f"class {c!r} has {len(paths)} usable images but a {k_shot}-shot {q_query}-query episode needs "
+                    f"{need} (K + Q); lower k_shot / q_query or add images to that class"
+                )
+        self.classes = sorted(files)
+        self.files = {c: sorted(files[c]) for c in self.classes}
+        self.way, self.k_shot, self.q_query, self.seed = (lo, hi), k_shot, q_query, seed
+
+    def episode(self, i: int) -> Episode:
+        rng = np.random.default_rng([self.seed, i])
+        n = int(rng.integers(self.way[0], self.way[1] + 1))
+        classes = [self.classes[j] for j in rng.choice(len(self.classes), n, replace=False)]
+        support, query = [], []
+        for label, c in enumerate(classes):
+            pick = rng.choice(len(self.files[c]), self.k_shot + self.q_query, replace=False)
+            paths = [self.files[c][j] for j in pick]
+            support += [(p, label) for p in paths[: self.k_shot]]
+            query += [(p, label) for p in paths[self.k_shot :]]
+        return Episode(i, classes, support, query)
+
+
+class ImageCache:
+    """Decoded, resized network inputs by path (an LRU bounded by ``max_items``); images are read once."""
+
+    def __init__(self, spec: dict, max_items: int = 4096) -> None:
+        from vision_peft.preprocess import validate_spec
+
+        self.spec, self.max_items = validate_spec(spec), max_items
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __call__(self, path: str) -> torch.Tensor:
+        from vision_peft.preprocess import load_image, preprocess_image
+
+        x = self._items.get(path)
+        if x is None:
+            x = preprocess_image(load_image(path), self.spec)  # (3, H, W) float32; any mode/size → RGB at size
+            self._items[path] = x
+            if len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(path)
+        return torch.from_numpy(x)
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Episodes as tensors, one per item: support (N·K, 3, H, W), support_label (N·K,), query (N·Q, 3, H, W),
+    query_label (N·Q,), way (). ``augment`` (a callable on (B, …) tensors with a generator) is applied to
+    support and query of training episodes, seeded by (seed, epoch, episode). With ``grid_fn`` (the frozen
+    layers before the first prompt) items hold ``grid_support`` / ``grid_query`` instead, each image's grid
+    computed once and kept (the frozen part never changes), and ``augment`` acts on grids."""
+
+    def __init__(
+        self,
+        sampler: EpisodeSampler,
+        num_episodes: int,
+        cache: ImageCache,
+        split: str,
+        augment=None,
+        seed: int = 0,
+        grid_fn=None,
+    ) -> None:
+        self.sampler, self.num_episodes, self.cache, self.split = sampler, num_episodes, cache, split
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.grid_fn = grid_fn  # optional frozen image -> grid function: items then hold grids, computed once
+        self._grids: dict[str, torch.Tensor] = {}
+
+    def load(self, path: str) -> torch.Tensor:
+        if self.grid_fn is None:
+            return self.cache(path)
+        g = self._grids.get(path)
+        if g is None:
+            g = self._grids[path] = self.grid_fn(self.cache(path)[None])[0]
+        return g
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def warm(self, batch_size: int = 64) -> None:
+        """Compute the grids of every image of the sampler's classes now, in batches (faster than one by one)."""
+        if self.grid_fn is None:
+            return
+        paths = [p for c in self.sampler.classes for p in self.sampler.files[c] if p not in self._grids]
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i : i + batch_size]
+            grids = self.grid_fn(torch.stack([self.cache(p) for p in chunk]))  # (b, *grid)
+            self._grids.update(zip(chunk, grids))
+
+    def episode_index(self, i: int) -> int:
+        # training draws fresh episodes every epoch; evaluation episodes are fixed
+        return i + self.epoch * self.num_episodes if self.split == "train" else i
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ep = self.sampler.episode(self.episode_index(i))
+        support = torch.stack([self.load(p) for p, _ in ep.support])  # (N·K, 3, H, W) or (N·K, *grid)
+        query = torch.stack([self.load(p) for p, _ in ep.query])  # (N·Q, 3, H, W) or (N·Q, *grid)
+        if self.augment is not None:
+            g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * 1_000_003 + i)
+            support, query = self.augment(support, g), self.augment(query, g)
+        key = "grid_" if self.grid_fn is not None else ""
+        return {
+            f"{key}support": support,
+            "support_label": torch.tensor([lab for _, lab in ep.support], dtype=torch.long),
+            f"{key}query": query,
+            "query_label": torch.tensor([lab for _, lab in ep.query], dtype=torch.long),
+            "way": torch.tensor(len(ep.classes)),
+        }
+
+
+def dihedral_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and 90° rotation per sample of (B, C, H, W) square images or feature maps
+    (overhead scenes have no canonical orientation)."""
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    rot = torch.randint(0, 4, (x.shape[0],), generator=g)
+    out = []
+    for xi, f, r in zip(x, flip.tolist(), rot.tolist()):
+        xi = xi.flip(-1) if f else xi
+        out.append(torch.rot90(xi, int(r), dims=(-2, -1)))
+    return torch.stack(out)
+
+
+def scan_class_split(
+    root: str | Path, split: dict[str, list[str]], bad_files: str = "skip"
+) -> dict[str, dict[str, list[str]]]:
+    """Scan a folder-per-class dataset for the classes of a split: ``{split: {class: [paths]}}``.
+
+    Raises:
+        DatasetError: overlapping or unknown classes (see :func:`check_class_split`), unreadable folders.
+    """
+    root = Path(root)
+    present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
+    check_class_split(split, present)
+    wanted = [c for s in SPLITS for c in split.get(s, [])]
+    if len(wanted) < 2:
+        raise DatasetError(f"the class split names {len(wanted)} class(es); few-shot episodes need at least 2")
+    scan = scan_image_folder(root, wanted, bad_files)
+    by_class: dict[str, list[str]] = {c: [] for c in wanted}
+    for path, label in scan.samples:
+        by_class[scan.classes[label]].append(path)
+    return {s: {c: by_class[c] for c in split.get(s, [])} for s in SPLITS if split.get(s)}
+
+
+@DATASETS.register("episodes", help="few-shot episodes over folder-per-class images with a base/val/novel split")
+def episodes(
+    root: str | Path, split: dict[str, list[str]], n_way: int, k_shot: int, q_query: int, seed: int = 0
+) -> dict[str, EpisodeSampler]:
+    """Episode samplers per split of a folder-per-class dataset."""
+    files = scan_class_split(root, split)
+    return {s: EpisodeSampler(f, n_way, k_shot, q_query, seed) for s, f in files.items()}
