@@ -33,6 +33,7 @@ from torch import nn
 
 from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
 from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone
+from vision_peft.tasks.classification import confusion_matrix
 
 POSITIONS = ("front", "middle", "end")
 POINT_ADAPTERS = ("prompts_only", "residual_mlp", "last_stage")
@@ -292,12 +293,6 @@ class _PointLogits(nn.Module):
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         f = F.normalize(self.head(self.backbone.forward_features(points)).float(), dim=-1)  # (B, D)
         return self.scale * f @ self.text_features.t()
-
-
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (target, pred), 1)  # rows = true class, columns = predicted
-    return cm
 
 
 @TASKS.register("pointcloud", config_cls=PointCloudConfig, help="point-cloud classification with PPT prompts")
