@@ -16,6 +16,7 @@ This file also holds :class:`PointBackbone`, the contract of the point family: `
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import torch
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.backbones import BACKBONES
-from vision_peft.backbones.base import Backbone, WeightsNotFoundError, load_state_file, seeded_init, state_hash
+from vision_peft.backbones.base import (
+    Backbone,
+    WeightsNotFoundError,
+    _AbstractModuleMeta,
+    load_state_file,
+    seeded_init,
+    state_hash,
+)
 from vision_peft.config import BackboneConfig, weights_root
 
 MODELNET40_CLASSES = (
@@ -34,7 +42,7 @@ MODELNET40_CLASSES = (
 WEIGHTS_FILE = "pointnet-modelnet40/pointnet_classifier_modelnet40.safetensors"
 
 
-class PointBackbone(Backbone):
+class PointBackbone(Backbone, metaclass=_AbstractModuleMeta):
     """Point encoder: (B, N, 3) float32 points → global feature (B, embed_dim)."""
 
     kind = "points"
@@ -52,8 +60,9 @@ class PointBackbone(Backbone):
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward_features(points)
 
-    def _features(self, points: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _features(self, points: torch.Tensor) -> torch.Tensor:
+        """Pooled feature (B, embed_dim) of points (B, N, 3), before the feature adapters."""
 
     def reinit_last_stage(self) -> None:
         """Re-initialise the ``last_stage`` modules randomly (PPT re-trains the last block from scratch)."""

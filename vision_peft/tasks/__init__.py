@@ -78,6 +78,17 @@ def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, tuple[set[int], set[str
     return backbone, handle, base
 
 
+def ranked_prediction(file: str, probs, labels: list[str], top_k: int) -> dict[str, Any]:
+    """One predict() record: the top class, its probability and the top-k (label, prob) list."""
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))[:top_k]
+    return {
+        "file": str(file),
+        "label": labels[order[0]],
+        "prob": float(probs[order[0]]),
+        "top": [{"label": labels[i], "prob": float(probs[i])} for i in order],
+    }
+
+
 @dataclass
 class ExportSpec:
     """Everything the exporter needs: a module with fixed tensor inputs/outputs and how to feed it."""

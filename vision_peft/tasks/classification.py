@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction
 
 
 @dataclass
@@ -194,15 +194,7 @@ class ClassificationTask(Task):
         for path in inputs:
             x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
             probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
-            order = np.argsort(-probs)[:top_k]
-            out.append(
-                {
-                    "file": str(path),
-                    "label": self.classes[int(order[0])],
-                    "prob": float(probs[order[0]]),
-                    "top": [{"label": self.classes[int(i)], "prob": float(probs[i])} for i in order],
-                }
-            )
+            out.append(ranked_prediction(path, probs, self.classes, top_k))
         return out
 
     def evaluate_onnx(self, run_fn, model: TaskModel) -> dict[str, Any] | None:

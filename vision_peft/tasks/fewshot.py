@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction
 
 AID_SPLIT = {  # data/README.md: 30 AID class names sorted, permuted with numpy RandomState(0)
     "base": [
@@ -606,15 +606,7 @@ class FewShotTask(Task):
         probs = torch.softmax(logits.float(), 1).cpu().numpy()
         out = []
         for path, pr in zip(inputs[1:], probs):
-            order = np.argsort(-pr)[:top_k]
-            out.append(
-                {
-                    "file": str(path),
-                    "label": scan.classes[int(order[0])],
-                    "prob": float(pr[order[0]]),
-                    "top": [{"label": scan.classes[int(i)], "prob": float(pr[i])} for i in order],
-                }
-            )
+            out.append(ranked_prediction(path, pr, scan.classes, top_k))
         return out
 
     def export_spec(self, model: TaskModel) -> ExportSpec:

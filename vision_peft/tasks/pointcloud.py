@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction
 from vision_peft.tasks.classification import confusion_matrix
 
 POSITIONS = ("front", "middle", "end")
@@ -470,15 +470,7 @@ class PointCloudTask(Task):
             p = preprocess_points(raw, n, t.sampling, t.up_axis, eval_rng(0), str(path))
             x = torch.from_numpy(p)[None].to(device)  # (1, N, 3)
             probs = torch.softmax(model.logits(x, tf).float(), dim=1)[0].cpu().numpy()
-            order = np.argsort(-probs)[:top_k]
-            out.append(
-                {
-                    "file": str(path),
-                    "label": self.classes[int(order[0])],
-                    "prob": float(probs[order[0]]),
-                    "top": [{"label": self.classes[int(i)], "prob": float(probs[i])} for i in order],
-                }
-            )
+            out.append(ranked_prediction(path, probs, self.classes, top_k))
         return out
 
     # -- export / tests ---------------------------------------------------------------------------------
