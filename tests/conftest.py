@@ -243,3 +243,41 @@ def tiny_cls_bundle(tmp_path_factory, aid_root):
     run_dir = run(cfg, progress=False)
     export_run(run_dir, run_dir / "bundle", int8=True)
     return run_dir, run_dir / "bundle"
+
+
+_TORCH_BLOCKER = """
+import sys
+
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked here: the deployment runtime must run without it")
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+@pytest.fixture
+def torch_free() -> Callable[[str], str]:
+    """Runs Python code in a fresh interpreter where importing torch fails, then checks no torch module loaded;
+    returns its stdout. The deployment runtime must pass this for every task."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(code: str) -> str:
+        full = (
+            _TORCH_BLOCKER
+            + textwrap.dedent(code)
+            + "\nassert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\nprint('TORCH_FREE_OK')\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", full], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+        )
+        assert proc.returncode == 0 and "TORCH_FREE_OK" in proc.stdout, proc.stderr[-4000:]
+        return proc.stdout
+
+    return run

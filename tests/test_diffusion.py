@@ -222,10 +222,11 @@ def test_kind_pretrain_gates_and_transfer():
 
 
 # -- task end to end: pretrain → base checkpoint → SaRA adapt → sample grid → ONNX + onnxruntime sampler ----------
-def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, weights_root, monkeypatch):
+def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, weights_root, monkeypatch, torch_free):
     from vision_peft.config import RunConfig
+    from vision_peft.deploy import load_bundle
     from vision_peft.predict import load_run
-    from vision_peft.tasks.diffusion import OrtSampler, export_diffusion, sample_run, write_base_checkpoint
+    from vision_peft.tasks.diffusion import export_diffusion, sample_run, write_base_checkpoint
     from vision_peft.train import run
 
     data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
@@ -266,8 +267,35 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
         sample_run(rd, ["zebra"], 1, tmp_path / "g2.png", steps=2)
     man = export_diffusion(rd, tmp_path / "onnx")
     assert man["parity"]["merge_max_abs_diff"] < 1e-4
-    ort = OrtSampler(tmp_path / "onnx")
+    assert set(man["graphs"]) == {"denoiser", "decoder"} and man["parity"]["passed"]
+    assert all(r["passed"] and r["max_abs_diff"] < 1e-3 for r in man["parity"]["graphs"].values())
+    bundle = load_bundle(tmp_path / "onnx", device="cpu")  # torch-free runtime (numpy DDIM + two graphs)
     noise = np.random.RandomState(0).standard_normal((2, 32, 2, 2)).astype(np.float32)
-    img = ort.sample([0, 1], steps=3, guidance=1.5, noise=noise)
+    img = bundle.generate(["b", "c"], steps=3, guidance=1.5, noise=noise)
+    with pytest.raises(ValueError, match="outside the trained set"):
+        bundle.generate(["a"], steps=2)  # "a" was a pre-training class, not an adapted one
+    with pytest.raises(ValueError, match="steps"):
+        bundle.generate(["b"], steps=0)
+    with pytest.raises(ValueError, match="guidance"):
+        bundle.generate(["b"], guidance=float("nan"))
+    assert bundle.generate(["c"], steps=2, seed=3).shape == (1, 3, 16, 16)
+    out = torch_free(
+        f"""
+        from vision_peft.deploy import main
+        assert main([{str(tmp_path / "onnx")!r}, "b", "c", "--n", "2", "--steps", "2", "--out", {str(tmp_path / "g.png")!r}]) == 0
+        """
+    )
+    assert '"n_per_class": 2' in out and (tmp_path / "g.png").is_file()
+    from fastapi.testclient import TestClient
+
+    from vision_peft.serve import ServeLimits, create_app
+
+    client = TestClient(create_app(tmp_path / "onnx", device="cpu", limits=ServeLimits(max_images=4, max_steps=5)))
+    r = client.post("/v1/generate", json={"classes": ["b", "c"], "n": 2, "steps": 2})
+    assert r.status_code == 200 and r.json()["n_per_class"] == 2 and r.json()["grid_png_base64"]
+    for body, code in (({"classes": ["zebra"], "steps": 2}, 422), ({"classes": ["b"], "n": 5}, 422),
+                       ({"classes": ["b"], "steps": 50}, 422), ({"classes": "b"}, 422)):  # fmt: skip
+        assert client.post("/v1/generate", json=body).status_code == code, body
+    assert client.get("/health").json()["errors"] == 3  # the schema error (classes: str) never reaches the handler
     ref = model.sample(torch.tensor([0, 1]), steps=3, guidance=1.5, noise=torch.from_numpy(noise)).numpy()
     assert img.shape == (2, 3, 16, 16) and np.abs(img - ref).max() < 2e-3  # numpy+onnxruntime sampler parity

@@ -201,7 +201,7 @@ def test_config_errors(tmp_path):
 
 
 # -- end to end on real AID ------------------------------------------------------------------------------------
-def test_meta_train_eval_predict_export_on_aid(aid_root, tmp_path, vp_logging_reset):
+def test_meta_train_eval_predict_export_on_aid(aid_root, tmp_path, vp_logging_reset, torch_free):
     from vision_peft.cli import main
     from vision_peft.predict import predict_files
     from vision_peft.train import run
@@ -236,3 +236,51 @@ def test_meta_train_eval_predict_export_on_aid(aid_root, tmp_path, vp_logging_re
     sess = ort.InferenceSession(str(run_dir / "export" / "embedding.onnx"), providers=["CPUExecutionProvider"])
     emb = sess.run(None, {"image": np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)})[0]
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    # the torch-free runtime: prototypes from a support set + PMF head (s, b from the manifest) = torch, no tuning
+    from vision_peft.deploy import load_bundle
+    from vision_peft.predict import load_run
+    from vision_peft.preprocess import load_image, preprocess_image
+    from vision_peft.tasks.fewshot import classify_episode
+
+    bundle = load_bundle(run_dir / "export", device="cpu")
+    sup = {c: sorted((support / c).glob("*.jpg")) for c in ("Airport", "Church")}
+    got = bundle.fewshot(sup, [query, sup["Airport"][0]])
+    _, task, model, _ = load_run(run_dir)
+    spec = task.image_spec(model)
+
+    def load(p):
+        return torch.from_numpy(preprocess_image(load_image(p), spec))
+
+    s_img = torch.stack([load(p) for c in sup for p in sup[c]])
+    q_img = torch.stack([load(query), load(sup["Airport"][0])])
+    logits, _ = classify_episode(model, s_img, torch.tensor([0, 0, 1, 1]), q_img, 2, steps=0)
+    ref = torch.softmax(logits.float(), 1).numpy()
+    for g, r in zip(got, ref, strict=True):
+        assert abs(g["probs"]["Airport"] - r[0]) < 1e-4 and g["label"] == ("Airport", "Church")[int(r.argmax())]
+    protos = bundle.prototypes(sup)  # computed once, reused for a fixed class set
+    assert bundle.fewshot(protos, [query])[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-9)
+    with pytest.raises(ValueError, match="no images"):
+        bundle.fewshot({"Airport": sup["Airport"], "Church": []}, [query])
+    with pytest.raises(ValueError, match="is 'fewshot'"):
+        bundle.classify([query])
+    out = torch_free(
+        f"""
+        import json
+        from vision_peft.deploy import main
+        assert main([{str(run_dir / "export")!r}, {str(query)!r}, "--support", {str(support)!r}, "--device", "cpu"]) == 0
+        """
+    )
+    assert json.loads(out.splitlines()[0])["label"] == got[0]["label"]
+    from fastapi.testclient import TestClient
+
+    from vision_peft.serve import create_app
+
+    client = TestClient(create_app(run_dir / "export", device="cpu"))
+    files = [("support", (p.name, p.read_bytes(), "image/jpeg")) for c in sup for p in sup[c]]
+    files.append(("query", (query.name, query.read_bytes(), "image/jpeg")))
+    r = client.post("/v1/fewshot", files=files, data={"support_labels": ["Airport", "Airport", "Church", "Church"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["top"][0]["prob"] == pytest.approx(got[0]["prob"], abs=1e-5)
+    r = client.post("/v1/fewshot", files=files, data={"support_labels": ["Airport"]})
+    assert r.status_code == 422 and "one class name per support image" in r.json()["detail"]

@@ -418,7 +418,7 @@ def cli(capsys, *args: str) -> str:
 
 
 def test_train_predict_export_on_modelnet10(
-    tmp_path: Path, data_root: Path, weights_root: Path, capsys, vp_logging_reset
+    tmp_path: Path, data_root: Path, weights_root: Path, capsys, vp_logging_reset, torch_free
 ) -> None:
     src = data_root / "modelnet10"
     classes = ["chair", "monitor", "toilet"]
@@ -478,3 +478,34 @@ def test_train_predict_export_on_modelnet10(
     x = preprocess_points(read_points(files[0]), 256, "random", "swap_yz", np.random.default_rng(0))
     logits = sess.run(["logits"], {"points": x[None]})[0][0]
     assert man["labels"][int(logits.argmax())] == preds[0]["label"]
+
+    # the torch-free runtime reads the files itself and matches torch's predict
+    from vision_peft.deploy import load_bundle
+
+    got = load_bundle(tmp_path / "bundle", device="cpu").classify_points(files)
+    for g, p in zip(got, preds, strict=True):
+        assert g["label"] == p["label"] and abs(g["prob"] - p["prob"]) < 1e-4
+    out = torch_free(
+        f"""
+        from vision_peft.deploy import main
+        assert main([{str(tmp_path / "bundle")!r}, *{files!r}, "--device", "cpu"]) == 0
+        """
+    )
+    assert [json.loads(x)["label"] for x in out.splitlines()[:2]] == [p["label"] for p in preds]
+
+    # the HTTP server's point endpoint: same answer; bad files are 4xx naming the upload; other endpoints 409
+    from fastapi.testclient import TestClient
+
+    from vision_peft.serve import create_app
+
+    client = TestClient(create_app(tmp_path / "bundle", device="cpu"))
+    r = client.post("/v1/points", files=[("files", (Path(f).name, Path(f).read_bytes())) for f in files])
+    assert r.status_code == 200, r.text
+    assert [x["label"] for x in r.json()["results"]] == [p["label"] for p in preds]
+    r = client.post("/v1/points", files=[("files", ("broken.off", b"OFF\n3 1 0\n0 0 nan\n1 1 1\n"))])
+    assert r.status_code == 422 and "broken.off" in r.json()["detail"]
+    r = client.post("/v1/points", files=[("files", ("cloud.xyz", b"0 0 0\n"))])
+    assert r.status_code == 415 and "cloud.xyz" in r.json()["detail"]
+    r = client.post("/v1/classify", files=[("files", ("a.png", b"x", "image/png"))])
+    assert r.status_code == 409 and "/v1/points" in r.json()["detail"]
+    assert client.get("/health").json()["status"] == "ok"

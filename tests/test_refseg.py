@@ -312,3 +312,62 @@ def test_train_predict_export_parity(tmp_path: Path, monkeypatch, vp_logging_res
     sess = ort_session(tmp_path / "bundle" / graph["file"])
     agree = task.onnx_agreement(lambda feed: sess.run(None, feed)[0], model)
     assert agree["logits_max_abs_diff"] < 1e-3 and agree["mask_iou_torch_vs_onnx_mean"] > 0.99
+
+
+def test_deploy_runtime_segments_like_torch(tmp_path: Path, weights_root: Path, vp_logging_reset, torch_free) -> None:
+    """MiniLM text (its tokenizer.json ships in the bundle): the torch-free runtime tokenizes, runs the graph and
+    undoes the letterbox; its mask matches torch's predict_mask."""
+    from vision_peft.deploy import load_bundle
+    from vision_peft.export import export_run
+    from vision_peft.predict import load_run
+    from vision_peft.train import run
+
+    root = write_refer_folder(tmp_path / "data")
+    d = refseg_cfg(root, tmp_path / "runs").to_dict()
+    d["task"]["text_backbone"] = {"name": "minilm"}
+    cfg = RunConfig.from_dict(d)
+    run_dir = run(cfg, progress=False)
+    man = export_run(run_dir, tmp_path / "bundle", exporter="torchscript")
+    assert "tokenizer.json" in man["files"] and man["task_info"]["tokenizer_file"] == "tokenizer.json"
+    bundle = load_bundle(tmp_path / "bundle", device="cpu")
+    _, task, model, _ = load_run(run_dir)
+    ids, am = bundle.tokenize("the red box")
+    ref_ids, ref_am = task.tokenizer(model)("the red box")
+    assert ids.tolist() == ref_ids.tolist() and am.tolist() == ref_am.tolist()
+    long = " ".join(["box"] * 200)
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        ids, am = bundle.tokenize(long)
+    assert ids.tolist() == task.tokenizer(model)(long)[0].tolist()  # same truncation rule as training
+    image = root / "images" / "im0.png"
+    got = bundle.segment(image, "the red box")
+    ref = task.predict_mask(model, image, "the red box")
+    assert got["mask"].shape == ref["mask"].shape == (40, 48)
+    assert np.abs(got["prob"] - ref["prob"]).max() < 1e-3
+    with pytest.raises(ValueError, match="is 'refseg'"):
+        bundle.generate(["a"])
+    out = torch_free(
+        f"""
+        from vision_peft.deploy import main
+        assert main([{str(tmp_path / "bundle")!r}, {str(image) + "::the red box"!r}, "--out", {str(tmp_path / "m")!r}]) == 0
+        """
+    )
+    rec = json.loads(out.splitlines()[0])
+    assert abs(rec["area_fraction"] - got["area_fraction"]) < 1e-9 and Path(rec["mask"]).is_file()
+
+    import base64
+    import io as _io
+
+    from fastapi.testclient import TestClient
+
+    from vision_peft.serve import create_app
+
+    client = TestClient(create_app(tmp_path / "bundle", device="cpu"))
+    r = client.post(
+        "/v1/segment", files={"file": ("im0.png", image.read_bytes(), "image/png")}, data={"phrase": "the red box"}
+    )
+    assert r.status_code == 200, r.text
+    served = np.asarray(Image.open(_io.BytesIO(base64.b64decode(r.json()["mask_png_base64"])))) > 127
+    assert served.shape == (40, 48) and np.array_equal(served, got["mask"])
+    r = client.post("/v1/segment", files={"file": ("x.png", b"not an image", "image/png")}, data={"phrase": "a"})
+    assert r.status_code == 400 and "x.png" in r.json()["detail"]
+    assert client.post("/v1/segment", files={"file": ("im0.png", image.read_bytes(), "image/png")}).status_code == 422

@@ -11,8 +11,12 @@ bundle.classify(["airport.jpg"])  # [{"label": "Airport", "index": 0, "prob": 0.
 bundle.run("model", image=x)       # {"logits": array(...)}
 ```
 
-Command line: ``python -m vision_peft.deploy <bundle> <image> [<image> ...] [--device cpu|cuda|auto] [--strict]``
-prints one JSON line per image.
+Every task has a runtime method: ``classify`` (images), ``fewshot`` (support set + query images; prototypes built
+here), ``classify_points`` (point files), ``segment`` (image + phrase; tokenizer.json via ``tokenizers``),
+``generate`` (class names -> images; numpy DDIM over the denoiser and decoder graphs).
+
+Command line: ``python -m vision_peft.deploy <bundle> <input> [<input> ...] [--device cpu|cuda|auto] [--strict]``
+prints one JSON line per input (see :func:`main` for each task's inputs).
 """
 
 from __future__ import annotations
@@ -161,8 +165,7 @@ class Bundle:
                 f"classify() needs a bundle exported for task 'classification', this one is {self.task!r}; "
                 f"call run(graph_name, **inputs) with the graphs {list(self.sessions)} instead"
             )
-        if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
-            raise ValueError(f"classify() takes a list of images, got {type(images).__name__}; wrap one in a list")
+        _check_list(images, "classify")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         graph, input_name, output_name = self._classification_io()
@@ -182,17 +185,232 @@ class Bundle:
                     f"graph {graph!r} output {output_name!r} has shape {list(logits.shape)} but the manifest lists "
                     f"{len(labels)} labels; the bundle is inconsistent, re-export it"
                 )
-            for row in softmax(logits):
-                idx = int(np.argmax(row))
-                results.append(
-                    {
-                        "label": labels[idx],
-                        "index": idx,
-                        "prob": float(row[idx]),
-                        "probs": {label: float(p) for label, p in zip(labels, row, strict=True)},
-                    }
-                )
+            results += [_ranked(labels, row) for row in softmax(logits)]
         return results
+
+    # -- the other tasks ----------------------------------------------------------------------------------------
+    @property
+    def task_info(self) -> dict[str, Any]:
+        """Structured facts the runtime needs beyond the graphs (PMF scale/bias, the diffusion schedule …)."""
+        return dict(self.manifest.get("task_info") or {})
+
+    def _require(self, task: str, method: str) -> None:
+        if self.task != task:
+            raise ValueError(
+                f"{method}() needs a bundle exported for task {task!r}, this one ({self.path}) is {self.task!r}; "
+                f"use {TASK_METHODS.get(self.task, 'run')}() for it"
+            )
+
+    def _single_io(self, graph: str) -> tuple[str, str]:
+        if graph not in self.sessions:
+            raise ValueError(f"bundle {self.path} has no graph {graph!r} (found {list(self.sessions)}); re-export it")
+        ins, outs = self.sessions[graph].get_inputs(), self.sessions[graph].get_outputs()
+        return ins[0].name, outs[0].name
+
+    def _batched_run(self, graph: str, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """Runs a one-input graph over ``x`` in chunks (padding to a fixed batch size when the graph has one)."""
+        name, out = self._single_io(graph)
+        fixed = self.sessions[graph].get_inputs()[0].shape[0]
+        step = fixed if isinstance(fixed, int) else max(1, batch_size)
+        res = []
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            n = len(chunk)
+            if isinstance(fixed, int) and n < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            res.append(self.run(graph, **{name: chunk})[out][:n])
+        return np.concatenate(res) if res else np.zeros((0,), np.float32)
+
+    def embed(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """Few-shot bundles: (N, D) L2-normalised image embeddings (meta-trained prompts inside the graph)."""
+        self._require("fewshot", "embed")
+        _check_list(images, "embed")
+        name, _ = self._single_io("embedding")
+        spec = self._image_spec(name)
+        parts = [preprocess_batch(list(images[i : i + batch_size]), spec) for i in range(0, len(images), batch_size)]
+        emb = self._batched_run("embedding", np.concatenate(parts), batch_size).astype(np.float64)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    def prototypes(self, support: dict[str, Sequence[ImageInput]], batch_size: int = 16) -> dict[str, np.ndarray]:
+        """Class name -> prototype (mean of the class's L2-normalised support embeddings), as in training."""
+        self._require("fewshot", "prototypes")
+        if not isinstance(support, dict) or len(support) < 2:
+            raise ValueError(
+                "the support set must map at least two class names to lists of images, "
+                f"got {type(support).__name__} with {len(support) if isinstance(support, dict) else 0} classes"
+            )
+        empty = [c for c, imgs in support.items() if not imgs]
+        if empty:
+            raise ValueError(f"support classes {empty} have no images; give every class at least one image")
+        return {c: self.embed(list(imgs), batch_size).mean(0) for c, imgs in support.items()}
+
+    def fewshot(
+        self,
+        support: dict[str, Sequence[ImageInput]] | dict[str, np.ndarray],
+        queries: Sequence[ImageInput],
+        batch_size: int = 16,
+    ) -> list[dict[str, Any]]:
+        """Classifies query images among the support set's classes with the PMF cosine classifier
+        ``s · (cos(embedding, prototype) + b)`` (s, b from training, in ``task_info``). ``support`` maps class
+        names to images, or to prototypes from :meth:`prototypes` (computed once for a fixed class set).
+        No per-episode fine-tuning happens at deploy time: the graph holds the meta-trained prompts."""
+        self._require("fewshot", "fewshot")
+        protos = support if all(isinstance(v, np.ndarray) and v.ndim == 1 for v in support.values()) else None
+        protos = protos or self.prototypes(support, batch_size)  # type: ignore[arg-type]
+        labels = list(protos)
+        p = np.stack([protos[c] for c in labels]).astype(np.float64)
+        p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        info = self.task_info
+        if "scale" not in info or "bias" not in info:
+            raise ValueError(f"manifest.json of {self.path} has no task_info scale/bias; re-export the bundle")
+        q = self.embed(queries, batch_size)
+        logits = float(info["scale"]) * (q @ p.T + float(info["bias"]))
+        return [_ranked(labels, row) for row in softmax(logits)]
+
+    def classify_points(self, clouds: Sequence[str | Path | np.ndarray], batch_size: int = 16) -> list[dict[str, Any]]:
+        """Point-cloud bundles: point files (PCD, OFF, PLY, NPY/NPZ, HDF5 ``file.h5``) or (N, 3+) arrays ->
+        class + probabilities, preprocessed exactly as in training (up axis, sampling, unit sphere)."""
+        from vision_peft import pointio
+
+        self._require("pointcloud", "classify_points")
+        _check_list(clouds, "classify_points")
+        spec = self.preprocess.get("points")
+        if not isinstance(spec, dict) or "num_points" not in spec:
+            raise ValueError(f"manifest.json of {self.path} has no 'points' preprocess spec; re-export the bundle")
+        info = self.task_info
+        batch = []
+        for i, c in enumerate(clouds):
+            if isinstance(c, np.ndarray):
+                raw, name = np.asarray(c, dtype=np.float32)[:, :3], f"array {i}"
+            else:
+                raw = pointio.read_points(
+                    c, info.get("extra_columns", "take_xyz"), off_points=info.get("off_points", 0)
+                )
+                name = str(c)
+            batch.append(
+                pointio.preprocess_points(
+                    raw,
+                    int(spec["num_points"]),
+                    spec["sampling"]["rule"],
+                    spec["up_axis"]["rule"],
+                    pointio.eval_rng(0),
+                    name,
+                )
+            )
+        logits = self._batched_run(self._classification_io()[0], np.stack(batch), batch_size)
+        return [_ranked(self.labels, row) for row in softmax(logits)]
+
+    def tokenize(self, phrase: str) -> tuple[np.ndarray, np.ndarray]:
+        """Referring-segmentation bundles: phrase -> (input_ids, attention_mask), int64 (L,), with the bundle's
+        ``tokenizer.json`` (``tokenizers`` library) and the training rule: special tokens added, right padding
+        with id 0 to exactly L, longer phrases keep their first L-1 tokens and the final special token."""
+        self._require("refseg", "tokenize")
+        if not isinstance(phrase, str):
+            raise ValueError(f"a referring phrase must be a string, got {type(phrase).__name__}")
+        tok = self._tokenizer()
+        length = int(self.task_info.get("max_length") or self.preprocess["input_ids"]["max_length"])
+        ids = list(tok.encode(phrase).ids)
+        n = len(ids)
+        if n > length:
+            warnings.warn(
+                f"phrase {phrase[:60]!r} has {n} tokens, more than the bundle's {length}: truncated, keeping the "
+                "final special token",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            ids = ids[: length - 1] + ids[n - 1 : n]
+        mask = [1] * len(ids) + [0] * (length - len(ids))
+        ids = ids + [0] * (length - len(ids))
+        return np.asarray(ids, np.int64), np.asarray(mask, np.int64)
+
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            name = self.task_info.get("tokenizer_file")
+            if not name:
+                lib = (self.preprocess.get("input_ids") or {}).get("library", "?")
+                raise ValueError(
+                    f"bundle {self.path} ships no tokenizer file (its text encoder's tokenizer is {lib!r}, which the "
+                    "torch-free runtime cannot run); tokenize outside and call run('refseg', image=…, input_ids=…, "
+                    "attention_mask=…), or use a text encoder with a tokenizer.json (MiniLM)"
+                )
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(_member(self.path, name)))
+            tok.no_padding()
+            tok.no_truncation()
+            self._tok = tok
+        return self._tok
+
+    def segment(self, image: ImageInput, phrase: str) -> dict[str, Any]:
+        """Image + referring phrase -> ``mask`` (H, W) bool at the image's own size, ``prob`` (H, W) float32,
+        ``area_fraction`` and ``max_prob``: sigmoid, letterbox undone, threshold from the bundle."""
+        from vision_peft.preprocess import _as_image, unletterbox
+
+        self._require("refseg", "segment")
+        img = _as_image(image)
+        spec = self._image_spec("image")
+        x = preprocess_batch([img], spec)
+        ids, mask = self.tokenize(phrase)
+        graph = "refseg" if "refseg" in self.sessions else next(iter(self.sessions))
+        out = self.run(graph, image=x, input_ids=ids[None], attention_mask=mask[None])
+        logits = next(iter(out.values()))[0, 0].astype(np.float32)
+        prob = unletterbox(1 / (1 + np.exp(-np.clip(logits, -60, 60))), (img.height, img.width), tuple(spec["size"]))
+        thr = float(self.task_info.get("threshold", self.preprocess.get("mask_logits", {}).get("threshold", 0.5)))
+        m = prob > thr
+        return {"mask": m, "prob": prob, "area_fraction": float(m.mean()), "max_prob": float(prob.max())}
+
+    def generate(
+        self,
+        classes: Sequence[str | int],
+        steps: int = 25,
+        guidance: float = 2.0,
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Diffusion bundles: one image per entry of ``classes`` (names or ids) -> (N, 3, H, W) float32 in [0, 1].
+
+        Deterministic DDIM (eta = 0) with classifier-free guidance on the denoiser graph, then the decoder graph;
+        ``noise`` (N, C, g, g) replaces the seeded initial latents (numpy ``RandomState(seed)``)."""
+        self._require("diffusion", "generate")
+        info = self.task_info
+        names = list(info["classes"])
+        ids = []
+        for c in classes:
+            if isinstance(c, str) and c in names:
+                ids.append(names.index(c))
+            elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= int(c) < len(names):
+                ids.append(int(c))
+            else:
+                raise ValueError(f"class {c!r} is outside the trained set; known: {names} (or ids 0..{len(names) - 1})")
+        if not ids:
+            raise ValueError("generate() needs at least one class")
+        T = int(info["num_timesteps"])
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
+            raise ValueError(f"sampling steps must be an integer in [1, {T}], got {steps!r}")
+        max_g = float(info.get("max_guidance", 20.0))
+        if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or not 0.0 <= guidance <= max_g:
+            raise ValueError(f"guidance scale must lie in [0, {max_g}], got {guidance!r}")
+        labels = np.asarray(ids, np.int64)
+        c, g = int(info["latent_channels"]), int(info["latent_size"])
+        if noise is None:
+            noise = np.random.RandomState(seed).standard_normal((len(labels), c, g, g))
+        x = np.asarray(noise, np.float32)
+        if x.shape != (len(labels), c, g, g):
+            raise ValueError(f"noise must have shape {(len(labels), c, g, g)}, got {x.shape}")
+        ac = np.asarray(info["alphas_cumprod"], np.float64)
+        null = np.full_like(labels, int(info["null_class"]))
+        ts = np.linspace(0, T - 1, int(steps)).round().astype(int)[::-1]
+        for i, t in enumerate(ts):
+            tt = np.full(len(labels), t, np.int64)
+            e = self.run(
+                "denoiser", x=np.concatenate([x, x]), t=np.concatenate([tt, tt]), y=np.concatenate([labels, null])
+            )
+            ec, eu = np.split(next(iter(e.values())), 2)
+            eps = eu + guidance * (ec - eu)
+            a_t, a_p = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            x = (np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps).astype(np.float32)
+        return np.clip(next(iter(self.run("decoder", z=x).values())), 0.0, 1.0)
 
     def _classification_io(self) -> tuple[str, str, str]:
         """(graph, input name, output name) of the image -> logits graph."""
@@ -226,6 +444,30 @@ class Bundle:
             return validate_spec(specs[input_name])
         except ValueError as e:
             raise ValueError(f"manifest.json of {self.path}: preprocess[{input_name!r}]: {e}") from e
+
+
+TASK_METHODS = {
+    "classification": "classify",
+    "fewshot": "fewshot",
+    "pointcloud": "classify_points",
+    "refseg": "segment",
+    "diffusion": "generate",
+}
+
+
+def _check_list(items: Any, method: str) -> None:
+    if isinstance(items, (str, Path, np.ndarray)) or not isinstance(items, Sequence):
+        raise ValueError(f"{method}() takes a list of inputs, got {type(items).__name__}; wrap one in a list")
+
+
+def _ranked(labels: list[str], probs: np.ndarray) -> dict[str, Any]:
+    idx = int(np.argmax(probs))
+    return {
+        "label": labels[idx],
+        "index": idx,
+        "prob": float(probs[idx]),
+        "probs": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+    }
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -288,7 +530,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         for key in ("inputs", "outputs"):
             if not isinstance(graph.get(key), dict) or not graph[key]:
                 raise ValueError(f"{manifest_path}: graph {name!r} needs non-empty {key!r}; re-export the bundle")
-    if manifest["task"] == "classification":
+    if manifest["task"] in ("classification", "pointcloud"):
         labels = manifest.get("labels")
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise ValueError(f"{manifest_path}: a classification bundle needs 'labels', a list of class names")
@@ -480,41 +722,123 @@ def _check_graph_io(path: Path, name: str, graph: dict[str, Any], session: ort.I
             )
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def support_folder(root: str | Path) -> dict[str, list[Path]]:
+    """A few-shot support set on disk: ``root/<class>/<image>`` -> class name -> image paths (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"support folder {root} does not exist; give a folder with one sub-folder per class")
+    out = {
+        d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
+    empty = [c for c, files in out.items() if not files]
+    if empty:
+        raise ValueError(f"support folder {root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    if len(out) < 2:
+        raise ValueError(f"support folder {root} needs at least two class sub-folders, found {list(out)}")
+    return out
+
+
+def save_grid(images: np.ndarray, nrow: int, path: str | Path) -> Path:
+    """(N, 3, H, W) images in [0, 1] -> one PNG grid with ``nrow`` images per row (2-pixel white gaps)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 2), nrow * (w + 2), 3), 255, np.uint8)
+    arr = (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = arr[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return Path(path)
+
+
+def predict_cli(bundle: Bundle, inputs: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The CLI's per-task prediction: one JSON-able record per input (see :func:`main`)."""
+    task = bundle.task
+    if task == "classification":
+        return [{"image": str(i), **_short(r)} for i, r in zip(inputs, bundle.classify(list(inputs), args.batch_size))]
+    if task == "pointcloud":
+        res = bundle.classify_points(list(inputs), args.batch_size)
+        return [{"file": str(i), **_short(r)} for i, r in zip(inputs, res, strict=True)]
+    if task == "fewshot":
+        if not args.support:
+            raise ValueError("a few-shot bundle needs --support DIR (one sub-folder of images per class)")
+        res = bundle.fewshot(support_folder(args.support), list(inputs), args.batch_size)
+        return [{"image": str(i), **_short(r)} for i, r in zip(inputs, res, strict=True)]
+    if task == "refseg":
+        from PIL import Image
+
+        out = []
+        for item in inputs:
+            if "::" not in item:
+                raise ValueError(f"referring segmentation takes IMAGE::PHRASE (e.g. 'a.jpg::the dog'), got {item!r}")
+            path, phrase = item.split("::", 1)
+            r = bundle.segment(path, phrase)
+            rec = {"image": path, "phrase": phrase, "area_fraction": r["area_fraction"], "max_prob": r["max_prob"]}
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                dest = Path(args.out) / f"{Path(path).stem}-{len(out)}.mask.png"
+                Image.fromarray((r["mask"] * 255).astype(np.uint8)).save(dest)
+                rec["mask"] = str(dest)
+            out.append(rec)
+        return out
+    if task == "diffusion":
+        classes = [c for c in inputs for _ in range(args.n)]
+        images = bundle.generate(classes, steps=args.steps, guidance=args.guidance, seed=args.seed)
+        dest = save_grid(images, args.n, args.out or "samples.png")
+        return [{"classes": list(inputs), "n_per_class": args.n, "grid": str(dest), "shape": list(images.shape)}]
+    raise ValueError(f"bundle task {task!r} has no command-line prediction; use Bundle.run()")
+
+
+def _short(r: dict[str, Any]) -> dict[str, Any]:
+    return {"label": r["label"], "index": r["index"], "prob": r["prob"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: classify images with a bundle, one JSON line per image.
+    """Command line: run a bundle on files, one JSON line per input.
+
+    Inputs by task: classification = images; pointcloud = point files; fewshot = query images with
+    ``--support DIR``; refseg = ``IMAGE::PHRASE`` (``--out DIR`` writes mask PNGs); diffusion = class names
+    (``--n`` per class, ``--out grid.png``).
 
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        Exit status: 0 on success, 1 when the bundle or an image cannot be used.
+        Exit status: 0 on success, 1 when the bundle or an input cannot be used.
     """
     parser = argparse.ArgumentParser(
         prog="python -m vision_peft.deploy",
-        description="Classify images with an exported vision_peft bundle (onnxruntime only, no PyTorch).",
+        description="Run an exported vision_peft bundle on files (onnxruntime only, no PyTorch).",
     )
     parser.add_argument("bundle", type=Path, help="bundle folder (holds manifest.json)")
-    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("inputs", nargs="+", help="images / point files / IMAGE::PHRASE / class names (by task)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="execution device (default: auto)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back from CUDA to CPU")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime call (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="inputs per onnxruntime call (default: 16)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    parser.add_argument("--support", help="fewshot: support folder, one sub-folder of images per class")
+    parser.add_argument("--out", help="refseg: folder for mask PNGs; diffusion: the PNG grid (default samples.png)")
+    parser.add_argument("--n", type=int, default=4, help="diffusion: images per class (default: 4)")
+    parser.add_argument("--steps", type=int, default=25, help="diffusion: DDIM steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=2.0, help="diffusion: guidance scale (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="diffusion: noise seed (default: 0)")
     args = parser.parse_args(argv)
     try:
         bundle = load_bundle(args.bundle, device=args.device, strict=args.strict, verify=not args.no_verify)
-        results = bundle.classify(args.images, batch_size=args.batch_size)
+        records = predict_cli(bundle, args.inputs, args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for image, result in zip(args.images, results, strict=True):
-        line = {
-            "image": str(image),
-            "label": result["label"],
-            "index": result["index"],
-            "prob": result["prob"],
-            "providers": bundle.providers,
-        }
-        print(json.dumps(line))
+    for rec in records:
+        print(json.dumps({**rec, "providers": bundle.providers}))
     return 0
 
 

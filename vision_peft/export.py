@@ -180,65 +180,50 @@ def export_run(
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
     cfg, task, model, info = load_run(run_dir, "cpu")
     spec = task.export_spec(model)
-    spec.module.eval()  # wrappers are fresh modules (train mode by default); export and parity run in eval
-    example = spec.example_inputs
-    with torch.no_grad():
-        before = spec.module(*example.values())
+    specs = [spec, *(spec.extra_graphs or [])]
+    names = [s.graph_name for s in specs]
+    if len(set(names)) != len(names):
+        raise ExportError(f"task {cfg.task.name!r} exports graphs with repeated names {names}")
+    for s in specs:
+        s.module.eval()  # wrappers are fresh modules (train mode by default); export and parity run in eval
+    before = [_outputs(s) for s in specs]
     model.adapter.merge()
     model.requires_grad_(False).eval()
-    with torch.no_grad():
-        after = spec.module(*example.values())
-    before = [before] if isinstance(before, torch.Tensor) else list(before)
-    after = [after] if isinstance(after, torch.Tensor) else list(after)
-    merge_diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
-    if merge_diff > 1e-4 * (1 + max(float(b.abs().max()) for b in before)):  # merging is exact up to float rounding
-        raise ExportError(
-            f"merging adapter {cfg.adapter.name} changed the outputs (max |Δ| {merge_diff:.3g}); not exporting"
-        )
+    merge_diff = 0.0
+    for s, b in zip(specs, before, strict=True):
+        a = _outputs(s)
+        d = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+        if d > 1e-4 * (1 + max(float(y.abs().max()) for y in b)):  # merging is exact up to float rounding
+            raise ExportError(
+                f"merging adapter {cfg.adapter.name} changed the outputs of graph {s.graph_name!r} "
+                f"(max |Δ| {d:.3g}); not exporting"
+            )
+        merge_diff = max(merge_diff, d)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
-        onnx_path = tmp / f"{spec.graph_name}.onnx"
-        t0 = time.perf_counter()
-        try:
-            onnx_export(spec.module, example, spec.output_names, onnx_path, exporter, spec.dynamic_batch, opset)
-        except Exception as e:
-            raise ExportError(
-                f"the {exporter} exporter failed on {run_dir}: {type(e).__name__}: {e}"
-                + (" (try --exporter torchscript)" if exporter == "dynamo" else "")
-            ) from e
-        export_s = time.perf_counter() - t0
-        import onnx
-
-        onnx.checker.check_model(str(onnx_path))
-        report = parity_check(spec.module, example, spec.output_names, onnx_path, batch_sizes, atol, rtol, device)
-        report.update({"merge_max_abs_diff": merge_diff, "exporter": exporter, "export_seconds": export_s})
-        if not report["passed"]:
-            raise ExportError(
-                f"onnxruntime disagrees with PyTorch on {run_dir}: max |Δ| {report['max_abs_diff']:.3g} > atol {atol} "
-                f"(+ rtol {rtol}·|ref|); per batch: {json.dumps(report['per_batch'])}. The model was not written"
+        graphs: dict[str, dict[str, Any]] = {}
+        reports: dict[str, dict[str, Any]] = {}
+        for s in specs:
+            graphs[s.graph_name], reports[s.graph_name] = _export_graph(
+                s, tmp, run_dir, exporter, batch_sizes, atol, rtol, device, opset
             )
-        sess = ort_session(onnx_path)
-        graph = {
-            "file": onnx_path.name,
-            "inputs": {
-                i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
-                for i in sess.get_inputs()
-            },
-            "outputs": {
-                o.name: {
-                    "shape": [d if isinstance(d, int) else "batch" for d in o.shape],
-                    "dtype": _dt(o.type),
-                    "meaning": (spec.outputs_meaning or {}).get(o.name, ""),
-                }
-                for o in sess.get_outputs()
-            },
-        }
-        del sess
+        # one graph: the report is flat (as bundles have always had it); several: one report per graph
+        report = reports[spec.graph_name] if len(specs) == 1 else {"graphs": reports}
+        report["merge_max_abs_diff"] = merge_diff
+        report["max_abs_diff"] = max(r["max_abs_diff"] for r in reports.values())
+        report["passed"] = all(r["passed"] for r in reports.values())
+        for name, src in (spec.extra_files or {}).items():
+            if Path(name).name != name or name in ("manifest.json", "parity.json", "preprocess.json"):
+                raise ExportError(f"extra bundle file name {name!r} must be a plain, unused file name")
+            if not Path(src).is_file():
+                raise ExportError(f"{src} (bundle file {name!r}) does not exist; it is needed at deploy time")
+            shutil.copyfile(src, tmp / name)
+        if int8:
+            graphs[f"{spec.graph_name}_int8"], report["int8"] = _quantize(
+                tmp, tmp / graphs[spec.graph_name]["file"], graphs[spec.graph_name], task, model, spec
+            )
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "preprocess.json").write_text(json.dumps(spec.preprocess or {}, indent=2) + "\n")
-        graphs = {spec.graph_name: graph}
-        if int8:
-            graphs[f"{spec.graph_name}_int8"], report["int8"] = _quantize(tmp, onnx_path, graph, task, model, spec)
         manifest = {
             "format": BUNDLE_FORMAT,
             "task": cfg.task.name,
@@ -248,6 +233,7 @@ def export_run(
             "graphs": graphs,
             "preprocess": spec.preprocess or {},
             "labels": spec.labels or [],
+            "task_info": spec.task_info or {},
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
             "parity": report,
             "source_run": str(run_dir.resolve()),
@@ -262,6 +248,60 @@ def export_run(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _outputs(spec) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = spec.module(*spec.example_inputs.values())
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _export_graph(spec, folder: Path, run_dir: Path, exporter: str, batch_sizes, atol, rtol, device, opset):
+    """Export one graph into ``folder`` and check it against PyTorch; returns (manifest graph entry, report)."""
+    exporter = spec.exporter or exporter
+    atol = spec.atol if spec.atol is not None else atol
+    rtol = spec.atol if spec.atol is not None else rtol
+    onnx_path = folder / f"{spec.graph_name}.onnx"
+    t0 = time.perf_counter()
+    try:
+        onnx_export(spec.module, spec.example_inputs, spec.output_names, onnx_path, exporter, spec.dynamic_batch, opset)
+    except Exception as e:
+        raise ExportError(
+            f"the {exporter} exporter failed on graph {spec.graph_name!r} of {run_dir}: {type(e).__name__}: {e}"
+            + (" (try --exporter torchscript)" if exporter == "dynamo" else "")
+        ) from e
+    export_s = time.perf_counter() - t0
+    import onnx
+
+    onnx.checker.check_model(str(onnx_path))
+    report = parity_check(
+        spec.module, spec.example_inputs, spec.output_names, onnx_path, batch_sizes, atol, rtol, device
+    )
+    report.update({"exporter": exporter, "export_seconds": export_s})
+    if not report["passed"]:
+        raise ExportError(
+            f"onnxruntime disagrees with PyTorch on graph {spec.graph_name!r} of {run_dir}: max |Δ| "
+            f"{report['max_abs_diff']:.3g} > atol {atol} (+ rtol {rtol}·|ref|); per batch: "
+            f"{json.dumps(report['per_batch'])}. The model was not written"
+        )
+    sess = ort_session(onnx_path)
+    graph = {
+        "file": onnx_path.name,
+        "inputs": {
+            i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
+            for i in sess.get_inputs()
+        },
+        "outputs": {
+            o.name: {
+                "shape": [d if isinstance(d, int) else "batch" for d in o.shape],
+                "dtype": _dt(o.type),
+                "meaning": (spec.outputs_meaning or {}).get(o.name, ""),
+            }
+            for o in sess.get_outputs()
+        },
+    }
+    del sess
+    return graph, report
 
 
 def _quantize(folder: Path, onnx_path: Path, graph: dict, task, model, spec) -> tuple[dict, dict]:

@@ -1,17 +1,29 @@
 """A small inference server over a deployment bundle: FastAPI on the torch-free runtime (``vision_peft.deploy``).
 
-Endpoints: ``GET /health``, ``GET /info`` (task, labels, graphs, providers really in use, version) and one
-endpoint per task the bundle serves — ``POST /v1/classify`` for classification bundles (multipart field
-``files``, one or more images). Inputs are validated before they reach the model: size limit per file,
-file-count limit, accepted image types, decodability; every rejection is a 4xx JSON error naming the file,
-and the server keeps serving. Binds 127.0.0.1 unless told otherwise.
+Endpoints: ``GET /health``, ``GET /info`` (task, labels, graphs, providers really in use, version) and the
+endpoint of the bundle's task (the others answer 409 naming the right one):
+
+- ``POST /v1/classify`` (classification): multipart ``files`` (images), optional ``top_k``;
+- ``POST /v1/fewshot`` (fewshot): multipart ``support`` (images) with ``support_labels`` (one class name per
+  support image, same order) and ``query`` (images);
+- ``POST /v1/points`` (pointcloud): multipart ``files`` (PCD/OFF/PLY/NPY/NPZ/HDF5 point files);
+- ``POST /v1/segment`` (refseg): multipart ``file`` (one image) and form field ``phrase`` -> mask PNG (base64);
+- ``POST /v1/generate`` (diffusion): JSON ``{"classes": [...], "n": 1, "steps": 25, "guidance": 2, "seed": 0}``
+  -> PNG grid (base64), one row per class.
+
+Inputs are validated before they reach the model: size limit per file, file-count limit, accepted types,
+decodability, step and image-count caps; every rejection is a 4xx JSON error naming the file, and the server
+keeps serving. Binds 127.0.0.1 unless told otherwise.
 
     python -m vision_peft serve runs/<run>/export --port 8000
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import io
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
 
 import vision_peft
-from vision_peft.deploy import load_bundle, softmax
-from vision_peft.preprocess import preprocess_batch
+from vision_peft.deploy import load_bundle
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream"}
 
@@ -36,6 +48,8 @@ class ServeLimits:
     max_file_bytes: int = 10 * 2**20  # per uploaded file
     max_files: int = 32  # per request (one batch)
     max_pixels: int = 40_000_000  # decoded image size guard (decompression bombs)
+    max_images: int = 16  # diffusion: generated images per request
+    max_steps: int = 100  # diffusion: DDIM steps per request
 
 
 def _decode(name: str, data: bytes, limits: ServeLimits) -> Image.Image:
@@ -55,6 +69,38 @@ def _decode(name: str, data: bytes, limits: ServeLimits) -> Image.Image:
         raise HTTPException(
             400, f"{name}: not a readable image ({type(e).__name__}); send JPEG/PNG/WebP bytes"
         ) from None
+
+
+def _read(f: UploadFile, limits: ServeLimits, types: set[str] | None) -> tuple[str, bytes]:
+    """(name, bytes) of one upload, refusing wrong content types and files over the byte limit."""
+    name = f.filename or "upload"
+    if types is not None and f.content_type and f.content_type not in types:
+        raise HTTPException(415, f"{name}: content type {f.content_type} is not accepted (send {sorted(types)})")
+    data = f.file.read(limits.max_file_bytes + 1)
+    if len(data) > limits.max_file_bytes:
+        raise HTTPException(413, f"{name}: larger than {limits.max_file_bytes} bytes")
+    return name, data
+
+
+def _count_files(n: int, limits: ServeLimits) -> None:
+    if n > limits.max_files:
+        raise HTTPException(413, f"{n} files in one request; the limit is {limits.max_files}")
+
+
+def _png_b64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /v1/generate``."""
+
+    classes: list[str]
+    n: int = 1
+    steps: int = 25
+    guidance: float = 2.0
+    seed: int = 0
 
 
 def create_app(
@@ -92,50 +138,161 @@ def create_app(
             "limits": limits.__dict__,
         }
 
-    if bundle.task == "classification":
-        graph = next(iter(bundle.manifest["graphs"]))
-        spec = bundle.preprocess["image"]
-        in_name = next(iter(bundle.manifest["graphs"][graph]["inputs"]))
-        out_name = next(iter(bundle.manifest["graphs"][graph]["outputs"]))
+    endpoints = {
+        "classification": "/v1/classify",
+        "fewshot": "/v1/fewshot",
+        "pointcloud": "/v1/points",
+        "refseg": "/v1/segment",
+        "diffusion": "/v1/generate",
+    }
 
-        @app.post("/v1/classify")
-        def classify(files: list[UploadFile] = File(...), top_k: int | None = None) -> dict[str, Any]:
-            ok = False
+    def guarded(task: str):
+        """Runs an endpoint body: 409 on a bundle of another task, 4xx for bad input, counted either way."""
+
+        def wrap(fn):
+            @functools.wraps(fn)
+            def inner(*args, **kwargs):
+                ok = False
+                try:
+                    if bundle.task != task:
+                        raise HTTPException(
+                            409,
+                            f"this server's bundle is task {bundle.task!r}; use "
+                            f"{endpoints.get(bundle.task, '/info')} (this endpoint serves {task!r} bundles)",
+                        )
+                    out = fn(*args, **kwargs)
+                    ok = True
+                    return out
+                except ValueError as e:  # the runtime's own input checks (unknown class, bad point file …)
+                    raise HTTPException(422, str(e)) from None
+                finally:
+                    count(ok)
+
+            return inner
+
+        return wrap
+
+    def images_of(files: list[UploadFile]) -> tuple[list[str], list[Image.Image]]:
+        names, images = [], []
+        for f in files:
+            name, data = _read(f, limits, IMAGE_TYPES)
+            names.append(name)
+            images.append(_decode(name, data, limits))
+        return names, images
+
+    @app.post("/v1/classify")
+    @guarded("classification")
+    def classify(files: list[UploadFile] = File(...), top_k: int | None = None) -> dict[str, Any]:
+        _count_files(len(files), limits)
+        top_k = min(5, len(bundle.labels)) if top_k is None else top_k
+        if not 1 <= top_k <= len(bundle.labels):
+            raise HTTPException(422, f"top_k must lie in 1..{len(bundle.labels)}, got {top_k}")
+        names, images = images_of(files)
+        results = [{"file": n, **_top(r, top_k)} for n, r in zip(names, bundle.classify(images), strict=True)]
+        return {"results": results, "providers": bundle.providers}
+
+    @app.post("/v1/fewshot")
+    @guarded("fewshot")
+    def fewshot(
+        support: list[UploadFile] = File(...),
+        support_labels: list[str] = Form(...),
+        query: list[UploadFile] = File(...),
+    ) -> dict[str, Any]:
+        _count_files(len(support) + len(query), limits)
+        if len(support_labels) == 1 and len(support) > 1 and "," in support_labels[0]:
+            support_labels = [x.strip() for x in support_labels[0].split(",")]
+        if len(support_labels) != len(support):
+            raise HTTPException(
+                422,
+                f"support_labels must give one class name per support image: {len(support_labels)} names for "
+                f"{len(support)} images",
+            )
+        _, s_imgs = images_of(support)
+        q_names, q_imgs = images_of(query)
+        sets: dict[str, list[Image.Image]] = {}
+        for label, img in zip(support_labels, s_imgs, strict=True):
+            sets.setdefault(label, []).append(img)
+        res = bundle.fewshot(sets, q_imgs)
+        return {"results": [{"file": n, **_top(r, len(sets))} for n, r in zip(q_names, res, strict=True)],
+                "classes": list(sets), "providers": bundle.providers}  # fmt: skip
+
+    @app.post("/v1/points")
+    @guarded("pointcloud")
+    def points(files: list[UploadFile] = File(...), top_k: int | None = None) -> dict[str, Any]:
+        from vision_peft.pointio import POINT_EXTS
+
+        _count_files(len(files), limits)
+        top_k = min(5, len(bundle.labels)) if top_k is None else top_k
+        if not 1 <= top_k <= len(bundle.labels):
+            raise HTTPException(422, f"top_k must lie in 1..{len(bundle.labels)}, got {top_k}")
+        with tempfile.TemporaryDirectory(prefix="vp-points-") as td:
+            paths = []
+            for i, f in enumerate(files):
+                name, data = _read(f, limits, None)
+                ext = Path(name).suffix.lower()
+                if ext not in POINT_EXTS:
+                    raise HTTPException(415, f"{name}: extension {ext or '(none)'} is not a point format {POINT_EXTS}")
+                dest = Path(td) / f"{i}{ext}"  # never the client's file name on disk
+                dest.write_bytes(data)
+                paths.append(dest)
             try:
-                if len(files) > limits.max_files:
-                    raise HTTPException(413, f"{len(files)} files in one request; the limit is {limits.max_files}")
-                top_k = min(5, len(bundle.labels)) if top_k is None else top_k
-                if not 1 <= top_k <= len(bundle.labels):
-                    raise HTTPException(422, f"top_k must lie in 1..{len(bundle.labels)}, got {top_k}")
-                images = []
-                for f in files:
-                    name = f.filename or "upload"
-                    if f.content_type and f.content_type not in IMAGE_TYPES:
-                        raise HTTPException(415, f"{name}: content type {f.content_type} is not an image")
-                    data = f.file.read(limits.max_file_bytes + 1)
-                    if len(data) > limits.max_file_bytes:
-                        raise HTTPException(413, f"{name}: larger than {limits.max_file_bytes} bytes")
-                    images.append(_decode(name, data, limits))
-                x = preprocess_batch(images, spec)  # (B, 3, H, W)
-                logits = bundle.run(graph, **{in_name: x})[out_name]
-                probs = softmax(logits, axis=1)
-                results = []
-                for f, p in zip(files, probs):
-                    order = np.argsort(-p)[:top_k]
-                    results.append(
-                        {
-                            "file": f.filename,
-                            "label": bundle.labels[int(order[0])],
-                            "prob": float(p[order[0]]),
-                            "top": [{"label": bundle.labels[int(i)], "prob": float(p[i])} for i in order],
-                        }
-                    )
-                ok = True
-                return {"results": results, "providers": bundle.providers}
-            finally:
-                count(ok)
+                res = bundle.classify_points(paths)
+            except ValueError as e:  # the reader names the temp file: name the upload instead
+                msg = str(e)
+                for f, path in zip(files, paths, strict=True):
+                    msg = msg.replace(str(path), f.filename or "upload")
+                raise HTTPException(422, msg) from None
+        results = [{"file": f.filename, **_top(r, top_k)} for f, r in zip(files, res, strict=True)]
+        return {"results": results, "providers": bundle.providers}
+
+    @app.post("/v1/segment")
+    @guarded("refseg")
+    def segment(file: UploadFile = File(...), phrase: str = Form(...)) -> dict[str, Any]:
+        if len(phrase) > 1000:
+            raise HTTPException(413, f"phrase has {len(phrase)} characters; the limit is 1000")
+        (name,), (image,) = images_of([file])
+        r = bundle.segment(image, phrase)
+        return {
+            "file": name,
+            "phrase": phrase,
+            "width": image.width,
+            "height": image.height,
+            "area_fraction": r["area_fraction"],
+            "max_prob": r["max_prob"],
+            "mask_png_base64": _png_b64((r["mask"] * 255).astype(np.uint8)),
+            "providers": bundle.providers,
+        }
+
+    @app.post("/v1/generate")
+    @guarded("diffusion")
+    def generate(req: GenerateRequest) -> dict[str, Any]:
+        total = req.n * len(req.classes)
+        if req.n < 1 or not req.classes or total > limits.max_images:
+            raise HTTPException(
+                422, f"ask for 1..{limits.max_images} images in all (classes × n), got {len(req.classes)} × {req.n}"
+            )
+        if not 1 <= req.steps <= limits.max_steps:
+            raise HTTPException(422, f"steps must lie in 1..{limits.max_steps} on this server, got {req.steps}")
+        labels = [c for c in req.classes for _ in range(req.n)]
+        images = bundle.generate(labels, steps=req.steps, guidance=req.guidance, seed=req.seed)
+        from vision_peft.deploy import save_grid
+
+        with tempfile.TemporaryDirectory() as td:
+            grid = save_grid(images, req.n, Path(td) / "grid.png").read_bytes()
+        return {
+            "classes": req.classes,
+            "n_per_class": req.n,
+            "image_size": int(images.shape[-1]),
+            "grid_png_base64": base64.b64encode(grid).decode("ascii"),
+            "providers": bundle.providers,
+        }
 
     return app
+
+
+def _top(r: dict[str, Any], k: int) -> dict[str, Any]:
+    order = sorted(r["probs"].items(), key=lambda kv: -kv[1])[:k]
+    return {"label": r["label"], "prob": r["prob"], "top": [{"label": a, "prob": b} for a, b in order]}
 
 
 def serve(

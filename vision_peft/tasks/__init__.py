@@ -101,6 +101,15 @@ class ExportSpec:
     preprocess: dict[str, Any] | None = None  # the bundle manifest's preprocess section
     labels: list[str] | None = None
     graph_name: str = "model"
+    # structured facts the torch-free runtime needs (manifest["task_info"]): PMF scale/bias, the diffusion
+    # schedule, mask threshold … — JSON-able values only
+    task_info: dict[str, Any] | None = None
+    # bundle file name -> source file copied into the bundle and hashed (e.g. the text tokenizer's tokenizer.json)
+    extra_files: dict[str, str] | None = None
+    # further graphs of the same bundle (e.g. the diffusion decoder), each exported and parity-checked alike
+    extra_graphs: list[ExportSpec] | None = None
+    exporter: str | None = None  # force an exporter for this graph ("torchscript" where dynamo cannot trace it)
+    atol: float | None = None  # parity tolerance for this graph (default: the exporter's)
 
 
 class Task(abc.ABC):

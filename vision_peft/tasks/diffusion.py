@@ -510,6 +510,33 @@ class DiffusionTask(Task):
             outputs_meaning={"eps": "predicted noise ε for scaled TAEF2 latents; y == num_classes is the null class"},
             labels=list(self.classes) + ["<null>"],
             graph_name="denoiser",
+            exporter="torchscript",
+            atol=1e-3,
+            task_info={
+                "classes": list(self.classes),
+                "null_class": model.null_class,
+                "latent_scale": LATENT_SCALE,
+                "latent_channels": 32,
+                "latent_size": g,
+                "image_size": self.cfg.task.image_size,
+                "num_timesteps": self.cfg.task.num_timesteps,
+                "alphas_cumprod": [float(a) for a in model.alphas_cumprod.cpu().tolist()],
+                "max_guidance": MAX_GUIDANCE,
+                "sampler": "DDIM (eta = 0), evenly spaced timesteps from T-1 down to 0, classifier-free guidance "
+                "eps = eps_null + guidance * (eps_class - eps_null); decoder(z) with z the final latent",
+                "pretrained_by": "the denoiser was pre-trained by vision_peft (no public pretrained DiT offline)",
+            },
+            extra_graphs=[
+                ExportSpec(
+                    module=_Decoder(model.vae),
+                    example_inputs={"z": torch.randn(2, 32, g, g)},
+                    output_names=["image"],
+                    outputs_meaning={"image": "RGB images in [0, 1] (clip), (batch, 3, 8*latent_size, 8*latent_size)"},
+                    graph_name="decoder",
+                    exporter="torchscript",
+                    atol=1e-3,
+                )
+            ],
         )
 
     def synthetic_batch(self, model: DiffusionModel, n: int = 2) -> dict[str, torch.Tensor]:
@@ -545,19 +572,10 @@ def write_base_checkpoint(run_dir: str | Path, out: str | Path | None = None) ->
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: str | Path) -> Path:
-    """Images (N, 3, H, W) in [0, 1] to a PNG grid, ``nrow`` images per row."""
-    from PIL import Image
+    """Images (N, 3, H, W) in [0, 1] to a PNG grid, ``nrow`` images per row (the runtime's grid writer)."""
+    from vision_peft.deploy import save_grid as write
 
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.ones((rows * (h + 2), nrow * (w + 2), 3), dtype=np.uint8) * 255
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = arr[i]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return Path(path)
+    return write(images.detach().float().cpu().numpy(), nrow, path)
 
 
 def sample_run(run_dir: str | Path, classes: list[str] | None, n: int, out: str | Path, steps: int = 25,
@@ -574,89 +592,12 @@ def sample_run(run_dir: str | Path, classes: list[str] | None, n: int, out: str 
     return save_grid(model.sample(ys, steps, guidance, seed), n, out)
 
 
-def export_diffusion(run_dir: str | Path, out_dir: str | Path | None = None, atol: float = 1e-3) -> dict[str, Any]:
-    """Export the merged denoiser and the TAEF2 decoder as two ONNX graphs, with parity reports.
+def export_diffusion(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The merged denoiser and the TAEF2 decoder as one bundle (``python -m vision_peft export`` does the same);
+    :meth:`vision_peft.deploy.Bundle.generate` samples from it with numpy + onnxruntime."""
+    from vision_peft.export import export_run
 
-    The foundation's ``export_run`` handles one graph; this writes ``denoiser.onnx`` and ``decoder.onnx``
-    plus ``diffusion_manifest.json`` (schedule, latent scale, classes) for :class:`OrtSampler`."""
-    import json
-
-    from vision_peft.export import onnx_export, parity_check
-    from vision_peft.predict import load_run
-
-    cfg, task, model, _ = load_run(run_dir, "cpu")
-    out = Path(out_dir) if out_dir else Path(run_dir) / "export_diffusion"
-    out.mkdir(parents=True, exist_ok=True)
-    spec = task.export_spec(model)
-    with torch.no_grad():
-        before = spec.module(*spec.example_inputs.values())
-    model.adapter.merge()
-    model.eval().requires_grad_(False)
-    with torch.no_grad():
-        after = spec.module(*spec.example_inputs.values())
-    merge_diff = float((before - after).abs().max())
-    reports = {"merge_max_abs_diff": merge_diff}
-    g = cfg.task.image_size // 8
-    graphs = {
-        "denoiser": (spec.module, spec.example_inputs, ["eps"]),
-        "decoder": (_Decoder(model.vae), {"z": torch.randn(2, 32, g, g)}, ["image"]),
-    }
-    for name, (mod, ex, outs) in graphs.items():
-        path = out / f"{name}.onnx"
-        onnx_export(mod, ex, outs, path, exporter="torchscript")
-        reports[name] = parity_check(mod, ex, outs, path, (1, 3), atol, atol)
-    manifest = {
-        "classes": task.classes,
-        "null_class": model.null_class,
-        "latent_scale": LATENT_SCALE,
-        "latent_channels": 32,
-        "latent_size": g,
-        "num_timesteps": cfg.task.num_timesteps,
-        "alphas_cumprod": model.alphas_cumprod.tolist(),
-        "parity": reports,
-        "note": "denoiser pre-trained by vision_peft on AID base classes, adapted with " + cfg.adapter.name,
-    }
-    (out / "diffusion_manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    return manifest
-
-
-class OrtSampler:
-    """Deploy-time sampler: numpy + onnxruntime only (DDIM, classifier-free guidance)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        import json
-
-        import onnxruntime as ort
-
-        folder = Path(folder)
-        self.m = json.loads((folder / "diffusion_manifest.json").read_text())
-        opts = ort.SessionOptions()
-        self.den = ort.InferenceSession(str(folder / "denoiser.onnx"), opts, providers=["CPUExecutionProvider"])
-        self.dec = ort.InferenceSession(str(folder / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
-        self.ac = np.asarray(self.m["alphas_cumprod"], dtype=np.float64)
-
-    def sample(self, labels, steps: int = 25, guidance: float = 2.0, seed: int = 0, noise=None) -> np.ndarray:
-        labels = np.asarray(labels, dtype=np.int64)
-        n_cls, T = len(self.m["classes"]), self.m["num_timesteps"]
-        if ((labels < 0) | (labels >= n_cls)).any():
-            raise DiffusionInputError(f"class ids must lie in 0..{n_cls - 1}, got {labels.tolist()}")
-        check_sampling(steps, guidance, T)
-        g = self.m["latent_size"]
-        if noise is None:
-            noise = np.random.RandomState(seed).standard_normal((len(labels), 32, g, g))
-        x = noise.astype(np.float32)
-        null = np.full_like(labels, self.m["null_class"])
-        ts = ddim_timesteps(T, steps)
-        for i, t in enumerate(ts):
-            tt = np.full(len(labels), t, dtype=np.int64)
-            e = self.den.run(None, {"x": np.concatenate([x, x]), "t": np.concatenate([tt, tt]),
-                                    "y": np.concatenate([labels, null])})[0]  # fmt: skip
-            ec, eu = np.split(e, 2)
-            eps = eu + guidance * (ec - eu)
-            a_t, a_p = self.ac[t], (self.ac[ts[i + 1]] if i + 1 < len(ts) else 1.0)
-            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
-            x = (np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps).astype(np.float32)
-        return self.dec.run(None, {"z": x})[0].clip(0, 1)
+    return export_run(run_dir, out_dir)
 
 
 def compute_fisher(recipe: str, out: str | Path, overrides: list[str] | None = None, batches: int = 8) -> Path:
@@ -702,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--guidance", type=float, default=2.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
-    e = sub.add_parser("export", help="denoiser.onnx + decoder.onnx + manifest, with parity")
+    e = sub.add_parser("export", help="bundle with denoiser.onnx + decoder.onnx, with parity")
     e.add_argument("run_dir")
     e.add_argument("--out")
     f = sub.add_parser("fisher", help="FISH: empirical Fisher scores of the base DiT for adapter.fisher_file")

@@ -626,6 +626,13 @@ class FewShotTask(Task):
             preprocess={"image": self.image_spec(model)},
             labels=[],
             graph_name="embedding",
+            task_info={
+                "scale": s,
+                "bias": b,
+                "classifier": "PMF cosine: logits_c = scale * (cos(embedding, prototype_c) + bias)",
+                "prototypes": "mean of the class's L2-normalised support embeddings",
+                "per_episode_finetuning": "none at deploy time (the graph holds the meta-trained prompts)",
+            },
         )
 
     def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:

@@ -514,6 +514,7 @@ class PointCloudTask(Task):
             },
             preprocess=self.preprocess_spec(model),
             labels=list(self.classes),
+            task_info={"extra_columns": self.cfg.task.extra_columns, "off_points": self.cfg.task.off_points},
         )
 
     def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:

@@ -553,6 +553,8 @@ class RefSegTask(Task):
         length = ids.shape[1]
         text = model.text
         stride = h // max(1, self._logit_hw(model)[0])
+        tok_file = str(text.data_config.get("tokenizer", ""))
+        tok_file = tok_file if tok_file.endswith(".json") and Path(tok_file).is_file() else ""
         return ExportSpec(
             module=_MaskLogits(model),
             example_inputs={"image": torch.randn(2, 3, h, w), "input_ids": ids, "attention_mask": am},
@@ -585,6 +587,13 @@ class RefSegTask(Task):
             },
             labels=[],
             graph_name="refseg",
+            task_info={
+                "threshold": float(self.cfg.task.threshold),
+                "max_length": int(length),
+                "stride": int(stride),
+                "tokenizer_file": "tokenizer.json" if tok_file else "",
+            },
+            extra_files={"tokenizer.json": tok_file} if tok_file else None,
         )
 
     def _logit_hw(self, model: TaskModel) -> tuple[int, int]:

@@ -1,0 +1,434 @@
+"""Point-cloud readers, normalisation, fixed-size sampling and augmentation: numpy only, no torch.
+
+This module is part of the torch-free deployment runtime (``vision_peft.deploy`` reads point files with it);
+``vision_peft.data.points`` re-exports it and adds the torch datasets.
+
+Formats: PCD (``DATA ascii`` and ``DATA binary``), OFF (mesh vertices, or points sampled on the faces), PLY
+(``ascii``, ``binary_little_endian``, ``binary_big_endian``; the ``vertex`` element), NPY / NPZ, and HDF5 files
+holding ``data`` (S, N, C) and ``label`` (S,) or (S, 1) arrays (the ModelNet40 ``ply_data_*.h5`` layout).
+
+Every reader returns an (N, 3) float32 array of xyz. Bad input raises :class:`PointFileError` naming the file and
+the fix: empty files, NaN/inf coordinates, wrong column counts (xyzrgb / xyz+normals → the first three columns are
+taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD.
+
+Preprocessing (the order every path uses — training, eval, predict and the ONNX manifest):
+1. up-axis conversion ``swap_yz`` (z-up files → the y-up convention of the PointNet weights: swap columns 1 and 2);
+2. fixed-size sampling to ``num_points`` (``random`` subset, or ``fps`` farthest-point sampling; a cloud with fewer
+   points is resampled *with replacement* and a warning says so);
+3. centring on the centroid and scaling by the largest point norm (unit sphere);
+4. training only: augmentation (scale, jitter, rotation about the up axis, point dropout), seeded per
+   (seed, epoch, sample) so a resumed run draws the same augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("vision_peft")
+
+POINT_EXTS = (".pcd", ".off", ".ply", ".npy", ".npz", ".h5", ".hdf5")
+UP_AXIS_RULES = ("none", "swap_yz")
+SAMPLING_RULES = ("random", "fps")
+
+
+class PointFileError(ValueError):
+    """A point file that cannot be used as given; the message names the file and the fix."""
+
+
+# -- readers --------------------------------------------------------------------------------------------------
+def _xyz(arr: np.ndarray, path: Path, extra_columns: str, names: list[str] | None = None) -> np.ndarray:
+    """Validate an (N, C) array and keep x, y, z."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise PointFileError(f"{path} holds no points (empty file); re-export it or remove it from the dataset")
+    if arr.ndim != 2:
+        raise PointFileError(f"{path}: expected an (N, 3) array of xyz points, got shape {arr.shape}")
+    if arr.shape[1] < 3:
+        raise PointFileError(
+            f"{path} has {arr.shape[1]} column(s) per point; point clouds need at least x, y, z (3 columns)"
+        )
+    if arr.shape[1] > 3:
+        cols = ", ".join(names) if names else f"{arr.shape[1]} columns"
+        if extra_columns == "error":
+            raise PointFileError(
+                f"{path} has {arr.shape[1]} columns per point ({cols}), not xyz; drop the extra columns "
+                "(e.g. rgb or normals) or set task.extra_columns=take_xyz to use the first three"
+            )
+        log.warning("%s has %d columns per point (%s): using the first three as x, y, z", path, arr.shape[1], cols)
+        arr = arr[:, :3]
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise PointFileError(
+            f"{path} has {int(bad.sum())} point(s) with NaN/inf coordinates (first at row {int(np.argmax(bad))}); "
+            "remove those points from the file (or re-export it)"
+        )
+    return arr
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    return text.splitlines()
+
+
+def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
+    """PCD v0.7/v0.6 with ``DATA ascii`` or ``DATA binary``; x, y, z are picked by field name."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    header: dict[str, list[str]] = {}
+    pos = 0
+    while True:
+        end = raw.find(b"\n", pos)
+        if end < 0:
+            raise PointFileError(f"{path}: PCD header has no DATA line; the file is truncated or not a PCD file")
+        line = raw[pos:end].decode("ascii", errors="replace").strip()
+        pos = end + 1
+        if not line or line.startswith("#"):
+            continue
+        key, *vals = line.split()
+        header[key.upper()] = vals
+        if key.upper() == "DATA":
+            break
+    try:
+        fields = header["FIELDS"]
+        sizes = [int(s) for s in header["SIZE"]]
+        types = header["TYPE"]
+        counts = [int(c) for c in header.get("COUNT", ["1"] * len(fields))]
+        n = int(header.get("POINTS", header.get("WIDTH", ["0"]))[0])
+    except (KeyError, ValueError) as e:
+        raise PointFileError(f"{path}: malformed PCD header ({e}); the file is not a valid PCD file") from None
+    if not all(f in fields for f in ("x", "y", "z")):
+        raise PointFileError(f"{path}: PCD fields are {fields}; x, y and z are required")
+    mode = header["DATA"][0].lower()
+    if n == 0:
+        raise PointFileError(f"{path} holds no points (POINTS 0); re-export it or remove it from the dataset")
+    extra = [f for f, c in zip(fields, counts) for _ in range(c) if f not in ("x", "y", "z")]
+    if extra and extra_columns == "error":
+        _xyz(np.zeros((1, 3 + len(extra))), path, "error", fields)  # raises with the column names
+    if extra:
+        log.warning("%s has fields %s: using x, y, z", path, " ".join(fields))
+    if mode == "ascii":
+        rows = [ln.split() for ln in raw[pos:].decode("ascii", errors="replace").splitlines() if ln.strip()]
+        width = sum(counts)
+        if any(len(r) != width for r in rows):
+            raise PointFileError(f"{path}: an ascii PCD row does not have {width} values (FIELDS {' '.join(fields)})")
+        table = np.asarray(rows, dtype=np.float64).reshape(-1, width)
+        offs = np.cumsum([0] + counts)
+        cols = [table[:, offs[fields.index(a)]] for a in ("x", "y", "z")]
+    elif mode == "binary":
+        code = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8"}
+        code.update({("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"})
+        try:
+            dt = np.dtype(
+                [(f"f{i}", "<" + code[(t, s)], (c,)) for i, (t, s, c) in enumerate(zip(types, sizes, counts))]
+            )
+        except KeyError:
+            raise PointFileError(f"{path}: unsupported PCD TYPE/SIZE {types}/{sizes}") from None
+        if len(raw) - pos < n * dt.itemsize:
+            raise PointFileError(
+                f"{path}: binary PCD data is truncated ({len(raw) - pos} bytes for {n} points of {dt.itemsize} bytes)"
+            )
+        rec = np.frombuffer(raw, dtype=dt, count=n, offset=pos)
+        cols = [rec[f"f{fields.index(a)}"][:, 0] for a in ("x", "y", "z")]
+    else:
+        raise PointFileError(
+            f"{path}: PCD 'DATA {mode}' is not supported (ascii and binary are); re-save it uncompressed, e.g. "
+            "with pcl_convert_pcd_ascii_binary <in> <out> 1"
+        )
+    return _xyz(np.stack(cols, axis=1), path, "take_xyz")
+
+
+def read_off(path: Path, extra_columns: str = "take_xyz", surface_points: int = 0) -> np.ndarray:
+    """OFF mesh: the vertices, or ``surface_points`` points sampled uniformly on the triangles (seed 0)."""
+    lines = [ln.split("#")[0].strip() for ln in _read_text_lines(path)]
+    lines = [ln for ln in lines if ln]
+    head = lines[0]
+    if not head.upper().startswith("OFF") and not head.upper().startswith("COFF"):
+        raise PointFileError(f"{path}: first line is {head[:40]!r}, an OFF file starts with 'OFF'")
+    rest = head[head.upper().index("OFF") + 3 :].split()  # ModelNet's 'OFF1234 5678 0' quirk
+    body = lines[1:]
+    if not rest:
+        rest, body = body[0].split(), body[1:]
+    try:
+        nv, nf = int(rest[0]), int(rest[1])
+        verts = np.asarray([ln.split() for ln in body[:nv]], dtype=np.float64)
+    except (ValueError, IndexError):
+        raise PointFileError(f"{path}: malformed OFF vertex block; expected 'nv nf ne' then nv rows of x y z") from None
+    if nv == 0:
+        raise PointFileError(f"{path} has no vertices; re-export it or remove it from the dataset")
+    if len(verts) != nv:
+        raise PointFileError(f"{path}: header says {nv} vertices, the file has {len(verts)}")
+    verts = _xyz(verts, path, extra_columns)
+    if surface_points <= 0 or nf == 0:
+        return verts
+    tris = []
+    for ln in body[nv : nv + nf]:
+        idx = [int(v) for v in ln.split()]
+        k = idx[0]
+        tris += [(idx[1], idx[1 + j], idx[2 + j]) for j in range(1, k - 1)]  # fan-triangulate polygons
+    t = verts[np.asarray(tris)]  # (T, 3 corners, 3)
+    area = 0.5 * np.linalg.norm(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]), axis=1)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(t), size=surface_points, p=area / area.sum())
+    u, v = rng.random((2, surface_points, 1))
+    flip = (u + v) > 1
+    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
+    a, b, c = t[pick, 0], t[pick, 1], t[pick, 2]
+    return (a + u * (b - a) + v * (c - a)).astype(np.float32)
+
+
+_PLY_TYPES = {
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
+}
+
+
+def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
+    """PLY ``ascii`` / ``binary_little_endian`` / ``binary_big_endian``: x, y, z of the ``vertex`` element."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    end = raw.find(b"end_header")
+    if not raw.startswith(b"ply") or end < 0:
+        raise PointFileError(f"{path}: not a PLY file (it must start with 'ply' and have 'end_header')")
+    body_start = raw.index(b"\n", end) + 1
+    fmt, elements = "", []  # elements: [name, count, [(prop, type)]]
+    for line in raw[:end].decode("ascii", errors="replace").splitlines()[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "format":
+            fmt = parts[1]
+        elif parts[0] == "element":
+            elements.append([parts[1], int(parts[2]), []])
+        elif parts[0] == "property" and elements:
+            if parts[1] == "list":
+                elements[-1][2].append((parts[4], "list"))
+            else:
+                elements[-1][2].append((parts[2], parts[1]))
+    if not elements or elements[0][0] != "vertex":
+        raise PointFileError(f"{path}: the first PLY element must be 'vertex', got {[e[0] for e in elements]}")
+    _, nv, props = elements[0]
+    names = [p for p, _ in props]
+    if nv == 0:
+        raise PointFileError(f"{path} has 0 vertices; re-export it or remove it from the dataset")
+    if not all(a in names for a in ("x", "y", "z")):
+        raise PointFileError(f"{path}: PLY vertex properties are {names}; x, y and z are required")
+    if any(t == "list" for _, t in props):
+        raise PointFileError(f"{path}: list properties inside 'vertex' are not supported")
+    if len(names) > 3:
+        if extra_columns == "error":
+            _xyz(np.zeros((1, len(names))), path, "error", names)
+        log.warning("%s has vertex properties %s: using x, y, z", path, " ".join(names))
+    if fmt == "ascii":
+        rows = raw[body_start:].decode("ascii", errors="replace").splitlines()[:nv]
+        try:
+            table = np.asarray([r.split()[: len(names)] for r in rows], dtype=np.float64)
+        except ValueError:
+            raise PointFileError(f"{path}: an ascii PLY vertex row is not numeric") from None
+        if table.shape != (nv, len(names)):
+            raise PointFileError(f"{path}: expected {nv} vertex rows of {len(names)} values, got {table.shape}")
+        cols = [table[:, names.index(a)] for a in ("x", "y", "z")]
+    elif fmt in ("binary_little_endian", "binary_big_endian"):
+        bo = "<" if fmt == "binary_little_endian" else ">"
+        try:
+            dt = np.dtype([(p, bo + _PLY_TYPES[t]) for p, t in props])
+        except KeyError as e:
+            raise PointFileError(f"{path}: unknown PLY property type {e}") from None
+        if len(raw) - body_start < nv * dt.itemsize:
+            raise PointFileError(f"{path}: binary PLY vertex data is truncated")
+        rec = np.frombuffer(raw, dtype=dt, count=nv, offset=body_start)
+        cols = [rec[a].astype(np.float64) for a in ("x", "y", "z")]
+    else:
+        raise PointFileError(f"{path}: unknown PLY format {fmt!r} (ascii, binary_little_endian, binary_big_endian)")
+    return _xyz(np.stack(cols, axis=1), path, "take_xyz")
+
+
+def read_numpy(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
+    """NPY (an (N, C) array) or NPZ (key ``points``, ``xyz`` or ``data``, or its only array)."""
+    if path.stat().st_size == 0:
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise PointFileError(f"{path} is not a readable numpy file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        keys = list(obj.keys())
+        key = next((k for k in ("points", "xyz", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise PointFileError(f"{path}: NPZ keys are {keys}; name the point array 'points' (or keep only one)")
+        arr = obj[key]
+    else:
+        arr = obj
+    return _xyz(arr, path, extra_columns)
+
+
+def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """HDF5 with ``data`` (S, N, C) and optionally ``label`` (S,) / (S, 1); returns (data float32, labels int64)."""
+    try:
+        import h5py
+    except ImportError:
+        raise PointFileError(f"{path}: reading HDF5 needs h5py; pip install h5py") from None
+    if path.stat().st_size == 0:
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise PointFileError(f"{path}: HDF5 datasets are {list(f.keys())}; point clouds must be in 'data'")
+            data = np.asarray(f["data"][...])
+            label = np.asarray(f["label"][...]).reshape(-1).astype(np.int64) if "label" in f else None
+    except OSError as e:
+        raise PointFileError(f"{path} is not a readable HDF5 file ({e})") from None
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[0] == 0:
+        raise PointFileError(f"{path}: 'data' must be (shapes, points, 3+), got {data.shape}")
+    if label is not None and len(label) != len(data):
+        raise PointFileError(f"{path}: 'label' has {len(label)} entries for {len(data)} shapes in 'data'")
+    return data, label
+
+
+def read_points(path: str | Path, extra_columns: str = "take_xyz", index: int = 0, off_points: int = 0) -> np.ndarray:
+    """Read one point cloud as (N, 3) float32 from any supported format.
+
+    Args:
+        path: the file; the extension picks the reader.
+        extra_columns: ``take_xyz`` (warn and keep the first three columns) or ``error``.
+        index: which shape of an HDF5 file.
+        off_points: for OFF meshes, sample this many points on the surface (0 = use the vertices).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PointFileError(f"point file {path} does not exist")
+    ext = path.suffix.lower()
+    if ext == ".pcd":
+        return read_pcd(path, extra_columns)
+    if ext == ".off":
+        return read_off(path, extra_columns, off_points)
+    if ext == ".ply":
+        return read_ply(path, extra_columns)
+    if ext in (".npy", ".npz"):
+        return read_numpy(path, extra_columns)
+    if ext in (".h5", ".hdf5"):
+        data, _ = read_h5(path)
+        if not 0 <= index < len(data):
+            raise PointFileError(f"{path} holds {len(data)} shapes; index {index} is out of range")
+        return _xyz(data[index], Path(f"{path}[{index}]"), extra_columns)
+    raise PointFileError(
+        f"{path}: unknown point-cloud extension {ext!r}; supported: {', '.join(POINT_EXTS)} (convert the file)"
+    )
+
+
+# -- preprocessing --------------------------------------------------------------------------------------------
+def convert_up_axis(points: np.ndarray, rule: str) -> np.ndarray:
+    """``swap_yz``: swap the y and z columns (z-up files → y-up models); ``none``: unchanged."""
+    if rule == "none":
+        return points
+    if rule == "swap_yz":
+        return points[:, [0, 2, 1]]
+    raise ValueError(f"unknown up-axis rule {rule!r}; known: {', '.join(UP_AXIS_RULES)}")
+
+
+def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
+    """Subtract the centroid, divide by the largest point norm (a single point maps to the origin)."""
+    centred = points - points.mean(axis=0, keepdims=True)
+    scale = float(np.sqrt((centred**2).sum(axis=1)).max())
+    return (centred / scale if scale > 0 else centred).astype(np.float32)
+
+
+def farthest_point_sample(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """Indices of ``n`` farthest-point samples, starting from point ``start`` (deterministic)."""
+    idx = np.empty(n, dtype=np.int64)
+    dist = np.full(len(points), np.inf)
+    cur = start
+    for i in range(n):
+        idx[i] = cur
+        dist = np.minimum(dist, ((points - points[cur]) ** 2).sum(axis=1))
+        cur = int(np.argmax(dist))
+    return idx
+
+
+def sample_points(
+    points: np.ndarray, n: int, rule: str, rng: np.random.Generator, name: str = "point cloud"
+) -> np.ndarray:
+    """Exactly ``n`` points: ``random`` subset or ``fps``; fewer than ``n`` → resample with replacement (warns)."""
+    m = len(points)
+    if rule not in SAMPLING_RULES:
+        raise ValueError(f"unknown sampling rule {rule!r}; known: {', '.join(SAMPLING_RULES)}")
+    if m < n:
+        log.warning(
+            "%s has %d points, fewer than the %d required: resampling with replacement (duplicated points)", name, m, n
+        )
+        extra = rng.integers(0, m, size=n - m)
+        return points[np.concatenate([np.arange(m), extra])]
+    if m == n:
+        return points
+    if rule == "fps":
+        return points[farthest_point_sample(points, n, start=int(rng.integers(0, m)))]
+    return points[np.sort(rng.choice(m, size=n, replace=False))]
+
+
+@dataclass
+class PointAugment:
+    """Training-time augmentation, written here (no third-party code); up axis is y (column 1) after conversion."""
+
+    scale: tuple[float, float] = (0.8, 1.25)  # uniform anisotropic scale range per axis; (1, 1) disables
+    jitter: float = 0.01  # Gaussian jitter sigma (clipped at 5 sigma); 0 disables
+    rotate: float = 0.0  # max rotation about the up axis, degrees (180 = any angle); 0 disables
+    dropout: float = 0.0  # max fraction of points dropped (replaced by the first point, N stays fixed)
+    up: int = 1  # column index of the up axis
+
+    def __call__(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = points.astype(np.float32, copy=True)
+        if self.rotate > 0:
+            a = math.radians(float(rng.uniform(-self.rotate, self.rotate)))
+            c, s = math.cos(a), math.sin(a)
+            i, j = [k for k in range(3) if k != self.up]
+            r = np.eye(3, dtype=np.float32)
+            r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+            p = p @ r.T
+        if self.scale != (1.0, 1.0):
+            p = p * rng.uniform(self.scale[0], self.scale[1], size=(1, 3)).astype(np.float32)
+        if self.jitter > 0:
+            p = p + np.clip(rng.normal(0, self.jitter, p.shape), -5 * self.jitter, 5 * self.jitter).astype(np.float32)
+        if self.dropout > 0:
+            frac = float(rng.uniform(0, self.dropout))
+            drop = rng.random(len(p)) < frac
+            p[drop] = p[0]
+        return p
+
+
+def preprocess_points(
+    points: np.ndarray, num_points: int, sampling: str, up_axis: str, rng: np.random.Generator, name: str = ""
+) -> np.ndarray:
+    """Up-axis conversion → sampling to ``num_points`` → unit sphere: the (num_points, 3) float32 model input."""
+    p = convert_up_axis(points, up_axis)
+    p = sample_points(p, num_points, sampling, rng, name or "point cloud")
+    return normalize_unit_sphere(p)
+
+
+def eval_rng(index: int = 0) -> np.random.Generator:
+    """The fixed generator used for eval/predict sampling (only matters when a file has != num_points points)."""
+    return np.random.default_rng(index)
