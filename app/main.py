@@ -8,13 +8,13 @@ Only this package imports gradio. Start it with ``python -m vision_peft app`` (1
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from app.errors import friendly  # noqa: E402
 from app.jobs import JobManager  # noqa: E402
-from app.uploads import UploadError, class_counts, confine, extract_zip, thumbnails  # noqa: E402
+from app.panels import predict_panel  # noqa: E402
+from app.previews import dataset_preview  # noqa: E402
+from app.uploads import UploadError, confine, extract_zip  # noqa: E402
 from vision_peft.config import REPO_ROOT, data_root, find_recipe, recipe_dirs  # noqa: E402
 
 TASK_TABS = [  # (registry name, tab title, issue that brings it)
@@ -36,21 +39,11 @@ TASK_TABS = [  # (registry name, tab title, issue that brings it)
     ("diffusion", "Diffusion", 6),
 ]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def friendly(fn):
-    """Show any error as a readable message in the page (never a stack trace); the server keeps serving."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure becomes a message
-            raise gr.Error(f"{type(e).__name__}: {e}") from None
-
-    return wrapper
+PREVIEW_LABELS = {  # task -> (dataset table headers, table label, gallery label); see app/previews.py
+    "classification": (["class", "files"], "class counts", "samples (one per class)"),
+    "pointcloud": (["class", "train", "test"], "shapes per class and split", "sample shapes (one per class, 3/4 view)"),
+    "refseg": (["statistic", "value"], "dataset summary", "targets: mask overlay + phrase"),
+}
 
 
 def weights_status(spec: str) -> str:
@@ -124,6 +117,7 @@ class AppState:
         self.data_root = Path(data or data_root()).resolve()
         self.jobs = JobManager(self.runs_root, env={"PYTHONPATH": str(REPO_ROOT)})
         self._loaded: dict[str, Any] = {}
+        self._load_lock = threading.Lock()  # concurrent requests for one run load it once
 
     def runs_of(self, task: str) -> list[str]:
         out = []
@@ -144,10 +138,13 @@ class AppState:
         from vision_peft.predict import load_run
 
         path = self.run_dir(run_name)
+        if not (path / "adapter.safetensors").is_file():
+            raise ValueError(f"{run_name} is not a finished run (no adapter.safetensors in {path})")
         key = f"{path}:{(path / 'adapter.safetensors').stat().st_mtime}"
-        if key not in self._loaded:
-            self._loaded = {key: load_run(path, "cpu")}
-        return self._loaded[key]
+        with self._load_lock:
+            if key not in self._loaded:
+                self._loaded = {key: load_run(path, "cpu")}  # one run in memory at a time
+            return self._loaded[key]
 
 
 def progress_html(p: dict[str, Any]) -> str:
@@ -198,9 +195,10 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
         upload = gr.File(label="dataset zip (folder-per-class or the task's layout)", file_types=[".zip"])
         folder = gr.Textbox(label=f"…or a data folder on the server (inside {state.data_root})")
     data_path = gr.Textbox(label="dataset used", interactive=False)
+    headers, table_label, gallery_label = PREVIEW_LABELS.get(task, PREVIEW_LABELS["classification"])
     with gr.Row():
-        counts = gr.Dataframe(headers=["class", "files"], label="class counts", interactive=False)
-        gallery = gr.Gallery(label="samples", columns=6, height=220)
+        counts = gr.Dataframe(headers=headers, label=table_label, interactive=False)
+        gallery = gr.Gallery(label=gallery_label, columns=6, height=240)
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Stop", variant="stop")
@@ -215,10 +213,7 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
     with gr.Row():
         run = gr.Dropdown(state.runs_of(task), label="finished run", allow_custom_value=False)
         refresh = gr.Button("Refresh runs")
-    with gr.Row():
-        inputs = gr.File(label="input files", file_count="multiple")
-        result = gr.JSON(label="prediction")
-        label = gr.Label(label="top classes", num_top_classes=5)
+    predict_panel(task, state, run)
     with gr.Row():
         export = gr.Button("Export ONNX bundle")
         bundle_file = gr.File(label="bundle (zip)")
@@ -234,8 +229,8 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
                 raise UploadError(f"{server_folder} is not a folder inside {state.data_root}")
         else:
             return "", None, []
-        table = [[k, v] for k, v in class_counts(root).items()]
-        return str(root), table, thumbnails(root)
+        columns, rows, items = dataset_preview(task, root)
+        return str(root), pd.DataFrame(rows, columns=columns), items
 
     upload.upload(on_data, [upload, folder], [data_path, counts, gallery], api_name=f"{task}_upload")
     folder.submit(on_data, [upload, folder], [data_path, counts, gallery], api_name=f"{task}_folder")
@@ -314,21 +309,6 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
 
     demo.load(on_jobs, None, [job, run], api_name=f"{task}_reattach")  # a page reload re-attaches
     refresh.click(lambda: gr.update(choices=state.runs_of(task)), None, [run], api_name=f"{task}_runs")
-
-    @friendly
-    def on_predict(run_name, files):
-        if not files:
-            raise ValueError("upload input files first")
-        import torch
-
-        _, t, model, _ = state.model(run_name)
-        paths = [f if isinstance(f, str) else f.name for f in files]
-        preds = t.predict(model, paths, torch.device("cpu"), top_k=5)
-        first = preds[0]
-        top = {d["label"]: d["prob"] for d in first.get("top", [])} if isinstance(first, dict) else {}
-        return preds, top or None
-
-    inputs.upload(on_predict, [run, inputs], [result, label], api_name=f"{task}_predict")
 
     @friendly
     def on_export(run_name):

@@ -169,7 +169,7 @@ def test_app_stop_reattach_resume(app_client, aid_root: Path) -> None:
     finally:
         state.jobs.env.pop("VISION_PEFT_STEP_DELAY")
     job_id = job if isinstance(job, str) else job["value"]
-    assert _wait(state, job_id, ("running",), 60) == "running"
+    assert _wait(state, job_id, ("running",), 240) == "running"
     meta = Path(state.jobs.get(job_id).run_dir) / "checkpoint" / "meta.json"
     deadline = time.time() + 120
     while not meta.exists() and time.time() < deadline:
