@@ -313,6 +313,16 @@ def test_train_predict_export_parity(tmp_path: Path, monkeypatch, vp_logging_res
     agree = task.onnx_agreement(lambda feed: sess.run(None, feed)[0], model)
     assert agree["logits_max_abs_diff"] < 1e-3 and agree["mask_iou_torch_vs_onnx_mean"] > 0.99
 
+    # the frozen text encoder's weights are checked too (their hash is in config.json's task_state)
+    from vision_peft.checkpoint import CheckpointError
+
+    cfg_file = Path(run_dir) / "config.json"
+    info = json.loads(cfg_file.read_text())
+    info["task_state"]["text_backbone"]["weights_id"] = "0" * 64
+    cfg_file.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="text_backbone"):
+        load_run(run_dir)
+
 
 def test_deploy_runtime_segments_like_torch(tmp_path: Path, weights_root: Path, vp_logging_reset, torch_free) -> None:
     """MiniLM text (its tokenizer.json ships in the bundle): the torch-free runtime tokenizes, runs the graph and

@@ -190,3 +190,28 @@ def test_tiny_config_round_trips(run_cfg) -> None:
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert type(again.adapter) is type(cfg.adapter) and type(again.task) is type(cfg.task)
+
+
+def test_adamw_betas_are_configurable_and_checked() -> None:
+    from vision_peft.config import ConfigError, TrainConfig
+
+    assert TrainConfig(betas=[0.9, 0.98]).betas == [0.9, 0.98]
+    for bad in ([0.9], [0.9, 1.0], [-0.1, 0.9]):
+        with pytest.raises(ConfigError, match="train.betas"):
+            TrainConfig(betas=bad)
+    import torch
+
+    from vision_peft.config import RunConfig
+    from vision_peft.tasks import TaskModel
+    from vision_peft.train import build_optimizer
+
+    cfg = RunConfig.from_dict(
+        {
+            "task": {"name": "classification"},
+            "backbone": {"name": "timm:test_vit"},
+            "adapter": {"name": "lora"},
+            "train": {"betas": [0.8, 0.97]},
+        }  # fmt: skip
+    )
+    opt = build_optimizer(TaskModel(torch.nn.Linear(2, 2), None), cfg)
+    assert all(g["betas"] == (0.8, 0.97) for g in opt.param_groups)

@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate of adapter parameters
     head_lr: float | None = None  # learning rate of the task head; None = lr
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and norms)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); PPT uses 0.98
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     grad_clip: float | None = 1.0  # clip the global gradient norm; None disables
@@ -85,6 +86,9 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1) (AdamW beta1, beta2), got {self.betas}")
+        self.betas = [float(b) for b in self.betas]
 
 
 @dataclass

@@ -43,12 +43,30 @@ def load_run(
             f"({info['backbone']['weights_source']}), but the weights found now hash to {got[:12]}… "
             f"({model.backbone.weights_source}). Point backbone.weights at the original file"
         )
+    _check_extra_encoders(run_dir, info, task)
     path = Path(adapter_file) if adapter_file else run_dir / ckpt.ADAPTER_FILE
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path} is missing: the run has not finished (resume it with --resume {run_dir})")
     ckpt.load_adapter_into(model, ckpt.load_tensors(path), str(path))
     model.to(device).eval()
     return cfg, task, model, info
+
+
+def _check_extra_encoders(run_dir: Path, info: dict[str, Any], task: Task) -> None:
+    """Frozen encoders a task builds besides the backbone (e.g. the text encoder of refseg/pointcloud) must have the
+    weights the run was trained with: their hash is in config.json's task_state, the current one in state_info()."""
+    saved, now = info.get("task_state", {}), task.state_info()
+    for key, rec in saved.items():
+        if not (isinstance(rec, dict) and rec.get("weights_id")):
+            continue
+        cur = now.get(key) if isinstance(now.get(key), dict) else {}
+        if cur.get("weights_id") != rec["weights_id"]:
+            raise ckpt.CheckpointError(
+                f"{run_dir} was trained with {key} {rec.get('spec')} weights {rec['weights_id'][:12]}… "
+                f"({rec.get('weights_source')}), but the weights found now are {cur.get('spec')} "
+                f"{str(cur.get('weights_id'))[:12]}… ({cur.get('weights_source')}); put the original weights back "
+                f"(task.{key}.weights=<file>) or retrain"
+            )
 
 
 def predict_files(

@@ -138,7 +138,7 @@ def build_optimizer(model: TaskModel, cfg: RunConfig) -> torch.optim.Optimizer:
     if not param_groups:
         raise RuntimeError("nothing to train: the adapter and head have no trainable parameters")
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), fused=fused)
+    return torch.optim.AdamW(param_groups, betas=(t.betas[0], t.betas[1]), fused=fused)
 
 
 def lr_lambda(total: int, warmup: int, floor: float):
