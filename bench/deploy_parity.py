@@ -48,14 +48,21 @@ DEFAULT_RUNS = {
 def bundle_for(run_dir: Path, reexport: bool) -> tuple[Path, dict]:
     out = run_dir / "bundle-deploy-bench"
     if reexport or not (out / "manifest.json").is_file():
-        kw = (
-            {"exporter": "torchscript"}
-            if json.loads((run_dir / "config.json").read_text())["config"]["task"]["name"] == "refseg"
-            else {}
-        )
-        export_run(run_dir, out, **kw)
+        export_run(run_dir, out)  # the default exporter (dynamo), as `python -m vision_peft export` does
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return out, {"bundle_dir": str(out), "bundle_bytes": size}
+
+
+THREADS = {"n": 2}
+
+
+def _so():
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS["n"]  # the same thread count as torch, so the times compare
+    so.inter_op_num_threads = 1
+    return so
 
 
 def ci95(x: np.ndarray) -> float:
@@ -85,11 +92,11 @@ def fewshot(run_dir: Path, bundle_dir: Path, episodes: int) -> dict:
         ).double()
     torch_s = time.perf_counter() - t0
     emb_t = (emb_t / emb_t.norm(dim=1, keepdim=True)).numpy()
-    bundle = load_bundle(bundle_dir, device="cpu")
+    bundle = load_bundle(bundle_dir, device="cpu", session_options=_so())
     t0 = time.perf_counter()
     emb_d = bundle.embed(paths, batch_size=32)
     deploy_s = time.perf_counter() - t0
-    s, b = float(model.head.scale), float(model.head.bias)
+    s, b = float(model.head.scale.detach()), float(model.head.bias.detach())
     info = bundle.task_info
     sampler = EpisodeSampler(files, 5, 1, 15, seed=0)
     acc_t, acc_d, agree = [], [], []
@@ -127,7 +134,7 @@ def pointcloud(run_dir: Path, bundle_dir: Path) -> dict:
     t0 = time.perf_counter()
     ref = task.predict(model, files, torch.device("cpu"), top_k=1)
     torch_s = time.perf_counter() - t0
-    bundle = load_bundle(bundle_dir, device="cpu")
+    bundle = load_bundle(bundle_dir, device="cpu", session_options=_so())
     t0 = time.perf_counter()
     got = bundle.classify_points(files, batch_size=32)
     deploy_s = time.perf_counter() - t0
@@ -153,7 +160,7 @@ def refseg(run_dir: Path, bundle_dir: Path) -> dict:
 
     cfg, task, model, _ = load_run(run_dir, "cpu")
     test = task.split_samples()["test"]
-    bundle = load_bundle(bundle_dir, device="cpu")
+    bundle = load_bundle(bundle_dir, device="cpu", session_options=_so())
     inter = {"torch": [], "deploy": []}
     union = {"torch": [], "deploy": []}
     pair_iou, prob_diff, times = [], [], {"torch": 0.0, "deploy": 0.0}
@@ -188,7 +195,7 @@ def refseg(run_dir: Path, bundle_dir: Path) -> dict:
 
 def diffusion(run_dir: Path, bundle_dir: Path, steps: int) -> dict:
     cfg, task, model, _ = load_run(run_dir, "cpu")
-    bundle = load_bundle(bundle_dir, device="cpu")
+    bundle = load_bundle(bundle_dir, device="cpu", session_options=_so())
     classes = list(task.classes)
     g = cfg.task.image_size // 8
     noise = np.random.RandomState(0).standard_normal((len(classes), 32, g, g)).astype(np.float32)
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy_parity.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    THREADS["n"] = args.threads
     results = {}
     for task in DEFAULT_RUNS:
         run = getattr(args, task)
