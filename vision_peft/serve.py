@@ -172,6 +172,13 @@ def create_app(
 
         return wrap
 
+    def checked_top_k(top_k: int | None) -> int:
+        n = len(bundle.labels)
+        top_k = min(5, n) if top_k is None else top_k
+        if not 1 <= top_k <= n:
+            raise HTTPException(422, f"top_k must lie in 1..{n}, got {top_k}")
+        return top_k
+
     def images_of(files: list[UploadFile]) -> tuple[list[str], list[Image.Image]]:
         names, images = [], []
         for f in files:
@@ -184,9 +191,7 @@ def create_app(
     @guarded("classification")
     def classify(files: list[UploadFile] = File(...), top_k: int | None = None) -> dict[str, Any]:
         _count_files(len(files), limits)
-        top_k = min(5, len(bundle.labels)) if top_k is None else top_k
-        if not 1 <= top_k <= len(bundle.labels):
-            raise HTTPException(422, f"top_k must lie in 1..{len(bundle.labels)}, got {top_k}")
+        top_k = checked_top_k(top_k)
         names, images = images_of(files)
         results = [{"file": n, **_top(r, top_k)} for n, r in zip(names, bundle.classify(images), strict=True)]
         return {"results": results, "providers": bundle.providers}
@@ -222,9 +227,7 @@ def create_app(
         from vision_peft.pointio import POINT_EXTS
 
         _count_files(len(files), limits)
-        top_k = min(5, len(bundle.labels)) if top_k is None else top_k
-        if not 1 <= top_k <= len(bundle.labels):
-            raise HTTPException(422, f"top_k must lie in 1..{len(bundle.labels)}, got {top_k}")
+        top_k = checked_top_k(top_k)
         with tempfile.TemporaryDirectory(prefix="vp-points-") as td:
             paths = []
             for i, f in enumerate(files):
