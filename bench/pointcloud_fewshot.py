@@ -159,7 +159,7 @@ def train_ppt(method: str, data: dict, idx: np.ndarray, seed: int, args) -> tupl
     )
     g = torch.Generator().manual_seed(seed)
     n = len(idx)
-    batch = args.batch if method == "last_stage" else min(n, args.full_batch)  # cached features: full batch is cheap
+    batch = min(n, args.batch if method == "last_stage" else args.full_batch)
     for _ in range(args.steps):
         b = torch.randperm(n, generator=g)[:batch]
         if method == "last_stage":
@@ -197,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per PPT run (every K)")
-    ap.add_argument("--batch", type=int, default=16, help="batch of the last-stage row (it runs conv5 per step)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=160,
+        help="batch cap of the last-stage row (it runs conv5 per step): min(n, cap) like the cached rows. With 16, "
+        "K >= 8 collapsed to chance: MiniLM's mean-pooled class prompts became parallel (cosine 0.995) under the "
+        "noisy small-batch updates and never recovered in 100 steps; full batches recover by step 60",
+    )
     ap.add_argument("--full-batch", type=int, default=160, help="batch cap of the cached-feature rows")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1)

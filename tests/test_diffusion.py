@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -265,7 +267,11 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
     assert sample_run(rd, ["c"], 2, tmp_path / "g.png", steps=2).is_file()
     with pytest.raises(DiffusionInputError, match="not trained"):
         sample_run(rd, ["zebra"], 1, tmp_path / "g2.png", steps=2)
-    man = export_diffusion(rd, tmp_path / "onnx")
+    from vision_peft.cli import main as cli_main
+
+    assert cli_main(["export", str(rd), "--bundle", str(tmp_path / "onnx")]) == 0  # one summary per graph
+    man = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert set(export_diffusion(rd, tmp_path / "onnx2")["graphs"]) == {"denoiser", "decoder"}
     assert man["parity"]["merge_max_abs_diff"] < 1e-4
     assert set(man["graphs"]) == {"denoiser", "decoder"} and man["parity"]["passed"]
     assert all(r["passed"] and r["max_abs_diff"] < 1e-3 for r in man["parity"]["graphs"].values())

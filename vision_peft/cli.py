@@ -75,10 +75,15 @@ def _export(args: argparse.Namespace) -> int:
     summary = {
         "bundle": str(Path(out) if out else Path(args.run) / "export"),
         "max_abs_diff": p["max_abs_diff"],
-        "per_batch": p["per_batch"],
-        "providers": p["providers"],
+        "passed": p["passed"],
         "files": man["files"],
     }
+    if "graphs" in p:  # several graphs (e.g. diffusion denoiser + decoder): one report each
+        summary["graphs"] = {
+            g: {"max_abs_diff": r["max_abs_diff"], "providers": r["providers"]} for g, r in p["graphs"].items()
+        }
+    else:
+        summary.update(per_batch=p["per_batch"], providers=p["providers"])
     if "int8" in p:
         summary["int8"] = {k: v for k, v in p["int8"].items() if k not in ("fp32", "int8")}
         summary["int8"].update({f"{k}_top1": (p["int8"][k] or {}).get("top1") for k in ("fp32", "int8")})

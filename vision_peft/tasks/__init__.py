@@ -89,6 +89,25 @@ def ranked_prediction(file: str, probs, labels: list[str], top_k: int) -> dict[s
     }
 
 
+def top1_onnx(ds, run_fn, input_key: str, batch: int = 32) -> dict[str, Any] | None:
+    """Top-1 of an exported classifier graph on a dataset split (``run_fn(inputs) -> logits``); the predictions are
+    returned too, so fp32 and int8 graphs can be compared item by item. None when there is no such split."""
+    import numpy as np
+
+    if ds is None:
+        return None
+    correct, n, preds = 0, 0, []
+    for start in range(0, len(ds), batch):
+        items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
+        x = np.stack([it[input_key].numpy() for it in items])
+        y = np.array([int(it["label"]) for it in items])
+        pred = run_fn({input_key: x}).argmax(1)
+        preds.append(pred)
+        correct += int((pred == y).sum())
+        n += len(y)
+    return {"top1": correct / n, "n": n, "predictions": np.concatenate(preds).tolist()}
+
+
 @dataclass
 class ExportSpec:
     """Everything the exporter needs: a module with fixed tensor inputs/outputs and how to feed it."""

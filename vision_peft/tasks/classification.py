@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
 
 
 @dataclass
@@ -198,19 +198,7 @@ class ClassificationTask(Task):
         return out
 
     def evaluate_onnx(self, run_fn, model: TaskModel) -> dict[str, Any] | None:
-        ds = self.datasets(model).get("test")
-        if ds is None:
-            return None
-        correct, n, preds = 0, 0, []
-        for start in range(0, len(ds), 32):
-            items = [ds[i] for i in range(start, min(start + 32, len(ds)))]
-            x = np.stack([it["image"].numpy() for it in items])  # (B, 3, H, W)
-            y = np.array([int(it["label"]) for it in items])
-            p = run_fn({"image": x}).argmax(1)
-            preds.append(p)
-            correct += int((p == y).sum())
-            n += len(y)
-        return {"top1": correct / n, "n": n, "predictions": np.concatenate(preds).tolist()}
+        return top1_onnx(self.datasets(model).get("test"), run_fn, "image")
 
     # -- export / tests ---------------------------------------------------------------------------------
     def export_spec(self, model: TaskModel) -> ExportSpec:

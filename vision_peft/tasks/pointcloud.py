@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction
+from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
 from vision_peft.tasks.classification import confusion_matrix
 
 POSITIONS = ("front", "middle", "end")
@@ -472,6 +472,9 @@ class PointCloudTask(Task):
             probs = torch.softmax(model.logits(x, tf).float(), dim=1)[0].cpu().numpy()
             out.append(ranked_prediction(path, probs, self.classes, top_k))
         return out
+
+    def evaluate_onnx(self, run_fn, model: TaskModel) -> dict[str, Any] | None:
+        return top1_onnx(self.datasets(model).get("test"), run_fn, "points")
 
     # -- export / tests ---------------------------------------------------------------------------------
     def preprocess_spec(self, model: TaskModel) -> dict[str, Any]:
