@@ -232,3 +232,21 @@ def test_embed_dims_are_consistent() -> None:
         with torch.no_grad():
             assert bb(x).shape[-1] == bb.embed_dim
         assert math.prod(bb.input_size) == TINY_IMAGE_SIZE**2
+
+
+def test_open_clip_bpe_tokenizer_json_matches_open_clip(tmp_path: Path) -> None:
+    """The tokenizer.json written for torch-free deployment gives open_clip's ids (sot … eot) on varied phrases."""
+    import open_clip
+    from tokenizers import Tokenizer
+
+    from vision_peft.backbones.open_clip_models import clip_bpe_tokenizer_json
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    t = Tokenizer.from_file(clip_bpe_tokenizer_json(tok, tmp_path / "tokenizer.json"))
+    phrases = ["the person on the left", "A  Dog!!", "l'homme qu'il a vu", "3 red cars, 12 bikes", "café crème",
+               "  spaces\tand\nnewlines ", "it's the man's hat", "emoji 🐶 dog", "über-straße", "", "naïve Ünïcödé",
+               "日本語のテキスト", "(parenthesis) [brackets]", "hyphen-ated & ampersands", "x" * 120]  # fmt: skip
+    for phrase in phrases:
+        ref = [int(i) for i in tok([phrase], context_length=200)[0] if int(i) != 0]
+        assert t.encode(phrase).ids == ref, phrase
+    assert clip_bpe_tokenizer_json(object(), tmp_path / "other.json") == ""  # not a CLIP BPE tokenizer: no file

@@ -311,6 +311,21 @@ def test_train_predict_export_parity(tmp_path: Path, monkeypatch, vp_logging_res
     assert man["parity"]["passed"]
     sess = ort_session(tmp_path / "bundle" / graph["file"])
     agree = task.onnx_agreement(lambda feed: sess.run(None, feed)[0], model)
+    # the open_clip tower's BPE tokenizer travels as tokenizer.json: the torch-free runtime tokenizes like training
+    from vision_peft.deploy import load_bundle
+
+    bundle = load_bundle(tmp_path / "bundle", device="cpu")
+    for phrase in ("the red box", "The  RED box, left!", "café ünïcode 3 boxes"):
+        ids, am = bundle.tokenize(phrase)
+        ref_ids, ref_am = task.tokenizer(model)(phrase)
+        assert ids.tolist() == ref_ids.tolist() and am.tolist() == ref_am.tolist(), phrase
+    img0 = root / "images" / "im0.png"
+    assert (
+        np.abs(
+            bundle.segment(img0, "the red box")["prob"] - task.predict_mask(model, img0, "the red box")["prob"]
+        ).max()
+        < 1e-3
+    )
     assert agree["logits_max_abs_diff"] < 1e-3 and agree["mask_iou_torch_vs_onnx_mean"] > 0.99
 
     # the frozen text encoder's weights are checked too (their hash is in config.json's task_state)

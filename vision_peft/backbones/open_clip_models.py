@@ -153,6 +153,12 @@ class OpenClipText(TextBackbone):
         self.target_groups = _groups("transformer")
         self.data_config = {"context_length": self.context_length, "tokenizer": f"open_clip:{arch}", "padding": "right"}
 
+    def tokenizer_file(self, folder: str | Path) -> str:
+        """Writes this tower's tokenizer as a ``tokenizers`` ``tokenizer.json`` into ``folder`` (so deployment needs
+        neither torch nor open_clip) and returns its path; "" when the tokenizer has no such equivalent (only
+        open_clip's CLIP BPE ``SimpleTokenizer`` with its default lower-case cleaning is converted)."""
+        return clip_bpe_tokenizer_json(self._tokenizer, Path(folder) / "tokenizer.json")
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ids = self._tokenizer(list(texts), context_length=self.context_length).long()  # (B, L)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
@@ -196,3 +202,40 @@ def build_open_clip_text(arg: str, cfg: BackboneConfig) -> OpenClipText:
     bb.weights_source = source
     bb.weights_id = state_hash(bb)
     return bb
+
+
+def clip_bpe_tokenizer_json(tok, path: Path) -> str:
+    """open_clip's ``SimpleTokenizer`` (CLIP byte-level BPE) rebuilt with the ``tokenizers`` library from its own
+    vocabulary and merge ranks: NFC + whitespace collapsing + lower-casing, CLIP's split pattern, byte-level
+    mapping, BPE with the ``</w>`` end-of-word suffix, ``<start_of_text> … <end_of_text>`` around the ids.
+    Differences: ftfy's mojibake repair and HTML unescaping are not reproduced (plain phrases are unaffected;
+    tests compare the ids on a phrase list). Returns the written path, or "" for other tokenizers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    simple = getattr(open_clip.tokenizer, "SimpleTokenizer", None)
+    lower = getattr(open_clip.tokenizer, "_clean_lower", None)
+    if simple is None or type(tok) is not simple or getattr(tok, "clean_fn", None) is not lower:
+        return ""
+    if getattr(tok, "reduction_fn", None) is not None:
+        return ""
+    merges = [pair for pair, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
+    sot, eot = "<start_of_text>", "<end_of_text>"
+    t = Tokenizer(models.BPE(vocab=dict(tok.encoder), merges=merges, end_of_word_suffix="</w>", fuse_unk=False))
+    t.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()]
+    )
+    pattern = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    t.add_special_tokens([sot, eot])
+    t.post_processor = processors.TemplateProcessing(
+        single=f"{sot} $A {eot}", special_tokens=[(sot, tok.encoder[sot]), (eot, tok.encoder[eot])]
+    )
+    t.decoder = decoders.ByteLevel()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t.save(str(path))
+    return str(path)

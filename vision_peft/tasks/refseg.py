@@ -306,6 +306,23 @@ def mask_from_logits(
     return unletterbox(prob, src_hw, in_hw, "bilinear") > threshold
 
 
+def text_tokenizer_file(text) -> str:
+    """A ``tokenizer.json`` equivalent to the text encoder's tokenizer, for torch-free deployment: MiniLM ships one;
+    open_clip's CLIP BPE tokenizer is converted into a temporary folder (removed at exit). "" when neither applies."""
+    path = str(text.data_config.get("tokenizer", ""))
+    if path.endswith(".json") and Path(path).is_file():
+        return path
+    if hasattr(text, "tokenizer_file"):
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="vision_peft-tokenizer-")
+        atexit.register(shutil.rmtree, folder, True)
+        return text.tokenizer_file(folder)
+    return ""
+
+
 # -- task --------------------------------------------------------------------------------------------------------
 @TASKS.register("refseg", config_cls=RefSegConfig, help="referring image segmentation (image + phrase → mask)")
 class RefSegTask(Task):
@@ -553,8 +570,7 @@ class RefSegTask(Task):
         length = ids.shape[1]
         text = model.text
         stride = h // max(1, self._logit_hw(model)[0])
-        tok_file = str(text.data_config.get("tokenizer", ""))
-        tok_file = tok_file if tok_file.endswith(".json") and Path(tok_file).is_file() else ""
+        tok_file = text_tokenizer_file(text)
         return ExportSpec(
             module=_MaskLogits(model),
             example_inputs={"image": torch.randn(2, 3, h, w), "input_ids": ids, "attention_mask": am},
@@ -568,9 +584,7 @@ class RefSegTask(Task):
                 "image": self.image_spec(model),
                 "input_ids": {
                     "tokenizer": text.data_config.get("tokenizer", ""),
-                    "library": "tokenizers (tokenizer.json)"
-                    if str(text.data_config.get("tokenizer", "")).endswith(".json")
-                    else "open_clip",
+                    "library": "tokenizers (tokenizer.json in this bundle)" if tok_file else "open_clip",
                     "max_length": int(length),
                     "padding": "right, id 0, to exactly max_length",
                     "truncation": "keep the first max_length-1 tokens and the final special token",
