@@ -131,6 +131,9 @@ class AppState:
     def run_dir(self, name: str) -> Path:
         if not name:
             raise ValueError("choose a finished run first")
+        linked = self.runs_root / name
+        if name not in (".", "..") and Path(name).name == name and linked.is_symlink() and linked.is_dir():
+            return linked  # a run the operator linked into the runs root (runs_of lists it): trusted, no traversal
         return confine(name, self.runs_root)
 
     def model(self, run_name: str):
@@ -211,7 +214,9 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
     command = gr.Textbox(label="CLI command that reproduces this run", interactive=False)
     gr.Markdown("### Predict and export")
     with gr.Row():
-        run = gr.Dropdown(state.runs_of(task), label="finished run", allow_custom_value=False)
+        run = gr.Dropdown(  # value=None: no run preselected, so choosing one fires run.change (diffusion classes)
+            state.runs_of(task), value=None, label="finished run", allow_custom_value=False
+        )
         refresh = gr.Button("Refresh runs")
     predict_panel(task, state, run)
     with gr.Row():

@@ -88,6 +88,25 @@ ROWS = [  # (row, recipe, overrides): each landed task, a few CUDA steps under a
 ]
 
 
+def runtime_call(b) -> str:
+    """One call of the bundle task's torch-free runtime method on synthetic input (covers the provider in use)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    img = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(2)]
+    if b.task == "classification":
+        return b.classify(img[:1])[0]["label"]
+    if b.task == "fewshot":
+        return b.fewshot({"a": img[:1], "b": img[1:]}, img[:1])[0]["label"]
+    if b.task == "pointcloud":
+        return b.classify_points([rng.normal(size=(2048, 3)).astype(np.float32)])[0]["label"]
+    if b.task == "refseg":
+        return f"area={b.segment(img[0], 'the dog on the left')['area_fraction']:.3f}"
+    if b.task == "diffusion":
+        return f"image{list(b.generate([0], steps=2).shape)}"
+    return "-"
+
+
 def main() -> int:
     from vision_peft.config import load_recipe
     from vision_peft.deploy import load_bundle
@@ -166,9 +185,12 @@ def main() -> int:
                 man = export_run(run_dir, device="cpu")
                 row["export_note"] = "parity on CPU provider"
             row["parity_max_abs"] = f"{man['parity']['max_abs_diff']:.2e}"
-            row["parity_providers"] = man["parity"]["providers"][0]
+            par = man["parity"]
+            row["parity_providers"] = (par.get("providers") or next(iter(par["graphs"].values()))["providers"])[0]
             b = load_bundle(run_dir / "export", device="auto")
             row["deploy_providers"] = b.providers[0]
+            t1 = time.perf_counter()
+            row["runtime"] = f"{runtime_call(b)} {1000 * (time.perf_counter() - t1):.0f}ms"
             try:
                 load_bundle(run_dir / "export", device="cuda", strict=True)
                 row["strict_cuda"] = "ok"
@@ -190,6 +212,7 @@ def main() -> int:
         "parity_max_abs",
         "parity_providers",
         "deploy_providers",
+        "runtime",
         "strict_cuda",
         "error",
     ]
