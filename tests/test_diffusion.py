@@ -237,7 +237,7 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
         "output": {"runs_root": str(tmp_path / "runs")},
     }
     task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
-            "eval_per_class": 1, "flip": False}  # fmt: skip
+            "eval_per_class": 1, "flip": False, "prediction": "v"}  # fmt: skip
     pre = RunConfig.from_dict(
         {
             **common,
@@ -341,6 +341,12 @@ def test_fish_task_level_fisher_then_adapt(tmp_path, tiny_image_folder, weights_
     scores = load_tensors(compute_fisher(str(recipe), tmp_path / "fisher.safetensors", batches=2))
     assert scores and all(float(v.min()) >= 0 for v in scores.values())  # squared gradients
     assert any(float(v.max()) > 0 for v in scores.values())
+    from vision_peft.config import ConfigError
+    from vision_peft.tasks import TASKS
+
+    with pytest.raises(ConfigError, match="pre-trained to predict 'eps'"):  # a v run on an ε base is refused
+        wrong = RunConfig.from_dict({**adapt, "task": {**adapt["task"], "prediction": "v"}})
+        TASKS.get("diffusion").builder(wrong).build_model()
     rd = run(RunConfig.from_dict(adapt), progress=False)
     info = json.loads((rd / "config.json").read_text())
     total = sum(v.numel() for v in scores.values())

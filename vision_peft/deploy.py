@@ -398,6 +398,8 @@ class Bundle:
         if x.shape != (len(labels), c, g, g):
             raise ValueError(f"noise must have shape {(len(labels), c, g, g)}, got {x.shape}")
         ac = np.asarray(info["alphas_cumprod"], np.float64)
+        clip = float(info.get("clip_x0", 0.0))
+        v_pred = info.get("prediction", "eps") == "v"
         null = np.full_like(labels, int(info["null_class"]))
         ts = np.linspace(0, T - 1, int(steps)).round().astype(int)[::-1]
         for i, t in enumerate(ts):
@@ -406,9 +408,15 @@ class Bundle:
                 "denoiser", x=np.concatenate([x, x]), t=np.concatenate([tt, tt]), y=np.concatenate([labels, null])
             )
             ec, eu = np.split(next(iter(e.values())), 2)
-            eps = eu + guidance * (ec - eu)
+            out = eu + guidance * (ec - eu)
             a_t, a_p = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else 1.0)
-            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            if v_pred:  # the denoiser predicts v = sqrt(a) eps - sqrt(1-a) x0
+                x0, eps = np.sqrt(a_t) * x - np.sqrt(1 - a_t) * out, np.sqrt(1 - a_t) * x + np.sqrt(a_t) * out
+            else:
+                x0, eps = (x - np.sqrt(1 - a_t) * out) / np.sqrt(a_t), out
+            if clip > 0:  # the training side's rule: clip the x0 estimate, re-derive eps from it
+                x0 = np.clip(x0, -clip, clip)
+                eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
             x = (np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps).astype(np.float32)
         return np.clip(next(iter(self.run("decoder", z=x).values())), 0.0, 1.0)
 

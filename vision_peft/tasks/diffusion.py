@@ -66,6 +66,15 @@ class DiffusionConfig:
     guidance: float = 2.0  # classifier-free guidance scale at evaluation
     samples_per_class: int = 0  # generated images per class at evaluation (0 = only held-out ε-MSE)
     eval_seed: int = 1234  # seed of the evaluation noise (same for every method)
+    # DDIM clips each x0 estimate to [-clip_x0, clip_x0] (scaled-latent units; 0 = off). Scaled TAEF2 latents of AID
+    # images have std ≈ 1.0 and max |z| ≈ 5.1; without the clip, the ε error at t ≈ T (amplified by 1/√ᾱ_T ≈ 157)
+    # set x0 estimates of std ≈ 20 that later steps never pull back, and samples saturated (measured).
+    clip_x0: float = 5.0
+    # what the denoiser predicts: eps (noise; the classic DDPM target) or v = sqrt(a)*eps - sqrt(1-a)*x0 (Salimans &
+    # Ho 2022), whose x0 estimate has no 1/sqrt(a_T) amplification at t ≈ T. The recipes use v; eps is the default
+    # only so that run directories written before this option load unchanged. A base checkpoint records its own
+    # and adapting it with the other is refused.
+    prediction: str = "eps"
     vae_weights: str | None = None  # TAEF2 folder; None = $VISION_PEFT_WEIGHTS/taef2
 
     def __post_init__(self) -> None:
@@ -78,6 +87,10 @@ class DiffusionConfig:
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"task.class_dropout must lie in [0, 1), got {self.class_dropout}")
         check_sampling(self.sample_steps, self.guidance, self.num_timesteps)
+        if self.prediction not in ("eps", "v"):
+            raise ConfigError(f"task.prediction must be eps or v, got {self.prediction!r}")
+        if not (math.isfinite(self.clip_x0) and self.clip_x0 >= 0):
+            raise ConfigError(f"task.clip_x0 must be >= 0 (0 = no clipping), got {self.clip_x0}")
 
 
 def check_sampling(steps: int, guidance: float, num_timesteps: int) -> None:
@@ -99,8 +112,22 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [int(t) for t in ts]
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:
-    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+def x0_eps(x: torch.Tensor, out: torch.Tensor, a_t: float, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 estimate, ε estimate) from the denoiser output at x_t with ᾱ_t = a_t."""
+    if prediction == "v":
+        return math.sqrt(a_t) * x - math.sqrt(1 - a_t) * out, math.sqrt(1 - a_t) * x + math.sqrt(a_t) * out
+    return (x - math.sqrt(1 - a_t) * out) / math.sqrt(a_t), out
+
+
+def ddim_step(
+    x: torch.Tensor, out: torch.Tensor, a_t: float, a_prev: float, clip_x0: float = 0.0, prediction: str = "eps"
+) -> torch.Tensor:
+    """One deterministic DDIM step (η = 0) from the denoiser output ``out`` (ε or v). With ``clip_x0`` > 0 the x0
+    estimate is clipped to that range and ε re-derived from it (the runtime's numpy sampler does the same)."""
+    x0, eps = x0_eps(x, out, a_t, prediction)
+    if clip_x0 > 0:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
     return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
 
@@ -257,9 +284,19 @@ class DiffusionModel(TaskModel):
         return self._sparse_layers
 
     def eps_loss(self, z0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Training loss: MSE to the configured target (ε, or v = √ā·ε − √(1−ā)·x0)."""
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        return F.mse_loss(self.backbone(xt, t, y).float(), noise.float())
+        target = noise if self.tcfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
+        return F.mse_loss(self.backbone(xt, t, y).float(), target.float())
+
+    def heldout_eps_mse(self, z0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> float:
+        """ε-MSE of the denoiser whatever it predicts (v is converted), so runs compare across parameterisations."""
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        out = self.backbone(xt, t, y).float()
+        eps = out if self.tcfg.prediction == "eps" else (1 - a).sqrt() * xt + a.sqrt() * out
+        return float(F.mse_loss(eps, noise.float()))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, y = batch["latent"], batch["label"]
@@ -317,7 +354,7 @@ class DiffusionModel(TaskModel):
                 ec, eu = e.chunk(2)
                 eps = eu + guidance * (ec - eu)
             a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            x = ddim_step(x, eps, float(ac[t]), a_prev)
+            x = ddim_step(x, eps, float(ac[t]), a_prev, self.tcfg.clip_x0, self.tcfg.prediction)
         return x
 
     @torch.no_grad()
@@ -402,6 +439,12 @@ class DiffusionTask(Task):
             ):
                 raise ConfigError("stage: pretrain trains the whole DiT: use adapter full or kind (mode: pretrain)")
         else:
+            base_pred = (getattr(backbone, "meta", None) or {}).get("prediction", "eps")  # older checkpoints: eps
+            if base_pred != t.prediction:
+                raise ConfigError(
+                    f"the base DiT {self.cfg.backbone.name} was pre-trained to predict {base_pred!r} but "
+                    f"task.prediction={t.prediction!r}; set task.prediction={base_pred} (or pre-train a new base)"
+                )
             backbone.reset_classes(len(self.classes))  # a new trainable class table (the task head)
             if hasattr(handle, "refresh_classes"):
                 handle.refresh_classes()
@@ -473,7 +516,7 @@ class DiffusionTask(Task):
             tt = min(tt, t.num_timesteps - 1)
             noise = torch.randn(z0.shape, generator=gen).to(device)
             ts = torch.full((len(z0),), tt, device=device, dtype=torch.long)
-            losses.append(float(model.eps_loss(z0, real_y.to(device), ts, noise)))
+            losses.append(model.heldout_eps_mse(z0, real_y.to(device), ts, noise))
         res: dict[str, Any] = {"eps_mse": float(np.mean(losses)), "n_real": int(len(real))}
         if t.samples_per_class > 0:
             ys = torch.arange(len(self.classes)).repeat_interleave(t.samples_per_class)
@@ -507,7 +550,11 @@ class DiffusionTask(Task):
                 "y": torch.tensor([0, model.null_class], dtype=torch.long),
             },
             output_names=["eps"],
-            outputs_meaning={"eps": "predicted noise ε for scaled TAEF2 latents; y == num_classes is the null class"},
+            outputs_meaning={
+                "eps": f"denoiser output ({self.cfg.task.prediction}: "
+                + ("predicted noise ε" if self.cfg.task.prediction == "eps" else "v = √ā·ε − √(1−ā)·x0")
+                + ") for scaled TAEF2 latents; y == num_classes is the null class"
+            },
             labels=list(self.classes) + ["<null>"],
             graph_name="denoiser",
             exporter="torchscript",
@@ -522,8 +569,11 @@ class DiffusionTask(Task):
                 "num_timesteps": self.cfg.task.num_timesteps,
                 "alphas_cumprod": [float(a) for a in model.alphas_cumprod.cpu().tolist()],
                 "max_guidance": MAX_GUIDANCE,
+                "clip_x0": float(self.cfg.task.clip_x0),
+                "prediction": self.cfg.task.prediction,
                 "sampler": "DDIM (eta = 0), evenly spaced timesteps from T-1 down to 0, classifier-free guidance "
-                "eps = eps_null + guidance * (eps_class - eps_null); decoder(z) with z the final latent",
+                "eps = eps_null + guidance * (eps_class - eps_null); x0 estimate clipped to [-clip_x0, clip_x0] and eps "
+                "re-derived from it (clip_x0 = 0: no clip); decoder(z) with z the final latent",
                 "pretrained_by": "the denoiser was pre-trained by vision_peft (no public pretrained DiT offline)",
             },
             extra_graphs=[
@@ -556,7 +606,12 @@ def write_base_checkpoint(run_dir: str | Path, out: str | Path | None = None) ->
         raise ConfigError(f"{run_dir} is not a pre-training run (task.stage={cfg.task.stage})")
     out = Path(out) if out else Path(run_dir) / "base_dit.safetensors"
     dit = model.backbone
-    meta = {"classes": task.classes, "pretrained_by": "vision_peft diffusion pretrain stage", "run": str(run_dir)}
+    meta = {
+        "classes": task.classes,
+        "pretrained_by": "vision_peft diffusion pretrain stage",
+        "run": str(run_dir),
+        "prediction": cfg.task.prediction,
+    }
     if cfg.adapter.name == "kind":
         from vision_peft.adapters.kind import kind_pretrained_state
         from vision_peft.backbones.dit import DiT
