@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for task, r in results.items():
         print(
-            f"| {task} | {r['data']} | {r['torch']} | {r['deploy']} | {r['agreement']:.4f} | {r['max_abs_diff']:.2e} "
+            f"| {task} | {r['data']} | {r['torch']} | {r['deploy']} | {r['agreement']:.4g} | {r['max_abs_diff']:.2e} "
             f"| {r['bundle_bytes'] / 2**20:.1f} | {r['torch_s']:.1f} | {r['deploy_s']:.1f} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
