@@ -106,7 +106,9 @@ def app_client(tmp_path_factory, aid_root: Path):
     state.jobs.close()
 
 
-def _wait(state, job_id: str, statuses=("done", "failed", "stopped"), timeout: float = 240) -> str:
+def _wait(
+    state, job_id: str, statuses=("done", "failed", "stopped"), timeout: float = 600
+) -> str:  # a loaded box is slow
     deadline = time.time() + timeout
     while time.time() < deadline:
         s = state.jobs.get(job_id).status
