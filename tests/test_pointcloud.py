@@ -467,7 +467,8 @@ def test_train_predict_export_on_modelnet10(
     assert rep["max_abs_diff"] < 1e-4 and all(e["logits_top1_agreement"] == 1.0 for e in rep["per_batch"])
     rep8 = json.loads(cli(capsys, "export", str(run), "--bundle", str(tmp_path / "bundle8"), "--int8"))["int8"]
     assert rep8["fp32_top1"] == pytest.approx(final["test"]["top1"])  # the fp32 graph scores what torch scored
-    assert 0 <= rep8["prediction_agreement"] <= 1 and "top1" in rep8["metric_change"]
+    assert rep8["metric_change"]["top1"] == pytest.approx(rep8["int8_top1"] - rep8["fp32_top1"])
+    assert 0 <= rep8["prediction_agreement"] <= 1 and rep8["bytes_int8"] < rep8["bytes_fp32"]  # quantised = smaller
     man = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert man["labels"] == classes and man["graphs"]["model"]["inputs"]["points"]["shape"] == ["batch", 256, 3]
     pre = man["preprocess"]["points"]

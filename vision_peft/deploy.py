@@ -80,6 +80,7 @@ class Bundle:
     sessions: dict[str, ort.InferenceSession] = field(repr=False)
     requested_providers: list[str]
     graph_providers: dict[str, list[str]]
+    _tok: Any = field(default=None, init=False, repr=False)  # the refseg tokenizer, loaded on first use
 
     @property
     def task(self) -> str:
@@ -170,23 +171,21 @@ class Bundle:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         graph, input_name, output_name = self._classification_io()
         spec = self._image_spec(input_name)
-        labels = self.labels
-        fixed = self.sessions[graph].get_inputs()[0].shape[0]
-        step = fixed if isinstance(fixed, int) else batch_size
         results: list[dict[str, Any]] = []
-        for start in range(0, len(images), step):
-            chunk = list(images[start : start + step])
-            x = preprocess_batch(chunk, spec)  # (B,3,H,W)
-            if isinstance(fixed, int) and len(chunk) < fixed:
-                x = np.concatenate([x, np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)])  # pad to fixed B
-            logits = self.run(graph, **{input_name: x})[output_name][: len(chunk)]
-            if logits.ndim != 2 or logits.shape[1] != len(labels):
-                raise ValueError(
-                    f"graph {graph!r} output {output_name!r} has shape {list(logits.shape)} but the manifest lists "
-                    f"{len(labels)} labels; the bundle is inconsistent, re-export it"
-                )
-            results += [_ranked(labels, row) for row in softmax(logits)]
+        for start in range(0, len(images), batch_size):  # preprocess chunk by chunk: bounded memory
+            x = preprocess_batch(list(images[start : start + batch_size]), spec)  # (B,3,H,W)
+            results += self._ranked_rows(graph, output_name, self._batched_run(graph, x, batch_size, output_name))
         return results
+
+    def _ranked_rows(self, graph: str, output: str, logits: np.ndarray) -> list[dict[str, Any]]:
+        """Softmax + ranking of (B, classes) logits, refusing a graph whose width differs from the labels."""
+        labels = self.labels
+        if logits.ndim != 2 or logits.shape[1] != len(labels):
+            raise ValueError(
+                f"graph {graph!r} output {output!r} has shape {list(logits.shape)} but the manifest lists "
+                f"{len(labels)} labels; the bundle is inconsistent, re-export it"
+            )
+        return [_ranked(labels, row) for row in softmax(logits)]
 
     # -- the other tasks ----------------------------------------------------------------------------------------
     @property
@@ -207,9 +206,11 @@ class Bundle:
         ins, outs = self.sessions[graph].get_inputs(), self.sessions[graph].get_outputs()
         return ins[0].name, outs[0].name
 
-    def _batched_run(self, graph: str, x: np.ndarray, batch_size: int) -> np.ndarray:
-        """Runs a one-input graph over ``x`` in chunks (padding to a fixed batch size when the graph has one)."""
+    def _batched_run(self, graph: str, x: np.ndarray, batch_size: int, output: str | None = None) -> np.ndarray:
+        """Runs a one-input graph over ``x`` in chunks (padding to a fixed batch size when the graph has one);
+        returns ``output`` (default: the graph's first output)."""
         name, out = self._single_io(graph)
+        out = output or out
         fixed = self.sessions[graph].get_inputs()[0].shape[0]
         step = fixed if isinstance(fixed, int) else max(1, batch_size)
         res = []
@@ -297,8 +298,8 @@ class Bundle:
                     name,
                 )
             )
-        logits = self._batched_run(self._classification_io()[0], np.stack(batch), batch_size)
-        return [_ranked(self.labels, row) for row in softmax(logits)]
+        graph, _, output = self._classification_io()
+        return self._ranked_rows(graph, output, self._batched_run(graph, np.stack(batch), batch_size, output))
 
     def tokenize(self, phrase: str) -> tuple[np.ndarray, np.ndarray]:
         """Referring-segmentation bundles: phrase -> (input_ids, attention_mask), int64 (L,), with the bundle's
@@ -324,7 +325,7 @@ class Bundle:
         return np.asarray(ids, np.int64), np.asarray(mask, np.int64)
 
     def _tokenizer(self):
-        if getattr(self, "_tok", None) is None:
+        if self._tok is None:
             name = self.task_info.get("tokenizer_file")
             if not name:
                 lib = (self.preprocess.get("input_ids") or {}).get("library", "?")
