@@ -15,6 +15,12 @@ fine-tuning run episode by episode, all three on episode i before any goes to i+
 is spent per setting, and report how many episodes they reached (the first n of the same episode list).
 Choices (input size 128², 10 fine-tuning steps, fine-tuning lr) come from the recipe; nothing is tuned on
 the novel classes.
+
+On a 2-core machine the two settings can run side by side, one thread each, and be merged afterwards:
+
+    python bench/fewshot_aid.py --threads 1 --shots 1 --out /tmp/fs1.json &
+    python bench/fewshot_aid.py --threads 1 --shots 5 --out /tmp/fs5.json; wait
+    python bench/fewshot_aid.py --merge /tmp/fs1.json /tmp/fs5.json     # → bench/results/fewshot_aid.json
 """
 
 from __future__ import annotations
@@ -117,6 +123,34 @@ def fmt(accs: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * ci:.2f}"
 
 
+def merge_results(parts: list[Path], out: Path) -> int:
+    """Combine result files from runs that each measured some ``--shots``; everything else must agree."""
+    merged: dict | None = None
+    for p in parts:
+        d = json.loads(p.read_text())
+        if merged is None:
+            merged = d
+            continue
+        for key in ("setup", "meta_training"):
+            if d[key] != merged[key]:
+                raise SystemExit(f"{p}: '{key}' differs from {parts[0]}; these runs are not comparable")
+        clash = set(d["settings"]) & set(merged["settings"])
+        if clash:
+            raise SystemExit(f"{p}: setting(s) {sorted(clash)} also in an earlier file; pass each setting once")
+        merged["settings"].update(d["settings"])
+    merged["settings"] = dict(sorted(merged["settings"].items(), key=lambda kv: int(kv[0].split()[1].split("-")[0])))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    for name, block in merged["settings"].items():
+        print(f"\n### {name}\n")
+        for r in block["rows"]:
+            print(
+                f"| {r['row']} | {r['episodes']} | {100 * r['acc']:.2f} ± {100 * r['ci95']:.2f} | {r['trainable']:,} |"
+            )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="fewshot-aid-1shot", help="meta-training recipe (tasks/)")
@@ -128,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", default="1,5")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fewshot_aid.json"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge per-setting result files into --out and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_results([Path(p) for p in args.merge], Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     runs_root = Path(args.runs_root)
