@@ -1,4 +1,5 @@
-"""AID scene classification: linear probe vs LoRA vs full fine-tuning of a frozen EfficientNet-Lite0.
+"""AID scene classification: linear probe vs LoRA (symmetric, asymmetric) vs PVeRA vs full fine-tuning of
+EfficientNet-Lite0.
 
 One command, one table: every row trains the recipe ``tasks/classification-aid.yaml`` (all 30 AID classes,
 fixed stratified split 60 train / 10 val / 30 test per class, seed 0) for the same number of epochs with
@@ -32,6 +33,21 @@ ROWS = {
         "--train.lr=2e-3",
         "--train.head_lr=1e-2",
     ],
+    "lora_asym": [  # asymmetric LoRA (Zhu et al. 2024): A frozen random, only B trains
+        "--adapter.name=lora",
+        "--adapter.r=8",
+        "--adapter.targets=[conv_pw]",
+        "--adapter.train_a=false",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
+    "pvera": [  # PVeRA (WACV 2026) with the paper's r = 256; scaling vectors take a larger lr, as in VeRA
+        "--adapter.name=pvera",
+        "--adapter.r=256",
+        "--adapter.targets=[conv_pw]",
+        "--train.lr=1e-2",
+        "--train.head_lr=1e-2",
+    ],
     "full": ["--adapter.name=full", "--train.lr=3e-4", "--train.head_lr=1e-2"],
 }
 
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rows", default="linear,lora,full")
+    ap.add_argument("--rows", default="linear,lora,full", help=f"comma-separated, from {', '.join(ROWS)}")
     ap.add_argument("--runs-root", default=None, help="keep the run directories here (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ DIFFUSION_ONLY = {  # adapters that need the diffusion task's context; covered b
     "kind": r"KIND needs a class-conditional backbone",  # learngenes/tailors are routed by the class label
 }
 MERGE_TOL = 1e-5
+# scale of the random values given to trainable tensors: PVeRA's update is a product of two scaling vectors on
+# tiny shared random matrices (r = 2 here), so 0.05-sized vectors barely move the output
+RANDOM_STD = {"pvera": 1.0}
 _PRISTINE: dict[str, ImageBackbone] = {}
 
 
@@ -195,7 +199,7 @@ def test_step0_identity_or_frozen_weights_untouched(name: str, spec: str) -> Non
 @pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
 def test_merge_keeps_outputs_and_leaves_plain_modules(name: str, spec: str) -> None:
     ref, bb, handle, _ = apply(name, spec)
-    n_random = randomise_trainable(bb) if name != "full" else 0
+    n_random = randomise_trainable(bb, RANDOM_STD.get(name, 0.05)) if name != "full" else 0
     x = x_input(seed=3)
     with torch.no_grad():
         frozen = ref.forward_features(x)
@@ -222,7 +226,7 @@ def test_merge_keeps_outputs_and_leaves_plain_modules(name: str, spec: str) -> N
 @pytest.mark.parametrize(("name", "spec"), COMPAT, ids=COMPAT_IDS)
 def test_gradient_reaches_every_trainable_tensor(name: str, spec: str) -> None:
     _, bb, _, _ = apply(name, spec)
-    randomise_trainable(bb)  # so that LoRA's A gets a non-zero gradient too
+    randomise_trainable(bb, RANDOM_STD.get(name, 0.05))  # so that LoRA's A gets a non-zero gradient too
     trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
     if not trainable:
         assert name == "linear"
@@ -422,3 +426,82 @@ def test_adapter_state_survives_device_moves(run_cfg) -> None:
     after = set(model.adapter_state_dict())
     assert before == after
     assert not [k for k in after if "running_" in k or "num_batches" in k]
+
+
+# -- PVeRA specifics --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["timm:test_vit", "timm:test_efficientnet"])
+def test_pvera_samples_in_training_and_is_deterministic_in_eval(spec: str) -> None:
+    for sample in (True, False):
+        _, bb, handle, _ = apply("pvera", spec, sample=sample)
+        assert handle.report["sampled_layers"] == (len(handle.touched) - handle.report["weight_space_layers"]) * sample
+        randomise_trainable(bb, std=1.0)
+        x = x_input(seed=5)
+        with torch.no_grad():
+            bb.train()
+            a, b = bb.forward_features(x), bb.forward_features(x)
+            bb.eval()
+            c, d = bb.forward_features(x), bb.forward_features(x)
+        assert torch.equal(c, d), "inference must use z = μ"
+        if sample:
+            assert (a - b).abs().max() > 1e-4, f"training forwards on {spec} did not sample the latent"
+        else:
+            assert torch.equal(a, b)
+
+
+def test_pvera_trains_two_vectors_per_layer_and_saves_shared_projections_once(run_cfg) -> None:
+    from vision_peft.tasks import build_adapted_backbone
+    from vision_peft.tasks.classification import ClassifierModel
+
+    cfg = run_cfg(adapter={"name": "pvera", "r": 4, "targets": ["qkv", "mlp"]})
+    bb, handle, base = build_adapted_backbone(cfg)
+    trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
+    want = 0
+    for name in handle.touched:
+        out_features = bb.get_submodule(name).out_features
+        want += 2 * 4 + out_features
+        assert trainable[f"{name}.pvera.lambda_d"].shape == (8,)
+        assert trainable[f"{name}.pvera.lambda_b"].shape == (out_features,)
+        assert float(trainable[f"{name}.pvera.lambda_b"].detach().abs().max()) == 0.0  # the step-0 identity
+    assert sum(p.numel() for p in trainable.values()) == want
+    fan_in = max(bb.get_submodule(n).in_features for n in handle.touched)
+    fan_out = max(bb.get_submodule(n).out_features for n in handle.touched)
+    assert handle.report["shared_A"] == [8, fan_in] and handle.report["shared_B"] == [fan_out, 4]
+    model = ClassifierModel(bb, handle, num_classes=3, dropout=0.0, smoothing=0.0)
+    model.mark_base(base)
+    sd = model.adapter_state_dict()
+    shared = [k for k in sd if "pvera_shared" in k]
+    assert shared == ["backbone.pvera_shared.A", "backbone.pvera_shared.B"], shared
+    assert not [k for k in sd if k.startswith("backbone.") and "pvera" not in k], "pretrained tensors were saved"
+    # the same seed gives the same projections; another seed other ones (and its checkpoint is refused)
+    bb2, _, _ = build_adapted_backbone(cfg)
+    assert torch.equal(bb.pvera_shared.A, bb2.pvera_shared.A)
+    other, _, _ = build_adapted_backbone(
+        run_cfg(adapter={"name": "pvera", "r": 4, "targets": ["qkv", "mlp"], "seed": 1})
+    )
+    assert not torch.equal(bb.pvera_shared.A, other.pvera_shared.A)
+
+
+def test_pvera_run_trains_reloads_and_exports(run_cfg) -> None:
+    from vision_peft.export import export_run
+    from vision_peft.predict import load_run
+    from vision_peft.train import run
+
+    cfg = run_cfg("train.max_steps=3", "train.lr=5e-2", adapter={"name": "pvera", "r": 4, "targets": ["qkv"]})
+    run_dir = run(cfg, progress=False)
+    _, _, model, _ = load_run(run_dir)
+    lambdas = [p for n, p in model.named_parameters() if n.endswith("lambda_b")]
+    assert lambdas and any(float(p.abs().max()) > 0 for p in lambdas), "training left every λ_b at zero"
+    manifest = export_run(run_dir, batch_sizes=(1, 2))
+    parity = json.loads((Path(run_dir) / "export" / "parity.json").read_text())
+    assert manifest["files"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_pvera_rejects_bad_configs() -> None:
+    from vision_peft.adapters.pvera import PVeRAConfig
+
+    with pytest.raises(ValueError, match="r=0"):
+        PVeRAConfig(r=0)
+    with pytest.raises(ValueError, match="lambda_d_init must be non-zero"):
+        PVeRAConfig(lambda_d_init=0.0)
+    with pytest.raises(ValueError, match="matched no Linear, Conv"):
+        apply_adapter(backbone("timm:test_vit"), PVeRAConfig(targets=["model.norm"]))

@@ -21,6 +21,7 @@ class AdapterHandle:
     name: str
     touched: list[str] = field(default_factory=list)  # module names changed or added
     merge_fn: Callable[[], None] | None = None  # folds re-parameterisations into the base weights
+    report: dict = field(default_factory=dict)  # adapter-specific facts (selected entries, shared shapes …)
 
     @property
     def mergeable(self) -> bool:
@@ -39,13 +40,14 @@ def apply_adapter(backbone: nn.Module, cfg) -> AdapterHandle:
     return entry.builder(backbone, cfg)
 
 
-from vision_peft.adapters import (  # noqa: E402,F401  # noqa: E402,F401
+from vision_peft.adapters import (  # noqa: E402,F401
     baselines,
-    detris,  # noqa: E402,F401
+    detris,
     kind,
     lora,
     pad_prompt,
     prompt_map,
+    pvera,
     sara,
     vpt,
 )

@@ -1,0 +1,235 @@
+"""PVeRA: probabilistic vector-based random matrix adaptation (Fillioux et al., WACV 2026, arXiv 2512.07703),
+built on VeRA (Kopiczko et al., ICLR 2024, arXiv 2310.11454).
+
+One pair of frozen random matrices is shared by every adapted layer: A ∈ R^{2r×d_in} and B ∈ R^{d_out×r},
+sized for the largest fan-in / fan-out among the targets, and each layer uses the leading rows/columns it
+needs (the sharing scheme of VeRA). Per layer only two vectors train: λ_d ∈ R^{2r} (init ``lambda_d_init``,
+0.1) and λ_b ∈ R^{d_out} (init 0, so the adapted model equals the frozen one at step 0):
+
+    [μ ; log σ²] = λ_d ⊙ (A x)       z = μ + ε · exp(½ log σ²) in training,   z = μ at inference
+    h = W0 x + λ_b ⊙ (B z)
+
+At inference the update is linear in x, so ``merge()`` folds it into the weight:
+W = W0 + diag(λ_b) · B · diag(λ_d[:r]) · A[:r].
+
+Where this implementation differs from the paper's code (which covers ``nn.Linear`` only): the sampled
+activation path runs on ``nn.Linear`` and on 1×1 convolutions (groups = 1; EfficientNet's pointwise convs,
+PointNet's shared MLPs). k×k / grouped convolutions and open_clip's fused ``nn.MultiheadAttention`` projections
+are adapted in weight space with z = μ (the deterministic VeRA-style update), because their input is not a
+vector per position; ``handle.report`` lists which layers sample. A and B are saved with the adapter (buffers
+under ``pvera_shared``) so a checkpoint never depends on a random-number generator's version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from vision_peft.adapters import ADAPTERS, AdapterHandle
+
+
+@dataclass
+class PVeRAConfig:
+    """Shared frozen random A/B, per-layer trainable scaling vectors, latent sampled in training."""
+
+    name: str = "pvera"  # registry name
+    r: int = 256  # latent width (the paper uses 256 on DINOv2-B; A has 2r rows: mean and log-variance)
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # portable groups or module-name patterns
+    lambda_d_init: float = 0.1  # initial value of every λ_d entry (VeRA's d_init)
+    sample: bool = True  # draw z ~ N(μ, σ²) while training; false = z = μ always (VeRA with a 2r-row A)
+    seed: int = 0  # seed of the shared random A and B
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"PVeRA latent width must be positive, got r={self.r}")
+        if self.lambda_d_init == 0:
+            raise ValueError("PVeRA lambda_d_init must be non-zero: with λ_b = 0 as well, no gradient would flow")
+        if not self.targets:
+            raise ValueError("PVeRA needs at least one target (e.g. qkv, mlp, conv_pw or a module-name pattern)")
+
+
+class PVeRAShared(nn.Module):
+    """The frozen random projections every adapted layer slices: A (2r × max fan-in), B (max fan-out × r)."""
+
+    def __init__(self, r: int, fan_in: int, fan_out: int, seed: int, like: torch.Tensor) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        # kaiming-uniform bounds (as VeRA), computed on the full matrices so every slice has the same scale
+        a = torch.empty(2 * r, fan_in).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=gen)
+        b = torch.empty(fan_out, r).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r), generator=gen)
+        self.register_buffer("A", a.to(device=like.device, dtype=like.dtype))
+        self.register_buffer("B", b.to(device=like.device, dtype=like.dtype))
+        self.r = r
+
+
+class PVeRAVectors(nn.Module):
+    """λ_d (2r) and λ_b (fan_out) of one layer; the shared module is referenced, not owned (saved once)."""
+
+    def __init__(self, shared: PVeRAShared, fan_in: int, fan_out: int, cfg: PVeRAConfig, like: torch.Tensor) -> None:
+        super().__init__()
+        self._shared = [shared]  # a list keeps it out of this module's children and state dict
+        self.fan_in, self.fan_out, self.r, self.sample = fan_in, fan_out, cfg.r, cfg.sample
+        self.lambda_d = nn.Parameter(torch.full((2 * cfg.r,), float(cfg.lambda_d_init), device=like.device))
+        self.lambda_b = nn.Parameter(torch.zeros(fan_out, device=like.device))
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._shared[0]
+        return s.A[:, : self.fan_in].to(dtype), s.B[: self.fan_out].to(dtype)
+
+    def latent(self, ax: torch.Tensor) -> torch.Tensor:
+        """(…, 2r) projections A x → z (…, r): sampled in training, the mean otherwise."""
+        h = ax * self.lambda_d.to(ax.dtype)
+        mu, logvar = h[..., : self.r], h[..., self.r :]
+        if self.training and self.sample:
+            return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return mu
+
+    def delta(self) -> torch.Tensor:
+        """The inference-time weight update (fan_out, fan_in), float32."""
+        a, b = self.factors(torch.float32)
+        mu_rows = a[: self.r] * self.lambda_d[: self.r].float()[:, None]
+        return (b @ mu_rows) * self.lambda_b.float()[:, None]
+
+
+class PVeRALinear(nn.Linear):
+    """nn.Linear plus the sampled PVeRA side path; keeps the base ``weight``/``bias`` keys."""
+
+    def __init__(self, base: nn.Linear, vectors: PVeRAVectors) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.pvera = vectors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pvera.factors(x.dtype)
+        z = self.pvera.latent(F.linear(x, a))
+        return F.linear(x, self.weight, self.bias) + F.linear(z, b) * self.pvera.lambda_b.to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
+            dtype=self.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            lin.weight.copy_(self.weight + self.pvera.delta().to(self.weight.dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin.requires_grad_(False)
+
+
+def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an adapted 1×1 conv (1-D or 2-D, groups = 1): adds the sampled side path over channels.
+
+    A hook (not a wrapper module) keeps the conv's own class, forward and state-dict keys."""
+    x = args[0]
+    vec: PVeRAVectors = conv.pvera
+    if any(s > 1 for s in conv.stride):  # a strided 1×1 conv reads every s-th position
+        x = x[(..., *(slice(None, None, s) for s in conv.stride))]
+    a, b = vec.factors(x.dtype)
+    z = vec.latent(torch.movedim(torch.tensordot(a, x, dims=([1], [1])), 0, -1))  # (N, *spatial, r)
+    return out + torch.movedim(F.linear(z, b) * vec.lambda_b.to(x.dtype), -1, 1)
+
+
+class PVeRAParametrization(nn.Module):
+    """Weight-space W0 → W0 + ΔW(μ) for k×k / grouped convs and fused MHA tensors (no sampling)."""
+
+    def __init__(self, vectors: PVeRAVectors) -> None:
+        super().__init__()
+        self.pvera = vectors
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.pvera.delta().view_as(w).to(w.dtype)
+
+
+def _pointwise(mod: nn.Module) -> bool:
+    """A 1×1 conv without groups: its output at each position is a Linear map of the input there."""
+    padding = mod.padding if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else None
+    return (
+        isinstance(mod, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in mod.kernel_size)
+        and mod.groups == 1
+        and (isinstance(padding, str) or all(p == 0 for p in padding))  # 'same'/'valid' pad nothing at k = 1
+        and all(d == 1 for d in mod.dilation)
+    )
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _weight_of(mod: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """The tensor an adapted module's update lands on, or None when the module is not adaptable."""
+    if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return "weight", mod.weight
+    if isinstance(mod, nn.MultiheadAttention):
+        return ("in_proj_weight", mod.in_proj_weight) if mod.in_proj_weight is not None else None
+    return None
+
+
+@ADAPTERS.register("pvera", config_cls=PVeRAConfig, help="PVeRA: shared random A/B, trainable vectors, sampled latent")
+def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
+    """Adapt every targeted Linear / Conv / fused-MHA module; λ_b = 0 so outputs are unchanged at step 0."""
+    if hasattr(backbone, "pvera_shared"):
+        raise ValueError("PVeRA is already applied to this backbone")
+    layers: list[tuple[str, nn.Module, str, torch.Tensor]] = []
+    for name in backbone.resolve_targets(cfg.targets):
+        mod = backbone.get_submodule(name)
+        parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
+        if isinstance(parent, nn.MultiheadAttention):
+            continue  # MHA's fused forward reads its own tensors; the MHA module itself is the target
+        found = _weight_of(mod)
+        if found is not None:
+            layers.append((name, mod, *found))
+    if not layers:
+        raise ValueError(
+            f"PVeRA targets {cfg.targets} matched no Linear, Conv or fused MultiheadAttention in {backbone.spec}"
+        )
+    fan_in = max(w[0].numel() for *_, w in layers)
+    fan_out = max(w.shape[0] for *_, w in layers)
+    shared = PVeRAShared(cfg.r, fan_in, fan_out, cfg.seed, layers[0][3])
+    backbone.pvera_shared = shared
+    touched, sampled, hooks = [], [], {}
+    for name, mod, tensor, w in layers:
+        vec = PVeRAVectors(shared, w[0].numel(), w.shape[0], cfg, w).train(mod.training)  # sample only if training
+        if isinstance(mod, nn.Linear):
+            _set_module(backbone, name, PVeRALinear(mod, vec).train(mod.training))
+            sampled.append(name)
+        elif _pointwise(mod):
+            mod.pvera = vec
+            hooks[name] = mod.register_forward_hook(_pointwise_hook)
+            sampled.append(name)
+        else:
+            parametrize.register_parametrization(mod, tensor, PVeRAParametrization(vec))
+            getattr(mod.parametrizations, tensor).original.requires_grad_(False)
+        touched.append(name)
+    report = {
+        "sampled_layers": len(sampled) if cfg.sample else 0,
+        "weight_space_layers": len(touched) - len(sampled),
+        "shared_A": list(shared.A.shape),
+        "shared_B": list(shared.B.shape),
+    }
+
+    def merge() -> None:
+        for name in touched:
+            mod = backbone.get_submodule(name)
+            if isinstance(mod, PVeRALinear):
+                _set_module(backbone, name, mod.merged())
+            elif name in hooks:
+                hooks[name].remove()
+                with torch.no_grad():
+                    mod.weight.copy_(mod.weight + mod.pvera.delta().view_as(mod.weight).to(mod.weight.dtype))
+                del mod.pvera
+            else:
+                tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
+                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
+                getattr(mod, tensor).requires_grad_(False)
+        del backbone.pvera_shared
+
+    return AdapterHandle("pvera", touched=touched, merge_fn=merge, report=report)
