@@ -1,4 +1,11 @@
-"""Our LoRA vs Hugging Face ``peft`` LoRA on the same timm ViT: correctness, train-step time and memory.
+"""Our LoRA / PVeRA vs Hugging Face ``peft``'s on the same timm ViT: correctness, train-step time and memory.
+
+``--method lora`` (default) compares LoRA as described below; ``--method pvera`` compares PVeRA the same way:
+ours gets ``apply_pvera(PVeRAConfig(r, targets=["qkv"]))``, the copy ``peft.PveraConfig(r, d_initial=0.1)``;
+the shared A/B are copied from peft's ``pvera_A`` / ``pvera_B`` (the report says whether the same seed already
+gave the same matrices), both λ_d get the same random values and both λ_b the same non-zero ones. The latent is
+sampled in training, so the global RNG is re-seeded before each model's step: both draw ε in the same order
+and shape, which makes the gradient check cover the sampling path too.
 
 What it measures, all in one run on one machine:
 
@@ -25,6 +32,7 @@ Run (from the repository root, with the virtualenv active)::
     python bench/lora_vs_peft.py --model test_vit                     # quick check (seconds)
     python bench/lora_vs_peft.py                                      # vit_small_patch16_224, 224², batch 8
     python bench/lora_vs_peft.py --device cuda --amp --batch 64       # GPU, bf16 autocast
+    python bench/lora_vs_peft.py --method pvera --rank 256            # PVeRA, the paper's r
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.adapters.lora import LoRAConfig, LoRALinear, apply_lora
+from vision_peft.adapters.pvera import PVeRAConfig, PVeRALinear, apply_pvera
 from vision_peft.backbones import build_backbone
 from vision_peft.config import BackboneConfig
 
@@ -52,13 +61,14 @@ GRAD_RTOL = 1e-4  # LoRA gradients after one backward, relative to the largest g
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    p = argparse.ArgumentParser(description="Our LoRA vs HF peft LoRA on a timm model: parity, step time, memory.")
+    p = argparse.ArgumentParser(description="Our LoRA/PVeRA vs HF peft's on a timm model: parity, step time, memory.")
+    p.add_argument("--method", choices=["lora", "pvera"], default="lora", help="which adapter to compare")
     p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (test_vit for a fast check)")
     p.add_argument("--image-size", type=int, default=224, help="square input size")
     p.add_argument("--batch", type=int, default=8, help="batch size of the train steps")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r / PVeRA latent width r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -69,12 +79,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # -- building the two models -------------------------------------------------------------------------------
-def build_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[str], torch.Tensor]:
-    """(ours, peft's, adapted module names, the frozen backbone's output on the check batch).
+def build_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[str], torch.Tensor, dict]:
+    """(ours, peft's, adapted module names, the frozen backbone's output on the check batch, facts to report).
 
     Both start from one random-init timm backbone; LoRA factors are made identical and B non-zero.
     """
     import peft
+
+    if args.method == "pvera":
+        return build_pvera_pair(args)
 
     bb = build_backbone(BackboneConfig(name=f"timm:{args.model}", pretrained=False, image_size=args.image_size))
     bb.requires_grad_(False).eval()
@@ -110,7 +123,57 @@ def build_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[str
         frozen_out = bb(x)
         for name in names:
             bb.get_submodule(name).lora.lora_B.copy_(other.get_submodule(name).lora_B["default"].weight)
-    return bb, other, names, frozen_out
+    return bb, other, names, frozen_out, {}
+
+
+def build_pvera_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[str], torch.Tensor, dict]:
+    """As :func:`build_pair`, for PVeRA: shared A/B copied from peft, λ_d random, λ_b random and non-zero."""
+    import peft
+
+    bb = build_backbone(BackboneConfig(name=f"timm:{args.model}", pretrained=False, image_size=args.image_size))
+    bb.requires_grad_(False).eval()
+    other = copy.deepcopy(bb)
+    handle = apply_pvera(bb, PVeRAConfig(r=args.rank, targets=["qkv"], seed=args.seed))
+    names = list(handle.touched)
+    peft_cfg = peft.PveraConfig(
+        r=args.rank, target_modules=names, d_initial=0.1, pvera_dropout=0.0, projection_prng_key=args.seed
+    )
+    # PVeRA's shared A/B live on the tuner, so peft refuses inject_adapter_in_model; get_peft_model adapts
+    # ``other`` in place, and the plain module is what runs below (same call signature as ours)
+    peft.get_peft_model(other, peft_cfg)
+    first = other.get_submodule(names[0])
+    a, b = first.pvera_A["default"], first.pvera_B["default"]
+    if a.shape != bb.pvera_shared.A.shape or b.shape != bb.pvera_shared.B.shape:
+        raise ValueError(
+            f"shared projections differ in shape: ours A{tuple(bb.pvera_shared.A.shape)} "
+            f"B{tuple(bb.pvera_shared.B.shape)}, peft A{tuple(a.shape)} B{tuple(b.shape)}"
+        )
+    same_seed_same_ab = bool(torch.equal(a, bb.pvera_shared.A) and torch.equal(b, bb.pvera_shared.B))
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        bb.pvera_shared.A.copy_(a)
+        bb.pvera_shared.B.copy_(b)
+        for name in names:
+            mine, theirs = bb.get_submodule(name), other.get_submodule(name)
+            if not isinstance(mine, PVeRALinear):
+                raise TypeError(f"{name}: expected our PVeRALinear, got {type(mine).__name__}")
+            ld, lb = theirs.pvera_lambda_d["default"], theirs.pvera_lambda_b["default"]
+            if ld.shape != mine.pvera.lambda_d.shape or lb.shape != mine.pvera.lambda_b.shape:
+                raise ValueError(
+                    f"{name}: λ shapes differ: ours {tuple(mine.pvera.lambda_d.shape)}, peft {tuple(ld.shape)}"
+                )
+            ld.copy_(0.1 + 0.05 * torch.randn(ld.shape, generator=gen))
+            mine.pvera.lambda_d.copy_(ld)
+            lb.copy_(torch.randn(lb.shape, generator=gen))  # λ_b = 0 would make any PVeRA "match"
+    x = check_batch(args, bb)
+    with torch.no_grad():
+        ref = copy.deepcopy(bb)
+        for name in names:
+            ref.get_submodule(name).pvera.lambda_b.zero_()
+        frozen_out = ref(x)
+        for name in names:
+            bb.get_submodule(name).pvera.lambda_b.copy_(other.get_submodule(name).pvera_lambda_b["default"])
+    return bb, other, names, frozen_out, {"same seed gave the same shared A/B as peft": same_seed_same_ab}
 
 
 def check_batch(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
@@ -125,12 +188,18 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def lora_grads(model: nn.Module, names: list[str], ours: bool) -> list[torch.Tensor]:
-    """Gradients of A and B of every adapted module, in a fixed order."""
+def adapter_grads(model: nn.Module, names: list[str], ours: bool, method: str = "lora") -> list[torch.Tensor]:
+    """Gradients of the trained tensors of every adapted module (LoRA: A, B; PVeRA: λ_d, λ_b), in a fixed order."""
     out = []
     for name in names:
         mod = model.get_submodule(name)
-        if ours:
+        if method == "pvera":
+            out += (
+                [mod.pvera.lambda_d.grad, mod.pvera.lambda_b.grad]
+                if ours
+                else [mod.pvera_lambda_d["default"].grad, mod.pvera_lambda_b["default"].grad]
+            )
+        elif ours:
             out += [mod.lora.lora_A.grad, mod.lora.lora_B.grad]
         else:
             out += [mod.lora_A["default"].weight.grad, mod.lora_B["default"].weight.grad]
@@ -234,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    ours, theirs, names, frozen_out = build_pair(args)
+    ours, theirs, names, frozen_out, facts = build_pair(args)
+    label = "LoRA" if args.method == "lora" else "PVeRA"
     ours.to(device)
     theirs.to(device)
     x = check_batch(args, ours).to(device)
@@ -262,13 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     theirs.train()
     opt_ours = torch.optim.AdamW([p for _, p in trainable(ours)], lr=args.lr)
     opt_peft = torch.optim.AdamW([p for _, p in trainable(theirs)], lr=args.lr)
+    torch.manual_seed(args.seed + 3)  # PVeRA samples ε in training: the same draws for both
     make_step(ours, opt_ours, x, target, amp=False)()
+    torch.manual_seed(args.seed + 3)
     make_step(theirs, opt_peft, x, target, amp=False)()
-    g_ours, g_peft = lora_grads(ours, names, True), lora_grads(theirs, names, False)
+    g_ours = adapter_grads(ours, names, True, args.method)
+    g_peft = adapter_grads(theirs, names, False, args.method)
     grad_diff = max(float((a - b).abs().max()) for a, b in zip(g_ours, g_peft))
     grad_scale = max(float(b.abs().max()) for b in g_peft)
     if not grad_diff <= GRAD_RTOL * grad_scale:
-        failures.append(f"LoRA gradient max |Δ| {grad_diff:.3g} > {GRAD_RTOL:g} x max |grad| {grad_scale:.3g}")
+        failures.append(f"{label} gradient max |Δ| {grad_diff:.3g} > {GRAD_RTOL:g} x max |grad| {grad_scale:.3g}")
     ours.eval()
     theirs.eval()
     with torch.no_grad():
@@ -312,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mib = 2.0**20
     h, w = ours.input_size
     print(
-        f"# our LoRA vs peft {peft.__version__} LoRA | timm:{args.model} {h}x{w}, batch {args.batch}, r={args.rank}, "
-        f"alpha={args.alpha:g}, targets qkv ({len(names)} modules)"
+        f"# our {label} vs peft {peft.__version__} {label} | timm:{args.model} {h}x{w}, batch {args.batch}, "
+        f"r={args.rank}{f', alpha={args.alpha:g}' if args.method == 'lora' else ''}, targets qkv ({len(names)} modules)"
     )
     print(
         f"# device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
@@ -321,13 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"amp {'bf16' if args.amp else 'off'}, {args.warmup} warm-up + {args.steps} timed steps each, interleaved"
     )
     print(
-        f"# forward max |Δ| (eval, fp32, B≠0): {fwd_diff:.3g} (tol {FORWARD_TOL:g}); "
-        f"LoRA effect on output vs frozen: {lora_effect:.3g}"
+        f"# forward max |Δ| (eval, fp32, {'B' if args.method == 'lora' else 'λ_b'}≠0): {fwd_diff:.3g} "
+        f"(tol {FORWARD_TOL:g}); {label} effect on output vs frozen: {lora_effect:.3g}"
     )
     print(
-        f"# LoRA grad max |Δ| after one backward: {grad_diff:.3g} (tol {GRAD_RTOL:g} x max |grad| {grad_scale:.3g}); "
+        f"# {label} grad max |Δ| after one backward (train mode): {grad_diff:.3g} (tol {GRAD_RTOL:g} x max |grad| {grad_scale:.3g}); "
         f"output max |Δ| after one AdamW step: {step_diff:.3g} (tol {AFTER_STEP_TOL:g})"
     )
+    for fact, value in facts.items():
+        print(f"# {fact}: {value}")
     print()
     print(fmt_row("metric", "ours", "peft", "ours/peft"))
     print(f"|{'-' * 60}|{'-' * 14}|{'-' * 14}|{'-' * 12}|")

@@ -22,7 +22,6 @@ under ``pvera_shared``) so a checkpoint never depends on a random-number generat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +58,10 @@ class PVeRAShared(nn.Module):
     def __init__(self, r: int, fan_in: int, fan_out: int, seed: int, like: torch.Tensor) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        # kaiming-uniform bounds (as VeRA), computed on the full matrices so every slice has the same scale
-        a = torch.empty(2 * r, fan_in).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=gen)
-        b = torch.empty(fan_out, r).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r), generator=gen)
+        # Kaiming-uniform (VeRA's initialisation; bound √(6 / fan)), drawn on the full matrices, A first, so every
+        # slice has the same scale and the same seed gives the same projections everywhere
+        a = nn.init.kaiming_uniform_(torch.empty(2 * r, fan_in), generator=gen)
+        b = nn.init.kaiming_uniform_(torch.empty(fan_out, r), generator=gen)
         self.register_buffer("A", a.to(device=like.device, dtype=like.dtype))
         self.register_buffer("B", b.to(device=like.device, dtype=like.dtype))
         self.r = r
