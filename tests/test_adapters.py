@@ -490,10 +490,34 @@ def test_pvera_run_trains_reloads_and_exports(run_cfg) -> None:
     run_dir = run(cfg, progress=False)
     _, _, model, _ = load_run(run_dir)
     lambdas = [p for n, p in model.named_parameters() if n.endswith("lambda_b")]
-    assert lambdas and any(float(p.abs().max()) > 0 for p in lambdas), "training left every λ_b at zero"
+    assert lambdas and any(float(p.detach().abs().max()) > 0 for p in lambdas), "training left every λ_b at zero"
     manifest = export_run(run_dir, batch_sizes=(1, 2))
     parity = json.loads((Path(run_dir) / "export" / "parity.json").read_text())
     assert manifest["files"] and parity["max_abs_diff"] < 1e-4
+
+    # Monte Carlo prediction through the sampled latent (PVeRA's confidence estimates)
+    from vision_peft.predict import predict_files
+
+    image = str(sorted(Path(cfg.task.data_root).rglob("*.png"))[0])
+    plain = predict_files(run_dir, [image], top_k=3)[0]
+    assert predict_files(run_dir, [image], top_k=3)[0] == plain, "inference without --mc-samples must be deterministic"
+    assert "mc" not in plain
+    mc = predict_files(run_dir, [image], top_k=3, mc_samples=16)[0]
+    assert mc["mc"]["samples"] == 16 and 0 < mc["mc"]["top1_agreement"] <= 1
+    assert all(e["prob_std"] >= 0 for e in mc["top"]) and any(e["prob_std"] > 0 for e in mc["top"])
+    assert sum(e["prob"] for e in mc["top"]) <= 1 + 1e-6 and mc["top"][0]["prob"] >= mc["top"][-1]["prob"]
+    assert predict_files(run_dir, [image], top_k=3, mc_samples=16)[0] != mc, "the latent was not sampled"
+
+
+def test_mc_prediction_refuses_models_without_a_sampled_latent(run_cfg) -> None:
+    from vision_peft.predict import predict_files
+    from vision_peft.train import run
+
+    cfg = run_cfg("train.max_steps=1")  # LoRA
+    run_dir = run(cfg, progress=False)
+    image = str(sorted(Path(cfg.task.data_root).rglob("*.png"))[0])
+    with pytest.raises(ValueError, match="needs a PVeRA adapter trained with a sampled latent"):
+        predict_files(run_dir, [image], mc_samples=4)
 
 
 def test_pvera_rejects_bad_configs() -> None:

@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from vision_peft.predict import predict_files
 
-    for rec in predict_files(args.run, args.inputs, device=args.device, top_k=args.top_k):
+    for rec in predict_files(args.run, args.inputs, device=args.device, top_k=args.top_k, mc_samples=args.mc_samples):
         print(json.dumps(rec))
     return 0
 
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="input files, as the run's task reads them (images, point clouds …)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument(
+        "--mc-samples", type=int, default=0,
+        help="PVeRA runs: average this many predictions with the latent sampled, and report their spread",
+    )  # fmt: skip
     x = sub.add_parser("export", help="export a run to an ONNX bundle with a parity check")
     x.add_argument("run")
     x.add_argument("--out", help="bundle folder (default <run>/export)")

@@ -6,6 +6,7 @@ trained on (content hash), applies the adapter and loads ``adapter.safetensors``
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,14 @@ def _check_extra_encoders(run_dir: Path, info: dict[str, Any], task: Task) -> No
 
 
 def predict_files(
-    run_dir: str | Path, inputs: list[str | Path], device: str = "cpu", top_k: int = 5
+    run_dir: str | Path, inputs: list[str | Path], device: str = "cpu", top_k: int = 5, mc_samples: int = 0
 ) -> list[dict[str, Any]]:
-    """Predict input files with any finished run (images, point files … as the run's task reads them)."""
-    _, task, model, _ = load_run(run_dir, device)
-    return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k)
+    """Predict input files with any finished run (images, point files … as the run's task reads them).
+
+    ``mc_samples`` > 0: Monte Carlo prediction through a PVeRA adapter's sampled latent (classification runs)."""
+    cfg, task, model, _ = load_run(run_dir, device)
+    if not mc_samples:
+        return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k)
+    if "mc_samples" not in inspect.signature(task.predict).parameters:
+        raise ValueError(f"{run_dir}: --mc-samples is available for classification runs; this is a {cfg.task.name} run")
+    return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k, mc_samples=mc_samples)

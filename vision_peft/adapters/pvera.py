@@ -22,6 +22,8 @@ under ``pvera_shared``) so a checkpoint never depends on a random-number generat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +76,8 @@ class PVeRAVectors(nn.Module):
         super().__init__()
         self._shared = [shared]  # a list keeps it out of this module's children and state dict
         self.fan_in, self.fan_out, self.r, self.sample = fan_in, fan_out, cfg.r, cfg.sample
+        self.weight_space = False  # true for k×k convs / fused MHA: z = μ always
+        self.mc = False  # set by mc_sampling(): sample at inference too (Monte Carlo predictions)
         self.lambda_d = nn.Parameter(torch.full((2 * cfg.r,), float(cfg.lambda_d_init), device=like.device))
         self.lambda_b = nn.Parameter(torch.zeros(fan_out, device=like.device))
 
@@ -85,7 +89,7 @@ class PVeRAVectors(nn.Module):
         """(…, 2r) projections A x → z (…, r): sampled in training, the mean otherwise."""
         h = ax * self.lambda_d.to(ax.dtype)
         mu, logvar = h[..., : self.r], h[..., self.r :]
-        if self.training and self.sample:
+        if self.sample and (self.training or self.mc):
             return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return mu
 
@@ -120,6 +124,27 @@ class PVeRALinear(nn.Linear):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin.requires_grad_(False)
+
+
+@contextmanager
+def mc_sampling(model: nn.Module) -> Iterator[int]:
+    """Inside this block every PVeRA layer with a sampled latent draws z ~ N(μ, σ²) at inference as well, so
+    repeated forwards give Monte Carlo samples of the prediction (the paper's confidence estimates). Yields the
+    number of sampling layers; raises ValueError when the model has none."""
+    layers = [m for m in model.modules() if isinstance(m, PVeRAVectors) and m.sample and not m.weight_space]
+    if not layers:
+        raise ValueError(
+            "Monte Carlo prediction needs a PVeRA adapter trained with a sampled latent (adapter.name=pvera, "
+            "adapter.sample=true, on Linear or 1×1 conv targets); this model has no such layer. "
+            "Predict without --mc-samples, or train with adapter.name=pvera"
+        )
+    for m in layers:
+        m.mc = True
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.mc = False
 
 
 def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -206,6 +231,7 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
             hooks[name] = mod.register_forward_hook(_pointwise_hook)
             sampled.append(name)
         else:
+            vec.weight_space = True
             parametrize.register_parametrization(mod, tensor, PVeRAParametrization(vec))
             getattr(mod.parametrizations, tensor).original.requires_grad_(False)
         touched.append(name)

@@ -184,17 +184,39 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict(
-        self, model: TaskModel, inputs: list[str], device: torch.device, top_k: int = 5
+        self, model: TaskModel, inputs: list[str], device: torch.device, top_k: int = 5, mc_samples: int = 0
     ) -> list[dict[str, Any]]:
+        """Ranked classes per image. ``mc_samples`` > 0 (PVeRA runs): probabilities are the mean over that many
+        forwards with the adapter's latent sampled, and each record gets an ``mc`` block with their spread."""
+        from vision_peft.adapters.pvera import mc_sampling
         from vision_peft.preprocess import load_image, preprocess_image
 
+        if mc_samples < 0:
+            raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
         model.eval()
         spec = self.image_spec(model)
         out = []
         for path in inputs:
             x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
-            probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
-            out.append(ranked_prediction(path, probs, self.classes, top_k))
+            if not mc_samples:
+                with torch.no_grad():
+                    probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
+                out.append(ranked_prediction(path, probs, self.classes, top_k))
+                continue
+            with mc_sampling(model), torch.no_grad():  # one batch of S copies: every row draws its own latent
+                samples = torch.softmax(model.logits(x.expand(mc_samples, -1, -1, -1)).float(), dim=1).cpu()
+            probs = samples.mean(0)
+            rec = ranked_prediction(path, probs.numpy(), self.classes, top_k)
+            std = samples.std(0) if mc_samples > 1 else torch.zeros_like(probs)
+            for entry in rec["top"]:
+                entry["prob_std"] = float(std[self.classes.index(entry["label"])])
+            top = self.classes.index(rec["label"])
+            rec["mc"] = {
+                "samples": mc_samples,
+                "top1_agreement": float((samples.argmax(1) == top).float().mean()),  # share of samples voting for it
+                "entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum()),  # of the mean prediction, nats
+            }
+            out.append(rec)
         return out
 
     def evaluate_onnx(self, run_fn, model: TaskModel) -> dict[str, Any] | None:
