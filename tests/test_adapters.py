@@ -481,7 +481,7 @@ def test_pvera_trains_two_vectors_per_layer_and_saves_shared_projections_once(ru
     assert not torch.equal(bb.pvera_shared.A, other.pvera_shared.A)
 
 
-def test_pvera_run_trains_reloads_and_exports(run_cfg) -> None:
+def test_pvera_run_trains_reloads_and_exports(run_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     from vision_peft.export import export_run
     from vision_peft.predict import load_run
     from vision_peft.train import run
@@ -507,6 +507,36 @@ def test_pvera_run_trains_reloads_and_exports(run_cfg) -> None:
     assert all(e["prob_std"] >= 0 for e in mc["top"]) and any(e["prob_std"] > 0 for e in mc["top"])
     assert sum(e["prob"] for e in mc["top"]) <= 1 + 1e-6 and mc["top"][0]["prob"] >= mc["top"][-1]["prob"]
     assert predict_files(run_dir, [image], top_k=3, mc_samples=16)[0] != mc, "the latent was not sampled"
+
+    # the calibration benchmark runs on it (deterministic vs MC on the run's test split)
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    bench = importlib.import_module("pvera_calibration")
+    out = Path(run_dir) / "calibration.json"
+    assert bench.main([str(run_dir), "--samples", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"pvera deterministic", "pvera mc"}
+    assert res["modes"]["pvera mc"]["n"] == len(json.loads((Path(run_dir) / "split.json").read_text())["test"])
+    d = res["mc_minus_deterministic"]
+    assert d["nll_ci95"][0] <= d["nll"] <= d["nll_ci95"][1]
+
+
+def test_calibration_metrics_on_known_cases(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    bench = importlib.import_module("pvera_calibration")
+    right = np.array([True, True, False, False])
+    assert bench.auroc(np.array([0.9, 0.8, 0.3, 0.2]), right) == 1.0  # confidence separates perfectly
+    assert bench.auroc(np.array([0.2, 0.3, 0.8, 0.9]), right) == 0.0
+    assert bench.auroc(np.array([0.5, 0.5, 0.5, 0.5]), right) == 0.5  # ties: chance
+    # 10 predictions at confidence 0.7 with 7 right: calibrated; the same at 0.9 confidence: ECE 0.2
+    correct = np.array([True] * 7 + [False] * 3)
+    assert bench.ece(np.full(10, 0.7), correct) == pytest.approx(0.0)
+    assert bench.ece(np.full(10, 0.9), correct) == pytest.approx(0.2)
 
 
 def test_mc_prediction_refuses_models_without_a_sampled_latent(run_cfg) -> None:

@@ -199,11 +199,10 @@ class ClassificationTask(Task):
         for path in inputs:
             x = torch.from_numpy(preprocess_image(load_image(path), spec))[None].to(device)  # (1, 3, H, W)
             if not mc_samples:
-                with torch.no_grad():
-                    probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
+                probs = torch.softmax(model.logits(x).float(), dim=1)[0].cpu().numpy()
                 out.append(ranked_prediction(path, probs, self.classes, top_k))
                 continue
-            with mc_sampling(model), torch.no_grad():  # one batch of S copies: every row draws its own latent
+            with mc_sampling(model):  # one batch of S copies: every row draws its own latent
                 samples = torch.softmax(model.logits(x.expand(mc_samples, -1, -1, -1)).float(), dim=1).cpu()
             probs = samples.mean(0)
             rec = ranked_prediction(path, probs.numpy(), self.classes, top_k)
