@@ -1,9 +1,15 @@
-"""Load test of ``python -m vision_peft serve`` on loopback: throughput and latency percentiles at concurrency
-1, 4 and 16, with malformed requests mixed in mid-load; the server must keep answering.
+"""Load test of ``python -m vision_peft serve`` on loopback, for any task's bundle: throughput and latency
+percentiles at concurrency 1, 4 and 16, with malformed requests mixed in mid-load (garbage bytes, a wrong file
+type or field, a missing part); every malformed request must get a 4xx, every good one a 200, and the server
+must keep answering.
 
 Traffic goes to 127.0.0.1 only, bounded in count (``--requests`` per level) and time (``--seconds`` per level).
 
-    python bench/load_test.py runs/<run>/export --images ../shared/data/aid/Beach
+    python bench/load_test.py runs/<run>/export --inputs ../shared/data/aid/Beach            # classification
+    python bench/load_test.py runs/<fewshot run>/export --inputs ../shared/data/aid          # fewshot: class folders
+    python bench/load_test.py runs/<pointcloud run>/export --inputs ../shared/data/modelnet10/chair/test
+    python bench/load_test.py runs/<refseg run>/export --inputs ../shared/data/coco128-seg/images --phrase "a dog"
+    python bench/load_test.py runs/<diffusion run>/export --steps 10 --requests 20          # no inputs needed
 """
 
 from __future__ import annotations
@@ -27,8 +33,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+POINT_EXTS = (".off", ".ply", ".pcd", ".xyz", ".txt", ".npy", ".npz")
+
+
+class Workload:
+    """What one task's endpoint is sent: a good request i, or a malformed one of kind k (0, 1, 2)."""
+
+    def __init__(self, task: str, inputs: Path, phrase: str, classes: list[str], steps: int) -> None:
+        self.task = task
+        self.route = {
+            "classification": "/v1/classify",
+            "fewshot": "/v1/fewshot",
+            "pointcloud": "/v1/points",
+            "refseg": "/v1/segment",
+            "diffusion": "/v1/generate",
+        }[task]
+        self.phrase, self.classes, self.steps = phrase, classes, steps
+        if task in ("classification", "refseg"):
+            self.files = [(p.name, p.read_bytes()) for p in sorted(inputs.rglob("*.jpg"))[:32]]
+            if not self.files:
+                raise SystemExit(f"no .jpg files under {inputs}")
+        elif task == "fewshot":  # a folder of class folders: each request = 1 support image per class + 1 query
+            self.sets = {
+                d.name: [p.read_bytes() for p in sorted(d.glob("*.jpg"))[:8]]
+                for d in sorted(inputs.iterdir())
+                if d.is_dir()
+            }
+            self.sets = {k: v for k, v in self.sets.items() if len(v) >= 2}
+            if len(self.sets) < 2:
+                raise SystemExit(f"{inputs}: a few-shot load test needs ≥ 2 class folders with ≥ 2 .jpg files each")
+        elif task == "pointcloud":
+            self.files = [
+                (p.name, p.read_bytes()) for p in sorted(inputs.rglob("*")) if p.suffix.lower() in POINT_EXTS
+            ][:32]
+            if not self.files:
+                raise SystemExit(f"no point files {POINT_EXTS} under {inputs}")
+
+    def good(self, i: int) -> dict:
+        if self.task in ("classification", "pointcloud"):
+            name, data = self.files[i % len(self.files)]
+            return {"files": [("files", (name, data))]}
+        if self.task == "refseg":
+            name, data = self.files[i % len(self.files)]
+            return {"files": [("file", (name, data, "image/jpeg"))], "data": {"phrase": self.phrase}}
+        if self.task == "fewshot":
+            labels = list(self.sets)
+            support = [
+                ("support", (f"{c}.jpg", self.sets[c][i % (len(self.sets[c]) - 1)], "image/jpeg")) for c in labels
+            ]
+            q = labels[i % len(labels)]
+            query = [("query", ("q.jpg", self.sets[q][-1], "image/jpeg"))]
+            return {"files": support + query, "data": {"support_labels": ",".join(labels)}}
+        return {"json": {"classes": [self.classes[i % len(self.classes)]], "n": 1, "steps": self.steps, "seed": i}}
+
+    def malformed(self, kind: int) -> dict:
+        """0: garbage bytes, 1: wrong type / field, 2: required part missing."""
+        if self.task == "diffusion":
+            return [
+                {"content": os.urandom(64), "headers": {"content-type": "application/json"}},
+                {"json": {"classes": ["no-such-class-xyz"], "n": 1, "steps": self.steps}},
+                {"json": {"n": 1}},
+            ][kind]
+        field = {"classification": "files", "pointcloud": "files", "refseg": "file", "fewshot": "query"}[self.task]
+        ext = ".off" if self.task == "pointcloud" else ".jpg"
+        if kind == 0:
+            req = self.good(0)
+            req["files"] = [(f, (f"bad{ext}", os.urandom(512))) if f == field else (f, v) for f, v in req["files"]]
+            return req
+        if kind == 1:
+            req = self.good(0)
+            req["files"] = [(f, ("bad.txt", b"text", "text/plain")) if f == field else (f, v) for f, v in req["files"]]
+            return req
+        return {}
+
+
 async def level(
-    client: httpx.AsyncClient, url: str, images: list[bytes], conc: int, n: int, seconds: float, bad_every: int
+    client: httpx.AsyncClient, url: str, work: Workload, conc: int, n: int, seconds: float, bad_every: int
 ) -> dict:
     lat_ok: list[float] = []
     codes: dict[int, int] = {}
@@ -42,23 +122,19 @@ async def level(
             if time.perf_counter() > deadline:
                 return
             malformed = bad_every and i % bad_every == bad_every - 1
-            if malformed:  # garbage bytes, wrong type, or no file at all
-                kind = (i // bad_every) % 3
-                files = (
-                    [("files", ("bad.jpg", os.urandom(512), "image/jpeg"))]
-                    if kind == 0
-                    else [("files", ("bad.txt", b"text", "text/plain"))]
-                    if kind == 1
-                    else None
-                )
+            if malformed:
+                req = work.malformed((i // bad_every) % 3)
                 bad_sent += 1
             else:
-                files = [("files", (f"{i}.jpg", images[i % len(images)], "image/jpeg"))]
+                req = work.good(i)
             t0 = time.perf_counter()
-            r = await client.post(url, files=files) if files else await client.post(url)
+            r = await client.post(url, **req)
             dt = time.perf_counter() - t0
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
-            if not malformed:
+            if malformed:
+                if not 400 <= r.status_code < 500:
+                    raise RuntimeError(f"malformed request answered {r.status_code} (want 4xx): {r.text[:200]}")
+            else:
                 if r.status_code != 200:
                     raise RuntimeError(f"good request failed: {r.status_code} {r.text[:200]}")
                 lat_ok.append(dt)
@@ -81,9 +157,6 @@ async def level(
 
 
 async def main_async(args) -> int:
-    images = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))[:32]]
-    if not images:
-        raise SystemExit(f"no .jpg files in {args.images}")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     server = subprocess.Popen(
@@ -104,18 +177,19 @@ async def main_async(args) -> int:
             else:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
             info = (await client.get(f"{base}/info")).json()
+            labels = [c for c in info.get("labels") or [] if not c.startswith("<")]  # not the CFG null class
+            if info["task"] != "diffusion" and not args.inputs:
+                raise SystemExit(f"a {info['task']} bundle needs --inputs (see the module docstring)")
+            work = Workload(info["task"], Path(args.inputs or "."), args.phrase, labels, args.steps)
             print(
-                f"bundle {args.bundle}: task {info['task']}, providers {info['providers']}, "
-                f"{args.requests} requests/level (≤ {args.seconds:.0f} s), 1 image each, every {args.bad_every}th "
-                "request malformed",
+                f"bundle {args.bundle}: task {info['task']} → {work.route}, providers {info['providers']}, "
+                f"{args.requests} requests/level (≤ {args.seconds:.0f} s), every {args.bad_every}th request malformed",
                 flush=True,
             )
             rows = []
             for conc in args.levels:
                 rows.append(
-                    await level(
-                        client, f"{base}/v1/classify", images, conc, args.requests, args.seconds, args.bad_every
-                    )
+                    await level(client, base + work.route, work, conc, args.requests, args.seconds, args.bad_every)
                 )
             health = (await client.get(f"{base}/health")).json()
     finally:
@@ -138,7 +212,13 @@ async def main_async(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
-    ap.add_argument("--images", required=True, help="folder of .jpg files to send")
+    ap.add_argument(
+        "--inputs", "--images", default=None,
+        help="what to send: .jpg files (classification, refseg), class folders of .jpg (fewshot), point files "
+        "(pointcloud); not needed for diffusion",
+    )  # fmt: skip
+    ap.add_argument("--phrase", default="the object in the middle", help="refseg: the phrase sent with each image")
+    ap.add_argument("--steps", type=int, default=10, help="diffusion: sampler steps per request")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60)

@@ -110,3 +110,17 @@ def test_int8_bundle_reports_metric_change(tiny_cls_bundle) -> None:
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     assert b.run("model_int8", image=x)["logits"].shape == (2, 3)
     assert json.loads((bundle / "preprocess.json").read_text()) == man["preprocess"]
+
+
+def test_load_test_survives_malformed_requests(tiny_cls_bundle, aid_root: Path) -> None:
+    """bench/load_test.py against a real server process: good requests 200, malformed ones 4xx, server alive."""
+    _, bundle = tiny_cls_bundle
+    res = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "load_test.py"), str(bundle), "--inputs", str(aid_root / "Beach"),
+         "--levels", "1", "4", "--requests", "20", "--bad-every", "4", "--threads", "1"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "→ /v1/classify" in res.stdout and "survived malformed requests mid-load: True" in res.stdout
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 4 |")]
+    assert len(rows) == 2 and all(r.split("|")[3].strip() == "5 (5)" for r in rows), rows  # every 4th of 20
