@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vision_peft.adapters.pvera import mc_sampling  # noqa: E402
+from vision_peft.adapters import mc_sampling  # noqa: E402
 from vision_peft.predict import load_run  # noqa: E402
 
 

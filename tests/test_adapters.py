@@ -546,7 +546,7 @@ def test_mc_prediction_refuses_models_without_a_sampled_latent(run_cfg) -> None:
     cfg = run_cfg("train.max_steps=1")  # LoRA
     run_dir = run(cfg, progress=False)
     image = str(sorted(Path(cfg.task.data_root).rglob("*.png"))[0])
-    with pytest.raises(ValueError, match="needs a PVeRA adapter trained with a sampled latent"):
+    with pytest.raises(ValueError, match="needs an adapter trained with a sampled latent"):
         predict_files(run_dir, [image], mc_samples=4)
 
 

@@ -4,7 +4,8 @@ mutates the (already frozen) backbone in place; new parameters it creates are th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -33,6 +34,27 @@ class AdapterHandle:
             self.merge_fn = None
 
 
+@contextmanager
+def mc_sampling(model: nn.Module) -> Iterator[int]:
+    """Monte Carlo inference: inside this block, every adapter module with a stochastic latent (a module whose
+    ``supports_mc`` is true, e.g. PVeRA's) samples it at inference as well, so repeated forwards give samples of
+    the prediction. Yields the number of such modules; raises ValueError when the model has none."""
+    layers = [m for m in model.modules() if getattr(m, "supports_mc", False)]
+    if not layers:
+        raise ValueError(
+            "Monte Carlo prediction needs an adapter trained with a sampled latent (adapter.name=pvera with "
+            "adapter.sample=true, on Linear or 1×1 conv targets); this model has none. Predict without "
+            "--mc-samples, or train such an adapter"
+        )
+    for m in layers:
+        m.mc = True
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.mc = False
+
+
 def apply_adapter(backbone: nn.Module, cfg) -> AdapterHandle:
     """Freeze ``backbone`` and apply the adapter named by ``cfg.name``."""
     entry = ADAPTERS.get(cfg.name)
@@ -52,4 +74,4 @@ from vision_peft.adapters import (  # noqa: E402,F401
     vpt,
 )
 
-__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter"]
+__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling"]

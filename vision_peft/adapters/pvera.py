@@ -22,8 +22,6 @@ under ``pvera_shared``) so a checkpoint never depends on a random-number generat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -77,9 +75,14 @@ class PVeRAVectors(nn.Module):
         self._shared = [shared]  # a list keeps it out of this module's children and state dict
         self.fan_in, self.fan_out, self.r, self.sample = fan_in, fan_out, cfg.r, cfg.sample
         self.weight_space = False  # true for k×k convs / fused MHA: z = μ always
-        self.mc = False  # set by mc_sampling(): sample at inference too (Monte Carlo predictions)
+        self.mc = False  # set by vision_peft.adapters.mc_sampling(): sample at inference too (Monte Carlo)
         self.lambda_d = nn.Parameter(torch.full((2 * cfg.r,), float(cfg.lambda_d_init), device=like.device))
         self.lambda_b = nn.Parameter(torch.zeros(fan_out, device=like.device))
+
+    @property
+    def supports_mc(self) -> bool:
+        """True when this layer's latent is sampled (the contract of ``vision_peft.adapters.mc_sampling``)."""
+        return self.sample and not self.weight_space
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self._shared[0]
@@ -124,27 +127,6 @@ class PVeRALinear(nn.Linear):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin.requires_grad_(False)
-
-
-@contextmanager
-def mc_sampling(model: nn.Module) -> Iterator[int]:
-    """Inside this block every PVeRA layer with a sampled latent draws z ~ N(μ, σ²) at inference as well, so
-    repeated forwards give Monte Carlo samples of the prediction (the paper's confidence estimates). Yields the
-    number of sampling layers; raises ValueError when the model has none."""
-    layers = [m for m in model.modules() if isinstance(m, PVeRAVectors) and m.sample and not m.weight_space]
-    if not layers:
-        raise ValueError(
-            "Monte Carlo prediction needs a PVeRA adapter trained with a sampled latent (adapter.name=pvera, "
-            "adapter.sample=true, on Linear or 1×1 conv targets); this model has no such layer. "
-            "Predict without --mc-samples, or train with adapter.name=pvera"
-        )
-    for m in layers:
-        m.mc = True
-    try:
-        yield len(layers)
-    finally:
-        for m in layers:
-            m.mc = False
 
 
 def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ class ClassificationTask(Task):
     ) -> list[dict[str, Any]]:
         """Ranked classes per image. ``mc_samples`` > 0 (PVeRA runs): probabilities are the mean over that many
         forwards with the adapter's latent sampled, and each record gets an ``mc`` block with their spread."""
-        from vision_peft.adapters.pvera import mc_sampling
+        from vision_peft.adapters import mc_sampling
         from vision_peft.preprocess import load_image, preprocess_image
 
         if mc_samples < 0:
