@@ -1,5 +1,5 @@
-"""AID scene classification: linear probe vs LoRA (symmetric, asymmetric) vs PVeRA vs full fine-tuning of
-EfficientNet-Lite0.
+"""AID scene classification: linear probe vs LoRA (symmetric, asymmetric) vs DoRA (dynamic rank) vs PVeRA vs
+full fine-tuning of EfficientNet-Lite0.
 
 One command, one table: every row trains the recipe ``tasks/classification-aid.yaml`` (all 30 AID classes,
 fixed stratified split 60 train / 10 val / 30 test per class, seed 0) for the same number of epochs with
@@ -38,6 +38,13 @@ ROWS = {
         "--adapter.r=8",
         "--adapter.targets=[conv_pw]",
         "--adapter.train_a=false",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
+    "dora": [  # DoRA, dynamic rank (Mao et al. 2024): starts at 12 components per layer, pruned to 8 on average
+        "--adapter.name=dora",
+        "--adapter.r=8",
+        "--adapter.targets=[conv_pw]",
         "--train.lr=2e-3",
         "--train.head_lr=1e-2",
     ],

@@ -394,6 +394,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             dynamic_ncols=True,
             file=sys.stderr,
         )
+    adapter_step = getattr(getattr(model, "adapter", None), "step_fn", None)  # e.g. DoRA's rank pruning
     step_delay = float(os.environ.get("VISION_PEFT_STEP_DELAY", "0"))  # debugging/tests: slow each step down
     t_start, step_times = time.perf_counter(), []
     last_eval: dict[str, Any] = {}
@@ -427,6 +428,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             scaler.update()
             sched.step()
             step += 1
+            adapter_log = adapter_step(step, total_steps) if adapter_step is not None else None
             if step_delay:
                 time.sleep(step_delay)
             dt = time.perf_counter() - t0
@@ -444,6 +446,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
                         "step_time": dt,
                         "time": time.time(),
                         "total_steps": total_steps,
+                        **(adapter_log or {}),
                     }
                 )
             if step % eval_every == 0 and step < total_steps and "val" in data:

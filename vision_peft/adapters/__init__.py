@@ -23,6 +23,9 @@ class AdapterHandle:
     touched: list[str] = field(default_factory=list)  # module names changed or added
     merge_fn: Callable[[], None] | None = None  # folds re-parameterisations into the base weights
     report: dict = field(default_factory=dict)  # adapter-specific facts (selected entries, shared shapes …)
+    # called by the training loop after every optimizer step with (step, total_steps); returns scalars to log
+    # (e.g. DoRA's rank budget). Adapters that change their structure during training (pruning) use it.
+    step_fn: Callable[[int, int], dict[str, float] | None] | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -32,6 +35,12 @@ class AdapterHandle:
         if self.merge_fn is not None:
             self.merge_fn()
             self.merge_fn = None
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``blocks.0.attn.qkv``) with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 @contextmanager
@@ -65,6 +74,7 @@ def apply_adapter(backbone: nn.Module, cfg) -> AdapterHandle:
 from vision_peft.adapters import (  # noqa: E402,F401
     baselines,
     detris,
+    dora,
     kind,
     lora,
     pad_prompt,
@@ -74,4 +84,4 @@ from vision_peft.adapters import (  # noqa: E402,F401
     vpt,
 )
 
-__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling"]
+__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling", "set_module"]

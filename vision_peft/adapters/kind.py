@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
 
 
 @dataclass
@@ -105,11 +105,6 @@ class KINDLinear(nn.Module):
         return out + z @ self.u_t.T
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _orthonormal(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, r, generator=gen))
     return q
@@ -163,7 +158,7 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
                 v_t = torch.cat([_orthonormal(w.shape[1], cfg.tailor_rank, gen) for _ in range(cfg.groups)], 1)
                 s_t = torch.zeros(rt)
             new = KINDLinear(lin.weight, lin.bias, u_t, s_t, v_t, cfg.groups, n_cls, backbone)
-        _set_module(backbone, n, new.to(lin.weight.device))
+        set_module(backbone, n, new.to(lin.weight.device))
     if cfg.mode == "pretrain":
         backbone.requires_grad_(True)  # pre-training: the whole DiT learns
 

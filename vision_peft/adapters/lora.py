@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
 
 
 @dataclass
@@ -113,12 +113,6 @@ class LoRAParametrization(nn.Module):
         return w + self.lora.delta().view_as(w).to(w.dtype)  # (out, fan_in) -> weight's own shape
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 @ADAPTERS.register("lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections")
 def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     """Wrap every targeted module with a low-rank update (B = 0, so outputs are unchanged at step 0)."""
@@ -135,7 +129,7 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
             parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
             mod.parametrizations.weight.original.requires_grad_(False)
         elif isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
-            _set_module(backbone, name, LoRALinear(mod, cfg, gen))
+            set_module(backbone, name, LoRALinear(mod, cfg, gen))
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not parametrize.is_parametrized(mod, "weight"):
             parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
             mod.parametrizations.weight.original.requires_grad_(False)
@@ -156,7 +150,7 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
         for name in touched:
             mod = backbone.get_submodule(name)
             if isinstance(mod, LoRALinear):
-                _set_module(backbone, name, mod.merged())
+                set_module(backbone, name, mod.merged())
             else:
                 tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
                 parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)

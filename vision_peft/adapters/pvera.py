@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
 
 
 @dataclass
@@ -165,12 +165,6 @@ def _pointwise(mod: nn.Module) -> bool:
     )
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _weight_of(mod: nn.Module) -> tuple[str, torch.Tensor] | None:
     """The tensor an adapted module's update lands on, or None when the module is not adaptable."""
     if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -206,7 +200,7 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
     for name, mod, tensor, w in layers:
         vec = PVeRAVectors(shared, w[0].numel(), w.shape[0], cfg, w).train(mod.training)  # sample only if training
         if isinstance(mod, nn.Linear):
-            _set_module(backbone, name, PVeRALinear(mod, vec).train(mod.training))
+            set_module(backbone, name, PVeRALinear(mod, vec).train(mod.training))
             sampled.append(name)
         elif _pointwise(mod):
             mod.pvera = vec
@@ -228,7 +222,7 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
         for name in touched:
             mod = backbone.get_submodule(name)
             if isinstance(mod, PVeRALinear):
-                _set_module(backbone, name, mod.merged())
+                set_module(backbone, name, mod.merged())
             elif name in hooks:
                 hooks[name].remove()
                 with torch.no_grad():

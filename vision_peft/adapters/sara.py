@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
 
 
 class SparseCheckpointError(ValueError):
@@ -239,11 +239,6 @@ def fisher_scores(model: nn.Module, module_names: list[str], loss_fn, batches) -
     return {n: a / max(1, count) for n, a in acc.items()}
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 class SparseHandle(AdapterHandle):
     """AdapterHandle + the sparse engine's report, penalty, re-selection and explicit-index checkpoints."""
 
@@ -301,14 +296,14 @@ def _apply_sparse(backbone: nn.Module, cfg: SaRAConfig, fisher: bool) -> SparseH
     for n in names:
         if idx[n].numel() == 0:
             continue
-        _set_module(backbone, n, SparseLinear(backbone.get_submodule(n), idx[n]))
+        set_module(backbone, n, SparseLinear(backbone.get_submodule(n), idx[n]))
         touched.append(n)
     if not touched:
         raise ValueError(f"{cfg.name}: the selection (τ={report['threshold']}) picked no entries; raise the threshold")
 
     def merge() -> None:
         for n in touched:
-            _set_module(backbone, n, backbone.get_submodule(n).merged())
+            set_module(backbone, n, backbone.get_submodule(n).merged())
 
     handle = SparseHandle(cfg.name, touched=touched, merge_fn=merge)
     if cfg.reselect_step > 0:
