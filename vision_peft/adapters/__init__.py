@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from vision_peft.registry import Registry
@@ -41,6 +42,20 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (e.g. ``blocks.0.attn.qkv``) with ``new``."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
+    """A plain, frozen ``nn.Linear`` with weight W0 + ``delta`` (fan_out, fan_in) and the base bias: what a
+    re-parameterising adapter's Linear wrapper becomes on ``merge()``."""
+    lin = nn.Linear(
+        base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device,
+        dtype=base.weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        lin.weight.copy_(base.weight + delta.to(base.weight.dtype))
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+    return lin.requires_grad_(False)
 
 
 @contextmanager
@@ -84,4 +99,4 @@ from vision_peft.adapters import (  # noqa: E402,F401
     vpt,
 )
 
-__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling", "set_module"]
+__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling", "merged_linear", "set_module"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
 
 
 @dataclass
@@ -118,15 +118,7 @@ class DoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + F.linear(z, d.lora_B.to(x.dtype)) * d.scale
 
     def merged(self) -> nn.Linear:
-        lin = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
-            dtype=self.weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            lin.weight.copy_(self.weight + self.dora.delta().to(self.weight.dtype))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
+        return merged_linear(self, self.dora.delta())
 
 
 class DoRAParametrization(nn.Module):

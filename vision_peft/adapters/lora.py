@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
 
 
 @dataclass
@@ -88,18 +88,7 @@ class LoRALinear(nn.Linear):
         return out + z * self.lora.scale
 
     def merged(self) -> nn.Linear:
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.weight + self.lora.delta().to(self.weight.dtype))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
+        return merged_linear(self, self.lora.delta())
 
 
 class LoRAParametrization(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
 
 
 @dataclass
@@ -118,15 +118,7 @@ class PVeRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + F.linear(z, b) * self.pvera.lambda_b.to(x.dtype)
 
     def merged(self) -> nn.Linear:
-        lin = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
-            dtype=self.weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            lin.weight.copy_(self.weight + self.pvera.delta().to(self.weight.dtype))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
+        return merged_linear(self, self.pvera.delta())
 
 
 def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
