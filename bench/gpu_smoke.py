@@ -1,7 +1,7 @@
 """GPU smoke test: every landed task trains a few steps on CUDA, exports, and runs on onnxruntime's CUDA
 provider; one table comes out. Run through ``bench/gpu_smoke.sh`` (at most ~5 minutes on one GPU).
 
-Rows: every landed task (classification with three adapters and two autocast modes, few-shot, point clouds,
+Rows: every landed task (classification with five adapters and two autocast modes, few-shot, point clouds,
 referring segmentation, diffusion) trains a few steps on CUDA, then exports and checks parity.
 Columns: steps, first/last loss, median step time, peak CUDA memory, val top-1, export parity (torch vs
 onnxruntime, max |Δ|), onnxruntime providers really in use, and whether strict CUDA mode held.
@@ -27,6 +27,16 @@ ROWS = [  # (row, recipe, overrides): each landed task, a few CUDA steps under a
         "classification effnet_lite0+lora bf16",
         "classification-aid",
         {**CLS, "adapter": {"name": "lora", "r": 8, "targets": ["conv_pw"]}, "train": {"amp": "bf16"}},
+    ),
+    (
+        "classification effnet_lite0+pvera bf16",
+        "classification-aid",
+        {**CLS, "adapter": {"name": "pvera", "r": 64, "targets": ["conv_pw"]}, "train": {"amp": "bf16", "lr": 1e-2}},
+    ),
+    (
+        "classification effnet_lite0+dora bf16",
+        "classification-aid",
+        {**CLS, "adapter": {"name": "dora", "r": 8, "targets": ["conv_pw"]}, "train": {"amp": "bf16"}},
     ),
     (
         "classification effnet_lite0+full fp16",
@@ -125,9 +135,9 @@ def main() -> int:
     table = []
     from vision_peft.config import find_recipe
 
-    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None  # e.g. "fewshot,pointcloud": a subset of rows
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None  # e.g. "fewshot,pvera": rows whose name contains one
     for name, recipe, over in ROWS:
-        if only and not any(name.startswith(o) for o in only):
+        if only and not any(o in name for o in only):
             continue
         row = {"row": name}
         try:
