@@ -95,7 +95,7 @@ class DoRAComponents(nn.Module):
     def current_importance(self) -> torch.Tensor:
         """|c_i m_i| ‖b_i‖ ‖a_i‖ / ‖ΔW‖_F: each live component's share of this layer's update (0 if pruned)."""
         comp = self.gate(torch.float32).abs() * self.lora_B.float().norm(dim=0) * self.lora_A.float().norm(dim=1)
-        total = float(self.delta().float().norm()) / self.scale
+        total = self.delta().float().norm() / self.scale  # a tensor: no host sync
         return comp / (total + 1e-12)
 
     @property
@@ -144,14 +144,20 @@ def budget(step: int, total: int, start_budget: int, end_budget: int, cfg: DoRAC
 
 
 def prune_to(components: list[DoRAComponents], keep: int) -> int:
-    """Mask out the live components with the lowest EMA importance until ``keep`` remain; returns how many live."""
-    live = [(float(c.importance[i]), j, i) for j, c in enumerate(components) for i in range(len(c.mask)) if c.mask[i]]
-    if len(live) <= keep:
-        return len(live)
-    live.sort(key=lambda t: t[0])
+    """Mask out the live components with the lowest EMA importance until ``keep`` remain; returns how many live.
+
+    Vectorised over all layers (one host sync per call), so it stays cheap on a GPU."""
+    masks = torch.cat([c.mask for c in components])  # (Σk,)
+    live = int(masks.sum())
+    if live <= keep:
+        return live
+    imp = torch.cat([c.importance for c in components]).masked_fill(masks == 0, float("inf"))  # pruned: never again
+    masks[torch.topk(imp, live - keep, largest=False).indices] = 0.0
+    offset = 0
     with torch.no_grad():
-        for _, j, i in live[: len(live) - keep]:
-            components[j].mask[i] = 0.0
+        for c in components:
+            c.mask.copy_(masks[offset : offset + len(c.mask)])
+            offset += len(c.mask)
     return keep
 
 
@@ -198,7 +204,7 @@ def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
             for c in comps:
                 c.importance.mul_(cfg.ema).add_(c.current_importance() * (1.0 - cfg.ema))
         live = prune_to(comps, budget(step, total, start_budget, end_budget, cfg))
-        ranks = [c.rank for c in comps]
+        ranks = [int(r) for r in torch.stack([c.mask.sum() for c in comps]).tolist()]
         report["ranks"] = ranks
         return {"dora_components": float(live), "dora_rank_min": float(min(ranks)), "dora_rank_max": float(max(ranks))}
 
