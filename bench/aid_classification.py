@@ -48,9 +48,12 @@ ROWS = {
         "--train.lr=2e-3",
         "--train.head_lr=1e-2",
     ],
-    "pvera": [  # PVeRA (WACV 2026) with the paper's r = 256; scaling vectors take a larger lr, as in VeRA
+    # PVeRA (WACV 2026). The paper's r = 256 is for ViT-B (width 768); EfficientNet-Lite0's pointwise convs are
+    # 16–1152 channels wide, and the 2r-row projection at every position made r = 256 cost ~7× LoRA's step on
+    # this CPU, so r = 64. The scaling vectors take a larger lr, as in VeRA.
+    "pvera": [
         "--adapter.name=pvera",
-        "--adapter.r=256",
+        "--adapter.r=64",
         "--adapter.targets=[conv_pw]",
         "--train.lr=1e-2",
         "--train.head_lr=1e-2",

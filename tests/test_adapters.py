@@ -642,3 +642,37 @@ def test_dora_run_prunes_to_the_budget_reloads_and_exports(run_cfg) -> None:
     assert sum(c.rank for c in comps) == 2 * len(comps), "the saved masks must hold the final budget"
     manifest = export_run(run_dir, batch_sizes=(1, 2))
     assert manifest["files"] and json.loads((run_dir / "export" / "parity.json").read_text())["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 10, 1, stride=2), nn.Conv1d(6, 10, 1)], ids=["conv2d-stride2", "conv1d"])
+def test_pvera_pointwise_conv_path_equals_its_weight_update(conv: nn.Module) -> None:
+    """The sampled 1×1-conv side path (eval: z = μ) equals the conv with W0 + ΔW, strides and Conv1d included."""
+    from vision_peft.adapters.pvera import PVeRAConfig, apply_pvera
+
+    class Tiny(nn.Module):
+        spec = "tiny-conv"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = copy.deepcopy(conv)
+
+        def resolve_targets(self, targets: list[str]) -> list[str]:
+            return ["conv"]
+
+    net = Tiny().eval().requires_grad_(False)
+    handle = apply_pvera(net, PVeRAConfig(r=4, targets=["conv"]))
+    assert handle.report["sampled_layers"] == 1
+    randomise_vectors = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        net.conv.pvera.lambda_b.copy_(torch.randn(10, generator=randomise_vectors))
+        net.conv.pvera.lambda_d.copy_(torch.randn(8, generator=randomise_vectors))
+    x = torch.randn(2, 6, 9, 7) if isinstance(conv, nn.Conv2d) else torch.randn(2, 6, 11)
+    with torch.no_grad():
+        got = net.conv(x)
+        w = conv.weight + net.conv.pvera.delta().view_as(conv.weight)
+        op = torch.nn.functional.conv2d if isinstance(conv, nn.Conv2d) else torch.nn.functional.conv1d
+        want = op(x, w, conv.bias, stride=conv.stride)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    handle.merge()
+    with torch.no_grad():
+        assert (net.conv(x) - want).abs().max() < 1e-5 and not hasattr(net.conv, "pvera")

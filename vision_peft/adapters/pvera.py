@@ -88,10 +88,13 @@ class PVeRAVectors(nn.Module):
         s = self._shared[0]
         return s.A[:, : self.fan_in].to(dtype), s.B[: self.fan_out].to(dtype)
 
-    def latent(self, ax: torch.Tensor) -> torch.Tensor:
-        """(…, 2r) projections A x → z (…, r): sampled in training, the mean otherwise."""
-        h = ax * self.lambda_d.to(ax.dtype)
-        mu, logvar = h[..., : self.r], h[..., self.r :]
+    def latent(self, ax: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Projections A x with 2r entries along ``dim`` → z with r entries there: sampled in training (or under
+        ``mc_sampling``), the mean otherwise. ``dim`` = 1 for channels-first conv activations."""
+        shape = [1] * ax.dim()
+        shape[dim] = -1
+        h = ax * self.lambda_d.to(ax.dtype).view(shape)
+        mu, logvar = h.split(self.r, dim=dim)
         if self.sample and (self.training or self.mc):
             return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return mu
@@ -122,16 +125,18 @@ class PVeRALinear(nn.Linear):
 
 
 def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of an adapted 1×1 conv (1-D or 2-D, groups = 1): adds the sampled side path over channels.
+    """Forward hook of an adapted 1×1 conv (1-D or 2-D, groups = 1): adds the sampled side path over channels,
+    computed channels-first with 1×1 convolutions (the conv's own stride, so strided convs subsample alike).
 
     A hook (not a wrapper module) keeps the conv's own class, forward and state-dict keys."""
     x = args[0]
     vec: PVeRAVectors = conv.pvera
-    if any(s > 1 for s in conv.stride):  # a strided 1×1 conv reads every s-th position
-        x = x[(..., *(slice(None, None, s) for s in conv.stride))]
+    op = F.conv2d if x.dim() == 4 else F.conv1d
     a, b = vec.factors(x.dtype)
-    z = vec.latent(torch.movedim(torch.tensordot(a, x, dims=([1], [1])), 0, -1))  # (N, *spatial, r)
-    return out + torch.movedim(F.linear(z, b) * vec.lambda_b.to(x.dtype), -1, 1)
+    kernel = (1,) * (x.dim() - 2)
+    z = vec.latent(op(x, a.view(*a.shape, *kernel), stride=conv.stride), dim=1)  # (N, 2r, *sp) -> (N, r, *sp)
+    side = op(z, b.view(*b.shape, *kernel))  # (N, fan_out, *spatial)
+    return out + side * vec.lambda_b.to(x.dtype).view(1, -1, *kernel)
 
 
 class PVeRAParametrization(nn.Module):
