@@ -51,24 +51,32 @@ def predict_panel(task: str, state, run: gr.Dropdown) -> None:
 
 
 def _files_panel(task: str, state, run: gr.Dropdown) -> None:
-    """Generic: input files → ``task.predict`` → JSON (and top classes when the records carry them)."""
+    """Generic: input files → ``task.predict`` → JSON (and top classes when the records carry them).
+
+    Classification also offers Monte Carlo prediction for runs whose adapter samples a latent (PVeRA): the
+    probabilities are the mean of that many sampled forwards and the JSON carries their spread."""
     with gr.Row():
         inputs = gr.File(label="input files", file_count="multiple")
         result = gr.JSON(label="prediction")
         label = gr.Label(label="top classes", num_top_classes=5)
+    mc = gr.Slider(
+        0, 64, value=0, step=1, visible=task == "classification",
+        label="Monte Carlo samples (runs with a sampled adapter such as PVeRA; 0 = off)",
+    )  # fmt: skip
 
     @friendly
-    def on_predict(run_name, files):
+    def on_predict(run_name, files, mc_samples=0):
         if not files:
             raise ValueError("upload input files first")
         import torch
 
         _, t, model, _ = state.model(run_name)
-        preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), top_k=5)
+        extra = {"mc_samples": int(mc_samples)} if mc_samples else {}
+        preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), top_k=5, **extra)
         first = preds[0]
         return preds, (_ranked_label(first) if isinstance(first, dict) else None) or None
 
-    inputs.upload(on_predict, [run, inputs], [result, label], api_name=f"{task}_predict")
+    inputs.upload(on_predict, [run, inputs, mc], [result, label], api_name=f"{task}_predict")
 
 
 def _fewshot_panel(task: str, state, run: gr.Dropdown) -> None:

@@ -264,6 +264,11 @@ def test_classification_preview_and_label_panel_unchanged(app_client, tiny_run: 
     image = sorted((tiny_run.parent.parent / "data" / "beta").iterdir())[0]
     preds, label = client.predict("cls", [handle_file(str(image))], api_name="/classification_predict")
     assert preds[0]["label"] in ("alpha", "beta", "gamma") and label["label"] == preds[0]["label"]
+    # Monte Carlo samples on a LoRA run: a readable refusal in the page, and the panel keeps working
+    with pytest.raises(Exception, match="sampled latent"):
+        client.predict("cls", [handle_file(str(image))], 8, api_name="/classification_predict")
+    again, _ = client.predict("cls", [handle_file(str(image))], 0, api_name="/classification_predict")
+    assert again == preds
 
 
 def test_refseg_panel_overlay_and_stats(app_client, refseg_run) -> None:
