@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vision_peft.registry import Registry
 
@@ -42,6 +43,28 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (e.g. ``blocks.0.attn.qkv``) with ``new``."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+class WeightDelta(nn.Module):
+    """Parametrization W0 → W0 + ΔW for tensors an activation-path wrapper cannot reach (convolutions, open_clip's
+    fused MHA ``in_proj_weight``). ``factors`` is the adapter's module with a ``delta()`` of shape
+    (fan_out, fan_in); it is registered under ``name`` so checkpoint keys read ``…parametrizations.weight.0.<name>.…``.
+    """
+
+    def __init__(self, name: str, factors: nn.Module) -> None:
+        super().__init__()
+        self.factors_name = name
+        self.add_module(name, factors)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        delta = getattr(self, self.factors_name).delta()
+        return w + delta.view_as(w).to(w.dtype)  # (out, fan_in) -> the weight's own shape
+
+
+def add_weight_delta(mod: nn.Module, tensor: str, name: str, factors: nn.Module) -> None:
+    """Register :class:`WeightDelta` on ``mod.<tensor>`` and keep the original weight frozen."""
+    parametrize.register_parametrization(mod, tensor, WeightDelta(name, factors))
+    getattr(mod.parametrizations, tensor).original.requires_grad_(False)
 
 
 def merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
@@ -99,4 +122,7 @@ from vision_peft.adapters import (  # noqa: E402,F401
     vpt,
 )
 
-__all__ = ["ADAPTERS", "AdapterHandle", "apply_adapter", "mc_sampling", "merged_linear", "set_module"]
+__all__ = [
+    "ADAPTERS", "AdapterHandle", "WeightDelta", "add_weight_delta", "apply_adapter", "mc_sampling", "merged_linear",
+    "set_module",
+]  # fmt: skip

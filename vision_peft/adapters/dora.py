@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -121,17 +121,6 @@ class DoRALinear(nn.Linear):
         return merged_linear(self, self.dora.delta())
 
 
-class DoRAParametrization(nn.Module):
-    """W0 → W0 + ΔW in weight space, for convolutions and fused MHA tensors."""
-
-    def __init__(self, weight: torch.Tensor, cfg: DoRAConfig, gen: torch.Generator) -> None:
-        super().__init__()
-        self.dora = DoRAComponents(weight[0].numel(), weight.shape[0], cfg, gen, weight)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + self.dora.delta().view_as(w).to(w.dtype)  # (out, fan_in) -> the weight's own shape
-
-
 def budget(step: int, total: int, start_budget: int, end_budget: int, cfg: DoRAConfig) -> int:
     """Live components allowed after ``step`` of ``total``: cubic decay between prune_start and prune_end."""
     t0, t1 = cfg.prune_start * total, cfg.prune_end * total
@@ -185,8 +174,8 @@ def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
             continue  # a pattern may also match containers; only leaf layers are adapted
         if parametrize.is_parametrized(mod, tensor):
             continue
-        parametrize.register_parametrization(mod, tensor, DoRAParametrization(getattr(mod, tensor), cfg, gen))
-        getattr(mod.parametrizations, tensor).original.requires_grad_(False)
+        w = getattr(mod, tensor)
+        add_weight_delta(mod, tensor, "dora", DoRAComponents(w[0].numel(), w.shape[0], cfg, gen, w))
         touched.append(name)
     if not touched:
         raise ValueError(f"DoRA targets {cfg.targets} matched no Linear, Conv or MultiheadAttention in {backbone.spec}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -68,6 +68,11 @@ class _LoRAFactors(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(fan_out, cfg.r, device=like.device, dtype=like.dtype))
         self.scale = cfg.alpha / cfg.r
 
+    @classmethod
+    def for_weight(cls, w: torch.Tensor, cfg: LoRAConfig, gen: torch.Generator) -> _LoRAFactors:
+        """Factors for a weight of shape (fan_out, *fan_in dims), e.g. a conv kernel or MHA's in_proj_weight."""
+        return cls(w[0].numel(), w.shape[0], cfg, gen, w)
+
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (fan_out, fan_in)
 
@@ -91,17 +96,6 @@ class LoRALinear(nn.Linear):
         return merged_linear(self, self.lora.delta())
 
 
-class LoRAParametrization(nn.Module):
-    """Parametrization W0 → W0 + B A, for fused tensors such as MHA's in_proj_weight."""
-
-    def __init__(self, weight: torch.Tensor, cfg: LoRAConfig, gen: torch.Generator) -> None:
-        super().__init__()
-        self.lora = _LoRAFactors(weight[0].numel(), weight.shape[0], cfg, gen, weight)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + self.lora.delta().view_as(w).to(w.dtype)  # (out, fan_in) -> weight's own shape
-
-
 @ADAPTERS.register("lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections")
 def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     """Wrap every targeted module with a low-rank update (B = 0, so outputs are unchanged at step 0)."""
@@ -115,20 +109,15 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
             # MHA's fused forward reads out_proj.weight directly, so a side path would be bypassed: re-parameterise
             if parametrize.is_parametrized(mod, "weight"):
                 continue
-            parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
-            mod.parametrizations.weight.original.requires_grad_(False)
+            add_weight_delta(mod, "weight", "lora", _LoRAFactors.for_weight(mod.weight, cfg, gen))
         elif isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
             set_module(backbone, name, LoRALinear(mod, cfg, gen))
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not parametrize.is_parametrized(mod, "weight"):
-            parametrize.register_parametrization(mod, "weight", LoRAParametrization(mod.weight, cfg, gen))
-            mod.parametrizations.weight.original.requires_grad_(False)
+            add_weight_delta(mod, "weight", "lora", _LoRAFactors.for_weight(mod.weight, cfg, gen))
         elif isinstance(mod, nn.MultiheadAttention):
             if mod.in_proj_weight is None:
                 raise ValueError(f"{name}: MultiheadAttention with separate q/k/v weights; target them directly")
-            parametrize.register_parametrization(
-                mod, "in_proj_weight", LoRAParametrization(mod.in_proj_weight, cfg, gen)
-            )
-            mod.parametrizations.in_proj_weight.original.requires_grad_(False)
+            add_weight_delta(mod, "in_proj_weight", "lora", _LoRAFactors.for_weight(mod.in_proj_weight, cfg, gen))
         else:
             continue  # a pattern may also match containers (e.g. 'blocks.*'); only leaf layers are adapted
         touched.append(name)

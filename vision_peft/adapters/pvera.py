@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -139,17 +139,6 @@ def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Te
     return out + side * vec.lambda_b.to(x.dtype).view(1, -1, *kernel)
 
 
-class PVeRAParametrization(nn.Module):
-    """Weight-space W0 → W0 + ΔW(μ) for k×k / grouped convs and fused MHA tensors (no sampling)."""
-
-    def __init__(self, vectors: PVeRAVectors) -> None:
-        super().__init__()
-        self.pvera = vectors
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + self.pvera.delta().view_as(w).to(w.dtype)
-
-
 def _pointwise(mod: nn.Module) -> bool:
     """A 1×1 conv without groups: its output at each position is a Linear map of the input there."""
     padding = mod.padding if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else None
@@ -205,8 +194,7 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
             sampled.append(name)
         else:
             vec.weight_space = True
-            parametrize.register_parametrization(mod, tensor, PVeRAParametrization(vec))
-            getattr(mod.parametrizations, tensor).original.requires_grad_(False)
+            add_weight_delta(mod, tensor, "pvera", vec)
         touched.append(name)
     report = {
         "sampled_layers": len(sampled) if cfg.sample else 0,
