@@ -67,6 +67,13 @@ def add_weight_delta(mod: nn.Module, tensor: str, name: str, factors: nn.Module)
     getattr(mod.parametrizations, tensor).original.requires_grad_(False)
 
 
+def fold_weight_delta(mod: nn.Module) -> None:
+    """Undo :func:`add_weight_delta` keeping its value: W0 + ΔW becomes the plain, frozen weight of ``mod``."""
+    tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
+    parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
+    getattr(mod, tensor).requires_grad_(False)
+
+
 def merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
     """A plain, frozen ``nn.Linear`` with weight W0 + ``delta`` (fan_out, fan_in) and the base bias: what a
     re-parameterising adapter's Linear wrapper becomes on ``merge()``."""
@@ -123,6 +130,6 @@ from vision_peft.adapters import (  # noqa: E402,F401
 )
 
 __all__ = [
-    "ADAPTERS", "AdapterHandle", "WeightDelta", "add_weight_delta", "apply_adapter", "mc_sampling", "merged_linear",
-    "set_module",
+    "ADAPTERS", "AdapterHandle", "WeightDelta", "add_weight_delta", "apply_adapter", "fold_weight_delta",
+    "mc_sampling", "merged_linear", "set_module",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -203,8 +203,6 @@ def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
             if isinstance(mod, DoRALinear):
                 set_module(backbone, name, mod.merged())
             else:
-                tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
-                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
-                getattr(mod, tensor).requires_grad_(False)
+                fold_weight_delta(mod)
 
     return AdapterHandle("dora", touched=touched, merge_fn=merge, report=report, step_fn=step_fn)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -130,8 +130,6 @@ def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
             if isinstance(mod, LoRALinear):
                 set_module(backbone, name, mod.merged())
             else:
-                tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
-                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
-                getattr(mod, tensor).requires_grad_(False)
+                fold_weight_delta(mod)
 
     return AdapterHandle("lora", touched=touched, merge_fn=merge)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, merged_linear, set_module
+from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
 
 
 @dataclass
@@ -214,9 +213,7 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
                     mod.weight.copy_(mod.weight + mod.pvera.delta().view_as(mod.weight).to(mod.weight.dtype))
                 del mod.pvera
             else:
-                tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
-                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
-                getattr(mod, tensor).requires_grad_(False)
+                fold_weight_delta(mod)
         del backbone.pvera_shared
 
     return AdapterHandle("pvera", touched=touched, merge_fn=merge, report=report)
