@@ -63,7 +63,6 @@ class PVeRAShared(nn.Module):
         b = nn.init.kaiming_uniform_(torch.empty(fan_out, r), generator=gen)
         self.register_buffer("A", a.to(device=like.device, dtype=like.dtype))
         self.register_buffer("B", b.to(device=like.device, dtype=like.dtype))
-        self.r = r
 
 
 class PVeRAVectors(nn.Module):
