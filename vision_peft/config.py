@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from vision_peft.paths import REPO_ROOT, data_root, resolve_data_path, weights_root  # noqa: F401  (re-exported)
+
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
@@ -318,21 +318,3 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"{run_dir} is not a run directory: {path} is missing")
     data = json.loads(path.read_text())
     return RunConfig.from_dict(data["config"])
-
-
-def data_root() -> Path:
-    """Root for relative dataset paths: $VISION_PEFT_DATA, default ./data."""
-    return Path(os.environ.get("VISION_PEFT_DATA", "data")).expanduser()
-
-
-def weights_root() -> Path:
-    """Root of the local weight store: $VISION_PEFT_WEIGHTS, default ./weights."""
-    return Path(os.environ.get("VISION_PEFT_WEIGHTS", "weights")).expanduser()
-
-
-def resolve_data_path(path: str) -> Path:
-    """An absolute path stays; a relative one is looked up in the working directory, then the data root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return data_root() / p

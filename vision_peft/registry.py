@@ -26,6 +26,13 @@ class Entry(Generic[T]):
     builder: T
     config_cls: type | None
     help: str
+    # what the generated contract tests need: a tiny, offline build spec (e.g. {"name": "timm:vit_tiny…",
+    # "pretrained": False}) or synthetic-data hints; None = the entry is not instantiable offline
+    spec: dict[str, Any] | None = None
+    # capabilities this entry needs from its partners, e.g. ("tokens",) for a token backbone only, ("diffusion",)
+    requires: tuple[str, ...] = ()
+    # capabilities this entry offers (a backbone's "tokens", "image", "points", "text", "diffusion" …)
+    provides: tuple[str, ...] = ()
 
 
 class Registry(Generic[T]):
@@ -35,14 +42,22 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config_cls: type | None = None, help: str = "") -> Callable[[T], T]:
-        """Decorator registering ``builder`` under ``name``."""
+    def register(
+        self,
+        name: str,
+        config_cls: type | None = None,
+        help: str = "",
+        spec: dict[str, Any] | None = None,
+        requires: tuple[str, ...] = (),
+        provides: tuple[str, ...] = (),
+    ) -> Callable[[T], T]:
+        """Decorator registering ``builder`` under ``name`` (with the test spec and capability tags)."""
 
         def deco(builder: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             doc = help or (getattr(builder, "__doc__", None) or "").strip().split("\n")[0]
-            self._entries[name] = Entry(name, builder, config_cls, doc)
+            self._entries[name] = Entry(name, builder, config_cls, doc, spec, tuple(requires), tuple(provides))
             return builder
 
         return deco
