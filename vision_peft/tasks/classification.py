@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
+from vision_peft.data.folder import IMAGE_EXTS
+from vision_peft.tasks import TASKS
+from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction, top1_onnx
 
 
 @dataclass
@@ -72,15 +74,6 @@ class ClassifierModel(TaskModel):
         return out
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: ClassifierModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(image)
-
-
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
     cm = np.zeros((n, n), dtype=np.int64)
     np.add.at(cm, (target, pred), 1)  # rows = true class, columns = predicted
@@ -92,45 +85,38 @@ class ClassificationTask(Task):
     """Folder-per-class image classification with a linear head."""
 
     name = "classification"
+    runtime = "classification"
+    upload_suffixes = tuple(sorted(IMAGE_EXTS))
+    preview = "class_folders"
+    has_classes = True
+    predict_options = ("top_k", "mc_samples")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self._scan = None
-        self._classes: list[str] | None = None
 
     # -- data -------------------------------------------------------------------------------------------
     def scan(self):
+        """The data folder's scan (the run's classes when a run directory was loaded, else ``task.classes``)."""
         if self._scan is None:
             from vision_peft.data.folder import scan_image_folder
 
             t = self.cfg.task
-            self._scan = scan_image_folder(resolve_data_path(t.data_root), t.classes, t.bad_files)
-            self._classes = self._scan.classes
+            self._scan = scan_image_folder(resolve_data_path(t.data_root), t.classes or self._run_classes, t.bad_files)
+            self.found_classes(self._scan.classes, str(self._scan.root))
         return self._scan
 
-    @property
-    def classes(self) -> list[str]:
-        if self._classes is None:
-            self.scan()
-        return self._classes
+    def discover_classes(self) -> list[str]:
+        return self.scan().classes
 
-    def set_classes(self, classes: list[str]) -> None:
-        """Use a known class list (from a run directory) without scanning data."""
-        self._classes = list(classes)
-
-    def state_info(self) -> dict[str, Any]:
-        return {"classes": self.classes}
+    def recipe_classes(self) -> list[str] | None:
+        return self.cfg.task.classes
 
     def splits(self) -> dict[str, list[tuple[str, int]]]:
         from vision_peft.data.folder import stratified_split
 
         scan = self.scan()
         return stratified_split(scan.samples, scan.classes, dict(self.cfg.task.split), self.cfg.task.split_seed)
-
-    def image_spec(self, model: TaskModel) -> dict:
-        from vision_peft.preprocess import image_spec
-
-        return image_spec(model.backbone.data_config, resize=self.cfg.task.resize)
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
         from vision_peft.augment import build_augment
@@ -148,11 +134,7 @@ class ClassificationTask(Task):
 
     # -- model ------------------------------------------------------------------------------------------
     def build_model(self) -> ClassifierModel:
-        backbone, handle, base_ids = build_adapted_backbone(self.cfg)
-        if getattr(backbone, "kind", "image") != "image":
-            raise ConfigError(
-                f"classification needs an image backbone; {self.cfg.backbone.name!r} is a {backbone.kind} encoder"
-            )
+        backbone, handle, base_ids = self.build_backbone("image")
         t = self.cfg.task
         model = ClassifierModel(backbone, handle, len(self.classes), t.head_dropout, t.label_smoothing)
         model.mark_base(base_ids)
@@ -225,7 +207,7 @@ class ClassificationTask(Task):
     def export_spec(self, model: TaskModel) -> ExportSpec:
         h, w = model.backbone.input_size
         return ExportSpec(
-            module=_LogitsOnly(model),
+            module=ImageGraph(model, "logits"),
             example_inputs={"image": torch.randn(2, 3, h, w)},
             output_names=["logits"],
             outputs_meaning={"logits": "class logits in labels order (softmax for probabilities)"},
