@@ -53,6 +53,7 @@ SPEC_REQUIRED = ("size", "mean", "std")
 SPEC_KEYS = SPEC_REQUIRED + tuple(SPEC_DEFAULTS)
 
 ImageInput = Image.Image | np.ndarray | str | Path
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # image file types read everywhere
 
 
 def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
