@@ -13,6 +13,7 @@ from vision_peft.runtimes import (  # noqa: E402,F401  (each registers itself; o
     classification,
     diffusion,
     fewshot,
+    multilabel,
     pointcloud,
     refseg,
 )

@@ -24,6 +24,7 @@ from vision_peft.tasks import (  # noqa: E402,F401
     classification,
     diffusion,  # noqa: E402,F401
     fewshot,
+    multilabel,
     pointcloud,  # noqa: E402,F401
     refseg,  # noqa: E402,F401
 )
