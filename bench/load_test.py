@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from vision_peft.runtimes.base import LoadTestOptions, LoadTestRequests, runtime_for_task
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,82 +35,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-POINT_EXTS = (".off", ".ply", ".pcd", ".xyz", ".txt", ".npy", ".npz")
-
-
-class Workload:
-    """What one task's endpoint is sent: a good request i, or a malformed one of kind k (0, 1, 2)."""
-
-    def __init__(self, task: str, inputs: Path, phrase: str, classes: list[str], steps: int) -> None:
-        self.task = task
-        self.route = {
-            "classification": "/v1/classify",
-            "fewshot": "/v1/fewshot",
-            "pointcloud": "/v1/points",
-            "refseg": "/v1/segment",
-            "diffusion": "/v1/generate",
-        }[task]
-        self.phrase, self.classes, self.steps = phrase, classes, steps
-        if task in ("classification", "refseg"):
-            self.files = [(p.name, p.read_bytes()) for p in sorted(inputs.rglob("*.jpg"))[:32]]
-            if not self.files:
-                raise SystemExit(f"no .jpg files under {inputs}")
-        elif task == "fewshot":  # a folder of class folders: each request = 1 support image per class + 1 query
-            self.sets = {
-                d.name: [p.read_bytes() for p in sorted(d.glob("*.jpg"))[:8]]
-                for d in sorted(inputs.iterdir())
-                if d.is_dir()
-            }
-            self.sets = {k: v for k, v in self.sets.items() if len(v) >= 2}
-            if len(self.sets) < 2:
-                raise SystemExit(f"{inputs}: a few-shot load test needs ≥ 2 class folders with ≥ 2 .jpg files each")
-        elif task == "pointcloud":
-            self.files = [
-                (p.name, p.read_bytes()) for p in sorted(inputs.rglob("*")) if p.suffix.lower() in POINT_EXTS
-            ][:32]
-            if not self.files:
-                raise SystemExit(f"no point files {POINT_EXTS} under {inputs}")
-
-    def good(self, i: int) -> dict:
-        if self.task in ("classification", "pointcloud"):
-            name, data = self.files[i % len(self.files)]
-            return {"files": [("files", (name, data))]}
-        if self.task == "refseg":
-            name, data = self.files[i % len(self.files)]
-            return {"files": [("file", (name, data, "image/jpeg"))], "data": {"phrase": self.phrase}}
-        if self.task == "fewshot":
-            labels = list(self.sets)
-            support = [
-                ("support", (f"{c}.jpg", self.sets[c][i % (len(self.sets[c]) - 1)], "image/jpeg")) for c in labels
-            ]
-            q = labels[i % len(labels)]
-            query = [("query", ("q.jpg", self.sets[q][-1], "image/jpeg"))]
-            return {"files": support + query, "data": {"support_labels": ",".join(labels)}}
-        return {"json": {"classes": [self.classes[i % len(self.classes)]], "n": 1, "steps": self.steps, "seed": i}}
-
-    def malformed(self, kind: int) -> dict:
-        """0: garbage bytes, 1: wrong type / field, 2: required part missing."""
-        if self.task == "diffusion":
-            return [
-                {"content": os.urandom(64), "headers": {"content-type": "application/json"}},
-                {"json": {"classes": ["no-such-class-xyz"], "n": 1, "steps": self.steps}},
-                {"json": {"n": 1}},
-            ][kind]
-        field = {"classification": "files", "pointcloud": "files", "refseg": "file", "fewshot": "query"}[self.task]
-        ext = ".off" if self.task == "pointcloud" else ".jpg"
-        if kind == 0:
-            req = self.good(0)
-            req["files"] = [(f, (f"bad{ext}", os.urandom(512))) if f == field else (f, v) for f, v in req["files"]]
-            return req
-        if kind == 1:
-            req = self.good(0)
-            req["files"] = [(f, ("bad.txt", b"text", "text/plain")) if f == field else (f, v) for f, v in req["files"]]
-            return req
-        return {}
-
-
 async def level(
-    client: httpx.AsyncClient, url: str, work: Workload, conc: int, n: int, seconds: float, bad_every: int
+    client: httpx.AsyncClient, url: str, work: LoadTestRequests, conc: int, n: int, seconds: float, bad_every: int
 ) -> dict:
     lat_ok: list[float] = []
     codes: dict[int, int] = {}
@@ -177,10 +105,14 @@ async def main_async(args) -> int:
             else:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
             info = (await client.get(f"{base}/info")).json()
-            labels = [c for c in info.get("labels") or [] if not c.startswith("<")]  # not the CFG null class
-            if info["task"] != "diffusion" and not args.inputs:
-                raise SystemExit(f"a {info['task']} bundle needs --inputs (see the module docstring)")
-            work = Workload(info["task"], Path(args.inputs or "."), args.phrase, labels, args.steps)
+            runtime = runtime_for_task(info["task"])
+            if runtime is None:
+                raise SystemExit(f"no runtime serves task {info['task']!r}; nothing to load-test")
+            if runtime.load_test_inputs and not args.inputs:
+                raise SystemExit(f"a {info['task']} bundle needs --inputs: {runtime.load_test_inputs}")
+            labels = tuple(c for c in info.get("labels") or [] if not c.startswith("<"))  # not the CFG null class
+            options = LoadTestOptions(phrase=args.phrase, steps=args.steps, labels=labels)
+            work = runtime.load_test_request(Path(args.inputs) if args.inputs else None, options)
             print(
                 f"bundle {args.bundle}: task {info['task']} → {work.route}, providers {info['providers']}, "
                 f"{args.requests} requests/level (≤ {args.seconds:.0f} s), every {args.bad_every}th request malformed",
@@ -214,11 +146,11 @@ def main() -> int:
     ap.add_argument("bundle")
     ap.add_argument(
         "--inputs", "--images", default=None,
-        help="what to send: .jpg files (classification, refseg), class folders of .jpg (fewshot), point files "
-        "(pointcloud); not needed for diffusion",
+        help="what to send (by the bundle's task: its runtime's load_test_inputs, e.g. .jpg images, class folders "
+        "of .jpg, point files; generating tasks need none)",
     )  # fmt: skip
-    ap.add_argument("--phrase", default="the object in the middle", help="refseg: the phrase sent with each image")
-    ap.add_argument("--steps", type=int, default=10, help="diffusion: sampler steps per request")
+    ap.add_argument("--phrase", default=LoadTestOptions.phrase, help="phrase-taking endpoints: the phrase per image")
+    ap.add_argument("--steps", type=int, default=LoadTestOptions.steps, help="generating endpoints: sampler steps")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60)

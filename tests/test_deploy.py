@@ -190,15 +190,22 @@ def test_classify_refuses_other_tasks(tiny, tmp_path):
     assert bundle.run("model", image=np.zeros((1, 3, 32, 32), np.float32))["logits"].shape == (1, 3)
 
 
-def test_strict_cuda_without_working_cuda_raises(tiny):
+def test_strict_cuda_runs_on_cuda_or_raises(tiny):
+    """strict=True either really runs on CUDA (same answers as the CPU) or refuses; it never falls back silently."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probe = deploy.load_bundle(tiny[2], device="cuda")
     except RuntimeError:
         probe = None  # CPU-only onnxruntime build: device="cuda" refuses outright
-    if probe is not None and "CUDAExecutionProvider" in probe.providers:
-        pytest.skip("CUDA really works on this machine; nothing falls back")
+    if probe is not None and "CUDAExecutionProvider" in probe.providers:  # CUDA really works here
+        strict = deploy.load_bundle(tiny[2], device="cuda", strict=True)
+        assert strict.providers[0] == "CUDAExecutionProvider"
+        assert strict.graph_providers["model"][0] == "CUDAExecutionProvider"
+        cpu = deploy.load_bundle(tiny[2], device="cpu").classify(tiny[3])
+        for got, want in zip(strict.classify(tiny[3]), cpu, strict=True):
+            assert got["label"] == want["label"] and got["prob"] == pytest.approx(want["prob"], abs=1e-4)
+        return
     with pytest.raises(RuntimeError, match="CUDA|onnxruntime-gpu"):
         deploy.load_bundle(tiny[2], device="cuda", strict=True)
 
@@ -206,8 +213,14 @@ def test_strict_cuda_without_working_cuda_raises(tiny):
 def test_cli_prints_json_lines(tiny, capsys):
     assert deploy.main([str(tiny[2]), str(tiny[3][0]), str(tiny[3][1]), "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["image"] for line in lines] == [str(tiny[3][0]), str(tiny[3][1])]
+    assert [line["file"] for line in lines] == [str(tiny[3][0]), str(tiny[3][1])]
     assert all(line["label"] in LABELS and 0 < line["prob"] <= 1 for line in lines)
+    # the one ranked record (runtimes.base.ranked_record, as `python -m vision_peft predict` prints) + providers
+    assert all(set(line) == {"file", "label", "prob", "top", "providers"} for line in lines)
+    assert all(line["top"][0] == {"label": line["label"], "prob": line["prob"]} for line in lines)
+    assert len(lines[0]["top"]) == len(LABELS)  # --top-k 5 by default, capped by the class count
+    assert deploy.main([str(tiny[2]), str(tiny[3][0]), "--device", "cpu", "--top-k", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["top"]) == 1
     assert lines[0]["providers"] == ["CPUExecutionProvider"]
     assert deploy.main([str(tiny[2]), "no_such_image.png", "--device", "cpu"]) == 1
     assert "no_such_image.png" in capsys.readouterr().err

@@ -19,12 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-import vision_peft
-from vision_peft.checkpoint import atomic_write_json
-from vision_peft.deploy import sha256_file
+from vision_peft import bundle
+from vision_peft.bundle import BUNDLE_FORMAT, dtype_name  # noqa: F401  (BUNDLE_FORMAT: re-exported)
 from vision_peft.predict import load_run
-
-BUNDLE_FORMAT = "vision_peft.bundle/1"
 
 
 class ExportError(RuntimeError):
@@ -213,7 +210,7 @@ def export_run(
         report["max_abs_diff"] = max(r["max_abs_diff"] for r in reports.values())
         report["passed"] = all(r["passed"] for r in reports.values())
         for name, src in (spec.extra_files or {}).items():
-            if Path(name).name != name or name in ("manifest.json", "parity.json", "preprocess.json"):
+            if Path(name).name != name or name in bundle.RESERVED_FILES:
                 raise ExportError(f"extra bundle file name {name!r} must be a plain, unused file name")
             if not Path(src).is_file():
                 raise ExportError(f"{src} (bundle file {name!r}) does not exist; it is needed at deploy time")
@@ -224,21 +221,19 @@ def export_run(
             )
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "preprocess.json").write_text(json.dumps(spec.preprocess or {}, indent=2) + "\n")
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "task": cfg.task.name,
-            "backbone": cfg.backbone.name,
-            "adapter": cfg.adapter.name,
-            "vision_peft_version": vision_peft.__version__,
-            "graphs": graphs,
-            "preprocess": spec.preprocess or {},
-            "labels": spec.labels or [],
-            "task_info": spec.task_info or {},
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-            "parity": report,
-            "source_run": str(run_dir.resolve()),
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        manifest = bundle.build_manifest(
+            tmp,
+            task=cfg.task.name,
+            backbone=cfg.backbone.name,
+            adapter=cfg.adapter.name,
+            graphs=graphs,
+            preprocess=spec.preprocess or {},
+            labels=spec.labels or [],
+            task_info=spec.task_info or {},
+            parity=report,
+            source_run=str(run_dir.resolve()),
+        )
+        bundle.write_manifest(tmp, manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -288,13 +283,13 @@ def _export_graph(spec, folder: Path, run_dir: Path, exporter: str, batch_sizes,
     graph = {
         "file": onnx_path.name,
         "inputs": {
-            i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": _dt(i.type)}
+            i.name: {"shape": [d if isinstance(d, int) else "batch" for d in i.shape], "dtype": dtype_name(i.type)}
             for i in sess.get_inputs()
         },
         "outputs": {
             o.name: {
                 "shape": [d if isinstance(d, int) else "batch" for d in o.shape],
-                "dtype": _dt(o.type),
+                "dtype": dtype_name(o.type),
                 "meaning": (spec.outputs_meaning or {}).get(o.name, ""),
             }
             for o in sess.get_outputs()
@@ -341,13 +336,3 @@ def _quantize(folder: Path, onnx_path: Path, graph: dict, task, model, spec) -> 
         }
     entry = {**graph, "file": q_path.name, "quantization": "dynamic int8 (weights), fp32 activations"}
     return entry, rep
-
-
-def _dt(onnx_type: str) -> str:
-    return {
-        "tensor(float)": "float32",
-        "tensor(int64)": "int64",
-        "tensor(float16)": "float16",
-        "tensor(int32)": "int32",
-        "tensor(bool)": "bool",
-    }.get(onnx_type, onnx_type)
