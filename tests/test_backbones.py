@@ -66,6 +66,33 @@ def test_forward_intermediates_several_indices(spec: str) -> None:
     assert len(maps) == 2 and all(m.ndim == 4 for m in maps)
 
 
+@pytest.mark.parametrize("spec", TINY_IMAGE)
+def test_grid_split_and_dense_defaults(spec: str) -> None:
+    """forward_from_grid(forward_grid(x)) is forward_features(x); the grid layout and the dense-task levels."""
+    bb = tiny(spec)
+    info = bb.grid_info()
+    assert info.layout == {"timm:test_vit": "tokens", "timm:test_efficientnet": "cnn"}.get(spec, "pixels")
+    stage = 0 if info.layout == "cnn" else None
+    x = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    with torch.no_grad():
+        g = bb.forward_grid(x, stage)
+        assert torch.allclose(bb.forward_from_grid(g, stage), bb.forward_features(x), atol=1e-5)
+        indices = bb.default_feature_indices()
+        maps = bb.forward_intermediates(x, indices)
+    assert len(indices) == 3 and maps and all(m.ndim == 4 for m in maps)
+    if info.layout == "tokens":
+        assert g.shape[info.channel_dim] == bb.embed_dim and info.hw is not None
+
+
+def test_weights_status_without_building(weights_root: Path) -> None:
+    from vision_peft.backbones import weights_status
+
+    assert weights_status("timm:test_vit") == "random weights (tests)"
+    assert weights_status("open_clip:vp-tiny-clip") == "random weights (tests)"
+    assert weights_status("open_clip_text:ViT-B-32@openai").startswith("needs a local checkpoint")
+    assert weights_status("effnet_lite0") == "available" and weights_status("minilm") == "available"
+
+
 def test_unknown_target_names_the_groups() -> None:
     bb = tiny("timm:test_vit")
     with pytest.raises(ValueError, match=r"target 'conv_pw' matches no module.*portable groups for it: .*qkv"):

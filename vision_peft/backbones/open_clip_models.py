@@ -19,8 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.backbones import BACKBONES
-from vision_peft.backbones.base import ImageBackbone, TextBackbone, WeightsNotFoundError, seeded_init, state_hash
-from vision_peft.config import BackboneConfig, weights_root
+from vision_peft.backbones.base import (
+    ImageBackbone,
+    TextBackbone,
+    WeightsNotFoundError,
+    register_weights_status,
+    seeded_init,
+    state_hash,
+)
+from vision_peft.config import BackboneConfig
+from vision_peft.paths import weights_root
 
 open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
@@ -182,7 +190,24 @@ class OpenClipText(TextBackbone):
         return x, F.normalize(pooled, dim=-1)
 
 
-@BACKBONES.register("open_clip", config_cls=BackboneConfig, help="open_clip image tower: open_clip:<arch>@<tag>")
+def open_clip_weights_status(arg: str, cfg: BackboneConfig) -> str:
+    """The tiny test config has random weights only; other towers need a local checkpoint."""
+    if arg.startswith("vp-tiny"):
+        return "random weights (tests)"
+    return "needs a local checkpoint: backbone.weights=<file> or $VISION_PEFT_WEIGHTS/open_clip/"
+
+
+register_weights_status("open_clip")(open_clip_weights_status)
+register_weights_status("open_clip_text")(open_clip_weights_status)
+
+
+@BACKBONES.register(
+    "open_clip",
+    config_cls=BackboneConfig,
+    help="open_clip image tower: open_clip:<arch>@<tag>",
+    spec={"name": "open_clip:vp-tiny-clip", "pretrained": False, "image_size": 32},
+    provides=("image", "tokens"),
+)
 def build_open_clip_image(arg: str, cfg: BackboneConfig) -> OpenClipImage:
     """open_clip image tower (open_clip:<arch>@<tag or file>)."""
     model, source, pcfg = create_clip(arg, cfg)
@@ -193,7 +218,11 @@ def build_open_clip_image(arg: str, cfg: BackboneConfig) -> OpenClipImage:
 
 
 @BACKBONES.register(
-    "open_clip_text", config_cls=BackboneConfig, help="open_clip text tower: open_clip_text:<arch>@<tag>"
+    "open_clip_text",
+    config_cls=BackboneConfig,
+    help="open_clip text tower: open_clip_text:<arch>@<tag>",
+    spec={"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
+    provides=("text",),
 )
 def build_open_clip_text(arg: str, cfg: BackboneConfig) -> OpenClipText:
     """open_clip text tower and tokenizer (open_clip_text:<arch>@<tag or file>)."""

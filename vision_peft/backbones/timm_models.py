@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 from vision_peft.backbones import BACKBONES
-from vision_peft.backbones.base import ImageBackbone, WeightsNotFoundError, seeded_init, state_hash
-from vision_peft.config import BackboneConfig, weights_root
+from vision_peft.backbones.base import (
+    GridInfo,
+    ImageBackbone,
+    WeightsNotFoundError,
+    register_weights_status,
+    seeded_init,
+    state_hash,
+)
+from vision_peft.config import BackboneConfig
+from vision_peft.paths import weights_root
 
 # Portable target names → timm module-name patterns (relative to the backbone wrapper).
 TIMM_GROUPS = {
@@ -69,6 +77,49 @@ class TimmBackbone(ImageBackbone):
         if blocks is None or not hasattr(self.model, "num_prefix_tokens") or not hasattr(self.model, "patch_embed"):
             return None
         return blocks, int(self.model.num_prefix_tokens)
+
+    # -- the network split at its first grid (timm ViTs: patch embeddings; timm CNNs with stages: a stage) -----
+    def grid_info(self) -> GridInfo:
+        m = self.model
+        if self.token_blocks() is not None and hasattr(m, "_pos_embed"):
+            size = getattr(m.patch_embed, "grid_size", None)
+            return GridInfo("tokens", -1, hw=tuple(int(v) for v in size) if size is not None else None)
+        blocks = getattr(m, "blocks", None)
+        if blocks is not None and hasattr(m, "conv_stem") and isinstance(blocks, nn.Sequential):
+            return GridInfo("cnn", 1, stages=len(blocks))
+        return GridInfo("pixels", 1)
+
+    def forward_grid(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        layout = self.grid_info().layout
+        x = self.prepare(x)
+        m = self.model
+        if layout == "tokens":
+            return m.patch_embed(x)  # (B, 3, H, W) -> (B, L, D) or (B, h, w, D)
+        if layout == "cnn":
+            x = m.bn1(m.conv_stem(x))
+            for block in m.blocks[: self._stage(stage) + 1]:
+                x = block(x)
+            return x  # (B, C, h, w)
+        return x  # pixels
+
+    def forward_from_grid(self, grid: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        layout = self.grid_info().layout
+        m = self.model
+        if layout == "tokens":
+            x = m.norm_pre(m.patch_drop(m._pos_embed(grid)))  # (B, L', D) with prefix tokens
+            return m.forward_head(m.norm(m.blocks(x)), pre_logits=True)
+        if layout == "cnn":
+            x = grid
+            for block in m.blocks[self._stage(stage) + 1 :]:
+                x = block(x)
+            return m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
+        return self._features(grid)
+
+    @staticmethod
+    def _stage(stage: int | None) -> int:
+        if stage is None:
+            raise ValueError("a CNN grid needs its stage: forward_grid(x, stage=…) / forward_from_grid(g, stage=…)")
+        return int(stage)
 
 
 def _local_candidates(name: str) -> list[Path]:
@@ -139,7 +190,23 @@ def _accepts_img_size(name: str) -> bool:
     return any(k in name for k in ("vit", "deit", "eva", "beit", "swin"))
 
 
-@BACKBONES.register("timm", config_cls=BackboneConfig, help="any timm image model: timm:<model_name>")
+@register_weights_status("timm")
+def timm_weights_status(arg: str, cfg: BackboneConfig) -> str:
+    """Random test models, weights found locally / in the HF cache, or where to put them."""
+    if arg.startswith("test_"):
+        return "random weights (tests)"
+    if not any(c.is_file() for c in _local_candidates(arg)) and _hf_cached_file(arg) is None:
+        return f"weights missing: put them at {_local_candidates(arg)[0]} or allow downloads"
+    return "available"
+
+
+@BACKBONES.register(
+    "timm",
+    config_cls=BackboneConfig,
+    help="any timm image model: timm:<model_name>",
+    spec={"name": "timm:test_vit", "pretrained": False, "image_size": 32},
+    provides=("image", "tokens"),
+)
 def build_timm(arg: str, cfg: BackboneConfig) -> TimmBackbone:
     """Any timm image model (timm:<name>), headless."""
     if not arg:

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from vision_peft.data import DATASETS
+from vision_peft.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("vision_peft")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTS = set(IMAGE_SUFFIXES)  # the image file types (vision_peft.preprocess) a class folder may hold
 IGNORED = {".ds_store", "thumbs.db", "desktop.ini"}
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vision_peft.config import ConfigError
+from vision_peft.runtimes.base import ranked_record
 
 PREVIEW_KINDS = ("class_folders", "point_folders", "refer", "none")
 
@@ -102,14 +103,9 @@ def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, tuple[set[int], set[str
 
 
 def ranked_prediction(file: str, probs, labels: list[str], top_k: int) -> dict[str, Any]:
-    """One predict() record: ``{"file", "label", "prob", "top": [{"label", "prob"}]}`` (the top-k classes)."""
-    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))[:top_k]
-    return {
-        "file": str(file),
-        "label": labels[order[0]],
-        "prob": float(probs[order[0]]),
-        "top": [{"label": labels[i], "prob": float(probs[i])} for i in order],
-    }
+    """One predict() record, the shape the deploy CLI and the server print too (see
+    :func:`vision_peft.runtimes.base.ranked_record`)."""
+    return ranked_record(file, probs, labels, top_k)
 
 
 def top1_onnx(ds, run_fn, input_key: str, batch: int = 32) -> dict[str, Any] | None:

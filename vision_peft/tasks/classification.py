@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, resolve_data_path
-from vision_peft.data.folder import IMAGE_EXTS
+from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction, top1_onnx
 
@@ -86,7 +86,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     runtime = "classification"
-    upload_suffixes = tuple(sorted(IMAGE_EXTS))
+    upload_suffixes = IMAGE_SUFFIXES
     preview = "class_folders"
     has_classes = True
     predict_options = ("top_k", "mc_samples")
