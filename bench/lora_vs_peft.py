@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters.lora import LoRAConfig, LoRALinear, apply_lora
-from vision_peft.adapters.pvera import PVeRAConfig, PVeRALinear, apply_pvera
+from vision_peft.adapters import DeltaLinear
+from vision_peft.adapters.lora import LoRAConfig, apply_lora
+from vision_peft.adapters.pvera import PVeRAConfig, apply_pvera
 from vision_peft.backbones import build_backbone
 from vision_peft.config import BackboneConfig
 
@@ -103,8 +104,8 @@ def build_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[str
     with torch.no_grad():
         for name in names:
             mine, theirs = bb.get_submodule(name), other.get_submodule(name)
-            if not isinstance(mine, LoRALinear):
-                raise TypeError(f"{name}: expected our LoRALinear, got {type(mine).__name__}")
+            if not (isinstance(mine, DeltaLinear) and mine.factors_attr == "lora"):
+                raise TypeError(f"{name}: expected our LoRA DeltaLinear, got {type(mine).__name__}")
             a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight  # (r, in), (out, r)
             if a.shape != mine.lora.lora_A.shape or b.shape != mine.lora.lora_B.shape:
                 raise ValueError(
@@ -155,8 +156,8 @@ def build_pvera_pair(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, li
         bb.pvera_shared.B.copy_(b)
         for name in names:
             mine, theirs = bb.get_submodule(name), other.get_submodule(name)
-            if not isinstance(mine, PVeRALinear):
-                raise TypeError(f"{name}: expected our PVeRALinear, got {type(mine).__name__}")
+            if not (isinstance(mine, DeltaLinear) and mine.factors_attr == "pvera"):
+                raise TypeError(f"{name}: expected our PVeRA DeltaLinear, got {type(mine).__name__}")
             ld, lb = theirs.pvera_lambda_d["default"], theirs.pvera_lambda_b["default"]
             if ld.shape != mine.pvera.lambda_d.shape or lb.shape != mine.pvera.lambda_b.shape:
                 raise ValueError(

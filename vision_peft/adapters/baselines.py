@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 
 @dataclass
@@ -27,13 +27,13 @@ class FullConfig:
     name: str = "full"  # registry name
 
 
-@ADAPTERS.register("linear", config_cls=LinearConfig, help="linear probe: frozen backbone, head only")
+@ADAPTERS.register("linear", config_cls=LinearConfig, help="linear probe: frozen backbone, head only", spec={})
 def apply_linear(backbone: nn.Module, cfg: LinearConfig) -> AdapterHandle:
     """Linear probe baseline (nothing in the backbone trains)."""
     return AdapterHandle("linear")
 
 
-@ADAPTERS.register("full", config_cls=FullConfig, help="full fine-tuning baseline")
+@ADAPTERS.register("full", config_cls=FullConfig, help="full fine-tuning baseline", spec={})
 def apply_full(backbone: nn.Module, cfg: FullConfig) -> AdapterHandle:
     """Full fine-tuning baseline (every backbone parameter trains)."""
     backbone.requires_grad_(True)

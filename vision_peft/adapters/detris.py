@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 
 @dataclass
@@ -321,7 +321,10 @@ def _stage_channels(stage: nn.Module) -> tuple[int, int]:
     return int(convs[0].in_channels), int(convs[-1].out_channels)
 
 
-@ADAPTERS.register("detris", config_cls=DetrisConfig, help="DETRIS dense aligners (ViT/CNN) + dense text adapters")
+@ADAPTERS.register(
+    "detris", config_cls=DetrisConfig, help="DETRIS dense aligners (ViT/CNN) + dense text adapters",
+    requires=("image",), spec={},
+)  # fmt: skip
 def apply_detris(backbone: nn.Module, cfg: DetrisConfig) -> AdapterHandle:
     """Insert Dense Aligners into the image backbone; text adapters follow when a task binds its text encoder."""
     mods = DetrisModules(cfg)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, Target, delta_handle, find_targets, inject
 
 
 @dataclass
@@ -87,6 +86,11 @@ class DoRAComponents(nn.Module):
     def gate(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.lora_c * self.mask.to(self.lora_c.dtype)).to(dtype)  # (k,) pruned components are 0
 
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation path (…, fan_in) → (…, fan_out): s · B diag(c ⊙ m) A x."""
+        z = F.linear(x, self.lora_A.to(x.dtype)) * self.gate(x.dtype)  # (…, k)
+        return F.linear(z, self.lora_B.to(x.dtype)) * self.scale
+
     def delta(self) -> torch.Tensor:
         """s · B diag(c ⊙ m) A, (fan_out, fan_in)."""
         return (self.lora_B * self.gate(self.lora_B.dtype)) @ self.lora_A * self.scale
@@ -101,24 +105,6 @@ class DoRAComponents(nn.Module):
     @property
     def rank(self) -> int:
         return int(self.mask.sum())
-
-
-class DoRALinear(nn.Linear):
-    """nn.Linear with the component side path; keeps the base ``weight``/``bias`` keys unchanged."""
-
-    def __init__(self, base: nn.Linear, cfg: DoRAConfig, gen: torch.Generator) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.dora = DoRAComponents(base.in_features, base.out_features, cfg, gen, base.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.dora
-        z = F.linear(x, d.lora_A.to(x.dtype)) * d.gate(x.dtype)  # (…, k)
-        return F.linear(x, self.weight, self.bias) + F.linear(z, d.lora_B.to(x.dtype)) * d.scale
-
-    def merged(self) -> nn.Linear:
-        return merged_linear(self, self.dora.delta())
 
 
 def budget(step: int, total: int, start_budget: int, end_budget: int, cfg: DoRAConfig) -> int:
@@ -150,42 +136,25 @@ def prune_to(components: list[DoRAComponents], keep: int) -> int:
     return keep
 
 
-@ADAPTERS.register("dora", config_cls=DoRAConfig, help="DoRA (dynamic rank, Mao et al. 2024): pruned rank-1 components")
+@ADAPTERS.register(
+    "dora", config_cls=DoRAConfig, help="DoRA (dynamic rank, Mao et al. 2024): pruned rank-1 components", spec={"r": 2}
+)
 def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
     """Add ⌈init_ratio·r⌉ rank-one components to every targeted module; the handle's ``step_fn`` prunes them."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    touched: list[str] = []
-    for name in backbone.resolve_targets(cfg.targets):
-        mod = backbone.get_submodule(name)
-        parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
-        if isinstance(parent, nn.MultiheadAttention) and isinstance(mod, nn.Linear):
-            tensor = "weight"  # MHA's fused forward reads out_proj.weight directly: re-parameterise it
-        elif isinstance(mod, nn.Linear) and not isinstance(mod, DoRALinear):
-            set_module(backbone, name, DoRALinear(mod, cfg, gen))
-            touched.append(name)
-            continue
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            tensor = "weight"
-        elif isinstance(mod, nn.MultiheadAttention):
-            if mod.in_proj_weight is None:
-                raise ValueError(f"{name}: MultiheadAttention with separate q/k/v weights; target them directly")
-            tensor = "in_proj_weight"
-        else:
-            continue  # a pattern may also match containers; only leaf layers are adapted
-        if parametrize.is_parametrized(mod, tensor):
-            continue
-        w = getattr(mod, tensor)
-        add_weight_delta(mod, tensor, "dora", DoRAComponents(w[0].numel(), w.shape[0], cfg, gen, w))
-        touched.append(name)
-    if not touched:
-        raise ValueError(f"DoRA targets {cfg.targets} matched no Linear, Conv or MultiheadAttention in {backbone.spec}")
+    targets = find_targets(backbone, cfg.targets, "DoRA")
+
+    def factors(t: Target) -> DoRAComponents:
+        return DoRAComponents(t.fan_in, t.fan_out, cfg, gen, t.weight)
+
+    inject(backbone, targets, "dora", factors)
 
     def components() -> list[DoRAComponents]:
         return [m for m in backbone.modules() if isinstance(m, DoRAComponents)]
 
-    start_budget = cfg.initial_rank * len(touched)
-    end_budget = cfg.r * len(touched)
-    report = {"layers": len(touched), "initial_components": start_budget, "final_budget": end_budget}
+    start_budget = cfg.initial_rank * len(targets)
+    end_budget = cfg.r * len(targets)
+    report = {"layers": len(targets), "initial_components": start_budget, "final_budget": end_budget}
 
     def step_fn(step: int, total: int) -> dict[str, float]:
         comps = components()
@@ -197,12 +166,4 @@ def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
         report["ranks"] = ranks
         return {"dora_components": float(live), "dora_rank_min": float(min(ranks)), "dora_rank_max": float(max(ranks))}
 
-    def merge() -> None:
-        for name in touched:
-            mod = backbone.get_submodule(name)
-            if isinstance(mod, DoRALinear):
-                set_module(backbone, name, mod.merged())
-            else:
-                fold_weight_delta(mod)
-
-    return AdapterHandle("dora", touched=touched, merge_fn=merge, report=report, step_fn=step_fn)
+    return delta_handle("dora", backbone, targets, report=report, step_fn=step_fn)

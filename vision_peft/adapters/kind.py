@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, set_module
 
 
 @dataclass
@@ -58,8 +58,14 @@ class KINDConfig:
             raise ValueError("KIND learngene_rank, tailor_rank and groups must be positive")
 
 
+def _capture_classes(backbone: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the class-conditional backbone (``forward(x, t, y)``): the class-conditioning hook that
+    hands the batch's class ids to the KIND layers (read back from ``backbone.kind_y``)."""
+    backbone.kind_y = kwargs["y"] if "y" in kwargs else args[2]
+
+
 class KINDLinear(nn.Module):
-    """Linear layer W(y) = learngene part + gated tailors; reads the class ids from ``owner.current_y``."""
+    """Linear layer W(y) = learngene part + gated tailors; reads the class ids from ``owner.kind_y``."""
 
     def __init__(
         self,
@@ -98,7 +104,7 @@ class KINDLinear(nn.Module):
         return (self.u_g * self.s_g) @ self.v_g.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._owner[0].current_y
+        y = self._owner[0].kind_y
         out = F.linear(x, self.learngene_weight(), self.bias)
         coef = self.s_t.unsqueeze(0) * self.gate(y)  # (B, r)
         z = (x @ self.v_t) * (coef.unsqueeze(1) if x.dim() == 3 else coef)
@@ -110,11 +116,17 @@ def _orthonormal(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
     return q
 
 
-@ADAPTERS.register("kind", config_cls=KINDConfig, help="KIND: SVD learngenes + class-gated tailors (DiT)")
+@ADAPTERS.register(
+    "kind", config_cls=KINDConfig, help="KIND: SVD learngenes + class-gated tailors (DiT)", requires=("diffusion",),
+    spec={"mode": "transfer", "tailor_init": "random", "tailor_rank": 2, "groups": 2},
+)  # fmt: skip
 def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
     """Replace the targeted Linear layers of a DiT by KIND layers (see the module docstring)."""
-    if not hasattr(backbone, "current_y"):
-        raise ValueError("KIND needs a class-conditional backbone that exposes current_y (the latent DiT)")
+    if getattr(backbone, "kind", "") != "denoiser" or not hasattr(backbone, "num_classes"):
+        raise ValueError(
+            "KIND needs a class-conditional backbone whose forward takes the class ids (the latent DiT, "
+            "backbone.name=dit:…)"
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     names = [n for n in backbone.resolve_targets(cfg.targets) if type(backbone.get_submodule(n)) is nn.Linear]
     if not names:
@@ -162,14 +174,36 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
     if cfg.mode == "pretrain":
         backbone.requires_grad_(True)  # pre-training: the whole DiT learns
 
-    def refresh_classes() -> None:
+    backbone.kind_y = None
+    hook = backbone.register_forward_pre_hook(_capture_classes, with_kwargs=True)
+
+    def on_classes(classes: list[str]) -> None:  # the task rebuilt the class table: the null id moved
         for n in names:
             backbone.get_submodule(n).num_classes = backbone.num_classes
 
-    handle = AdapterHandle("kind", touched=names, merge_fn=None)  # class-gated: no single dense weight
-    handle.refresh_classes = refresh_classes
-    handle.mode = cfg.mode
-    return handle
+    def condition(y: torch.Tensor) -> None:
+        backbone.kind_y = y
+
+    def unload() -> dict[str, torch.Tensor]:
+        """Learngene products as plain Linear weights (in place); the tailors as ``kind.*`` tensors."""
+        _, extra = kind_pretrained_state(backbone, names)
+        for n in names:
+            m: KINDLinear = backbone.get_submodule(n)
+            w = m.learngene_weight().detach()
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            set_module(backbone, n, lin)
+        hook.remove()
+        return extra
+
+    # class-gated: no single dense weight, so no merge_fn; merge_and_unload() gives the base-checkpoint form
+    return AdapterHandle(
+        "kind", touched=names, report={"mode": cfg.mode}, classes_fn=on_classes, condition_fn=condition,
+        unload_fn=unload,
+    )  # fmt: skip
 
 
 def kind_pretrained_state(

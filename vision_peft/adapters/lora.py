@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, Target, delta_handle, find_targets, inject
 
 
 @dataclass
@@ -55,8 +54,9 @@ def _init_a(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return a.uniform_(-bound, bound, generator=gen)
 
 
-class _LoRAFactors(nn.Module):
-    """A (r × fan_in) and B (fan_out × r); A is a buffer when it is not trained."""
+class LoRAFactors(nn.Module):
+    """A (r × fan_in) and B (fan_out × r); A is a buffer when it is not trained. Dropout acts on the activation
+    path only (``side``); ``delta()`` is the inference-time update."""
 
     def __init__(self, fan_in: int, fan_out: int, cfg: LoRAConfig, gen: torch.Generator, like: torch.Tensor) -> None:
         super().__init__()
@@ -67,69 +67,27 @@ class _LoRAFactors(nn.Module):
             self.register_buffer("lora_A", a)
         self.lora_B = nn.Parameter(torch.zeros(fan_out, cfg.r, device=like.device, dtype=like.dtype))
         self.scale = cfg.alpha / cfg.r
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    @classmethod
-    def for_weight(cls, w: torch.Tensor, cfg: LoRAConfig, gen: torch.Generator) -> _LoRAFactors:
-        """Factors for a weight of shape (fan_out, *fan_in dims), e.g. a conv kernel or MHA's in_proj_weight."""
-        return cls(w[0].numel(), w.shape[0], cfg, gen, w)
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, fan_in) → (…, fan_out): s · B A dropout(x)."""
+        z = F.linear(F.linear(self.drop(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return z * self.scale
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (fan_out, fan_in)
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear with a low-rank side path; keeps the base ``weight``/``bias`` keys unchanged."""
-
-    def __init__(self, base: nn.Linear, cfg: LoRAConfig, gen: torch.Generator) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.lora = _LoRAFactors(base.in_features, base.out_features, cfg, gen, base.weight)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        z = F.linear(F.linear(self.drop(x), self.lora.lora_A.to(x.dtype)), self.lora.lora_B.to(x.dtype))
-        return out + z * self.lora.scale
-
-    def merged(self) -> nn.Linear:
-        return merged_linear(self, self.lora.delta())
-
-
-@ADAPTERS.register("lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections")
+@ADAPTERS.register(
+    "lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections", spec={"r": 2}
+)
 def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     """Wrap every targeted module with a low-rank update (B = 0, so outputs are unchanged at step 0)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    names = backbone.resolve_targets(cfg.targets)
-    touched: list[str] = []
-    for name in names:
-        mod = backbone.get_submodule(name)
-        parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
-        if isinstance(parent, nn.MultiheadAttention) and isinstance(mod, nn.Linear):
-            # MHA's fused forward reads out_proj.weight directly, so a side path would be bypassed: re-parameterise
-            if parametrize.is_parametrized(mod, "weight"):
-                continue
-            add_weight_delta(mod, "weight", "lora", _LoRAFactors.for_weight(mod.weight, cfg, gen))
-        elif isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
-            set_module(backbone, name, LoRALinear(mod, cfg, gen))
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not parametrize.is_parametrized(mod, "weight"):
-            add_weight_delta(mod, "weight", "lora", _LoRAFactors.for_weight(mod.weight, cfg, gen))
-        elif isinstance(mod, nn.MultiheadAttention):
-            if mod.in_proj_weight is None:
-                raise ValueError(f"{name}: MultiheadAttention with separate q/k/v weights; target them directly")
-            add_weight_delta(mod, "in_proj_weight", "lora", _LoRAFactors.for_weight(mod.in_proj_weight, cfg, gen))
-        else:
-            continue  # a pattern may also match containers (e.g. 'blocks.*'); only leaf layers are adapted
-        touched.append(name)
-    if not touched:
-        raise ValueError(f"LoRA targets {cfg.targets} matched no Linear, Conv or MultiheadAttention in {backbone.spec}")
+    targets = find_targets(backbone, cfg.targets, "LoRA")
 
-    def merge() -> None:
-        for name in touched:
-            mod = backbone.get_submodule(name)
-            if isinstance(mod, LoRALinear):
-                set_module(backbone, name, mod.merged())
-            else:
-                fold_weight_delta(mod)
+    def factors(t: Target) -> LoRAFactors:
+        return LoRAFactors(t.fan_in, t.fan_out, cfg, gen, t.weight)
 
-    return AdapterHandle("lora", touched=touched, merge_fn=merge)
+    inject(backbone, targets, "lora", factors)
+    return delta_handle("lora", backbone, targets)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 
 @dataclass
@@ -56,7 +56,8 @@ class PadPrompt(nn.Module):
 
 
 @ADAPTERS.register(
-    "pad_prompt", config_cls=PadPromptConfig, help="learnable input-border pixel prompts (any image backbone)"
+    "pad_prompt", config_cls=PadPromptConfig, help="learnable input-border pixel prompts (any image backbone)",
+    requires=("image",), spec={"pad": 4},
 )
 def apply_pad_prompt(backbone: nn.Module, cfg: PadPromptConfig) -> AdapterHandle:
     """Add a learnable pixel frame in front of any image backbone."""

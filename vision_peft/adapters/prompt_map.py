@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 
 @dataclass
@@ -69,7 +69,10 @@ def cnn_stages(backbone: nn.Module) -> nn.Sequential | None:
     return blocks
 
 
-@ADAPTERS.register("prompt_map", config_cls=PromptMapConfig, help="learnable prompt map on an early CNN feature map")
+@ADAPTERS.register(
+    "prompt_map", config_cls=PromptMapConfig, help="learnable prompt map on an early CNN feature map",
+    requires=("image",), spec={},
+)  # fmt: skip
 def apply_prompt_map(backbone: nn.Module, cfg: PromptMapConfig) -> AdapterHandle:
     """Add a learnable map to the output of CNN stage ``cfg.stage``."""
     stages = cnn_stages(backbone)

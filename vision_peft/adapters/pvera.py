@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, add_weight_delta, fold_weight_delta, merged_linear, set_module
+from vision_peft.adapters.base import (
+    ADAPTERS,
+    AdapterHandle,
+    DeltaLinear,
+    Target,
+    add_weight_delta,
+    find_targets,
+    merge_targets,
+    set_module,
+)
 
 
 @dataclass
@@ -97,29 +106,16 @@ class PVeRAVectors(nn.Module):
             return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return mu
 
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation path of a Linear (…, fan_in) → (…, fan_out): λ_b ⊙ B z with z from λ_d ⊙ (A x)."""
+        a, b = self.factors(x.dtype)
+        return F.linear(self.latent(F.linear(x, a)), b) * self.lambda_b.to(x.dtype)
+
     def delta(self) -> torch.Tensor:
         """The inference-time weight update (fan_out, fan_in), float32."""
         a, b = self.factors(torch.float32)
         mu_rows = a[: self.r] * self.lambda_d[: self.r].float()[:, None]
         return (b @ mu_rows) * self.lambda_b.float()[:, None]
-
-
-class PVeRALinear(nn.Linear):
-    """nn.Linear plus the sampled PVeRA side path; keeps the base ``weight``/``bias`` keys."""
-
-    def __init__(self, base: nn.Linear, vectors: PVeRAVectors) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.pvera = vectors
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.pvera.factors(x.dtype)
-        z = self.pvera.latent(F.linear(x, a))
-        return F.linear(x, self.weight, self.bias) + F.linear(z, b) * self.pvera.lambda_b.to(x.dtype)
-
-    def merged(self) -> nn.Linear:
-        return merged_linear(self, self.pvera.delta())
 
 
 def _pointwise_hook(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -149,51 +145,34 @@ def _pointwise(mod: nn.Module) -> bool:
     )
 
 
-def _weight_of(mod: nn.Module) -> tuple[str, torch.Tensor] | None:
-    """The tensor an adapted module's update lands on, or None when the module is not adaptable."""
-    if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-        return "weight", mod.weight
-    if isinstance(mod, nn.MultiheadAttention):
-        return ("in_proj_weight", mod.in_proj_weight) if mod.in_proj_weight is not None else None
-    return None
-
-
-@ADAPTERS.register("pvera", config_cls=PVeRAConfig, help="PVeRA: shared random A/B, trainable vectors, sampled latent")
+@ADAPTERS.register(
+    "pvera", config_cls=PVeRAConfig, help="PVeRA: shared random A/B, trainable vectors, sampled latent", spec={"r": 2}
+)
 def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
     """Adapt every targeted Linear / Conv / fused-MHA module; λ_b = 0 so outputs are unchanged at step 0."""
     if hasattr(backbone, "pvera_shared"):
         raise ValueError("PVeRA is already applied to this backbone")
-    layers: list[tuple[str, nn.Module, str, torch.Tensor]] = []
-    for name in backbone.resolve_targets(cfg.targets):
-        mod = backbone.get_submodule(name)
-        parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
-        if isinstance(parent, nn.MultiheadAttention):
-            continue  # MHA's fused forward reads its own tensors; the MHA module itself is the target
-        found = _weight_of(mod)
-        if found is not None:
-            layers.append((name, mod, *found))
-    if not layers:
-        raise ValueError(
-            f"PVeRA targets {cfg.targets} matched no Linear, Conv or fused MultiheadAttention in {backbone.spec}"
-        )
-    fan_in = max(w[0].numel() for *_, w in layers)
-    fan_out = max(w.shape[0] for *_, w in layers)
-    shared = PVeRAShared(cfg.r, fan_in, fan_out, cfg.seed, layers[0][3])
+    # MHA's fused forward reads its own tensors: the MHA module itself is the target, never its out_proj
+    targets: list[Target] = find_targets(backbone, cfg.targets, "PVeRA", mha_children=False)
+    fan_in = max(t.fan_in for t in targets)
+    fan_out = max(t.fan_out for t in targets)
+    shared = PVeRAShared(cfg.r, fan_in, fan_out, cfg.seed, targets[0].weight)
     backbone.pvera_shared = shared
     touched, sampled, hooks = [], [], {}
-    for name, mod, tensor, w in layers:
-        vec = PVeRAVectors(shared, w[0].numel(), w.shape[0], cfg, w).train(mod.training)  # sample only if training
-        if isinstance(mod, nn.Linear):
-            set_module(backbone, name, PVeRALinear(mod, vec).train(mod.training))
-            sampled.append(name)
+    for t in targets:
+        mod = t.module
+        vec = PVeRAVectors(shared, t.fan_in, t.fan_out, cfg, t.weight).train(mod.training)  # sample only if training
+        if t.activation:
+            set_module(backbone, t.name, DeltaLinear(mod, "pvera", vec))
+            sampled.append(t.name)
         elif _pointwise(mod):
             mod.pvera = vec
-            hooks[name] = mod.register_forward_hook(_pointwise_hook)
-            sampled.append(name)
+            hooks[t.name] = mod.register_forward_hook(_pointwise_hook)
+            sampled.append(t.name)
         else:
             vec.weight_space = True
-            add_weight_delta(mod, tensor, "pvera", vec)
-        touched.append(name)
+            add_weight_delta(mod, t.tensor, "pvera", vec)
+        touched.append(t.name)
     report = {
         "sampled_layers": len(sampled) if cfg.sample else 0,
         "weight_space_layers": len(touched) - len(sampled),
@@ -202,17 +181,13 @@ def apply_pvera(backbone: nn.Module, cfg: PVeRAConfig) -> AdapterHandle:
     }
 
     def merge() -> None:
-        for name in touched:
+        for name, hook in hooks.items():  # the hooked 1×1 convs: fold the μ-path update into the kernel
             mod = backbone.get_submodule(name)
-            if isinstance(mod, PVeRALinear):
-                set_module(backbone, name, mod.merged())
-            elif name in hooks:
-                hooks[name].remove()
-                with torch.no_grad():
-                    mod.weight.copy_(mod.weight + mod.pvera.delta().view_as(mod.weight).to(mod.weight.dtype))
-                del mod.pvera
-            else:
-                fold_weight_delta(mod)
+            hook.remove()
+            with torch.no_grad():
+                mod.weight.copy_(mod.weight + mod.pvera.delta().view_as(mod.weight).to(mod.weight.dtype))
+            del mod.pvera
+        merge_targets(backbone, [n for n in touched if n not in hooks])
         del backbone.pvera_shared
 
     return AdapterHandle("pvera", touched=touched, merge_fn=merge, report=report)

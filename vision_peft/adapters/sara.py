@@ -11,7 +11,8 @@ reported in ``handle.report``. FISH selects the top entries of the empirical Fis
 instead, computed by :func:`fisher_scores` — same engine, fixed mask.
 
 Differences from the reference code (see docs/methods.md §4): the nuclear-norm penalty is applied to the
-*scattered* ΔW = W − W0 so its gradient reaches p (:func:`nuclear_penalty`); progressive re-selection
+*scattered* ΔW = W − W0 so its gradient reaches p (:func:`nuclear_penalty`; the handle's ``extra_losses`` returns
+``{"nuclear": nuclear_lambda · ‖ΔW‖_*}`` of one random targeted layer per training forward); progressive re-selection
 (:meth:`SparseLinear.reselect`) folds the current values into the base, re-selects the same count per tensor
 on the current weights and resets that tensor's optimizer moments; checkpoints carry explicit indices +
 values + a sha256 of the base weights, and loading onto other base weights is refused.
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, set_module
 
 
 class SparseCheckpointError(ValueError):
@@ -240,7 +241,7 @@ def fisher_scores(model: nn.Module, module_names: list[str], loss_fn, batches) -
 
 
 class SparseHandle(AdapterHandle):
-    """AdapterHandle + the sparse engine's report, penalty, re-selection and explicit-index checkpoints."""
+    """AdapterHandle + the sparse engine's layers; the nuclear-norm penalty is its ``loss_fn`` (``extra_losses``)."""
 
     def layers(self, backbone: nn.Module) -> list[SparseLinear]:
         return [backbone.get_submodule(n) for n in self.touched if isinstance(backbone.get_submodule(n), SparseLinear)]
@@ -323,12 +324,21 @@ def _apply_sparse(backbone: nn.Module, cfg: SaRAConfig, fisher: bool) -> SparseH
 
         handle.hook = register_optimizer_step_post_hook(hook)
     handle.report = report
-    handle.cfg = cfg
-    handle.gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.nuclear_lambda > 0:
+        gen = torch.Generator().manual_seed(cfg.seed)  # picks the penalised layer of each training forward
+
+        def loss_fn(model: nn.Module) -> dict[str, torch.Tensor]:
+            layers = [m for m in backbone.modules() if isinstance(m, SparseLinear)]
+            return {"nuclear": cfg.nuclear_lambda * nuclear_penalty(layers, gen)} if layers else {}
+
+        handle.loss_fn = loss_fn
     return handle
 
 
-@ADAPTERS.register("sara", config_cls=SaRAConfig, help="SaRA: train the smallest-|W| entries, sparse autograd")
+@ADAPTERS.register(
+    "sara", config_cls=SaRAConfig, help="SaRA: train the smallest-|W| entries, sparse autograd",
+    requires=("linear",), spec={"fraction": 0.1},
+)  # fmt: skip
 def apply_sara(backbone: nn.Module, cfg: SaRAConfig) -> SparseHandle:
     """Select the smallest-magnitude entries of the targeted Linear weights and make only them trainable."""
     return _apply_sparse(backbone, cfg, fisher=False)
@@ -342,7 +352,10 @@ class FISHConfig(SaRAConfig):
     nuclear_lambda: float = 0.0
 
 
-@ADAPTERS.register("fish", config_cls=FISHConfig, help="FISH: train the top empirical-Fisher entries (fixed mask)")
+@ADAPTERS.register(
+    "fish", config_cls=FISHConfig, help="FISH: train the top empirical-Fisher entries (fixed mask)",
+    requires=("linear",), spec={"fraction": 0.1},  # + fisher_file: scores from data (diffusion_tools fisher)
+)  # fmt: skip
 def apply_fish(backbone: nn.Module, cfg: FISHConfig) -> SparseHandle:
     return _apply_sparse(backbone, cfg, fisher=True)
 

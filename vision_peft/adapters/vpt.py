@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision_peft.adapters import ADAPTERS, AdapterHandle
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 
 @dataclass
@@ -84,7 +84,10 @@ class VPTPrompts(nn.Module):
             h.remove()
 
 
-@ADAPTERS.register("vpt", config_cls=VPTConfig, help="visual prompt tuning (shallow/deep) for token backbones")
+@ADAPTERS.register(
+    "vpt", config_cls=VPTConfig, help="visual prompt tuning (shallow/deep) for token backbones",
+    requires=("tokens",), spec={"num_tokens": 3},
+)  # fmt: skip
 def apply_vpt(backbone: nn.Module, cfg: VPTConfig) -> AdapterHandle:
     """Insert learnable prompt tokens into every block of a token backbone."""
     tb = backbone.token_blocks() if hasattr(backbone, "token_blocks") else None

@@ -130,7 +130,6 @@ class DiT(Backbone):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, p * p * arch.in_channels)
-        self.current_y: torch.Tensor | None = None  # read by class-gated adapters (KIND) during forward
         self.spec = "dit"
         self.data_config = {"arch": asdict(arch)}
         self.target_groups = {
@@ -179,7 +178,6 @@ class DiT(Backbone):
         gh, gw = h // p, w // p
         tok = x.reshape(b, ch, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * ch)
         tok = self.x_embed(tok) + sincos_2d(self.embed_dim, gh, gw, x.device).to(x.dtype)
-        self.current_y = y
         c = self.t_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
         for blk in self.blocks:
             tok = blk(tok, c)

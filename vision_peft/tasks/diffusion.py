@@ -257,8 +257,6 @@ class DiffusionModel(TaskModel):
         self.vae = vae
         self.tcfg = cfg
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(cfg.num_timesteps), persistent=False)
-        self.nuclear_lambda = float(getattr(adapter_cfg, "nuclear_lambda", 0.0) or 0.0)
-        self._sparse_layers = None
 
     @property
     def num_classes(self) -> int:
@@ -275,13 +273,6 @@ class DiffusionModel(TaskModel):
     def set_train_mode(self) -> None:
         super().set_train_mode()
         self.vae.eval()
-
-    def sparse_layers(self) -> list:
-        if self._sparse_layers is None:
-            from vision_peft.adapters.sara import SparseLinear
-
-            self._sparse_layers = [m for m in self.backbone.modules() if isinstance(m, SparseLinear)]
-        return self._sparse_layers
 
     def eps_loss(self, z0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Training loss: MSE to the configured target (ε, or v = √ā·ε − √(1−ā)·x0)."""
@@ -305,15 +296,7 @@ class DiffusionModel(TaskModel):
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         t = torch.randint(0, self.tcfg.num_timesteps, (len(y),), device=z0.device)
         loss = self.eps_loss(z0, y, t, torch.randn_like(z0))
-        out = {"loss": loss, "output": loss.detach()}
-        if self.training and self.nuclear_lambda > 0 and self.sparse_layers():
-            from vision_peft.adapters.sara import nuclear_penalty
-
-            gen = getattr(self.adapter, "gen", None)
-            nuc = nuclear_penalty(self.sparse_layers(), gen)
-            out["loss"] = loss + self.nuclear_lambda * nuc
-            out["nuclear"] = nuc.detach()
-        return out
+        return {"loss": loss, "output": loss.detach()}  # adapter penalties (SaRA's): handle.extra_losses
 
     def check_labels(self, labels: torch.Tensor) -> None:
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
@@ -433,10 +416,7 @@ class DiffusionTask(Task):
                     f"pretrain: the DiT has {backbone.num_classes} classes but the task {len(self.classes)}; "
                     f"use backbone.name=dit:…-c{len(self.classes)}"
                 )
-            if (
-                self.cfg.adapter.name not in ("full", "kind")
-                or getattr(self.cfg.adapter, "mode", "pretrain") != "pretrain"
-            ):
+            if not all(p.requires_grad for p in backbone.parameters()):  # full, or KIND's integration stage
                 raise ConfigError("stage: pretrain trains the whole DiT: use adapter full or kind (mode: pretrain)")
         else:
             base_pred = (getattr(backbone, "meta", None) or {}).get("prediction", "eps")  # older checkpoints: eps
@@ -446,8 +426,7 @@ class DiffusionTask(Task):
                     f"task.prediction={t.prediction!r}; set task.prediction={base_pred} (or pre-train a new base)"
                 )
             backbone.reset_classes(len(self.classes))  # a new trainable class table (the task head)
-            if hasattr(handle, "refresh_classes"):
-                handle.refresh_classes()
+            handle.on_classes(self.classes)
         vae = self.vae()
         ids, bufs = base
         ids = set(ids) | {id(p) for p in vae.parameters()}
@@ -612,17 +591,8 @@ def write_base_checkpoint(run_dir: str | Path, out: str | Path | None = None) ->
         "run": str(run_dir),
         "prediction": cfg.task.prediction,
     }
-    if cfg.adapter.name == "kind":
-        from vision_peft.adapters.kind import kind_pretrained_state
-        from vision_peft.backbones.dit import DiT
-
-        sd, extra = kind_pretrained_state(dit, model.adapter.touched)
-        plain = DiT(dit.arch)
-        plain.load_state_dict(sd, strict=True)
-        save_dit(out, plain, extra=extra, meta=meta)
-    else:
-        model.adapter.merge()
-        save_dit(out, dit, meta=meta)
+    extra = model.adapter.merge_and_unload()  # KIND: learngene products as weights, tailors as kind.* tensors
+    save_dit(out, dit, extra=extra or None, meta=meta)
     return out
 
 
@@ -661,7 +631,7 @@ def compute_fisher(recipe: str, out: str | Path, overrides: list[str] | None = N
     from safetensors.torch import save_file
 
     from vision_peft.adapters.sara import fisher_scores
-    from vision_peft.config import load_recipe
+    from vision_peft.recipe import load_recipe
 
     cfg = load_recipe(recipe, list(overrides or []))
     targets = list(getattr(cfg.adapter, "targets", ["blocks_linear"]))
