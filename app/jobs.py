@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from vision_peft import rundir
+
 ACTIVE = ("queued", "running")
 
 
@@ -113,7 +115,7 @@ class JobManager:
             job = self._get(job_id)
             if job.status in ACTIVE:
                 raise ValueError(f"job {job_id} is {job.status}; stop it before resuming")
-            if not (Path(job.run_dir) / "checkpoint" / "state.pt").exists():
+            if not (Path(job.run_dir) / rundir.CKPT_DIR / "state.pt").exists():
                 raise ValueError(f"job {job_id} has no checkpoint yet; start it again instead")
             job.cmd = [sys.executable, "-m", "vision_peft", "train", "--resume", job.run_dir, "--no-progress"]
             job.status, job.resume, job.returncode, job.ended = "queued", True, None, None
@@ -170,24 +172,18 @@ class JobManager:
         run = Path(job.run_dir)
         steps, losses, evals = [], [], []
         total = None
-        mpath = run / "metrics.jsonl"
-        if mpath.exists():
-            for ln in mpath.read_text().splitlines():
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:  # a line being written right now
-                    continue
-                if "split" in rec:
-                    evals.append(rec)
-                elif "loss" in rec:
-                    steps.append(rec["step"])
-                    losses.append(rec["loss"])
-                    total = rec.get("total_steps", total)
-        if total is None and (run / "config.json").exists():
-            total = json.loads((run / "config.json").read_text()).get("steps", {}).get("total")
+        for rec in rundir.read_metrics(run):  # skips a line being written right now
+            if "split" in rec:
+                evals.append(rec)
+            elif "loss" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+                total = rec.get("total_steps", total)
+        if total is None and (run / rundir.CONFIG_FILE).exists():
+            total = rundir.RunInfo.read(run).steps.total
         log_tail = ""
-        if (run / "train.log").exists():
-            log_tail = "\n".join((run / "train.log").read_text(errors="replace").splitlines()[-15:])
+        if (run / rundir.LOG_FILE).exists():
+            log_tail = "\n".join((run / rundir.LOG_FILE).read_text(errors="replace").splitlines()[-15:])
         err = Path(job.run_dir + ".stderr")
         if job.status == "failed" and err.exists():
             log_tail += "\n" + "\n".join(err.read_text(errors="replace").splitlines()[-8:])
@@ -236,7 +232,7 @@ class JobManager:
                 rc = proc.poll() if proc is not None else (None if _alive(job.pid) else -1)
                 if rc is None:
                     continue
-                done = (Path(job.run_dir) / "final_metrics.json").exists() and rc in (0, -1)
+                done = (Path(job.run_dir) / rundir.FINAL_FILE).exists() and rc in (0, -1)
                 job.status = "done" if done else "failed"
                 job.returncode, job.ended = rc, time.time()
                 self.procs.pop(job.id, None)

@@ -132,13 +132,6 @@ def tiny_image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def tiny_recipe(data_root: str | Path, runs_root: str | Path) -> dict[str, Any]:
     """A complete recipe for a seconds-long CPU run: timm:test_vit (random init) + LoRA r=2, 32×32 input."""
     return {
@@ -162,7 +155,7 @@ def make_run_cfg(data_root: str | Path, runs_root: str | Path, *dotted: str, **s
     A section given as a dict is merged into the default; ``adapter={...}`` or ``task={...}`` with a different
     ``name`` replaces the section (the fields belong to another config class).
     """
-    from vision_peft.config import RunConfig, deep_merge, parse_overrides
+    from vision_peft.recipe import build_run_config, deep_merge, parse_overrides
 
     data = tiny_recipe(data_root, runs_root)
     for key, value in sections.items():
@@ -172,11 +165,11 @@ def make_run_cfg(data_root: str | Path, runs_root: str | Path, *dotted: str, **s
             and isinstance(current, dict)
             and value.get("name", current.get("name")) == current.get("name")
         ):
-            data[key] = _deep_merge(current, value)
+            data[key] = deep_merge(current, value)
         else:
             data[key] = value
     data = deep_merge(data, parse_overrides(list(dotted)))
-    return RunConfig.from_dict(data)
+    return build_run_config(data)
 
 
 @pytest.fixture
@@ -234,8 +227,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cls_bundle(tmp_path_factory, aid_root):
     """(run dir, bundle dir) of a seconds-long classification run on 3 real AID classes, exported with int8."""
-    from vision_peft.config import load_recipe
     from vision_peft.export import export_run
+    from vision_peft.recipe import load_recipe
     from vision_peft.train import run
 
     root = tmp_path_factory.mktemp("cls-bundle")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vision_peft.rundir import RunInfo
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,9 +35,13 @@ def tiny_run(tmp_path_factory, aid_root: Path) -> Path:
 
 
 def test_eval_matches_final_metrics(tiny_run: Path) -> None:
+    from vision_peft.recipe import load_recipe
+
+    task = load_recipe("classification-tiny").task
+    n_test = task.split["test"] * len(task.classes)  # the stratified split takes this many per class
     out = json.loads(cli("eval", str(tiny_run), "--split", "test", "--device", "cpu").stdout)
     final = json.loads((tiny_run / "final_metrics.json").read_text())
-    assert out["n"] == final["test"]["n"] == 12
+    assert out["n"] == final["test"]["n"] == n_test
     assert out["top1"] == pytest.approx(final["test"]["top1"])
 
 
@@ -43,7 +49,7 @@ def test_predict_export_deploy_agree(tiny_run: Path, aid_root: Path) -> None:
     split = json.loads((tiny_run / "split.json").read_text())
     images = split["test"][:4]
     preds = [json.loads(ln) for ln in cli("predict", str(tiny_run), *images).stdout.splitlines()]
-    classes = json.loads((tiny_run / "config.json").read_text())["task_state"]["classes"]
+    classes = RunInfo.read(tiny_run).classes
     assert [p["file"] for p in preds] == images and all(p["label"] in classes for p in preds)
 
     bundle = tiny_run / "bundle"

@@ -5,16 +5,30 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from vision_peft.adapters import ADAPTERS
 from vision_peft.adapters.lora import LoRAConfig
 from vision_peft.backbones import BACKBONES
-from vision_peft.config import REPO_ROOT, ConfigError, RunConfig, load_recipe, parse_overrides
+from vision_peft.config import REPO_ROOT, ConfigError, check_choices
 from vision_peft.data import DATASETS
+from vision_peft.recipe import build_run_config, load_recipe, parse_overrides
 from vision_peft.registry import Registry, UnknownNameError
 from vision_peft.tasks import TASKS
+
+
+@dataclasses.dataclass
+class Widget:
+    """A config with choices (test_literal_choices_are_checked_generically)."""
+
+    mode: Literal["a", "b"] = "a"  # a choice
+    size: Literal[1, 2] | None = None  # an optional numeric choice
+
+    def __post_init__(self) -> None:
+        check_choices(self, "widget")
+
 
 REGISTRIES = {"backbone": BACKBONES, "adapter": ADAPTERS, "task": TASKS, "dataset": DATASETS}
 RECIPES = sorted((REPO_ROOT / "tasks").glob("*.yaml"))
@@ -180,14 +194,14 @@ def test_every_recipe_loads(recipe: Path) -> None:
 def test_recipe_round_trips(recipe: Path) -> None:
     cfg = load_recipe(str(recipe))
     data = json.loads(json.dumps(cfg.to_dict()))  # what config.json stores
-    again = RunConfig.from_dict(data)
+    again = build_run_config(data)
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
 
 
 def test_tiny_config_round_trips(run_cfg) -> None:
     cfg = run_cfg("adapter.targets=[qkv, mlp]", "train.head_lr=0.01")
-    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    again = build_run_config(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert type(again.adapter) is type(cfg.adapter) and type(again.task) is type(cfg.task)
 
@@ -201,11 +215,10 @@ def test_adamw_betas_are_configurable_and_checked() -> None:
             TrainConfig(betas=bad)
     import torch
 
-    from vision_peft.config import RunConfig
+    from vision_peft.engine import build_optimizer
     from vision_peft.tasks import TaskModel
-    from vision_peft.train import build_optimizer
 
-    cfg = RunConfig.from_dict(
+    cfg = build_run_config(
         {
             "task": {"name": "classification"},
             "backbone": {"name": "timm:test_vit"},
@@ -215,3 +228,19 @@ def test_adamw_betas_are_configurable_and_checked() -> None:
     )
     opt = build_optimizer(TaskModel(torch.nn.Linear(2, 2), None), cfg)
     assert all(g["betas"] == (0.8, 0.97) for g in opt.param_groups)
+
+
+def test_literal_choices_are_checked_generically() -> None:
+    """A ``Literal[...]`` field is checked by the typed builder and on direct construction, naming the choices."""
+    from vision_peft.config import TrainConfig, build_dataclass
+
+    with pytest.raises(ConfigError, match=r"train\.amp must be one of auto, none, bf16, fp16, got 'fp8'"):
+        TrainConfig(amp="fp8")
+    assert build_dataclass(Widget, {"mode": "b", "size": 2}, "widget") == Widget("b", 2)
+    assert build_dataclass(Widget, {"size": None}, "widget").size is None
+    with pytest.raises(ConfigError, match=r"widget\.mode must be one of a, b, got 'c'"):
+        build_dataclass(Widget, {"mode": "c"}, "widget")
+    with pytest.raises(ConfigError, match=r"widget\.size must be one of 1, 2, got True"):
+        build_dataclass(Widget, {"size": True}, "widget")  # a bool is not the integer 1 here
+    with pytest.raises(ConfigError, match=r"widget\.mode must be one of a, b"):
+        Widget(mode="z")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from vision_peft.checkpoint import load_tensors
-from vision_peft.config import RunConfig
+from vision_peft.recipe import build_run_config
 from vision_peft.train import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +46,11 @@ def tiny_recipe(runs_root: Path, name: str, **train) -> dict:
         },
         "output": {"runs_root": str(runs_root), "name": name},
     }
+
+
+def n_split(recipe: dict, split: str) -> int:
+    """Images in ``split`` of a recipe's stratified split: its per-class count times the number of classes."""
+    return recipe["task"]["split"][split] * len(recipe["task"]["classes"])
 
 
 def _env() -> dict:
@@ -117,8 +122,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, aid_root: Pat
 
 
 def test_resume_refuses_changed_config(tmp_path: Path, aid_root: Path) -> None:
-    d = run(RunConfig.from_dict(tiny_recipe(tmp_path, "a", epochs=1)), progress=False)
-    changed = RunConfig.from_dict(tiny_recipe(tmp_path, "a", epochs=1, lr=1e-2))
+    d = run(build_run_config(tiny_recipe(tmp_path, "a", epochs=1)), progress=False)
+    changed = build_run_config(tiny_recipe(tmp_path, "a", epochs=1, lr=1e-2))
     from vision_peft.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="differs"):
@@ -147,7 +152,7 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
     # 24 training images sharded over 2 ranks of batch 4 -> 3 steps per epoch
     assert info["steps"]["per_epoch"] == 3 and info["steps"]["total"] == 6
     final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
-    assert final["test"]["n"] == 12
+    assert final["test"]["n"] == n_split(tiny_recipe(tmp_path, "ddp"), "test")
     adapter = load_tensors(tmp_path / "ddp" / "adapter.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
 
@@ -160,14 +165,14 @@ def test_grad_accumulation_matches_big_batch(tmp_path: Path, aid_root: Path) -> 
     for r in (a, b):
         r["adapter"]["dropout"] = 0.0
         r["task"]["augment"] = "none"
-    ta = load_tensors(run(RunConfig.from_dict(a), progress=False) / "adapter.safetensors")
-    tb = load_tensors(run(RunConfig.from_dict(b), progress=False) / "adapter.safetensors")
+    ta = load_tensors(run(build_run_config(a), progress=False) / "adapter.safetensors")
+    tb = load_tensors(run(build_run_config(b), progress=False) / "adapter.safetensors")
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=1e-5), k
 
 
 def test_run_directory_contents(tmp_path: Path, aid_root: Path) -> None:
-    d = run(RunConfig.from_dict(tiny_recipe(tmp_path, "files", epochs=1)), progress=False)
+    d = run(build_run_config(tiny_recipe(tmp_path, "files", epochs=1)), progress=False)
     for f in (
         "config.json",
         "adapter.safetensors",
@@ -192,4 +197,4 @@ def test_run_directory_contents(tmp_path: Path, aid_root: Path) -> None:
     assert all(("lora" in k) or k.startswith("head.") for k in saved), sorted(saved)[:5]
     split = json.loads((d / "split.json").read_text())
     assert not set(split["train"]) & set(split["test"]) and not set(split["train"]) & set(split["val"])
-    assert len(split["test"]) == 12
+    assert len(split["test"]) == n_split(tiny_recipe(tmp_path, "files"), "test")

@@ -1,4 +1,6 @@
-"""Run-directory files: atomic writes, adapter tensors in safetensors, resumable checkpoints, strict loading.
+"""Tensor files of a run directory: adapter tensors in safetensors, resumable checkpoints, strict loading.
+
+File names, ``config.json`` and the atomic writes belong to :mod:`vision_peft.rundir` (re-exported here).
 
 Nothing here unpickles arbitrary objects: adapters are safetensors; the resume checkpoint is written with
 ``torch.save`` and read back with ``torch.load(weights_only=True)``, which refuses pickled code.
@@ -7,60 +9,27 @@ Nothing here unpickles arbitrary objects: adapters are safetensors; the resume c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "config.json"
-CKPT_DIR = "checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run directory that cannot be loaded as asked; the message says why and what to do."""
-
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to a temp file next to ``path`` and rename it into place."""
-
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(Path(path), w)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+from vision_peft.rundir import (  # noqa: F401  (file names and atomic writes re-exported: one owner, rundir)
+    ADAPTER_FILE,
+    CKPT_DIR,
+    CONFIG_FILE,
+    CheckpointError,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write tensors as safetensors (contiguous CPU copies)."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -114,7 +83,7 @@ def load_adapter_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write checkpoint/state.pt (tensors, optimizer) and checkpoint/meta.json (step …) atomically."""
     d = Path(run_dir) / CKPT_DIR
-    _atomic(d / "state.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(d / "state.pt", lambda tmp: torch.save(state, tmp))
     atomic_write_json(d / "meta.json", meta)
 
 

@@ -12,11 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from vision_peft.rundir import CONFIG_FILE, CheckpointError
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vision_peft.config import load_recipe, load_run_config, parse_overrides
+    from vision_peft.recipe import apply_overrides, build_run_config, load_recipe, load_run_config, parse_overrides
+    from vision_peft.rundir import RunInfo
     from vision_peft.train import run
 
     if args.resume:
@@ -28,11 +31,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(
                 "train needs a recipe (a YAML file or a name from tasks/); see `python -m vision_peft list recipes`"
             )
-        if args.recipe.endswith("config.json"):  # re-run from a run directory's resolved config
-            cfg_data = json.loads(Path(args.recipe).read_text())["config"]
-            from vision_peft.config import RunConfig, apply_overrides
-
-            cfg = RunConfig.from_dict(apply_overrides(cfg_data, parse_overrides(args.overrides)))
+        if args.recipe.endswith(CONFIG_FILE):  # re-run from a run directory's resolved config
+            cfg_data = RunInfo.read(args.recipe).config
+            cfg = build_run_config(apply_overrides(cfg_data, parse_overrides(args.overrides)))
         else:
             cfg = load_recipe(args.recipe, args.overrides)
     run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
@@ -41,17 +42,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from vision_peft.engine import eval_loader, resolve_device
     from vision_peft.predict import load_run
-    from vision_peft.train import EpochSampler, make_loader, resolve_device
 
     device = resolve_device(args.device)
     cfg, task, model, _ = load_run(args.run, device)
     data = task.datasets(model)
     if args.split not in data:
         raise ValueError(f"split {args.split!r} not available; splits: {', '.join(data)}")
-    ds = data[args.split]
-    loader = make_loader(task, ds, cfg.train.batch_size, EpochSampler(len(ds), 0, shuffle=False), 0, False, device)
-    res = task.evaluate(model, loader, device)
+    res = task.evaluate(model, eval_loader(task, data[args.split], cfg.train, device), device)
     if not args.full:
         res = {k: v for k, v in res.items() if not isinstance(v, list)}
     print(json.dumps(res, indent=2))
@@ -94,8 +93,8 @@ def _export(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from vision_peft.adapters import ADAPTERS
     from vision_peft.backbones import BACKBONES
-    from vision_peft.config import recipe_dirs
     from vision_peft.data import DATASETS
+    from vision_peft.recipe import recipe_dirs
     from vision_peft.tasks import TASKS
 
     what = args.what
@@ -200,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         "app": _app,
         "serve": _serve,
     }
-    from vision_peft.checkpoint import CheckpointError
-
     try:
         return handlers[args.cmd](args)
     except (*USER_ERRORS, CheckpointError) as e:

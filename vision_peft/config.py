@@ -1,26 +1,25 @@
-"""Run configuration: stdlib dataclasses, YAML recipes, dotted overrides, strict validation.
+"""Run configuration: stdlib dataclasses and generic, strict, typed building from plain data.
 
-A recipe is a YAML file with the sections of :class:`RunConfig`. The ``task`` and ``adapter`` sections
-are polymorphic: their ``name`` picks the dataclass registered for that task or adapter, and every other
-key must be a field of that class. Unknown keys are an error naming the valid fields.
+A leaf of the layering: this module imports no registry (and nothing of the package but :mod:`vision_peft.paths`).
+:func:`build_dataclass` checks every value against its field's annotation — ``int``, ``float``, ``bool``, ``str``,
+lists, unions, nested dataclasses and ``Literal[...]`` choices — and rejects unknown keys naming the valid ones.
+The polymorphic ``task`` and ``adapter`` sections of :class:`RunConfig` are resolved from the registries by
+:mod:`vision_peft.recipe`, which also reads YAML recipes and dotted overrides.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from vision_peft.paths import REPO_ROOT, data_root, resolve_data_path, weights_root  # noqa: F401  (re-exported)
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
+AmpMode = Literal["auto", "none", "bf16", "fp16"]  # train.amp choices
+AMP_MODES: tuple[str, ...] = typing.get_args(AmpMode)
 
 
 class ConfigError(ValueError):
@@ -59,7 +58,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     grad_clip: float | None = 1.0  # clip the global gradient norm; None disables
-    amp: str = "auto"  # autocast: auto (bf16 on CUDA when supported, else fp16; none on CPU) | none | bf16 | fp16
+    amp: AmpMode = "auto"  # autocast: auto (bf16 on CUDA when supported, else fp16; none on CPU) | none | bf16 | fp16
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     seed: int = 0  # seeds python, numpy, torch, data order and augmentation
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
@@ -68,6 +67,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
+        check_choices(self, "train")
         for key in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
@@ -80,8 +80,6 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.head_lr is not None and self.head_lr <= 0:
             raise ConfigError(f"train.head_lr must be positive or null, got {self.head_lr}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -110,48 +108,14 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (what ``config.json`` stores); :func:`vision_peft.recipe.build_run_config` reverses it."""
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Build and validate a RunConfig from plain data (a parsed recipe)."""
-        from vision_peft.adapters import ADAPTERS
-        from vision_peft.tasks import TASKS
 
-        if not isinstance(data, dict):
-            raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        _reject_unknown(data, known, "")
-        out: dict[str, Any] = {}
-        for section, registry in (("task", TASKS), ("adapter", ADAPTERS)):
-            raw = data.get(section)
-            if isinstance(raw, str):
-                raw = {"name": raw}
-            if not isinstance(raw, dict) or "name" not in raw:
-                names = ", ".join(registry.names())
-                raise ConfigError(f"recipe section {section!r} needs a 'name' (one of: {names})")
-            try:
-                entry = registry.get(raw["name"])
-            except LookupError as e:
-                raise ConfigError(f"{section}.name: {e}") from None
-            out[section] = build_dataclass(entry.config_cls, raw, section)
-        for section in ("backbone", "train", "output"):
-            ftype = {f.name: f for f in dataclasses.fields(cls)}[section].default_factory
-            out[section] = build_dataclass(ftype, data.get(section) or {}, section)
-        from vision_peft.backbones import BACKBONES  # the family before ':' must be registered
-
-        try:
-            BACKBONES.get(out["backbone"].name.partition(":")[0])
-        except LookupError as e:
-            raise ConfigError(f"backbone.name={out['backbone'].name!r}: {e}") from None
-        return cls(**out)
-
-
-def _reject_unknown(data: dict[str, Any], valid: list[str], where: str) -> None:
+def reject_unknown(data: dict[str, Any], valid: list[str], where: str) -> None:
+    """Raise a ConfigError naming every key of ``data`` not in ``valid`` (with a close match when there is one)."""
     unknown = [k for k in data if k not in valid]
     if unknown:
-        import difflib
-
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(str(k), valid, n=1)
@@ -164,6 +128,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        return _check_choice(value, typing.get_args(tp), where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -220,7 +186,7 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"section {where!r} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(data, list(fields), f"{where}." if where else "")
+    reject_unknown(data, list(fields), f"{where}." if where else "")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
@@ -231,90 +197,24 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["train.lr=5e-4", "--adapter.r=4"]`` into a nested dict; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items:
-        item = item[2:] if item.startswith("--") else item
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=5e-4)")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""  # `null` or `~` give None; `none` stays a string
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
-    return out
+def _check_choice(value: Any, choices: tuple[Any, ...], where: str) -> Any:
+    if any(value == c and type(value) is type(c) for c in choices):
+        return value
+    raise ConfigError(f"{where} must be one of {', '.join(str(c) for c in choices)}, got {value!r}")
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``extra`` into a copy of ``base``."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def check_choices(obj: Any, where: str) -> None:
+    """Check every ``Literal[...]``-annotated field of dataclass instance ``obj`` (for direct construction,
+    which does not pass through :func:`build_dataclass`); call it from ``__post_init__``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if _has_literal(hints[f.name]):
+            _check_type(getattr(obj, f.name), hints[f.name], f"{where}.{f.name}")
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Merge overrides into recipe data. An override that switches a polymorphic section to another
-    ``name`` (e.g. ``--adapter.name=linear`` on a LoRA recipe) replaces that section instead of merging,
-    because the old method's keys mean nothing to the new one."""
-    data = copy.deepcopy(data)
-    for section in ("task", "adapter"):
-        new = overrides.get(section)
-        old = data.get(section)
-        old_name = old if isinstance(old, str) else (old or {}).get("name")
-        if isinstance(new, dict) and "name" in new and new["name"] != old_name:
-            data[section] = {}
-    return deep_merge(data, overrides)
-
-
-def recipe_dirs() -> list[Path]:
-    """Folders searched for recipe names: ./tasks, then the repository's tasks/."""
-    return [Path.cwd() / "tasks", REPO_ROOT / "tasks"]
-
-
-def find_recipe(name_or_path: str) -> Path:
-    """Resolve a recipe file from a path or a bare name like ``classification-aid``."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for d in recipe_dirs():
-        for cand in (d / name_or_path, d / f"{name_or_path}.yaml", d / f"{name_or_path}.yml"):
-            if cand.is_file():
-                return cand
-    known = sorted({f.stem for d in recipe_dirs() if d.is_dir() for f in d.glob("*.yaml")})
-    raise ConfigError(
-        f"recipe {name_or_path!r} not found (looked for the file and in tasks/); known: {', '.join(known)}"
-    )
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML recipe, apply dotted overrides, validate."""
-    path = find_recipe(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    data = apply_overrides(data, overrides or {})
-    try:
-        return RunConfig.from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """Read ``config.json`` of a run directory back into a RunConfig."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: {path} is missing")
-    data = json.loads(path.read_text())
-    return RunConfig.from_dict(data["config"])
+def _has_literal(tp: Any) -> bool:
+    """``Literal[...]`` itself, or a union holding one (e.g. ``Literal["a", "b"] | None``)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return True
+    return origin in (typing.Union, types.UnionType) and any(_has_literal(a) for a in typing.get_args(tp))

@@ -7,45 +7,46 @@ trained on (content hash), applies the adapter and loads ``adapter.safetensors``
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vision_peft import checkpoint as ckpt
-from vision_peft.config import RunConfig
+from vision_peft.config import ConfigError, RunConfig
+from vision_peft.recipe import build_run_config
+from vision_peft.rundir import ADAPTER_FILE, CONFIG_FILE, RunInfo
 from vision_peft.tasks import TASKS, Task, TaskModel
 
 
 def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu", adapter_file: str | Path | None = None
-) -> tuple[RunConfig, Task, TaskModel, dict[str, Any]]:
-    """(config, task, model in eval mode, config.json info) for a run directory.
+) -> tuple[RunConfig, Task, TaskModel, RunInfo]:
+    """(config, task, model in eval mode, the run's config.json as :class:`RunInfo`) for a run directory.
 
     Raises:
         CheckpointError: the directory is not a finished run, or its backbone weights differ from the ones
             available now (another backbone or another weight file).
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / ckpt.CONFIG_FILE
-    if not cfg_path.is_file():
-        raise ckpt.CheckpointError(f"{run_dir} is not a run directory ({cfg_path} is missing)")
-    info = json.loads(cfg_path.read_text())
-    cfg = RunConfig.from_dict(info["config"])
+    info = RunInfo.read(run_dir)
+    try:
+        cfg = build_run_config(info.config)
+    except ConfigError as e:  # e.g. a task or adapter this installation does not register
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: {e}") from None
     task = TASKS.get(cfg.task.name).builder(cfg)
-    if hasattr(task, "set_classes") and "classes" in info.get("task_state", {}):
-        task.set_classes(info["task_state"]["classes"])
+    if hasattr(task, "set_classes") and "classes" in info.task_state:
+        task.set_classes(info.task_state["classes"])
     model = task.build_model()
-    want, got = info["backbone"]["weights_id"], model.backbone.weights_id
+    want, got = info.backbone.weights_id, model.backbone.weights_id
     if want != got:
         raise ckpt.CheckpointError(
-            f"{run_dir} was trained on backbone {info['backbone']['spec']} with weights {want[:12]}… "
-            f"({info['backbone']['weights_source']}), but the weights found now hash to {got[:12]}… "
+            f"{run_dir} was trained on backbone {info.backbone.spec} with weights {want[:12]}… "
+            f"({info.backbone.weights_source}), but the weights found now hash to {got[:12]}… "
             f"({model.backbone.weights_source}). Point backbone.weights at the original file"
         )
     _check_extra_encoders(run_dir, info, task)
-    path = Path(adapter_file) if adapter_file else run_dir / ckpt.ADAPTER_FILE
+    path = Path(adapter_file) if adapter_file else run_dir / ADAPTER_FILE
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path} is missing: the run has not finished (resume it with --resume {run_dir})")
     ckpt.load_adapter_into(model, ckpt.load_tensors(path), str(path))
@@ -53,10 +54,10 @@ def load_run(
     return cfg, task, model, info
 
 
-def _check_extra_encoders(run_dir: Path, info: dict[str, Any], task: Task) -> None:
+def _check_extra_encoders(run_dir: Path, info: RunInfo, task: Task) -> None:
     """Frozen encoders a task builds besides the backbone (e.g. the text encoder of refseg/pointcloud) must have the
     weights the run was trained with: their hash is in config.json's task_state, the current one in state_info()."""
-    saved, now = info.get("task_state", {}), task.state_info()
+    saved, now = info.task_state, task.state_info()
     for key, rec in saved.items():
         if not (isinstance(rec, dict) and rec.get("weights_id")):
             continue

@@ -1,0 +1,149 @@
+"""Recipes: YAML files in ``tasks/``, dotted overrides, and the sections resolved from the registries.
+
+A recipe is a YAML mapping with the sections of :class:`~vision_peft.config.RunConfig`. The ``task`` and
+``adapter`` sections are polymorphic: their ``name`` picks the config dataclass registered for that task or
+adapter, and every other key must be a field of that class. Unknown keys are an error naming the valid fields.
+
+This module sits above the registries (it imports tasks, adapters and backbones) and below train/predict/cli;
+:mod:`vision_peft.config` stays a leaf that knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vision_peft.adapters import ADAPTERS
+from vision_peft.backbones import BACKBONES
+from vision_peft.config import ConfigError, RunConfig, build_dataclass, reject_unknown
+from vision_peft.paths import REPO_ROOT
+from vision_peft.registry import Registry
+from vision_peft.rundir import CONFIG_FILE, RunInfo
+from vision_peft.tasks import TASKS
+
+POLYMORPHIC: dict[str, Registry] = {"task": TASKS, "adapter": ADAPTERS}  # section → registry of its config class
+
+
+def build_run_config(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from plain data (a parsed recipe, or ``config.json``'s ``config``).
+
+    Raises:
+        ConfigError: an unknown section, key, task/adapter/backbone name, or a value of the wrong type; the
+            message names it and lists the valid choices.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    reject_unknown(data, list(fields), "")
+    out: dict[str, Any] = {}
+    for section, registry in POLYMORPHIC.items():
+        raw = data.get(section)
+        if isinstance(raw, str):
+            raw = {"name": raw}
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise ConfigError(f"recipe section {section!r} needs a 'name' (one of: {', '.join(registry.names())})")
+        try:
+            entry = registry.get(raw["name"])
+        except LookupError as e:
+            raise ConfigError(f"{section}.name: {e}") from None
+        out[section] = build_dataclass(entry.config_cls, raw, section)
+    for section in ("backbone", "train", "output"):
+        out[section] = build_dataclass(fields[section].default_factory, data.get(section) or {}, section)
+    try:  # the family before ':' must be registered
+        BACKBONES.get(out["backbone"].name.partition(":")[0])
+    except LookupError as e:
+        raise ConfigError(f"backbone.name={out['backbone'].name!r}: {e}") from None
+    return RunConfig(**out)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=5e-4", "--adapter.r=4"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=5e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""  # `null` or `~` give None; `none` stays a string
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``extra`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge overrides into recipe data. An override that switches a polymorphic section to another
+    ``name`` (e.g. ``--adapter.name=linear`` on a LoRA recipe) replaces that section instead of merging,
+    because the old method's keys mean nothing to the new one."""
+    data = copy.deepcopy(data)
+    for section in POLYMORPHIC:
+        new = overrides.get(section)
+        old = data.get(section)
+        old_name = old if isinstance(old, str) else (old or {}).get("name")
+        if isinstance(new, dict) and "name" in new and new["name"] != old_name:
+            data[section] = {}
+    return deep_merge(data, overrides)
+
+
+def recipe_dirs() -> list[Path]:
+    """Folders searched for recipe names: ./tasks, then the repository's tasks/."""
+    return [Path.cwd() / "tasks", REPO_ROOT / "tasks"]
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a recipe file from a path or a bare name like ``classification-aid``."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for d in recipe_dirs():
+        for cand in (d / name_or_path, d / f"{name_or_path}.yaml", d / f"{name_or_path}.yml"):
+            if cand.is_file():
+                return cand
+    known = sorted({f.stem for d in recipe_dirs() if d.is_dir() for f in d.glob("*.yaml")})
+    raise ConfigError(
+        f"recipe {name_or_path!r} not found (looked for the file and in tasks/); known: {', '.join(known)}"
+    )
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides (``["train.lr=5e-4"]`` or a nested dict), validate."""
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data = apply_overrides(data, overrides or {})
+    try:
+        return build_run_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved RunConfig of a run directory (its ``config.json``, read through :class:`RunInfo`)."""
+    info = RunInfo.read(run_dir)
+    try:
+        return build_run_config(info.config)
+    except ConfigError as e:
+        raise ConfigError(f"{Path(run_dir) / CONFIG_FILE}: {e}") from None
