@@ -198,3 +198,31 @@ def test_run_directory_contents(tmp_path: Path, aid_root: Path) -> None:
     split = json.loads((d / "split.json").read_text())
     assert not set(split["train"]) & set(split["test"]) and not set(split["train"]) & set(split["val"])
     assert len(split["test"]) == n_split(tiny_recipe(tmp_path, "files"), "test")
+
+
+def test_train_step_adds_and_logs_the_adapters_extra_losses() -> None:
+    """The engine adds ``handle.extra_losses(model)`` to the task loss and logs each term as ``loss_<name>``."""
+    from vision_peft.adapters import AdapterHandle
+    from vision_peft.config import TrainConfig
+    from vision_peft.engine import train_step
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([2.0]))
+            self.adapter = AdapterHandle("toy", loss_fn=lambda m: {"l2": (m.w**2).sum()})
+
+        def forward(self, batch: dict) -> dict:
+            return {"loss": (self.w * batch["x"]).sum()}
+
+    model = Toy()
+    t = TrainConfig(lr=0.1, grad_accum=2, grad_clip=None, weight_decay=0.0, device="cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batches = iter([{"x": torch.tensor([1.0])}, {"x": torch.tensor([3.0])}])
+    logged = train_step(model, model, batches, opt, sched, scaler, t, torch.device("cpu"), None, False, 0)
+    # mean over 2 micro-batches of w·x + w² at w=2: ((2 + 4) + (6 + 4)) / 2 = 8; the penalty alone: 4
+    assert logged == {"loss": pytest.approx(8.0), "loss_l2": pytest.approx(4.0)}
+    # gradient = mean(x) + 2w = 2 + 4 = 6 -> w = 2 - 0.1 * 6
+    assert float(model.w) == pytest.approx(1.4)

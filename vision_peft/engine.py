@@ -230,13 +230,6 @@ def restore_rng(state: dict[str, Any], meta: dict[str, Any], device: torch.devic
 
 
 # -- one optimizer step -------------------------------------------------------------------------------------
-def adapter_extra_losses(model: TaskModel) -> dict[str, torch.Tensor]:
-    """The adapter's extra loss terms (e.g. SaRA's nuclear norm), ``{}`` when it has none."""
-    handle = model.adapter
-    hook = getattr(handle, "extra_losses", None)  # compat shim until every AdapterHandle has extra_losses (H3a)
-    return hook(model) if hook is not None else {}
-
-
 def train_step(
     model: TaskModel,
     train_model: torch.nn.Module,
@@ -263,7 +256,7 @@ def train_step(
         ctx = train_model.no_sync() if (distributed and not sync) else contextlib.nullcontext()
         with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = train_model(batch)["loss"]
-            for name, extra in adapter_extra_losses(model).items():
+            for name, extra in model.adapter.extra_losses(model).items():  # e.g. SaRA's nuclear norm
                 loss = loss + extra
                 logged[f"loss_{name}"] = logged.get(f"loss_{name}", 0.0) + float(extra.detach()) / t.grad_accum
             loss = loss / t.grad_accum
