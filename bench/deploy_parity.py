@@ -70,8 +70,8 @@ def ci95(x: np.ndarray) -> float:
 
 
 def fewshot(run_dir: Path, bundle_dir: Path, episodes: int) -> dict:
-    from vision_peft.config import resolve_data_path
     from vision_peft.data.episodes import EpisodeSampler, scan_class_split
+    from vision_peft.paths import resolve_data_path
     from vision_peft.preprocess import load_image, preprocess_image
 
     cfg, task, model, _ = load_run(run_dir, "cpu")

@@ -63,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def train_tiny_run(root: Path, device: str) -> Path:
     """Train the ``classification-aid`` recipe for 2 steps on a reduced split; returns the run directory."""
-    from vision_peft.config import data_root, load_recipe
+    from vision_peft.paths import data_root
+    from vision_peft.recipe import load_recipe
     from vision_peft.train import run
 
     aid = data_root() / "aid"
