@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vision_peft.adapters.sara import SparseLinear, optimizer_state_bytes  # noqa: E402
-from vision_peft.config import load_recipe  # noqa: E402
+from vision_peft.diffusion_tools import sample_run, write_base_checkpoint  # noqa: E402
+from vision_peft.engine import build_optimizer, count_parameters  # noqa: E402
+from vision_peft.recipe import load_recipe  # noqa: E402
 from vision_peft.tasks import TASKS  # noqa: E402
-from vision_peft.tasks.diffusion import sample_run, write_base_checkpoint  # noqa: E402
-from vision_peft.train import build_optimizer, count_parameters, run  # noqa: E402
+from vision_peft.train import run  # noqa: E402
 
 METHODS = ["full", "lora", "sara", "kind"]
 

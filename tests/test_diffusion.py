@@ -179,6 +179,37 @@ def test_sara_sparse_grads_optimizer_state_nuclear_merge(tmp_path):
         assert torch.allclose(m(torch.ones(1, 32, 4, 4), torch.tensor([5]), torch.tensor([1])), out, atol=1e-5)
 
 
+def test_sara_nuclear_norm_is_the_handles_extra_loss():
+    """SaRA's penalty reaches the engine through ``handle.extra_losses`` (the task adds nothing itself): weighted by
+    nuclear_lambda, one seeded random layer per call, differentiable in the sparse values; FISH has none."""
+    m = tiny_dit()
+    h = apply_adapter(m, SaRAConfig(fraction=0.1, nuclear_lambda=0.5, seed=3))
+    layers = [m.get_submodule(n) for n in h.touched]
+    with torch.no_grad():
+        for x in layers:
+            x.sparse_values.add_(torch.randn_like(x.sparse_values) * 0.01)
+    gen = torch.Generator().manual_seed(3)
+    want = [0.5 * float(nuclear_penalty(layers, gen).detach()) for _ in range(3)]
+    got = [h.extra_losses(m) for _ in range(3)]
+    assert [set(g) for g in got] == [{"nuclear"}] * 3
+    assert [float(g["nuclear"]) for g in got] == pytest.approx(want)
+    got[0]["nuclear"].backward()
+    assert any(x.sparse_values.grad is not None and float(x.sparse_values.grad.abs().sum()) > 0 for x in layers)
+    assert apply_adapter(tiny_dit(), SaRAConfig(fraction=0.1, nuclear_lambda=0.0)).extra_losses(m) == {}
+
+
+def test_task_module_runs_the_documented_tools_cli():
+    """``python -m vision_peft.tasks.diffusion base|sample|export|fisher`` (README) still parses its commands."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vision_peft.tasks.diffusion", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(cmd in out.stdout for cmd in ("base", "sample", "export", "fisher"))
+
+
 def test_fish_uses_fisher_scores(tmp_path):
     from safetensors.torch import save_file
 
@@ -221,14 +252,26 @@ def test_kind_pretrain_gates_and_transfer():
     assert base.get_submodule(h2.touched[0]).s_t.numel() == 6
     with pytest.raises(ValueError, match="KIND-pre-trained"):
         apply_adapter(tiny_dit(), KINDConfig(mode="transfer", tailor_init="mean"))
+    # the class-conditioning hook: the backbone's forward hands y to the gates; on_classes follows a new class table
+    base(x, torch.tensor([10, 20]), torch.tensor([1, 2]))
+    assert base.kind_y.tolist() == [1, 2]
+    base.reset_classes(5)
+    h2.on_classes(["a", "b", "c", "d", "e"])
+    assert base.get_submodule(h2.touched[0]).num_classes == 5
+    # merge_and_unload: plain Linear layers with the learngene products, the tailors as kind.* tensors
+    sd_want, extra_want = kind_pretrained_state(m, h.touched)
+    extra = h.merge_and_unload()
+    assert set(extra) == set(extra_want) and all(torch.equal(extra[k], extra_want[k]) for k in extra)
+    assert all(type(m.get_submodule(n)) is nn.Linear for n in h.touched)
+    assert set(m.state_dict()) == set(sd_want) and all(torch.equal(m.state_dict()[k], v) for k, v in sd_want.items())
 
 
 # -- task end to end: pretrain → base checkpoint → SaRA adapt → sample grid → ONNX + onnxruntime sampler ----------
 def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, weights_root, monkeypatch, torch_free):
-    from vision_peft.config import RunConfig
     from vision_peft.deploy import load_bundle
+    from vision_peft.diffusion_tools import export_diffusion, sample_run, write_base_checkpoint
     from vision_peft.predict import load_run
-    from vision_peft.tasks.diffusion import export_diffusion, sample_run, write_base_checkpoint
+    from vision_peft.recipe import build_run_config
     from vision_peft.train import run
 
     data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
@@ -238,7 +281,7 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
     }
     task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
             "eval_per_class": 1, "flip": False, "prediction": "v"}  # fmt: skip
-    pre = RunConfig.from_dict(
+    pre = build_run_config(
         {
             **common,
             "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
@@ -248,7 +291,7 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
     )
     pre.output.name = "pre"
     base = write_base_checkpoint(run(pre, progress=False))
-    ad = RunConfig.from_dict(
+    ad = build_run_config(
         {
             **common,
             "task": {**task, "stage": "adapt", "classes": ["b", "c"]},
@@ -313,16 +356,16 @@ def test_fish_task_level_fisher_then_adapt(tmp_path, tiny_image_folder, weights_
     import yaml
 
     from vision_peft.checkpoint import load_tensors
-    from vision_peft.config import RunConfig
+    from vision_peft.diffusion_tools import compute_fisher, write_base_checkpoint
     from vision_peft.export import export_run
-    from vision_peft.tasks.diffusion import compute_fisher, write_base_checkpoint
+    from vision_peft.recipe import build_run_config
     from vision_peft.train import run
 
     data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
     task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
             "eval_per_class": 1, "flip": False}  # fmt: skip
     train = {"max_steps": 2, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 5}
-    pre = RunConfig.from_dict(
+    pre = build_run_config(
         {
             "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
             "train": train,
@@ -345,9 +388,9 @@ def test_fish_task_level_fisher_then_adapt(tmp_path, tiny_image_folder, weights_
     from vision_peft.tasks import TASKS
 
     with pytest.raises(ConfigError, match="pre-trained to predict 'eps'"):  # a v run on an ε base is refused
-        wrong = RunConfig.from_dict({**adapt, "task": {**adapt["task"], "prediction": "v"}})
+        wrong = build_run_config({**adapt, "task": {**adapt["task"], "prediction": "v"}})
         TASKS.get("diffusion").builder(wrong).build_model()
-    rd = run(RunConfig.from_dict(adapt), progress=False)
+    rd = run(build_run_config(adapt), progress=False)
     info = json.loads((rd / "config.json").read_text())
     total = sum(v.numel() for v in scores.values())
     trainable = info["parameters"]["trainable"] - info["parameters"]["head"]
