@@ -72,6 +72,18 @@ def test_old_run_directory_loads_as_runinfo_and_predicts(tmp_path: Path, run_cfg
     assert rec["label"] in info.classes and len(rec["top"]) == 2
 
 
+def test_old_config_json_trains_again_through_the_cli(tmp_path: Path, run_cfg, vp_logging_reset, capsys) -> None:
+    """``python -m vision_peft train <run>/config.json --overrides`` re-runs an old run's resolved config."""
+    from vision_peft.cli import main
+
+    write_run_dir_as_719a042(tmp_path / "old-run", run_cfg())
+    assert main(["train", str(tmp_path / "old-run" / "config.json"), "--output.name=again", "--no-progress"]) == 0
+    again = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again.name == "again" and rundir.is_finished(again)
+    info = RunInfo.read(again)
+    assert info.config == RunInfo.read(tmp_path / "old-run").config | {"output": info.config["output"]}
+
+
 def test_runinfo_write_read_round_trip(tmp_path: Path) -> None:
     info = RunInfo(config={"task": {"name": "classification"}, "adapter": {"name": "lora"}}, world_size=2)
     path = info.write(tmp_path)

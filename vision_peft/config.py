@@ -19,7 +19,6 @@ from typing import Any, Literal
 from vision_peft.paths import REPO_ROOT, data_root, resolve_data_path, weights_root  # noqa: F401  (re-exported)
 
 AmpMode = Literal["auto", "none", "bf16", "fp16"]  # train.amp choices
-AMP_MODES: tuple[str, ...] = typing.get_args(AmpMode)
 
 
 class ConfigError(ValueError):
@@ -182,9 +181,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
     """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by name."""
-    data = dict(data or {})
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"section {where!r} must be a mapping")
+        raise ConfigError(f"section {where!r} must be a mapping, got {data!r}")
+    data = dict(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     reject_unknown(data, list(fields), f"{where}." if where else "")
     hints = typing.get_type_hints(cls)
