@@ -41,3 +41,19 @@ def test_leaf_modules_import_no_registry_and_no_torch(module: str) -> None:
 def test_paths_imports_nothing_of_the_package() -> None:
     loaded = _modules_after_import("vision_peft.paths")
     assert [m for m in loaded if m.startswith("vision_peft")] == ["vision_peft", "vision_peft.paths"]
+
+
+def test_every_module_of_the_package_has_a_layer() -> None:
+    """A new top-level module or package must be placed in the layering, else lint-imports would not check it."""
+    import pkgutil
+    import re
+
+    import vision_peft
+
+    text = (REPO / "pyproject.toml").read_text()  # (tomllib is Python >= 3.11 only)
+    layers = re.search(r'type = "layers"\s*\nlayers = \[(.*?)\n\]', text, re.S)
+    assert layers, "pyproject.toml has no [[tool.importlinter.contracts]] of type layers"
+    placed = set(re.findall(r"vision_peft\.(\w+)", layers.group(1)))
+    children = {m.name for m in pkgutil.iter_modules(vision_peft.__path__)}
+    missing = sorted(children - placed)
+    assert not missing, f"add {', '.join('vision_peft.' + m for m in missing)} to a layer in pyproject.toml"
