@@ -118,9 +118,9 @@ def runtime_call(b) -> str:
 
 
 def main() -> int:
-    from vision_peft.config import load_recipe
     from vision_peft.deploy import load_bundle
     from vision_peft.export import export_run
+    from vision_peft.recipe import load_recipe
     from vision_peft.train import run
 
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu" = a quick dry run of this script
@@ -133,7 +133,7 @@ def main() -> int:
     print(f"onnxruntime {ort.__version__}, available providers: {ort.get_available_providers()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     table = []
-    from vision_peft.config import find_recipe
+    from vision_peft.recipe import find_recipe
 
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None  # e.g. "fewshot,pvera": rows whose name contains one
     for name, recipe, over in ROWS:
