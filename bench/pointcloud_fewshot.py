@@ -33,8 +33,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vision_peft.config import RunConfig  # noqa: E402
 from vision_peft.data.points import eval_rng, few_shot_subset, load_sample, preprocess_points, scan_point_folder  # noqa: E402
+from vision_peft.recipe import build_run_config  # noqa: E402
 from vision_peft.tasks import TASKS  # noqa: E402
 from vision_peft.tasks.pointcloud import trainable_summary  # noqa: E402
 
@@ -105,17 +105,16 @@ def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
 
 
 def build_model(method: str, n_ctx: int, seed: int):
-    cfg = RunConfig.from_dict(
+    cfg = build_run_config(
         {
             "task": {
                 "name": "pointcloud",
                 "n_ctx": n_ctx,
                 "class_position": "end",
                 "label_smoothing": 0.2,
-                "point_adapter": method,
             },
             "backbone": {"name": "pointnet"},
-            "adapter": {"name": "linear"},
+            "adapter": {"name": POINT_ADAPTER[method]},
             "train": {"device": "cpu", "seed": seed},
         }
     )
@@ -129,6 +128,8 @@ def build_model(method: str, n_ctx: int, seed: int):
 
 
 _TEXT: dict = {}
+# the table's PointAdapter names (PPT's) -> the registered adapters (vision_peft/adapters/point_adapter.py)
+POINT_ADAPTER = {"prompts_only": "linear", "residual_mlp": "point_mlp", "last_stage": "point_last_stage"}
 
 
 def train_ppt(method: str, data: dict, idx: np.ndarray, seed: int, args) -> tuple[float, int]:

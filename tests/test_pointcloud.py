@@ -28,6 +28,7 @@ from vision_peft.data.points import (
     sample_points,
     scan_point_folder,
 )
+from vision_peft.recipe import build_run_config
 
 RNG = np.random.default_rng(0)
 PTS = RNG.normal(size=(40, 3)).astype(np.float32)
@@ -343,7 +344,7 @@ def test_prompt_template_init_and_open_clip_text() -> None:
 
 
 def _cfg(adapter: dict, **task) -> RunConfig:
-    return RunConfig.from_dict(
+    return build_run_config(
         {
             "task": {"name": "pointcloud", "n_ctx": 4, **task},
             "backbone": {"name": "pointnet", "pretrained": False},
@@ -353,24 +354,31 @@ def _cfg(adapter: dict, **task) -> RunConfig:
     )
 
 
+MLP_KEYS = {"backbone.feature_adapters.0."}
+LAST_STAGE_KEYS = {"backbone.feature_model.conv5.", "backbone.feature_model.bn5."}
+LORA_CONV5_KEYS = {"backbone.feature_model.conv5.parametrizations."}
+
+
 @pytest.mark.parametrize(
     "adapter,variant,prefixes",
-    [
+    [  # variant None: the registered PointAdapters; a variant: v1's deprecated task.point_adapter (719a042 runs)
+        ({"name": "linear"}, None, set()),
+        ({"name": "point_mlp", "hidden": 8}, None, MLP_KEYS),
+        ({"name": "point_last_stage"}, None, LAST_STAGE_KEYS),
+        ({"name": "lora", "r": 2, "targets": ["conv5"]}, None, LORA_CONV5_KEYS),
         ({"name": "linear"}, "prompts_only", set()),
-        ({"name": "linear"}, "residual_mlp", {"backbone.feature_adapters.0."}),
-        ({"name": "linear"}, "last_stage", {"backbone.feature_model.conv5.", "backbone.feature_model.bn5."}),
-        (
-            {"name": "lora", "r": 2, "targets": ["conv5"]},
-            "prompts_only",
-            {"backbone.feature_model.conv5.parametrizations."},
-        ),
+        ({"name": "linear"}, "residual_mlp", MLP_KEYS),
+        ({"name": "linear"}, "last_stage", LAST_STAGE_KEYS),
+        ({"name": "lora", "r": 2, "targets": ["conv5"]}, "prompts_only", LORA_CONV5_KEYS),
+        ({"name": "lora", "r": 2, "targets": ["conv5"]}, "residual_mlp", LORA_CONV5_KEYS | MLP_KEYS),
     ],
 )
 def test_adapter_state_holds_only_prompts_adapter_and_head(minilm, monkeypatch, adapter, variant, prefixes) -> None:
     from vision_peft.tasks import TASKS
     from vision_peft.tasks.pointcloud import PointCloudModel
 
-    task = TASKS.get("pointcloud").builder(_cfg(adapter, point_adapter=variant, adapter_hidden=8))
+    legacy = {"point_adapter": variant, "adapter_hidden": 8} if variant else {}
+    task = TASKS.get("pointcloud").builder(_cfg(adapter, **legacy))
     task.set_classes(["chair", "table", "bed"])
     monkeypatch.setattr(task, "build_text", lambda: minilm)  # reuse the module-scoped MiniLM
     model = task.build_model()
@@ -386,6 +394,42 @@ def test_adapter_state_holds_only_prompts_adapter_and_head(minilm, monkeypatch, 
     out = model(batch)
     out["loss"].backward()
     assert out["output"].shape == (2, 3) and model.prompt.ctx.grad.abs().sum() > 0
+
+
+def test_v1_point_adapter_configs_map_onto_the_registered_adapters() -> None:
+    """config.json as 719a042 wrote it (every task field, PointAdapter chosen by task.point_adapter) still builds,
+    onto the registered adapter; the run then records the v2 form (adapter section, deprecated fields unset)."""
+    from vision_peft.adapters.point_adapter import PointLastStageConfig, PointMLPConfig
+    from vision_peft.tasks import TASKS
+
+    def v1(variant: str, adapter: dict, **task) -> dict:
+        return {
+            "task": {
+                "name": "pointcloud", "data_root": "modelnet10", "classes": None, "n_ctx": 4, "ctx_init": None,
+                "class_position": "end", "learn_logit_scale": True, "logit_scale_init": 2.6592600,
+                "point_adapter": variant, "adapter_hidden": 256, "last_stage_reinit": False, "head_init": "random",
+                "label_smoothing": 0.2, "shots": 16, "data_ratio": None, "shot_seed": 0, "val_per_class": 0,
+                "num_points": 1024, "sampling": "random", "up_axis": "swap_yz", "extra_columns": "take_xyz",
+                "off_points": 0, "aug_scale": [0.8, 1.25], "aug_jitter": 0.01, "aug_rotate": 0.0, "aug_dropout": 0.0,
+                "text_backbone": {"name": "minilm"}, **task,
+            },
+            "backbone": {"name": "pointnet", "pretrained": False},
+            "adapter": adapter,
+            "train": {"device": "cpu"},
+        }  # fmt: skip
+
+    cases = [
+        (v1("residual_mlp", {"name": "linear"}, adapter_hidden=64), PointMLPConfig(hidden=64), []),
+        (v1("last_stage", {"name": "linear"}, last_stage_reinit=True), PointLastStageConfig(reinit=True), []),
+        (v1("prompts_only", {"name": "linear"}), None, []),
+        (v1("residual_mlp", {"name": "lora", "r": 2, "targets": ["conv5"]}), None, [PointMLPConfig(hidden=256)]),
+    ]
+    for data, want, stacked in cases:
+        cfg = build_run_config(data)
+        before = cfg.adapter
+        task = TASKS.get("pointcloud").builder(cfg)
+        assert cfg.adapter == (want or before) and task._legacy_adapters == stacked
+        assert (cfg.task.point_adapter, cfg.task.adapter_hidden, cfg.task.last_stage_reinit) == (None, None, None)
 
 
 def test_class_list_must_match_the_checkpoint() -> None:

@@ -5,13 +5,11 @@ The idea: instead of hand-written prompts ("a point cloud of a chair"), learn M 
 encoder's token-embedding space (CoOp-style PromptLearner), shared by all classes, with the class name placed at
 the front, middle or end of the prompt. Every forward encodes all class prompts with the frozen text encoder;
 class text features and projected point features are L2-normalised and logits = exp(logit_scale) · f_pc W_pc · t_kᵀ,
-trained with cross-entropy and label smoothing 0.2. The frozen point encoder gets a light PointAdapter, named
-by what it trains (``task.point_adapter``): ``prompts_only`` (PPT-Base: nothing in the encoder trains);
-``residual_mlp`` (a bottleneck MLP on the pooled global feature, f ← f + MLP(f), output layer zero-initialised so
-step 0 equals the frozen encoder); ``last_stage`` (PointNet ``conv5`` + ``bn5``, PointBERT's last block + final
-norm re-trained, from the pretrained values or — ``last_stage_reinit``, PPT's choice — from random init).
-PointAdapter lives here rather than in the adapter registry because it only fits point encoders; the run's
-``adapter`` section stays free for a generic method on top (``linear`` = none, ``lora`` on ``conv5`` …).
+trained with cross-entropy and label smoothing 0.2. The frozen point encoder gets a light PointAdapter — the
+registered adapters of ``vision_peft/adapters/point_adapter.py``: ``adapter.name=linear`` (PPT-Base, prompts only),
+``point_mlp`` (residual bottleneck MLP on the pooled feature) or ``point_last_stage`` (the encoder's last stage
+re-trained); any other adapter (``lora`` on ``conv5`` …) works as well. Run directories and recipes written before
+(v1: ``task.point_adapter`` / ``adapter_hidden`` / ``last_stage_reinit``) load through :func:`upgrade_point_adapter`.
 
 Where this differs from PPT: PPT pairs ULIP's PointBERT with ULIP's aligned CLIP text tower, so W_pc is ULIP's
 pretrained ``pc_projection``. The offline pair here (PointNet on ModelNet40 + MiniLM) was never aligned, so W_pc
@@ -31,12 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vision_peft.adapters import ADAPTERS
+from vision_peft.adapters.point_adapter import PointLastStageConfig, PointMLPConfig
 from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
-from vision_peft.tasks import TASKS, ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
+from vision_peft.tasks import TASKS
+from vision_peft.tasks.base import ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
 from vision_peft.tasks.classification import confusion_matrix
+from vision_peft.tasks.ppt import POSITIONS, PromptLearner
 
-POSITIONS = ("front", "middle", "end")
-POINT_ADAPTERS = ("prompts_only", "residual_mlp", "last_stage")
+POINT_ADAPTERS = ("prompts_only", "residual_mlp", "last_stage")  # v1 task.point_adapter values (deprecated)
+POINT_SUFFIXES = (".pcd", ".off", ".ply", ".npy", ".npz", ".h5", ".hdf5", ".txt")  # what a dataset zip may hold
 
 
 @dataclass
@@ -52,9 +54,10 @@ class PointCloudConfig:
     class_position: str = "end"  # where the class name goes: front | middle | end
     learn_logit_scale: bool = True  # learn the temperature (else fixed at logit_scale_init)
     logit_scale_init: float = 2.6592600  # log(1 / 0.07), CLIP's initial temperature
-    point_adapter: str = "residual_mlp"  # PointAdapter, by what it trains: prompts_only | residual_mlp | last_stage
-    adapter_hidden: int = 256  # residual_mlp bottleneck width
-    last_stage_reinit: bool = False  # last_stage: start from random init (PPT) instead of the pretrained weights
+    # deprecated (v1, before PointAdapter became registered adapters; see upgrade_point_adapter): None = unset
+    point_adapter: str | None = None  # v1 PointAdapter: prompts_only | residual_mlp | last_stage
+    adapter_hidden: int | None = None  # v1 residual_mlp width → adapter point_mlp.hidden
+    last_stage_reinit: bool | None = None  # v1 last_stage re-init → adapter point_last_stage.reinit
     head_init: str = "random"  # W_pc start: random | identity (aligned encoders, embed_dim == text width)
     label_smoothing: float = 0.2  # cross-entropy label smoothing (PPT: 0.2)
     shots: int | None = None  # K training shapes per class (few-shot); None = all (or data_ratio)
@@ -90,11 +93,12 @@ class PointCloudConfig:
             raise ConfigError(f"task.up_axis must be one of {', '.join(UP_AXIS_RULES)}, got {self.up_axis!r}")
         if self.extra_columns not in ("take_xyz", "error"):
             raise ConfigError(f"task.extra_columns must be take_xyz or error, got {self.extra_columns!r}")
-        if self.point_adapter not in POINT_ADAPTERS:
+        if self.point_adapter is not None and self.point_adapter not in POINT_ADAPTERS:
             raise ConfigError(
-                f"task.point_adapter must be one of {', '.join(POINT_ADAPTERS)}, got {self.point_adapter!r}"
+                f"task.point_adapter must be one of {', '.join(POINT_ADAPTERS)}, got {self.point_adapter!r} "
+                "(deprecated: use adapter.name=linear | point_mlp | point_last_stage)"
             )
-        if self.adapter_hidden < 1:
+        if self.adapter_hidden is not None and self.adapter_hidden < 1:
             raise ConfigError(f"task.adapter_hidden must be positive, got {self.adapter_hidden}")
         if self.head_init not in ("random", "identity"):
             raise ConfigError(f"task.head_init must be random or identity, got {self.head_init!r}")
@@ -108,117 +112,33 @@ class PointCloudConfig:
             raise ConfigError(f"task.num_points must be positive or null, got {self.num_points}")
 
 
-def class_text(name: str) -> str:
-    """Class folder name → the words put in the prompt (``night_stand`` → ``night stand``)."""
-    return name.replace("_", " ").strip()
+def upgrade_point_adapter(cfg) -> list:
+    """Map the deprecated v1 PointAdapter fields of ``cfg.task`` onto registered adapters, in place.
 
+    v1 (719a042 and before) chose PointAdapter with ``task.point_adapter`` (default ``residual_mlp``) and kept the
+    ``adapter`` section for a generic method on top. The exact mapping:
 
-class ResidualMLP(nn.Module):
-    """PointAdapter ``residual_mlp``: f + W2 · ReLU(W1 · f), W2 = 0 at init (the frozen feature at step 0)."""
+    - ``prompts_only``: the adapter section as it is (``linear`` = PPT-Base);
+    - ``residual_mlp`` with ``adapter.name=linear``: ``adapter = point_mlp(hidden=task.adapter_hidden or 256)``;
+    - ``last_stage`` with ``adapter.name=linear``: ``adapter = point_last_stage(reinit=task.last_stage_reinit)``;
+    - ``residual_mlp`` / ``last_stage`` with another adapter (e.g. ``lora`` on ``conv5``): the adapter section stays
+      and the PointAdapter is returned to be applied after it (v1's order), so such runs keep loading.
 
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return f + self.fc2(self.fc1(f).relu())
-
-
-def apply_point_adapter(backbone: nn.Module, variant: str, hidden: int = 256, reinit: bool = False) -> list[str]:
-    """Add PointAdapter ``variant`` to a (frozen) point backbone in place; returns the module names it touched."""
-    if variant not in POINT_ADAPTERS:
-        raise ValueError(f"point adapter must be one of {', '.join(POINT_ADAPTERS)}, got {variant!r}")
-    if variant == "prompts_only":
+    The three task fields are reset to None. Returns the adapter configs to apply after ``cfg.adapter``.
+    """
+    t = cfg.task
+    variant, hidden, reinit = t.point_adapter, t.adapter_hidden, t.last_stage_reinit
+    t.point_adapter = t.adapter_hidden = t.last_stage_reinit = None
+    if variant in (None, "prompts_only"):
         return []
     if variant == "residual_mlp":
-        p = next(backbone.parameters())
-        backbone.feature_adapters.append(ResidualMLP(backbone.embed_dim, hidden).to(device=p.device, dtype=p.dtype))
-        return [f"feature_adapters.{len(backbone.feature_adapters) - 1}"]
-    names = backbone.resolve_targets(["last_stage"])
-    if reinit:
-        backbone.reinit_last_stage()
-    for n in names:
-        backbone.get_submodule(n).requires_grad_(True)
-    return names
-
-
-class PromptLearner(nn.Module):
-    """M shared context vectors in the text encoder's token-embedding space, spliced into every class prompt.
-
-    Token layouts (S = start token, E = end token, C = context slots):
-    ``end``: S C…C name . E · ``front``: S name C…C . E · ``middle``: S C[:M/2] name C[M/2:] . E.
-    ``input_ids`` / ``attention_mask`` (K, L) hold the frozen tokens; ``ctx_index`` (K, L) is the context slot at
-    each position (-1 elsewhere); ``forward()`` returns the (K, L, width) input embeddings.
-    """
-
-    def __init__(self, text, classnames: list[str], n_ctx: int, position: str, ctx_init: str | None = None) -> None:
-        super().__init__()
-        if position not in POSITIONS:
-            raise ValueError(f"class position must be one of {', '.join(POSITIONS)}, got {position!r}")
-        empty = text.tokenize([""])
-        real = empty["input_ids"][0][empty["attention_mask"][0].bool()].tolist()
-        if len(real) != 2:
-            raise ValueError(f"text encoder {text.spec!r}: expected start/end tokens for an empty text, got {real}")
-        start, end = real
-        two = text.tokenize(["", "a b c d"])
-        pad_id = int(two["input_ids"][0][-1])
-
-        def content(s: str) -> list[int]:
-            enc = text.tokenize([s])
-            return enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()[1:-1]
-
-        dot = content(".")
-        seqs, slots = [], []
-        half = n_ctx // 2
-        for name in classnames:
-            words = content(class_text(name))
-            if position == "end":
-                parts = [("c", i) for i in range(n_ctx)] + [("t", t) for t in words]
-            elif position == "front":
-                parts = [("t", t) for t in words] + [("c", i) for i in range(n_ctx)]
-            else:
-                parts = [("c", i) for i in range(half)] + [("t", t) for t in words]
-                parts += [("c", i) for i in range(half, n_ctx)]
-            parts = [("t", start)] + parts + [("t", t) for t in dot] + [("t", end)]
-            seqs.append([start if k == "c" else v for k, v in parts])
-            slots.append([v if k == "c" else -1 for k, v in parts])
-        length = max(len(s) for s in seqs)
-        if length > text.context_length:
-            raise ValueError(
-                f"prompts are {length} tokens long, the text encoder {text.spec!r} takes {text.context_length}; "
-                "lower task.n_ctx or shorten the class names"
-            )
-        k = len(classnames)
-        ids = torch.full((k, length), pad_id, dtype=torch.long)
-        mask = torch.zeros(k, length, dtype=torch.long)
-        index = torch.full((k, length), -1, dtype=torch.long)
-        for i, (s, c) in enumerate(zip(seqs, slots)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            index[i, : len(c)] = torch.tensor(c)
-        emb = text.token_embedding()
-        with torch.no_grad():
-            base = emb(ids.to(emb.weight.device)).float().cpu()  # (K, L, W)
-        self.register_buffer("input_ids", ids, persistent=False)
-        self.register_buffer("attention_mask", mask, persistent=False)
-        self.register_buffer("ctx_index", index, persistent=False)
-        self.register_buffer("base_embeds", base, persistent=False)
-        width = base.shape[-1]
-        ctx = torch.randn(n_ctx, width, generator=torch.Generator().manual_seed(0)) * 0.02
-        if ctx_init:
-            init_ids = content(ctx_init)
-            if len(init_ids) > n_ctx:
-                raise ValueError(f"task.ctx_init {ctx_init!r} is {len(init_ids)} tokens; task.n_ctx is {n_ctx}")
-            with torch.no_grad():
-                ctx[: len(init_ids)] = emb(torch.tensor(init_ids, device=emb.weight.device)).float().cpu()
-        self.ctx = nn.Parameter(ctx)  # (M, W)
-        self.n_ctx, self.position = n_ctx, position
-
-    def forward(self) -> torch.Tensor:
-        sel = self.ctx[self.ctx_index.clamp(min=0)]  # (K, L, W)
-        return torch.where((self.ctx_index >= 0)[..., None], sel.to(self.base_embeds.dtype), self.base_embeds)
+        point = PointMLPConfig(hidden=hidden or 256)
+    else:
+        point = PointLastStageConfig(reinit=bool(reinit))
+    if cfg.adapter.name == "linear":
+        cfg.adapter = point
+        return []
+    return [point]
 
 
 class PointCloudModel(TaskModel):
@@ -226,7 +146,7 @@ class PointCloudModel(TaskModel):
 
     def __init__(self, backbone, adapter, text, classnames: list[str], t: PointCloudConfig) -> None:
         super().__init__(backbone, adapter)
-        self.text = text.requires_grad_(False).eval()
+        self.add_frozen_encoder("text", text)  # never trained, never saved, eval mode
         self.prompt = PromptLearner(text, classnames, t.n_ctx, t.class_position, t.ctx_init)
         self.head = nn.Linear(backbone.embed_dim, text.embed_dim, bias=False)  # W_pc
         if t.head_init == "identity":
@@ -237,16 +157,6 @@ class PointCloudModel(TaskModel):
             nn.init.eye_(self.head.weight)
         self.logit_scale = nn.Parameter(torch.tensor(float(t.logit_scale_init)), requires_grad=t.learn_logit_scale)
         self.smoothing = t.label_smoothing
-
-    def mark_base(self, base: tuple[set[int], set[str]]) -> None:
-        """The frozen text encoder is pretrained too: never saved, never trained."""
-        super().mark_base(base)
-        self._base_ids |= {id(p) for p in self.text.parameters()}
-        self._base_buffers |= {f"text.{n}" for n, _ in self.text.named_buffers()}
-
-    def set_train_mode(self) -> None:
-        super().set_train_mode()
-        self.text.eval()  # no dropout in the frozen text encoder
 
     def class_features(self) -> torch.Tensor:
         """All class prompts through the text encoder: (K, text embed_dim), L2-normalised."""
@@ -300,13 +210,18 @@ class PointCloudTask(Task):
     """Point-cloud classification: learnable prompts (PPT) on a frozen point encoder + PointAdapter."""
 
     name = "pointcloud"
+    runtime = "pointcloud"
+    upload_suffixes = POINT_SUFFIXES
+    preview = "point_folders"
+    has_classes = True
+    predict_options = ("top_k",)
+    frozen_encoders = ("text_backbone",)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
+        self._legacy_adapters = upgrade_point_adapter(cfg)  # v1 task.point_adapter → registered adapters
         self._scan = None
-        self._classes: list[str] | None = None
         self._splits: dict[str, list] | None = None
-        self._run_classes: list[str] | None = None
 
     # -- data -------------------------------------------------------------------------------------------
     def scan(self):
@@ -315,32 +230,15 @@ class PointCloudTask(Task):
 
             t = self.cfg.task
             self._scan = scan_point_folder(resolve_data_path(t.data_root), t.classes or self._run_classes)
-            if self._run_classes is not None and self._scan.classes != self._run_classes:
-                raise ConfigError(
-                    f"the classes found in {self._scan.root} ({', '.join(self._scan.classes)}) do not match the "
-                    f"checkpoint's ({', '.join(self._run_classes)}); evaluate on data with the same class folders"
-                )
-            self._classes = self._scan.classes
+            self.found_classes(self._scan.classes, str(self._scan.root))
         return self._scan
 
-    @property
-    def classes(self) -> list[str]:
-        if self._classes is None:
-            self.scan()
-        return self._classes
+    def discover_classes(self) -> list[str]:
+        return self.scan().classes
 
-    def set_classes(self, classes: list[str]) -> None:
-        """Use the class list of a run directory (checked against ``task.classes`` when the recipe names them)."""
-        given = self.cfg.task.classes
-        if given is not None and list(given) != list(classes):
-            raise ConfigError(
-                f"task.classes {list(given)} does not match the checkpoint's class list {list(classes)} "
-                "(names and order must agree: the prompts are built from them)"
-            )
-        self._classes = self._run_classes = list(classes)
-
-    def state_info(self) -> dict[str, Any]:
-        return {"classes": self.classes, "text_backbone": getattr(self, "_text_info", {})}
+    def recipe_classes(self) -> list[str] | None:
+        """``task.classes`` (names and order must match a checkpoint's: the prompts are built from them)."""
+        return self.cfg.task.classes
 
     def samples(self) -> dict[str, list]:
         from vision_peft.data.points import few_shot_subset
@@ -404,15 +302,8 @@ class PointCloudTask(Task):
 
     # -- model ------------------------------------------------------------------------------------------
     def build_text(self):
-        from vision_peft.backbones import build_backbone
-
-        text = build_backbone(self.cfg.task.text_backbone)
-        if getattr(text, "kind", "") != "text":
-            raise ConfigError(
-                f"task.text_backbone must be a text encoder (minilm, open_clip_text:…), got {self.cfg.task.text_backbone.name!r}"
-            )
-        self._text_info = {"spec": text.spec, "weights_id": text.weights_id, "weights_source": text.weights_source}
-        return text
+        """The frozen text encoder of ``task.text_backbone`` (its weights recorded in ``state_info``)."""
+        return self.build_frozen_encoder("text_backbone", "text")
 
     def build_model(self) -> PointCloudModel:
         backbone, handle, base = build_adapted_backbone(self.cfg)
@@ -421,10 +312,8 @@ class PointCloudTask(Task):
                 f"pointcloud needs a point backbone (pointnet, pointbert); {self.cfg.backbone.name!r} is "
                 f"a {getattr(backbone, 'kind', '?')} encoder"
             )
-        t = self.cfg.task
-        handle.touched = list(handle.touched) + apply_point_adapter(
-            backbone, t.point_adapter, t.adapter_hidden, t.last_stage_reinit
-        )
+        for extra in self._legacy_adapters:  # v1 runs: PointAdapter on top of a generic adapter, applied after it
+            handle.touched = list(handle.touched) + ADAPTERS.get(extra.name).builder(backbone, extra).touched
         text = self.build_text()
         model = PointCloudModel(backbone, handle, text, self.classes, self.cfg.task)
         model.mark_base(base)
