@@ -39,8 +39,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vision_peft.config import load_recipe, resolve_data_path  # noqa: E402
 from vision_peft.data.episodes import EpisodeSampler, ImageCache, scan_class_split  # noqa: E402
+from vision_peft.paths import resolve_data_path  # noqa: E402
+from vision_peft.recipe import load_recipe  # noqa: E402
 from vision_peft.tasks import TASKS  # noqa: E402
 from vision_peft.tasks.fewshot import classify_episode, mean_ci95, prototypes  # noqa: E402
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "meta_train_steps": final["step"],
             "val_acc_no_finetune": final.get("val", {}).get("acc"),
             "val_ci95": final.get("val", {}).get("ci95"),
-            "trainable": info["parameters"]["trainable"],
+            "trainable": info.parameters["trainable"],
         }
     cfg = load_recipe(args.recipe)
     t = cfg.task

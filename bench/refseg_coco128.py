@@ -38,7 +38,7 @@ DETRIS_SHARE = "0.85-1.81 %"
 def count_params(overrides: list[str]) -> dict[str, int]:
     """Adapter (visual / text), head and frozen-encoder parameter counts of a row's model (no training)."""
     sys.path.insert(0, str(REPO))
-    from vision_peft.config import load_recipe
+    from vision_peft.recipe import load_recipe
     from vision_peft.tasks import TASKS
 
     cfg = load_recipe(str(REPO / "tasks" / "refseg-coco128.yaml"), [o.lstrip("-") for o in overrides])

@@ -21,9 +21,10 @@ from vision_peft.adapters import ADAPTERS
 from vision_peft.backbones import BACKBONES, WeightsNotFoundError, build_backbone
 from vision_peft.backbones.base import load_state_file
 from vision_peft.cli import main
-from vision_peft.config import BackboneConfig, ConfigError, RunConfig, load_recipe
+from vision_peft.config import BackboneConfig, ConfigError, RunConfig
 from vision_peft.data.folder import DatasetError, scan_image_folder
 from vision_peft.predict import load_run
+from vision_peft.recipe import build_run_config, load_recipe
 from vision_peft.tasks import TASKS
 
 pytestmark = [
@@ -168,7 +169,7 @@ def test_bad_files_through_the_task(folder_with_bad_files, run_cfg) -> None:
 
 
 def test_bad_files_value_is_validated(run_cfg) -> None:
-    with pytest.raises(ConfigError, match="task.bad_files must be skip or fail, got 'ignore'"):
+    with pytest.raises(ConfigError, match="task.bad_files must be one of skip, fail, got 'ignore'"):
         run_cfg(task={"bad_files": "ignore"})
 
 
@@ -219,7 +220,7 @@ def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
 
 def test_finished_run_loads(run_copy: Path) -> None:
     cfg, task, model, info = load_run(run_copy)
-    assert info["backbone"]["spec"] == "timm:test_vit" and cfg.adapter.name == "lora"
+    assert info.backbone.spec == "timm:test_vit" and cfg.adapter.name == "lora"
     assert task.classes == ["alpha", "beta", "gamma"]
 
 
@@ -243,8 +244,8 @@ def test_adapter_file_from_another_rank_is_refused(run_copy: Path, run_cfg) -> N
     from vision_peft.tasks.classification import ClassificationTask
 
     state = ckpt.load_tensors(run_copy / ckpt.ADAPTER_FILE)
-    cfg = RunConfig.from_dict(json.loads((run_copy / "config.json").read_text())["config"])
-    task = ClassificationTask(RunConfig.from_dict({**cfg.to_dict(), "adapter": {**cfg.to_dict()["adapter"], "r": 4}}))
+    cfg = build_run_config(json.loads((run_copy / "config.json").read_text())["config"])
+    task = ClassificationTask(build_run_config({**cfg.to_dict(), "adapter": {**cfg.to_dict()["adapter"], "r": 4}}))
     task.set_classes(["alpha", "beta", "gamma"])
     model = task.build_model()
     with pytest.raises(ckpt.CheckpointError, match=r"lora_[AB] has shape .*another backbone, rank or class count"):
@@ -262,7 +263,7 @@ def test_adapter_file_from_another_adapter_is_refused(run_copy: Path) -> None:
     state = ckpt.load_tensors(run_copy / ckpt.ADAPTER_FILE)
     cfg = json.loads((run_copy / "config.json").read_text())["config"]
     cfg["adapter"] = {"name": "vpt", "num_tokens": 2}
-    task = ClassificationTask(RunConfig.from_dict(cfg))
+    task = ClassificationTask(build_run_config(cfg))
     task.set_classes(["alpha", "beta", "gamma"])
     model = task.build_model()
     with pytest.raises(ckpt.CheckpointError) as e:

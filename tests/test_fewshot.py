@@ -21,6 +21,7 @@ from vision_peft.data.episodes import (
     scan_class_split,
 )
 from vision_peft.data.folder import DatasetError
+from vision_peft.recipe import build_run_config
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.fewshot import CosineHead, classify_episode, prototypes, recombine
 
@@ -36,7 +37,7 @@ def _files(n_classes: int = 4, per_class: int = 10) -> dict[str, list[str]]:
 
 
 def fewshot_cfg(tmp_path: Path, data_root, classes=None, backbone=None, adapter=None, **task) -> RunConfig:
-    return RunConfig.from_dict(
+    return build_run_config(
         {
             "task": {
                 "name": "fewshot",
@@ -86,7 +87,7 @@ def test_sampler_bad_inputs():
     with pytest.raises(DatasetError, match=r"class 'Forest' is listed in both 'base' and 'novel'"):
         check_class_split({"base": ["Forest", "Port"], "novel": ["Forest"]})
     with pytest.raises(ConfigError, match="must be disjoint"):
-        RunConfig.from_dict(
+        build_run_config(
             {"task": {"name": "fewshot", "classes": {"base": ["a", "b"], "val": ["b"]}}, "adapter": "vpt"}
         )
 

@@ -30,6 +30,7 @@ from vision_peft.data.refer import (
     read_refer_folder,
     split_by_image,
 )
+from vision_peft.recipe import build_run_config
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.refseg import seg_metrics
 
@@ -62,7 +63,7 @@ def write_refer_folder(root: Path, n: int = 6, size: tuple[int, int] = (40, 48))
 
 
 def refseg_cfg(data_root: Path, runs: Path, backbone: str = "timm:test_vit", size: int = 32, **adapter) -> RunConfig:
-    return RunConfig.from_dict(
+    return build_run_config(
         {
             "task": {
                 "name": "refseg",
@@ -253,7 +254,7 @@ def test_text_adapters_on_minilm_and_no_adapter_baseline(tmp_path: Path) -> None
     data = cfg.to_dict()
     data["task"]["text_backbone"] = {"name": "minilm", "pretrained": False}
     data["adapter"] = {**TINY_ADAPTER, "visual": False}
-    task = TASKS.get("refseg").builder(RunConfig.from_dict(data))
+    task = TASKS.get("refseg").builder(build_run_config(data))
     model = task.build_model()
     assert len(model.backbone.text_conditioning.text) == 3  # MiniLM blocks 1, 3, 5
     model.set_train_mode()
@@ -262,7 +263,7 @@ def test_text_adapters_on_minilm_and_no_adapter_baseline(tmp_path: Path) -> None
     assert not any(k.startswith("text.") for k in model.adapter_state_dict())
 
     data["adapter"] = {"name": "linear"}
-    task = TASKS.get("refseg").builder(RunConfig.from_dict(data))
+    task = TASKS.get("refseg").builder(build_run_config(data))
     model = task.build_model()
     assert all(k.startswith("head.") for k in model.adapter_state_dict())
 
@@ -350,7 +351,7 @@ def test_deploy_runtime_segments_like_torch(tmp_path: Path, weights_root: Path, 
     root = write_refer_folder(tmp_path / "data")
     d = refseg_cfg(root, tmp_path / "runs").to_dict()
     d["task"]["text_backbone"] = {"name": "minilm"}
-    cfg = RunConfig.from_dict(d)
+    cfg = build_run_config(d)
     run_dir = run(cfg, progress=False)
     man = export_run(run_dir, tmp_path / "bundle", exporter="torchscript")
     assert "tokenizer.json" in man["files"] and man["task_info"]["tokenizer_file"] == "tokenizer.json"

@@ -8,14 +8,15 @@ class with counts and seed written in the recipe, and the file lists land in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.config import ConfigError, resolve_data_path
+from vision_peft.config import ConfigError, check_choices
+from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction, top1_onnx
@@ -32,15 +33,14 @@ class ClassificationConfig:
         default_factory=lambda: {"train": 60, "val": 10, "test": 30}
     )  # images per class; -1 = the rest
     split_seed: int = 0  # seed of the stratified split
-    bad_files: str = "skip"  # corrupt / non-image files: skip (with a warning) | fail
+    bad_files: Literal["skip", "fail"] = "skip"  # corrupt / non-image files: skip (with a warning) | fail
     augment: str = "standard"  # none | light | standard | aerial (see vision_peft.augment)
     resize: str = "shorter_then_center_crop"  # eval-time resize: shorter_then_center_crop | squash | letterbox
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     head_dropout: float = 0.0  # dropout before the linear head
 
     def __post_init__(self) -> None:
-        if self.bad_files not in ("skip", "fail"):
-            raise ConfigError(f"task.bad_files must be skip or fail, got {self.bad_files!r}")
+        check_choices(self, "task")
         if "train" not in self.split:
             raise ConfigError(f"task.split needs a 'train' count, got {self.split}")
         unknown = set(self.split) - {"train", "val", "test"}

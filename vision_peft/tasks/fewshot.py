@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vision_peft.config import ConfigError, resolve_data_path
+from vision_peft.config import ConfigError, check_choices
 from vision_peft.data.aid import aid_class_split
+from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction
@@ -27,7 +28,7 @@ from vision_peft.tasks.mvp import (  # noqa: F401  (re-exported: the method's pu
     recombine,
 )
 
-PER_MODES = ("none", "extend", "replace")
+PerMode = Literal["none", "extend", "replace"]  # patch-embedding recombination
 
 
 @dataclass
@@ -46,8 +47,8 @@ class FewShotConfig:
     val_episodes: int = 50  # validation episodes (fixed) on the val classes
     test_episodes: int = 0  # test episodes on the novel classes evaluated at the end of a run (0 = none)
     episode_seed: int = 0  # val/test episode i depends only on (episode_seed, i)
-    augment: str | None = "dihedral"  # meta-training augmentation: none | dihedral (flips + 90° rotations)
-    per_mode: str | None = "extend"  # patch-embedding recombination: none (or null) | extend | replace
+    augment: Literal["none", "dihedral"] | None = "dihedral"  # meta-training: none | dihedral (flips, 90° turns)
+    per_mode: PerMode | None = "extend"  # patch-embedding recombination: none (or null) | extend | replace
     per_ratio: float = 0.5  # probability that a grid position comes from another image of the same class
     grid_stage: int = 2  # CNNs: the stage whose output is the grid for PER (prompt_map uses its own stage)
     finetune_steps: int = 0  # per-episode fine-tuning steps at meta-test (test split, predict); 0 = none
@@ -58,7 +59,7 @@ class FewShotConfig:
     scale_init: float = 10.0  # initial cosine-classifier scale s
     bias_init: float = 0.0  # initial cosine-classifier bias b
     resize: str = "squash"  # resize to the input size: squash | shorter_then_center_crop | letterbox
-    bad_files: str = "skip"  # corrupt / non-image files: skip (with a warning) | fail
+    bad_files: Literal["skip", "fail"] = "skip"  # corrupt / non-image files: skip (with a warning) | fail
     cache_images: int = 4096  # decoded images kept in memory
     cache_grids: bool = (
         True  # compute each image's frozen grid once (not with pad_prompt); augmentation then acts on grids
@@ -67,6 +68,7 @@ class FewShotConfig:
     def __post_init__(self) -> None:
         self.augment = self.augment or "none"  # a CLI override "none" arrives as None
         self.per_mode = self.per_mode or "none"
+        check_choices(self, "task")
         for key in ("n_way", "k_shot", "q_query", "train_q_query", "train_episodes", "val_episodes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"task.{key} must be positive, got {getattr(self, key)}")
@@ -76,14 +78,8 @@ class FewShotConfig:
             raise ConfigError(f"task.n_way_max ({self.n_way_max}) must be >= task.n_way ({self.n_way})")
         if self.test_episodes < 0 or self.finetune_steps < 0:
             raise ConfigError("task.test_episodes and task.finetune_steps must be >= 0")
-        if self.augment not in ("none", "dihedral"):
-            raise ConfigError(f"task.augment must be none or dihedral, got {self.augment!r}")
-        if self.per_mode not in PER_MODES:
-            raise ConfigError(f"task.per_mode must be one of {', '.join(PER_MODES)}, got {self.per_mode!r}")
         if not 0.0 <= self.per_ratio <= 1.0:
             raise ConfigError(f"task.per_ratio must lie in [0, 1], got {self.per_ratio}")
-        if self.bad_files not in ("skip", "fail"):
-            raise ConfigError(f"task.bad_files must be skip or fail, got {self.bad_files!r}")
         if any(lr < 0 for lr in self.finetune_lr_search) or self.finetune_lr < 0:
             raise ConfigError("task.finetune_lr and task.finetune_lr_search must be >= 0")
         from vision_peft.data.episodes import check_class_split

@@ -23,13 +23,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
+from vision_peft.config import BackboneConfig, ConfigError, check_choices
 from vision_peft.data.refer import read_refer, refer_format_names
+from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.runtimes.refseg import fit_tokens, mask_from_logits, mask_probs
 from vision_peft.tasks import TASKS
@@ -49,11 +50,11 @@ class RefSegConfig:
     data_root: str = "coco128-seg"  # dataset folder (relative paths resolve under $VISION_PEFT_DATA)
     refs_file: str = "refs(unc).p"  # refcoco: the refs pickle (read with a plain-containers-only unpickler)
     instances_file: str = "instances.json"  # refcoco: COCO instances with the segmentations
-    split_source: str = "images"  # images: image-level split by counts below | annotations: the refs' own split
+    split_source: Literal["images", "annotations"] = "images"  # images: split by the counts below | the refs' own
     split: dict[str, int] = field(default_factory=lambda: {"train": -1, "test": 25})  # images per split; -1 = rest
     split_seed: int = 0  # seed of the image-level split (numpy RandomState permutation of sorted image ids)
     min_area: float = 0.01  # coco128_seg: smallest target (fraction of the image area) that gets phrases
-    mask_mismatch: str = "resize"  # folder: a mask whose size differs from its image: resize (nearest) | error
+    mask_mismatch: Literal["resize", "error"] = "resize"  # folder: mask size ≠ image: resize (nearest) | error
     text_backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="minilm"))  # frozen text encoder
     max_tokens: int = 24  # tokens per phrase incl. special tokens; longer phrases are truncated (with a warning)
     augment: str = "light"  # joint image/mask augmentation preset (left/right are swapped in flipped phrases)
@@ -67,16 +68,13 @@ class RefSegConfig:
     threshold: float = 0.35  # probability threshold of the predicted mask
 
     def __post_init__(self) -> None:
+        check_choices(self, "task")
         if self.data not in refer_format_names():
             raise ConfigError(f"task.data must be one of {', '.join(refer_format_names())}, got {self.data!r}")
-        if self.split_source not in ("images", "annotations"):
-            raise ConfigError(f"task.split_source must be images or annotations, got {self.split_source!r}")
         if "train" not in self.split or set(self.split) - {"train", "val", "test"}:
             raise ConfigError(f"task.split needs train (and optionally val, test) image counts, got {self.split}")
         if sum(1 for v in self.split.values() if v < 0) > 1:
             raise ConfigError("task.split: only one split may take the rest (-1)")
-        if self.mask_mismatch not in ("resize", "error"):
-            raise ConfigError(f"task.mask_mismatch must be resize or error, got {self.mask_mismatch!r}")
         if self.max_tokens < 3:
             raise ConfigError(f"task.max_tokens must be >= 3 (two special tokens + one word), got {self.max_tokens}")
         if self.feature_indices is not None and len(self.feature_indices) != 3:
