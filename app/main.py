@@ -24,78 +24,24 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from app.catalog import (  # noqa: E402
+    TaskView,
+    backbone_specs,
+    is_test_backbone,
+    recipes_for,
+    run_task,
+    task_views,
+    weights_status,
+)
 from app.errors import friendly  # noqa: E402
 from app.jobs import JobManager  # noqa: E402
 from app.panels import predict_panel  # noqa: E402
-from app.previews import dataset_preview  # noqa: E402
+from app.previews import dataset_preview, preview_kind  # noqa: E402
 from app.uploads import UploadError, confine, extract_zip  # noqa: E402
-from vision_peft.config import REPO_ROOT, data_root, find_recipe, recipe_dirs  # noqa: E402
+from vision_peft.paths import REPO_ROOT, data_root  # noqa: E402
+from vision_peft.recipe import build_run_config, find_recipe  # noqa: E402
 
-TASK_TABS = [  # (registry name, tab title, issue that brings it)
-    ("classification", "Classification", 2),
-    ("fewshot", "Few-shot remote sensing", 3),
-    ("refseg", "Referring segmentation", 4),
-    ("pointcloud", "Point clouds", 5),
-    ("diffusion", "Diffusion", 6),
-]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PREVIEW_LABELS = {  # task -> (dataset table headers, table label, gallery label); see app/previews.py
-    "classification": (["class", "files"], "class counts", "samples (one per class)"),
-    "pointcloud": (["class", "train", "test"], "shapes per class and split", "sample shapes (one per class, 3/4 view)"),
-    "refseg": (["statistic", "value"], "dataset summary", "targets: mask overlay + phrase"),
-}
-
-
-def weights_status(spec: str) -> str:
-    """'available' or how to provide the weights, without building the model."""
-    from vision_peft.backbones.base import WeightsNotFoundError
-    from vision_peft.config import BackboneConfig
-
-    family, _, arg = spec.partition(":")
-    cfg = BackboneConfig(name=spec)
-    try:
-        if family == "effnet_lite0":
-            from vision_peft.backbones.effnet_lite import find_weights
-
-            find_weights(cfg)
-        elif family == "minilm":
-            from vision_peft.backbones.minilm import find_model_dir
-
-            find_model_dir(cfg)
-        elif family == "timm":
-            from vision_peft.backbones.timm_models import _hf_cached_file, _local_candidates
-
-            if arg.startswith("test_"):
-                return "random weights (tests)"
-            if not any(c.is_file() for c in _local_candidates(arg)) and _hf_cached_file(arg) is None:
-                return f"weights missing: put them at {_local_candidates(arg)[0]} or allow downloads"
-        elif family in ("open_clip", "open_clip_text"):
-            if arg.startswith("vp-tiny"):
-                return "random weights (tests)"
-            return "needs a local checkpoint: backbone.weights=<file> or $VISION_PEFT_WEIGHTS/open_clip/"
-        elif family in ("pointnet",):
-            from vision_peft.config import weights_root
-
-            f = weights_root() / "pointnet-modelnet40" / "pointnet_classifier_modelnet40.safetensors"
-            return "available" if f.is_file() else f"weights missing: {f}"
-        return "available"
-    except WeightsNotFoundError as e:
-        return f"weights missing: {e}"
-
-
-def recipes_for(task: str) -> list[str]:
-    out = []
-    for d in recipe_dirs():
-        for f in sorted(d.glob("*.yaml")) if d.is_dir() else []:
-            try:
-                data = yaml.safe_load(f.read_text()) or {}
-            except yaml.YAMLError:
-                continue
-            t = data.get("task")
-            name = t if isinstance(t, str) else (t or {}).get("name")
-            if name == task and f.stem not in out:
-                out.append(f.stem)
-    return out
 
 
 def devices() -> list[str]:
@@ -120,13 +66,9 @@ class AppState:
         self._load_lock = threading.Lock()  # concurrent requests for one run load it once
 
     def runs_of(self, task: str) -> list[str]:
-        out = []
-        for d in sorted(self.runs_root.iterdir()) if self.runs_root.exists() else []:
-            cfg = d / "config.json"
-            if d.is_dir() and (d / "adapter.safetensors").exists() and cfg.exists():
-                if json.loads(cfg.read_text())["config"]["task"]["name"] == task:
-                    out.append(d.name)
-        return out
+        """Names of the finished runs of ``task`` in the runs root."""
+        dirs = sorted(self.runs_root.iterdir()) if self.runs_root.exists() else []
+        return [d.name for d in dirs if run_task(d) == task]
 
     def run_dir(self, name: str) -> Path:
         if not name:
@@ -163,29 +105,27 @@ def progress_html(p: dict[str, Any]) -> str:
 
 
 def build_app(state: AppState) -> gr.Blocks:
+    """The page: one tab per registered task (``vision_peft.tasks.TASKS``), each built from its :class:`TaskView`."""
     from vision_peft.adapters import ADAPTERS
-    from vision_peft.backbones import BACKBONES
-    from vision_peft.tasks import TASKS
 
     with gr.Blocks(title="vision_peft") as demo:
         gr.Markdown("# vision_peft\nTrain a few parameters on a frozen backbone, predict, export to ONNX.")
-        for task, title, issue in TASK_TABS:
-            with gr.Tab(title):
-                if task not in TASKS:
-                    gr.Markdown(f"**Unavailable**: the `{task}` task has not landed in this version (issue {issue}).")
-                    continue
-                _task_tab(demo, state, task, ADAPTERS, BACKBONES)
+        for view in task_views():
+            with gr.Tab(view.title, elem_id=f"{view.name}-tab"):
+                gr.Markdown(f"`{view.name}`: {view.help}")
+                _task_tab(demo, state, view, ADAPTERS)
     return demo
 
 
-def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) -> None:
+def _task_tab(demo: gr.Blocks, state: AppState, view: TaskView, ADAPTERS) -> None:
+    task = view.name
     recipes = recipes_for(task)
-    specs = ["effnet_lite0", "timm:test_vit", "timm:vit_small_patch16_224", "open_clip:ViT-B-32@openai"]
-    if task == "pointcloud":
-        specs = [s for s in BACKBONES.names() if s.startswith("point")]
-    choices = [(f"{s} — {weights_status(s)}", s) for s in specs]
+    choices = [(f"{s} — {weights_status(s)}", s) for s in backbone_specs(view)]
+    preview = preview_kind(view.preview)
     with gr.Row():
-        recipe = gr.Dropdown(recipes, value=recipes[0] if recipes else None, label="recipe (tasks/*.yaml)")
+        recipe = gr.Dropdown(
+            recipes, value=recipes[0] if recipes else None, label="recipe (tasks/*.yaml)", elem_id=f"{task}-recipe"
+        )
         backbone = gr.Dropdown(choices, value=None, label="backbone (empty = the recipe's)")
         adapter = gr.Dropdown(ADAPTERS.names(), value=None, label="adapter (empty = the recipe's)")
         device = gr.Dropdown(devices(), value="cpu", label="device")
@@ -198,10 +138,9 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
         upload = gr.File(label="dataset zip (folder-per-class or the task's layout)", file_types=[".zip"])
         folder = gr.Textbox(label=f"…or a data folder on the server (inside {state.data_root})")
     data_path = gr.Textbox(label="dataset used", interactive=False)
-    headers, table_label, gallery_label = PREVIEW_LABELS.get(task, PREVIEW_LABELS["classification"])
-    with gr.Row():
-        counts = gr.Dataframe(headers=headers, label=table_label, interactive=False)
-        gallery = gr.Gallery(label=gallery_label, columns=6, height=240)
+    with gr.Row(visible=preview.visible):
+        counts = gr.Dataframe(headers=preview.headers or None, label=preview.table_label, interactive=False)
+        gallery = gr.Gallery(label=preview.gallery_label, columns=6, height=240)
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Stop", variant="stop")
@@ -214,11 +153,11 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
     command = gr.Textbox(label="CLI command that reproduces this run", interactive=False)
     gr.Markdown("### Predict and export")
     with gr.Row():
-        run = gr.Dropdown(  # value=None: no run preselected, so choosing one fires run.change (diffusion classes)
+        run = gr.Dropdown(  # value=None: no run preselected, so choosing one fires run.change (class-grid classes)
             state.runs_of(task), value=None, label="finished run", allow_custom_value=False
         )
         refresh = gr.Button("Refresh runs")
-    predict_panel(task, state, run)
+    predict_panel(view, state, run)
     with gr.Row():
         export = gr.Button("Export ONNX bundle")
         bundle_file = gr.File(label="bundle (zip)")
@@ -234,7 +173,7 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
                 raise UploadError(f"{server_folder} is not a folder inside {state.data_root}")
         else:
             return "", None, []
-        columns, rows, items = dataset_preview(task, root)
+        columns, rows, items = dataset_preview(view.preview, root)
         return str(root), pd.DataFrame(rows, columns=columns), items
 
     upload.upload(on_data, [upload, folder], [data_path, counts, gallery], api_name=f"{task}_upload")
@@ -250,7 +189,7 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
             data["task"].pop("classes", None)
         if spec:
             data["backbone"] = {**data.get("backbone", {}), "name": spec}
-            if spec.startswith(("timm:test_", "open_clip:vp-tiny")):
+            if is_test_backbone(spec):
                 data["backbone"]["pretrained"] = False
         if adapter_name and adapter_name != data["adapter"]["name"]:
             data["adapter"] = {"name": adapter_name}
@@ -259,9 +198,7 @@ def _task_tab(demo: gr.Blocks, state: AppState, task: str, ADAPTERS, BACKBONES) 
         for key, val in (("epochs", n_epochs), ("batch_size", n_batch), ("lr", rate), ("max_steps", steps)):
             if val not in (None, "", 0) and val == val:  # 0, empty and NaN keep the recipe's value
                 train[key] = int(val) if key != "lr" else float(val)
-        from vision_peft.config import RunConfig
-
-        RunConfig.from_dict({**data, "output": {}})  # validate here: errors show in the page, not in a log
+        build_run_config({**data, "output": {}})  # validate here: errors show in the page, not in a log
         j = state.jobs.submit(data, device=dev)
         ids = [x.id for x in state.jobs.list() if x.task == task]
         return gr.update(choices=ids, value=j.id), j.command_line

@@ -1,30 +1,35 @@
-"""Task-specific predict panels: what each task's ``predict`` needs as input, shown the way its output reads best.
+"""Predict panels by kind: what a task's ``predict`` needs as input, shown the way its output reads best.
 
-| task | inputs | outputs |
+A task's runtime declares its panel kind (``Runtime.panel``, :data:`vision_peft.runtimes.RUNTIMES`); the task
+declares its ``predict_options``. :data:`PANELS` maps each kind to its builder:
+
+| panel kind | inputs | outputs |
 |---|---|---|
-| classification | image(s) (predicts on upload) | top classes + JSON |
-| fewshot | support set (zip or server folder, one sub-folder per class) + query images | class + probabilities per query |
-| refseg | image + referring phrase | mask overlay + mask statistics (area, box, probabilities) |
-| pointcloud | one point file (predicts on upload) | class + probabilities + a rendering of the cloud |
-| diffusion | classes of the run, images per class, steps, guidance, seed | image grid (one row per class) |
+| ranked_images | image(s) (predicts on upload); Monte Carlo samples when ``mc_samples`` is an option | top classes + JSON |
+| support_query | support set (zip or server folder, one sub-folder per class) + query images | class + probabilities per query |
+| image_phrase_mask | image + referring phrase | mask overlay + mask statistics (area, box, probabilities) |
+| ranked_points | one point file (predicts on upload) | class + probabilities + a rendering of the cloud |
+| class_grid | classes of the run, images per class, steps, guidance, seed | image grid (one row per class) |
 
 Every handler loads the chosen run through ``AppState.model`` (cached, CPU) inside the call, so building the page
-imports no model code beyond the registries. Each panel registers one ``<task>_predict`` API endpoint.
+imports no model code beyond the registries. Each panel registers one ``<task>_predict`` API endpoint and sits in
+a column with ``elem_id="<task>-predict"`` and the class ``panel-<kind>``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from app.catalog import TaskView
 from app.errors import friendly
 from app.previews import image_grid, load_points_for_view, mask_stats, overlay_mask, render_views
 from app.uploads import UploadError, confine, extract_zip
+from vision_peft.rundir import RunInfo
 
-MAX_GENERATED = 64  # images one diffusion request may ask for (classes × images per class)
+MAX_GENERATED = 64  # images one class-grid request may ask for (classes × images per class)
 POINT_FILE_TYPES = [".pcd", ".ply", ".off", ".npy", ".npz", ".h5", ".hdf5"]
 
 
@@ -38,29 +43,38 @@ def _ranked_label(pred: dict[str, Any]) -> dict[str, float]:
     return {d["label"]: d["prob"] for d in pred.get("top", [])}
 
 
-def predict_panel(task: str, state, run: gr.Dropdown) -> None:
-    """Build the predict panel of ``task`` under the finished-run dropdown ``run``."""
-    builders = {
-        "classification": _files_panel,  # images → label panel, predicting on upload
-        "fewshot": _fewshot_panel,
-        "refseg": _refseg_panel,
-        "pointcloud": _pointcloud_panel,
-        "diffusion": _diffusion_panel,
-    }
-    builders.get(task, _files_panel)(task, state, run)
+def predict_panel(view: TaskView, state, run: gr.Dropdown) -> None:
+    """Build the predict panel of ``view``'s task (its runtime's panel kind) under the finished-run dropdown ``run``.
+
+    Raises:
+        ValueError: the runtime declares a panel kind the app has no builder for (the message lists the kinds).
+    """
+    if view.panel not in PANELS:
+        raise ValueError(
+            f"task {view.name!r}: its runtime declares panel {view.panel!r}, which app/panels.py does not build; "
+            f"known panel kinds: {', '.join(PANELS)}"
+        )
+    with gr.Column(elem_id=f"{view.name}-predict", elem_classes=["predict-panel", f"panel-{view.panel}"]):
+        PANELS[view.panel](view, state, run)
 
 
-def _files_panel(task: str, state, run: gr.Dropdown) -> None:
-    """Generic: input files → ``task.predict`` → JSON (and top classes when the records carry them).
+def _top_k(view: TaskView) -> dict[str, int]:
+    """``top_k=5`` for tasks whose ``predict`` takes it, else nothing."""
+    return {"top_k": 5} if "top_k" in view.predict_options else {}
 
-    Classification also offers Monte Carlo prediction for runs whose adapter samples a latent (PVeRA): the
-    probabilities are the mean of that many sampled forwards and the JSON carries their spread."""
+
+def _files_panel(view: TaskView, state, run: gr.Dropdown) -> None:
+    """Images → ``task.predict`` → JSON (and top classes when the records carry them).
+
+    Tasks with the ``mc_samples`` predict option also offer Monte Carlo prediction for runs whose adapter samples
+    a latent (PVeRA): the probabilities are the mean of that many sampled forwards and the JSON carries their
+    spread."""
     with gr.Row():
         inputs = gr.File(label="input files", file_count="multiple")
         result = gr.JSON(label="prediction")
         label = gr.Label(label="top classes", num_top_classes=5)
     mc = gr.Slider(
-        0, 64, value=0, step=1, visible=task == "classification",
+        0, 64, value=0, step=1, visible="mc_samples" in view.predict_options,
         label="Monte Carlo samples (runs with a sampled adapter such as PVeRA; 0 = off)",
     )  # fmt: skip
 
@@ -72,14 +86,14 @@ def _files_panel(task: str, state, run: gr.Dropdown) -> None:
 
         _, t, model, _ = state.model(run_name)
         extra = {"mc_samples": int(mc_samples)} if mc_samples else {}
-        preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), top_k=5, **extra)
+        preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), **_top_k(view), **extra)
         first = preds[0]
         return preds, (_ranked_label(first) if isinstance(first, dict) else None) or None
 
-    inputs.upload(on_predict, [run, inputs, mc], [result, label], api_name=f"{task}_predict")
+    inputs.upload(on_predict, [run, inputs, mc], [result, label], api_name=f"{view.name}_predict")
 
 
-def _fewshot_panel(task: str, state, run: gr.Dropdown) -> None:
+def _support_query_panel(view: TaskView, state, run: gr.Dropdown) -> None:
     """Support set + query images → nearest-prototype class and probabilities per query."""
     with gr.Row():
         support_zip = gr.File(label="support set zip (one sub-folder of images per class)", file_types=[".zip"])
@@ -96,7 +110,7 @@ def _fewshot_panel(task: str, state, run: gr.Dropdown) -> None:
         if zip_file:
             key = _path(zip_file)
             if key not in extracted:
-                extracted[key] = extract_zip(key, "fewshot", state.uploads_root)
+                extracted[key] = extract_zip(key, view.name, state.uploads_root)
             return extracted[key]
         if server_folder:
             root = confine(server_folder, state.data_root)
@@ -114,16 +128,19 @@ def _fewshot_panel(task: str, state, run: gr.Dropdown) -> None:
 
         _, t, model, _ = state.model(run_name)
         paths = [_path(f) for f in files]
-        preds = t.predict(model, [str(root), *paths], torch.device("cpu"), top_k=5)
+        preds = t.predict(model, [str(root), *paths], torch.device("cpu"), **_top_k(view))
         shown = [(p, f"{r['label']} ({r['prob']:.0%})") for p, r in zip(paths, preds)]
         return preds, _ranked_label(preds[0]), shown
 
     classify.click(
-        on_classify, [run, support_zip, support_folder, queries], [result, label, gallery], api_name=f"{task}_predict"
+        on_classify,
+        [run, support_zip, support_folder, queries],
+        [result, label, gallery],
+        api_name=f"{view.name}_predict",
     )
 
 
-def _refseg_panel(task: str, state, run: gr.Dropdown) -> None:
+def _image_phrase_panel(view: TaskView, state, run: gr.Dropdown) -> None:
     """Image + phrase → the predicted mask over the image, with its area, box and probabilities."""
     with gr.Row():
         image = gr.Image(label="image", type="filepath")
@@ -145,11 +162,11 @@ def _refseg_panel(task: str, state, run: gr.Dropdown) -> None:
         info = {"phrase": text.strip(), **mask_stats(res["mask"], res["prob"], t.cfg.task.threshold)}
         return overlay_mask(res["image"], res["mask"]), info
 
-    segment.click(on_segment, [run, image, phrase], [overlay, stats], api_name=f"{task}_predict")
+    segment.click(on_segment, [run, image, phrase], [overlay, stats], api_name=f"{view.name}_predict")
     phrase.submit(on_segment, [run, image, phrase], [overlay, stats])
 
 
-def _pointcloud_panel(task: str, state, run: gr.Dropdown) -> None:
+def _points_panel(view: TaskView, state, run: gr.Dropdown) -> None:
     """One point file → class + probabilities, and four views of the uploaded cloud."""
     with gr.Row():
         points = gr.File(label=f"point file ({' '.join(POINT_FILE_TYPES)})", file_types=POINT_FILE_TYPES)
@@ -168,19 +185,14 @@ def _pointcloud_panel(task: str, state, run: gr.Dropdown) -> None:
         cfg, t, model, _ = state.model(run_name)
         path = _path(file)
         picture = render_views(load_points_for_view(path, cfg.task.up_axis), ("front", "side", "top", "3/4"), 200)
-        pred = t.predict(model, [path], torch.device("cpu"), top_k=5)[0]
+        pred = t.predict(model, [path], torch.device("cpu"), **_top_k(view))[0]
         return _ranked_label(pred), pred, picture
 
-    points.upload(on_points, [run, points], [label, result, render], api_name=f"{task}_predict")
+    points.upload(on_points, [run, points], [label, result, render], api_name=f"{view.name}_predict")
     classify.click(on_points, [run, points], [label, result, render])
 
 
-def _run_info(state, run_name: str) -> dict[str, Any]:
-    """A finished run's config.json, read without loading the model."""
-    return json.loads((state.run_dir(run_name) / "config.json").read_text())
-
-
-def _diffusion_panel(task: str, state, run: gr.Dropdown) -> None:
+def _class_grid_panel(view: TaskView, state, run: gr.Dropdown) -> None:
     """Class names + n, steps, guidance, seed → a grid of generated images, one row per class."""
     with gr.Row():
         classes = gr.Dropdown([], multiselect=True, label="classes (empty = every class of the run)")
@@ -198,12 +210,12 @@ def _diffusion_panel(task: str, state, run: gr.Dropdown) -> None:
     def on_run(run_name):
         if not run_name:
             return gr.update(choices=[], value=[]), gr.update(), gr.update()
-        info = _run_info(state, run_name)
-        t = info["config"]["task"]
-        names = info.get("task_state", {}).get("classes", [])
+        info = RunInfo.read(state.run_dir(run_name))  # config.json, without loading the model
+        t = info.config["task"]
+        names = info.classes
         return gr.update(choices=names, value=[]), t.get("sample_steps", 25), t.get("guidance", 2.0)
 
-    run.change(on_run, [run], [classes, steps, guidance], api_name=f"{task}_classes")
+    run.change(on_run, [run], [classes, steps, guidance], api_name=f"{view.name}_classes")
 
     @friendly
     def on_generate(run_name, names, n, n_steps, scale, seed_value):
@@ -228,5 +240,14 @@ def _diffusion_panel(task: str, state, run: gr.Dropdown) -> None:
         return image_grid(arr, n, names), {**facts, "image_size": list(arr.shape[1:3])}
 
     generate.click(
-        on_generate, [run, classes, per_class, steps, guidance, seed], [grid, info], api_name=f"{task}_predict"
+        on_generate, [run, classes, per_class, steps, guidance, seed], [grid, info], api_name=f"{view.name}_predict"
     )
+
+
+PANELS = {  # a runtime's declared ``panel`` kind -> the builder of its predict panel
+    "ranked_images": _files_panel,  # images → label panel, predicting on upload
+    "support_query": _support_query_panel,
+    "image_phrase_mask": _image_phrase_panel,
+    "ranked_points": _points_panel,
+    "class_grid": _class_grid_panel,
+}

@@ -6,7 +6,8 @@
 - referring segmentation: :func:`overlay_mask` tints the target semi-transparently and outlines it;
   :func:`refseg_previews` captions each overlay with its phrase (folder, coco128-seg or RefCOCO layouts);
 - diffusion: :func:`image_grid` lays generated images out one row per class, with the class name in the margin;
-- :func:`dataset_preview` picks the table and gallery for a task's dataset folder.
+- :func:`dataset_preview` picks the table and gallery for a dataset folder by the task's declared preview kind
+  (:data:`PREVIEWS`: ``class_folders``, ``point_folders``, ``refer``, ``none``).
 
 Nothing here imports gradio or loads a model; the readers that pull in torch are imported inside the functions,
 so importing this module stays cheap.
@@ -15,7 +16,8 @@ so importing this module stays cheap.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -343,16 +345,66 @@ def image_grid(
     return out
 
 
-# -- per-task dataset preview ------------------------------------------------------------------------------------
-def dataset_preview(task: str, root: str | Path) -> tuple[list[str], list[list[Any]], list[tuple[Any, str]]]:
-    """(table headers, table rows, gallery items) previewing a dataset folder for ``task``.
+# -- dataset previews by kind ------------------------------------------------------------------------------------
+PreviewResult = tuple[list[str], list[list[Any]], list[tuple[Any, str]]]  # (table headers, rows, gallery items)
 
-    Point clouds: shapes per class and split + one rendering per class; referring segmentation: a summary +
-    mask overlays captioned with phrases; every image task: files per class folder + one thumbnail per class.
-    """
-    if task == "pointcloud":
-        return point_previews(root)
-    if task == "refseg":
-        rows, items = refseg_previews(root)
-        return ["statistic", "value"], rows, items
+
+def class_folder_preview(root: str | Path) -> PreviewResult:
+    """Files per class folder + one thumbnail per class (folder-per-class image datasets)."""
     return ["class", "files"], [[k, v] for k, v in class_counts(root).items()], thumbnails(root)
+
+
+def point_folder_preview(root: str | Path) -> PreviewResult:
+    """Shapes per class and split + one rendering per class (point-cloud folders)."""
+    return point_previews(root)
+
+
+def refer_preview(root: str | Path) -> PreviewResult:
+    """A dataset summary + mask overlays captioned with their phrases (referring-segmentation layouts)."""
+    rows, items = refseg_previews(root)
+    return ["statistic", "value"], rows, items
+
+
+def no_preview(root: str | Path) -> PreviewResult:
+    """Tasks whose data has no preview: nothing to show."""
+    return [], [], []
+
+
+@dataclass(frozen=True)
+class PreviewKind:
+    """How one kind of dataset folder is previewed: the table's headers and labels, and the function."""
+
+    headers: list[str]  # table headers before the first preview (point folders add their split names)
+    table_label: str
+    gallery_label: str
+    build: Callable[[str | Path], PreviewResult]
+    visible: bool = True  # False: the tab shows no preview table or gallery
+
+
+PREVIEWS: dict[str, PreviewKind] = {  # a task's declared ``preview`` kind -> its preview
+    "class_folders": PreviewKind(["class", "files"], "class counts", "samples (one per class)", class_folder_preview),
+    "point_folders": PreviewKind(
+        ["class", "train", "test"], "shapes per class and split", "sample shapes (one per class, 3/4 view)",
+        point_folder_preview,
+    ),
+    "refer": PreviewKind(["statistic", "value"], "dataset summary", "targets: mask overlay + phrase", refer_preview),
+    "none": PreviewKind([], "dataset", "samples", no_preview, visible=False),
+}  # fmt: skip
+
+
+def preview_kind(kind: str) -> PreviewKind:
+    """The preview of ``kind``; a task declaring an unknown kind is named with the known ones."""
+    if kind not in PREVIEWS:
+        raise ValueError(
+            f"unknown dataset preview kind {kind!r} (a task's `preview` attribute); known: {', '.join(PREVIEWS)}"
+        )
+    return PREVIEWS[kind]
+
+
+def dataset_preview(kind: str, root: str | Path) -> PreviewResult:
+    """(table headers, table rows, gallery items) previewing the dataset folder ``root`` as preview ``kind``.
+
+    Point folders: shapes per class and split + one rendering per class; refer: a summary + mask overlays
+    captioned with phrases; class folders: files per class folder + one thumbnail per class; none: nothing.
+    """
+    return preview_kind(kind).build(root)

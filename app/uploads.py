@@ -1,8 +1,8 @@
 """Safe handling of uploaded datasets: zip extraction with hard limits, per-upload folders, dataset previews.
 
 A zip is refused as a whole (nothing is extracted) when any entry has an absolute path or a ``..`` part,
-is a symlink or other special file, has a type the task does not read, or when the archive holds more
-files or more uncompressed bytes than configured (zip bombs).
+is a symlink or other special file, has a type the task does not read (the task's declared ``upload_suffixes``),
+or when the archive holds more files or more uncompressed bytes than configured (zip bombs).
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-TASK_EXTS = {
-    "classification": IMAGE_EXTS,
-    "fewshot": IMAGE_EXTS,
-    "refseg": IMAGE_EXTS | {".json", ".txt", ".p", ".pickle"},
-    "pointcloud": {".pcd", ".off", ".ply", ".npy", ".npz", ".h5", ".hdf5", ".txt"},
-    "diffusion": IMAGE_EXTS,
-}
+from app.catalog import upload_suffixes
+from vision_peft.preprocess import IMAGE_SUFFIXES
+
 IGNORED = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
@@ -46,9 +41,10 @@ def _ignored(parts: tuple[str, ...]) -> bool:
 def check_zip(path: str | Path, task: str, limits: UploadLimits | None = None) -> list[zipfile.ZipInfo]:
     """Validate every entry of a zip; returns the entries to extract. Raises UploadError on the first problem."""
     limits = limits or UploadLimits()
-    exts = TASK_EXTS.get(task)
-    if exts is None:
-        raise UploadError(f"unknown task {task!r} for uploads; known: {', '.join(TASK_EXTS)}")
+    try:
+        exts = {s.lower() for s in upload_suffixes(task)}  # the task's declared upload_suffixes
+    except LookupError as e:
+        raise UploadError(f"uploads: {e}") from None
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -145,7 +141,7 @@ def thumbnails(root: str | Path, per_class: int = 1, limit: int = 24) -> list[tu
     root = Path(root)
     out: list[tuple[str, str]] = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        imgs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)[:per_class]
+        imgs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:per_class]
         out += [(str(f), d.name) for f in imgs]
         if len(out) >= limit:
             break

@@ -8,6 +8,10 @@ Any error toast in the page fails the tab. Prints a table: tab, screenshot, what
     export VISION_PEFT_DATA=/work/shared/data VISION_PEFT_WEIGHTS=/work/shared/weights
     python bench/app_screenshots.py                     # screenshots land in runs/app-screenshots/
     python bench/app_screenshots.py --run refseg=runs/other-detris --tabs refseg
+    python bench/app_screenshots.py --run multilabel=runs/ml-lora --tabs multilabel   # any registered task
+
+Each tab is driven by its predict-panel kind (the runtime's ``panel``), so a new task needs only a ``--run``
+(and ``--preview`` for a dataset table).
 
 CPU only; on a loaded machine loading one model can take 30 s, hence the long timeouts.
 """
@@ -45,14 +49,7 @@ RUNS = {  # task -> finished real run on the shared data
     "refseg": "runs/bench-refseg/detris",  # DETRIS on coco128-seg (generated phrases)
     "diffusion": "runs/bench-diffusion-aid/adapt-sara",  # SaRA-adapted latent DiT, AID novel classes
 }
-TITLES = {  # task -> tab title (app.main.TASK_TABS)
-    "classification": "Classification",
-    "fewshot": "Few-shot remote sensing",
-    "pointcloud": "Point clouds",
-    "refseg": "Referring segmentation",
-    "diffusion": "Diffusion",
-}
-PREVIEW = {  # task -> (server folder under the data root, a table cell the preview must show)
+PREVIEW = {  # task -> (server folder under the data root, a table cell the preview must show); --preview adds more
     "classification": ("aid", "Beach"),
     "fewshot": ("aid", "Airport"),
     "pointcloud": ("modelnet10", "chair"),
@@ -88,15 +85,31 @@ def run_config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())
 
 
+def title(task: str) -> str:
+    """The task's tab title, as the app writes it."""
+    from app.catalog import task_view
+
+    return task_view(task).title
+
+
+def panel(task: str) -> str:
+    """The predict-panel kind of the task's tab (its runtime's declared ``panel``)."""
+    from app.catalog import task_view
+
+    return task_view(task).panel
+
+
 # -- inputs: real shared data -----------------------------------------------------------------------------------
-def classification_image(run: Path, data: Path) -> Path:
-    """A Beach image from the run's held-out test split (any test image when Beach has none)."""
+def test_image(run: Path, data: Path, prefer: str = "Beach") -> Path:
+    """An image from the run's held-out test split, from a ``prefer`` class folder when there is one (an AID
+    Beach image when the run has no test split)."""
     split = run / "split.json"
     test = json.loads(split.read_text()).get("test", []) if split.is_file() else []
-    beach = [p for p in test if Path(p).parent.name == "Beach"]
-    if beach or test:
-        return Path((beach or test)[0])
-    return sorted((data / "aid" / "Beach").glob("*.jpg"))[-1]
+    test = [p if isinstance(p, str) else p[0] for p in test]  # entries: a path, or [path, label]
+    preferred = [p for p in test if Path(p).parent.name == prefer]
+    if preferred or test:
+        return Path((preferred or test)[0])
+    return sorted((data / "aid" / prefer).glob("*.jpg"))[-1]
 
 
 def fewshot_inputs(run: Path, data: Path, out: Path, ways: int, shots: int) -> tuple[Path, list[Path], list[str]]:
@@ -172,65 +185,87 @@ def preview(page, tab, folder: str, cell: str, timeout_s: float) -> float:
 
 
 def predict(page, tab, task: str, run_name: str, inputs: dict, timeout_s: float) -> tuple[str, float]:
-    """Run one prediction in the task's panel; returns (what it returned, seconds)."""
+    """Run one prediction in the task's panel (driven by its panel kind); returns (what it returned, seconds)."""
     choose(tab, "finished run", run_name)
+    return DRIVERS[panel(task)](page, tab, inputs, timeout_s)
+
+
+def _ranked_images(page, tab, inputs: dict, timeout_s: float) -> tuple[str, float]:
     text = tab.inner_text
-    if task == "classification":
-        t0 = time.perf_counter()
-        block(tab, "input files").locator("input[type=file]").set_input_files(str(inputs["image"]))
-        wait_until(page, lambda: '"label"' in text(), "classification predict", timeout_s)
-        got = _top(text())
-        return f"{Path(inputs['image']).name} → {got}", time.perf_counter() - t0
-    if task == "fewshot":
-        block(tab, "support set zip (one sub-folder of images per class)").locator("input[type=file]").set_input_files(
-            str(inputs["support"])
-        )
-        block(tab, "query images").locator("input[type=file]").set_input_files([str(q) for q in inputs["queries"]])
-        wait_until(page, lambda: block(tab, "query images").locator("img, a, td").count() > 0, "queries", 60)
-        t0 = time.perf_counter()
-        tab.get_by_role("button", name="Classify queries").click()
-        wait_until(page, lambda: '"label"' in text(), "few-shot classify", timeout_s)
-        captions = block(tab, "queries → predicted class").locator(".caption-label").all_inner_texts()
-        got = ", ".join(f"{q.parent.name} → {c}" for q, c in zip(inputs["queries"], captions))
-        return f"{len(inputs['ways'])}-way × {inputs['shots']}-shot: {got}", time.perf_counter() - t0
-    if task == "pointcloud":
-        t0 = time.perf_counter()
-        block(tab, re.compile(r"point file \(")).locator("input[type=file]").set_input_files(str(inputs["points"]))
-        wait_until(page, lambda: '"label"' in text(), "point-cloud classify", timeout_s)
-        return f"{Path(inputs['points']).name} → {_top(text())}", time.perf_counter() - t0
-    if task == "refseg":
-        block(tab, "image").locator("input[type=file]").set_input_files(str(inputs["image"]))
-        wait_until(page, lambda: block(tab, "image").locator("img").count() > 0, "image upload", 60)
-        tab.get_by_label("referring phrase", exact=True).fill(inputs["phrase"])
-        t0 = time.perf_counter()
-        tab.get_by_role("button", name="Segment").click()
-        wait_until(page, lambda: '"mask_area_px"' in text(), "segment", timeout_s)
-        area = re.search(r'"mask_area_px"[^0-9]*(\d+)', text()).group(1)
-        frac = float(re.search(r'"area_fraction"[^0-9]*([0-9.eE-]+)', text()).group(1))
-        w, h = block(tab, "predicted mask (overlay)").locator("img").first.evaluate(NATURAL_SIZE)
-        return (
-            f'{Path(inputs["image"]).name} "{inputs["phrase"]}" → mask {area} px ({frac:.1%} of the {w}×{h} image)',
-            time.perf_counter() - t0,
-        )
-    if task == "diffusion":
-        for c in inputs["classes"]:
-            choose(tab, "classes (empty = every class of the run)", c)
-        page.keyboard.press("Escape")
-        for label, value in (("images per class", inputs["per_class"]), ("DDIM steps", inputs["steps"])):
-            num = tab.get_by_label(f"number input for {label}")
-            num.fill(str(value))
-            num.press("Tab")
-        t0 = time.perf_counter()
-        tab.get_by_role("button", name="Generate").click()
-        wait_until(page, lambda: '"per_class"' in text(), "generate", timeout_s)
-        img = block(tab, "samples (one row per class)").locator("img").first
-        w, h = img.evaluate(NATURAL_SIZE)
-        return (
-            f"{len(inputs['classes'])} classes ({', '.join(inputs['classes'])}) × {inputs['per_class']} images, "
-            f"{inputs['steps']} steps → {len(inputs['classes'])}×{inputs['per_class']} grid, {w}×{h} px",
-            time.perf_counter() - t0,
-        )
-    raise ValueError(task)
+    t0 = time.perf_counter()
+    block(tab, "input files").locator("input[type=file]").set_input_files(str(inputs["image"]))
+    wait_until(page, lambda: '"label"' in text(), "image predict", timeout_s)
+    return f"{Path(inputs['image']).name} → {_top(text())}", time.perf_counter() - t0
+
+
+def _support_query(page, tab, inputs: dict, timeout_s: float) -> tuple[str, float]:
+    text = tab.inner_text
+    block(tab, "support set zip (one sub-folder of images per class)").locator("input[type=file]").set_input_files(
+        str(inputs["support"])
+    )
+    block(tab, "query images").locator("input[type=file]").set_input_files([str(q) for q in inputs["queries"]])
+    wait_until(page, lambda: block(tab, "query images").locator("img, a, td").count() > 0, "queries", 60)
+    t0 = time.perf_counter()
+    tab.get_by_role("button", name="Classify queries").click()
+    wait_until(page, lambda: '"label"' in text(), "few-shot classify", timeout_s)
+    captions = block(tab, "queries → predicted class").locator(".caption-label").all_inner_texts()
+    got = ", ".join(f"{q.parent.name} → {c}" for q, c in zip(inputs["queries"], captions))
+    return f"{len(inputs['ways'])}-way × {inputs['shots']}-shot: {got}", time.perf_counter() - t0
+
+
+def _ranked_points(page, tab, inputs: dict, timeout_s: float) -> tuple[str, float]:
+    text = tab.inner_text
+    t0 = time.perf_counter()
+    block(tab, re.compile(r"point file \(")).locator("input[type=file]").set_input_files(str(inputs["points"]))
+    wait_until(page, lambda: '"label"' in text(), "point-cloud classify", timeout_s)
+    return f"{Path(inputs['points']).name} → {_top(text())}", time.perf_counter() - t0
+
+
+def _image_phrase_mask(page, tab, inputs: dict, timeout_s: float) -> tuple[str, float]:
+    text = tab.inner_text
+    block(tab, "image").locator("input[type=file]").set_input_files(str(inputs["image"]))
+    wait_until(page, lambda: block(tab, "image").locator("img").count() > 0, "image upload", 60)
+    tab.get_by_label("referring phrase", exact=True).fill(inputs["phrase"])
+    t0 = time.perf_counter()
+    tab.get_by_role("button", name="Segment").click()
+    wait_until(page, lambda: '"mask_area_px"' in text(), "segment", timeout_s)
+    area = re.search(r'"mask_area_px"[^0-9]*(\d+)', text()).group(1)
+    frac = float(re.search(r'"area_fraction"[^0-9]*([0-9.eE-]+)', text()).group(1))
+    w, h = block(tab, "predicted mask (overlay)").locator("img").first.evaluate(NATURAL_SIZE)
+    return (
+        f'{Path(inputs["image"]).name} "{inputs["phrase"]}" → mask {area} px ({frac:.1%} of the {w}×{h} image)',
+        time.perf_counter() - t0,
+    )
+
+
+def _class_grid(page, tab, inputs: dict, timeout_s: float) -> tuple[str, float]:
+    text = tab.inner_text
+    for c in inputs["classes"]:
+        choose(tab, "classes (empty = every class of the run)", c)
+    page.keyboard.press("Escape")
+    for label, value in (("images per class", inputs["per_class"]), ("DDIM steps", inputs["steps"])):
+        num = tab.get_by_label(f"number input for {label}")
+        num.fill(str(value))
+        num.press("Tab")
+    t0 = time.perf_counter()
+    tab.get_by_role("button", name="Generate").click()
+    wait_until(page, lambda: '"per_class"' in text(), "generate", timeout_s)
+    img = block(tab, "samples (one row per class)").locator("img").first
+    w, h = img.evaluate(NATURAL_SIZE)
+    return (
+        f"{len(inputs['classes'])} classes ({', '.join(inputs['classes'])}) × {inputs['per_class']} images, "
+        f"{inputs['steps']} steps → {len(inputs['classes'])}×{inputs['per_class']} grid, {w}×{h} px",
+        time.perf_counter() - t0,
+    )
+
+
+DRIVERS = {  # predict-panel kind (app/panels.py PANELS) -> how the bench drives it
+    "ranked_images": _ranked_images,
+    "support_query": _support_query,
+    "ranked_points": _ranked_points,
+    "image_phrase_mask": _image_phrase_mask,
+    "class_grid": _class_grid,
+}
 
 
 def _top(text: str) -> str:
@@ -244,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/app-screenshots", help="screenshots (and the support zip) go here")
     ap.add_argument("--runs-root", default=None, help="runs root to build (default: <out>/runs)")
-    ap.add_argument("--run", action="append", default=[], metavar="TASK=DIR", help="override a task's run")
+    ap.add_argument("--run", action="append", default=[], metavar="TASK=DIR", help="a task's run (any registered task)")
+    ap.add_argument(
+        "--preview",
+        action="append",
+        default=[],
+        metavar="TASK=FOLDER:CELL",
+        help="preview FOLDER (under the data root) in TASK's tab and wait for a table cell CELL; tasks without one "
+        "skip the preview",
+    )
     ap.add_argument("--tabs", default=",".join(RUNS), help="comma-separated tasks to shoot")
     ap.add_argument("--refseg-image", default="coco128-seg/images/000000000154.jpg", help="under the data root")
     ap.add_argument("--refseg-phrase", default="the biggest zebra")
@@ -253,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one preview or prediction may take")
     args = ap.parse_args(argv)
 
-    from vision_peft.config import data_root
+    from vision_peft.paths import data_root
 
     data = data_root().resolve()
     out = Path(args.out).resolve()
@@ -262,12 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     shutil.rmtree(out / "uploads", ignore_errors=True)  # support sets extracted by an earlier run
     runs = {t: Path(p) for t, p in RUNS.items()}
+    from vision_peft.tasks import TASKS
+
     for item in args.run:
         task, _, path = item.partition("=")
-        if task not in RUNS or not path:
-            raise SystemExit(f"--run wants TASK=DIR with TASK in {', '.join(RUNS)}; got {item!r}")
+        if task not in TASKS or not path:
+            raise SystemExit(f"--run wants TASK=DIR with TASK in {', '.join(TASKS.names())}; got {item!r}")
         runs[task] = Path(path)
+    for item in args.preview:
+        task, _, rest = item.partition("=")
+        folder, _, cell = rest.partition(":")
+        if task not in TASKS or not folder or not cell:
+            raise SystemExit(f"--preview wants TASK=FOLDER:CELL with TASK in {', '.join(TASKS.names())}; got {item!r}")
+        PREVIEW[task] = (folder, cell)
     tasks = [t for t in args.tabs.split(",") if t]
+    missing = [t for t in tasks if t not in runs]
+    if missing:
+        raise SystemExit(f"no run for tab(s) {', '.join(missing)}: pass --run TASK=DIR")
     runs = {t: runs[t].resolve() for t in tasks}
     runs_root = Path(args.runs_root or out / "runs").resolve()
     link_runs(runs_root, runs)
@@ -275,18 +329,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("Debian's chromium is missing: apt-get install chromium")
 
     inputs: dict[str, dict] = {}
-    if "classification" in runs:
-        inputs["classification"] = {"image": classification_image(runs["classification"], data)}
-    if "fewshot" in runs:
-        support, queries, ways = fewshot_inputs(runs["fewshot"], data, out, ways=5, shots=2)
-        inputs["fewshot"] = {"support": support, "queries": queries, "ways": ways, "shots": 2}
-    if "pointcloud" in runs:
-        inputs["pointcloud"] = {"points": data / args.points}
-    if "refseg" in runs:
-        inputs["refseg"] = {"image": data / args.refseg_image, "phrase": args.refseg_phrase}
-    if "diffusion" in runs:
-        classes = args.diffusion_classes.split(",")
-        inputs["diffusion"] = {"classes": classes, "per_class": 2, "steps": 10}
+    for task, run in runs.items():
+        kind = panel(task)
+        if kind == "ranked_images":
+            inputs[task] = {"image": test_image(run, data)}
+        elif kind == "support_query":
+            support, queries, ways = fewshot_inputs(run, data, out, ways=5, shots=2)
+            inputs[task] = {"support": support, "queries": queries, "ways": ways, "shots": 2}
+        elif kind == "ranked_points":
+            inputs[task] = {"points": data / args.points}
+        elif kind == "image_phrase_mask":
+            inputs[task] = {"image": data / args.refseg_image, "phrase": args.refseg_phrase}
+        elif kind == "class_grid":
+            inputs[task] = {"classes": args.diffusion_classes.split(","), "per_class": 2, "steps": 10}
+        else:
+            raise SystemExit(f"{task}: this bench does not drive panel kind {kind!r}; known: {', '.join(DRIVERS)}")
     for task, values in inputs.items():
         for v in values.values():
             if isinstance(v, Path) and not v.exists():
@@ -306,15 +363,15 @@ def main(argv: list[str] | None = None) -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.set_default_timeout(120 * MS)
             page.goto(url)
-            page.get_by_role("tab", name=TITLES[tasks[0]]).wait_for()
+            page.get_by_role("tab", name=title(tasks[0])).wait_for()
             for task in tasks:
                 t0 = time.perf_counter()
                 shot = out / f"{task}.png"
                 try:
-                    page.get_by_role("tab", name=TITLES[task], exact=True).click()
+                    page.get_by_role("tab", name=title(task), exact=True).click()
                     tab = page.locator("[role=tabpanel]:visible").first
-                    folder, cell = PREVIEW[task]
-                    preview(page, tab, folder, cell, args.timeout)
+                    if task in PREVIEW:
+                        preview(page, tab, *PREVIEW[task], args.timeout)
                     got, pred_s = predict(page, tab, task, runs[task].name, inputs[task], args.timeout)
                     images_loaded(page)
                     page.wait_for_timeout(500)  # let the last component settle before the picture
@@ -336,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                 page.reload()  # a clean page (no leftover toasts) for the next tab
-                page.get_by_role("tab", name=TITLES[tasks[0]]).wait_for()
+                page.get_by_role("tab", name=title(tasks[0])).wait_for()
             browser.close()
     finally:
         demo.close()
@@ -347,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for task, shot, got, pred_s, tab_s in rows:
         rel = os.path.relpath(shot, REPO) if shot.is_relative_to(REPO) else shot
-        print(f"| {TITLES[task]} | {rel} | {got} | {pred_s:.1f} | {tab_s:.1f} |")
+        print(f"| {title(task)} | {rel} | {got} | {pred_s:.1f} | {tab_s:.1f} |")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -210,14 +210,40 @@ def test_app_errors_are_messages_and_server_keeps_serving(app_client, tmp_path: 
     assert client.predict(api_name="/classification_runs") is not None  # still serving
 
 
-def test_unlanded_tasks_show_as_unavailable(app_client) -> None:
+def _layout_ids(node: dict, under: int | None = None, inside: bool = False) -> set[int]:
+    """Component ids in the layout subtree of component ``under`` (every id when ``under`` is None)."""
+    here = inside or under is None or node.get("id") == under
+    out = {node["id"]} if here and "id" in node else set()
+    for child in node.get("children", []):
+        out |= _layout_ids(child, under, here)
+    return out
+
+
+def test_every_registered_task_has_a_tab_with_recipes_and_its_panel(app_client) -> None:
+    """One tab per registered task; in it a recipe dropdown listing that task's recipes and the predict panel of
+    the kind its runtime declares, with its ``<task>_predict`` endpoint (no task is named in app/)."""
+    from app.catalog import recipes_for
+    from vision_peft.runtimes import RUNTIMES
     from vision_peft.tasks import TASKS
 
-    demo = app_client[3]
-    text = json.dumps(demo.config)
-    for name in ("fewshot", "refseg", "pointcloud", "diffusion"):
-        if name not in TASKS:
-            assert f"the `{name}` task has not landed" in text
+    client, demo = app_client[0], app_client[3]
+    components = demo.config["components"]
+    by_elem = {c["props"]["elem_id"]: c for c in components if c.get("props", {}).get("elem_id")}
+    tabs = [c for c in components if c["type"] == "tabitem"]
+    assert len(tabs) == len(TASKS.names()) > 0
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    for name in TASKS.names():
+        task_cls = TASKS.get(name).builder
+        kind = RUNTIMES.get(task_cls.runtime).builder.panel
+        assert f"{name}-tab" in by_elem, f"no tab for the registered task {name!r}"
+        inside = _layout_ids(demo.config["layout"], by_elem[f"{name}-tab"]["id"])
+        recipe = by_elem[f"{name}-recipe"]
+        assert recipe["type"] == "dropdown" and recipe["id"] in inside
+        choices = [c[0] if isinstance(c, (list, tuple)) else c for c in recipe["props"]["choices"]]
+        assert choices == recipes_for(name) and choices, f"{name}: its tab lists no recipe (tasks/*.yaml)"
+        panel = by_elem[f"{name}-predict"]
+        assert panel["id"] in inside and f"panel-{kind}" in panel["props"]["elem_classes"], (name, kind)
+        assert {f"/{name}_predict", f"/{name}_upload", f"/{name}_start"} <= endpoints
 
 
 def test_launch_refuses_public_bind_without_auth() -> None:

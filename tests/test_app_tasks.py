@@ -3,6 +3,7 @@ panels (app/panels.py) driven through gradio_client on loopback with tiny finish
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def _diff(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
 
 
+def _preview_of(task: str) -> str:
+    """The dataset preview kind the registered task declares (what its app tab previews with)."""
+    from vision_peft.tasks import TASKS
+
+    return TASKS.get(task).builder.preview
+
+
 # -- point-cloud previews ------------------------------------------------------------------------------------------
 def test_render_modelnet_file_views_and_shapes(data_root: Path) -> None:
     chair = sorted((data_root / "modelnet10" / "chair" / "train").glob("*.pcd"))[0]
@@ -78,7 +86,7 @@ def test_render_points_depth_order_and_bad_arrays() -> None:
 
 def test_pointcloud_dataset_preview_one_rendering_per_class(data_root: Path) -> None:
     root = data_root / "modelnet10"
-    headers, rows, items = dataset_preview("pointcloud", root)
+    headers, rows, items = dataset_preview(_preview_of("pointcloud"), root)
     assert headers == ["class", "train", "test"]
     counts = {r[0]: r[1:] for r in rows}
     assert counts["chair"] == [len(list((root / "chair" / s).glob("*.pcd"))) for s in ("train", "test")]
@@ -147,7 +155,7 @@ def test_overlay_tints_mask_pixels_only(data_root: Path) -> None:
 def test_refseg_dataset_preview_coco128_and_folder(data_root: Path, tmp_path: Path) -> None:
     from vision_peft.data.refer import read_coco128_seg
 
-    headers, rows, items = dataset_preview("refseg", data_root / "coco128-seg")
+    headers, rows, items = dataset_preview(_preview_of("refseg"), data_root / "coco128-seg")
     samples, _ = read_coco128_seg(data_root / "coco128-seg")
     facts = dict(rows)
     assert headers == ["statistic", "value"] and facts["referred objects"] == len(samples)
@@ -159,16 +167,16 @@ def test_refseg_dataset_preview_coco128_and_folder(data_root: Path, tmp_path: Pa
     assert len({c.split(" — ")[1] for _, c in items}) == len(items)  # one target per image first
 
     folder = write_refer_folder(tmp_path / "refer")
-    headers, rows, items = dataset_preview("refseg", folder)
+    headers, rows, items = dataset_preview(_preview_of("refseg"), folder)
     assert dict(rows)["format"] == "folder" and items[0][1].startswith("“the red box”")
     red = np.asarray(items[0][0]).reshape(-1, 3)
     assert (red == MASK_COLOUR).all(axis=1).any()  # the target's outline is visible
     with pytest.raises(ValueError, match="not a referring-segmentation dataset"):
-        dataset_preview("refseg", tmp_path)
+        dataset_preview(_preview_of("refseg"), tmp_path)
 
 
 def test_image_tasks_keep_counts_and_thumbnails(aid_root: Path) -> None:
-    headers, rows, items = dataset_preview("fewshot", aid_root)
+    headers, rows, items = dataset_preview(_preview_of("fewshot"), aid_root)
     assert headers == ["class", "files"] and len(rows) == 30 and rows[0][1] == 100
     assert all(Path(p).is_file() for p, _ in items)
 
@@ -184,6 +192,64 @@ def test_mask_stats_and_image_grid() -> None:
     assert grid.height == 2 * (128 + 2) + 2 and grid.width > 3 * 128
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         image_grid(imgs[..., 0], 3)
+
+
+# -- a task the app has never heard of ----------------------------------------------------------------------------
+def test_a_newly_registered_task_gets_a_tab_without_app_edits(monkeypatch, tmp_path: Path) -> None:
+    """Registering a task is all it takes: tab, title, upload rules, preview and panel come from its declarations."""
+    import gradio as gr
+
+    from app.catalog import backbone_specs, task_view
+    from app.main import AppState, build_app
+    from app.panels import predict_panel
+    from app.uploads import UploadError, check_zip
+    from vision_peft.registry import Entry
+    from vision_peft.runtimes import RUNTIMES
+    from vision_peft.tasks import TASKS
+
+    base = TASKS.get("classification").builder
+
+    class NewTask(base):
+        name = "vp-new-task"
+        upload_suffixes = (".xyz",)
+        preview = "none"
+        predict_options = ()
+
+    entry = Entry(NewTask.name, NewTask, None, "a task the app never heard of, with a long help", requires=("tokens",))
+    monkeypatch.setitem(TASKS._entries, NewTask.name, entry)  # removed again after the test
+    view = task_view(NewTask.name)
+    assert view.title == "A task the app never heard of" and view.upload_suffixes == (".xyz",)
+    assert view.panel == RUNTIMES.get(base.runtime).builder.panel and view.preview == "none"
+    specs = backbone_specs(view)  # only backbones whose registry entry provides the required "tokens"
+    assert "timm:test_vit" in specs and "effnet_lite0" not in specs and "pointnet" not in specs
+    ok = make_zip(tmp_path / "ok.zip", {"d/a.xyz": b"1", "d/b.XYZ": b"2"})
+    assert [i.filename for i in check_zip(ok, NewTask.name)] == ["d/a.xyz", "d/b.XYZ"]
+    with pytest.raises(UploadError, match=r"\.jpg files are not read by the vp-new-task task \(accepted: \.xyz\)"):
+        check_zip(make_zip(tmp_path / "img.zip", {"d/a.jpg": b"1"}), NewTask.name)
+    with pytest.raises(UploadError, match="unknown task 'vp-no-such-task'"):
+        check_zip(ok, "vp-no-such-task")
+
+    state = AppState(tmp_path / "runs", tmp_path / "uploads")
+    try:
+        config = build_app(state).config
+    finally:
+        state.jobs.close()
+    by_elem = {c["props"]["elem_id"]: c for c in config["components"] if c.get("props", {}).get("elem_id")}
+    tab = by_elem[f"{NewTask.name}-tab"]
+    assert tab["props"]["label"] == view.title
+    inside = test_app._layout_ids(config["layout"], tab["id"])
+    panel = by_elem[f"{NewTask.name}-predict"]
+    assert panel["id"] in inside and f"panel-{view.panel}" in panel["props"]["elem_classes"]
+    assert by_elem[f"{NewTask.name}-recipe"]["id"] in inside
+
+    unknown = dataclasses.replace(view, panel="hologram")
+    with gr.Blocks(), pytest.raises(ValueError, match="declares panel 'hologram'.*known panel kinds: ranked_images"):
+        predict_panel(unknown, state, gr.Dropdown())
+    from app.previews import dataset_preview
+
+    with pytest.raises(ValueError, match="unknown dataset preview kind 'hologram'"):
+        dataset_preview("hologram", tmp_path)
+    assert dataset_preview("none", tmp_path) == ([], [], [])
 
 
 # -- predict panels through gradio_client ----------------------------------------------------------------------------
@@ -224,11 +290,11 @@ def refseg_run(app_client, tmp_path_factory) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def pointcloud_run(app_client, tmp_path_factory, data_root: Path) -> tuple[str, Path]:
     """('pc', data folder): a 1-step PPT run (random PointNet + vp-tiny-clip, 64 points) on 3 ModelNet10 classes."""
-    from vision_peft.config import RunConfig
+    from vision_peft.recipe import build_run_config
 
     state = app_client[1]
     data = _tiny_modelnet(tmp_path_factory.mktemp("mn10") / "data", data_root)
-    cfg = RunConfig.from_dict(
+    cfg = build_run_config(
         {
             "task": {
                 "name": "pointcloud",
@@ -378,13 +444,13 @@ def test_fewshot_panel_support_zip_and_queries(app_client, aid_root: Path, tmp_p
 
 
 def test_diffusion_panel_generates_a_seeded_grid(app_client, tmp_path: Path) -> None:
-    from vision_peft.config import RunConfig
+    from vision_peft.recipe import build_run_config
 
     client, state, _, _ = app_client
     data = write_image_folder(tmp_path / "imgs", ("a", "b"), per_class=3, size=(20, 24))
     task = {"name": "diffusion", "stage": "pretrain", "data_root": str(data), "classes": ["a", "b"]}
     task.update(image_size=16, train_per_class=2, eval_per_class=1, flip=False, sample_steps=3, guidance=1.5)
-    cfg = RunConfig.from_dict(
+    cfg = build_run_config(
         {
             "task": task,
             "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
