@@ -236,7 +236,11 @@ def scan_class_split(
     return {s: {c: by_class[c] for c in split.get(s, [])} for s in SPLITS if split.get(s)}
 
 
-@DATASETS.register("episodes", help="few-shot episodes over folder-per-class images with a base/val/novel split")
+@DATASETS.register(
+    "episodes",
+    help="few-shot episodes over folder-per-class images with a base/val/novel split",
+    provides=("image", "episodes"),
+)
 def episodes(
     root: str | Path, split: dict[str, list[str]], n_way: int, k_shot: int, q_query: int, seed: int = 0
 ) -> dict[str, EpisodeSampler]:

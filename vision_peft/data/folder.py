@@ -156,7 +156,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(x), "label": torch.tensor(label, dtype=torch.long), "index": torch.tensor(i)}
 
 
-@DATASETS.register("image_folder", help="folder-per-class images: root/<Class>/*.jpg")
+@DATASETS.register("image_folder", help="folder-per-class images: root/<Class>/*.jpg", provides=("image", "classes"))
 def image_folder(root: str | Path, classes: list[str] | None = None, bad_files: str = "skip") -> FolderScan:
     """Folder-per-class image dataset."""
     return scan_image_folder(root, classes, bad_files)

@@ -184,7 +184,9 @@ class PointCloudDataset(torch.utils.data.Dataset):
 
 
 @DATASETS.register(
-    "point_folder", help="point clouds: root/<class>/{train,test}/*.pcd|off|ply|npy, or HDF5 + shape_names.txt"
+    "point_folder",
+    help="point clouds: root/<class>/{train,test}/*.pcd|off|ply|npy, or HDF5 + shape_names.txt",
+    provides=("points", "classes"),
 )
 def point_folder(root: str | Path, classes: list[str] | None = None) -> PointScan:
     """Point-cloud classification data (folder-per-class with train/test, or HDF5 data/label files)."""
