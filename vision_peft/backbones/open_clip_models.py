@@ -206,7 +206,7 @@ register_weights_status("open_clip_text")(open_clip_weights_status)
     config_cls=BackboneConfig,
     help="open_clip image tower: open_clip:<arch>@<tag>",
     spec={"name": "open_clip:vp-tiny-clip", "pretrained": False, "image_size": 32},
-    provides=("image", "tokens"),
+    provides=("image", "tokens", "linear"),
 )
 def build_open_clip_image(arg: str, cfg: BackboneConfig) -> OpenClipImage:
     """open_clip image tower (open_clip:<arch>@<tag or file>)."""
@@ -222,7 +222,7 @@ def build_open_clip_image(arg: str, cfg: BackboneConfig) -> OpenClipImage:
     config_cls=BackboneConfig,
     help="open_clip text tower: open_clip_text:<arch>@<tag>",
     spec={"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
-    provides=("text",),
+    provides=("text", "linear"),
 )
 def build_open_clip_text(arg: str, cfg: BackboneConfig) -> OpenClipText:
     """open_clip text tower and tokenizer (open_clip_text:<arch>@<tag or file>)."""
