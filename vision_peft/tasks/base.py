@@ -285,6 +285,19 @@ class Task(abc.ABC):
 
         return image_spec(model.backbone.data_config, resize=self.resize_mode())
 
+    def image_export_spec(self, model: TaskModel, method: str, output: str, meaning: str, **extra: Any) -> ExportSpec:
+        """The ExportSpec of a one-image graph: ``image (B, 3, H, W) -> model.<method>(image)`` named ``output``,
+        with the image preprocessing in the manifest; ``extra`` sets the other ExportSpec fields."""
+        h, w = model.backbone.input_size
+        return ExportSpec(
+            module=ImageGraph(model, method),
+            example_inputs={"image": torch.randn(2, 3, h, w)},
+            output_names=[output],
+            outputs_meaning={output: meaning},
+            preprocess={"image": self.image_spec(model)},
+            **extra,
+        )
+
     # -- the contract -------------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_model(self) -> TaskModel:

@@ -19,7 +19,7 @@ from vision_peft.config import ConfigError, check_choices
 from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
-from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction, top1_onnx
+from vision_peft.tasks.base import ExportSpec, Task, TaskModel, ranked_prediction, top1_onnx
 
 
 @dataclass
@@ -205,15 +205,8 @@ class ClassificationTask(Task):
 
     # -- export / tests ---------------------------------------------------------------------------------
     def export_spec(self, model: TaskModel) -> ExportSpec:
-        h, w = model.backbone.input_size
-        return ExportSpec(
-            module=ImageGraph(model, "logits"),
-            example_inputs={"image": torch.randn(2, 3, h, w)},
-            output_names=["logits"],
-            outputs_meaning={"logits": "class logits in labels order (softmax for probabilities)"},
-            preprocess={"image": self.image_spec(model)},
-            labels=list(self.classes),
-        )
+        meaning = "class logits in labels order (softmax for probabilities)"
+        return self.image_export_spec(model, "logits", "logits", meaning, labels=list(self.classes))
 
     def synthetic_batch(self, model: TaskModel, n: int = 2) -> dict[str, torch.Tensor]:
         h, w = model.backbone.input_size

@@ -18,7 +18,7 @@ from vision_peft.data.aid import aid_class_split
 from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
-from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel, ranked_prediction
+from vision_peft.tasks.base import ExportSpec, Task, TaskModel, ranked_prediction
 from vision_peft.tasks.mvp import (  # noqa: F401  (re-exported: the method's public names)
     CosineHead,
     FewShotModel,
@@ -259,20 +259,17 @@ class FewShotTask(Task):
         return out
 
     def export_spec(self, model: TaskModel) -> ExportSpec:
-        h, w = model.backbone.input_size
         s, b = model.head.scale.item(), model.head.bias.item()
-        return ExportSpec(
-            module=ImageGraph(model, "embed"),
-            example_inputs={"image": torch.randn(2, 3, h, w)},
-            output_names=["embedding"],
-            outputs_meaning={
-                "embedding": (
-                    "L2-normalised image embedding (meta-trained prompts, no per-episode fine-tuning). "
-                    "prototype_c = mean of class c's support embeddings, L2-normalised; "
-                    f"logits_c = {s:.6g} * (embedding . prototype_c + {b:.6g}); softmax for probabilities"
-                )
-            },
-            preprocess={"image": self.image_spec(model)},
+        meaning = (
+            "L2-normalised image embedding (meta-trained prompts, no per-episode fine-tuning). "
+            "prototype_c = mean of class c's support embeddings, L2-normalised; "
+            f"logits_c = {s:.6g} * (embedding . prototype_c + {b:.6g}); softmax for probabilities"
+        )
+        return self.image_export_spec(
+            model,
+            "embed",
+            "embedding",
+            meaning,
             labels=[],
             graph_name="embedding",
             task_info={
