@@ -219,12 +219,13 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    from vision_peft.checkpoint import CheckpointError, safe_torch_load
+
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with code, or not a checkpoint at all
+        sd = safe_torch_load(path)  # the one safe torch.load (weights_only=True)
+    except CheckpointError as e:  # pickle with code, or not a checkpoint at all
         raise ValueError(
-            f"{path} could not be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "convert it to .safetensors or a plain tensor state dict"
+            f"{path} could not be read safely as backbone weights ({e}); convert it to .safetensors"
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
