@@ -27,7 +27,6 @@ SUGGESTED_BACKBONES = (
     "pointnet",
     "pointbert",
 )
-TEST_WEIGHTS = ("timm:test_", "open_clip:vp-tiny")  # spec prefixes of the random-weight test backbones
 
 
 @dataclass(frozen=True)
@@ -162,46 +161,21 @@ def backbone_specs(view: TaskView) -> list[str]:
     return [s for s in known if need <= set(BACKBONES.get(s.partition(":")[0]).provides)]
 
 
+RANDOM_WEIGHTS = "random weights (tests)"  # the status of random-weight test backbones (backbones.weights_status)
+
+
 @functools.lru_cache(maxsize=64)
 def weights_status(spec: str) -> str:
-    """'available', 'random weights (tests)', or how to provide the weights, without building the model (asked
-    once per spec and process: every tab offering the spec shows the same status)."""
-    from vision_peft.backbones.base import WeightsNotFoundError
-    from vision_peft.config import BackboneConfig
+    """The backbone family's own status for ``spec`` (``available``, ``random weights (tests)`` or where to put the
+    weights; :func:`vision_peft.backbones.weights_status`), asked once per spec and process."""
+    from vision_peft.backbones import weights_status as backbone_weights_status
 
-    family, _, arg = spec.partition(":")
-    if is_test_backbone(spec):
-        return "random weights (tests)"
-    cfg = BackboneConfig(name=spec)
-    try:
-        if family == "effnet_lite0":
-            from vision_peft.backbones.effnet_lite import find_weights
-
-            find_weights(cfg)
-        elif family == "minilm":
-            from vision_peft.backbones.minilm import find_model_dir
-
-            find_model_dir(cfg)
-        elif family == "timm":
-            from vision_peft.backbones.timm_models import _hf_cached_file, _local_candidates
-
-            if not any(c.is_file() for c in _local_candidates(arg)) and _hf_cached_file(arg) is None:
-                return f"weights missing: put them at {_local_candidates(arg)[0]} or allow downloads"
-        elif family in ("open_clip", "open_clip_text"):
-            return "needs a local checkpoint: backbone.weights=<file> or $VISION_PEFT_WEIGHTS/open_clip/"
-        elif family == "pointnet":
-            from vision_peft.paths import weights_root
-
-            f = weights_root() / "pointnet-modelnet40" / "pointnet_classifier_modelnet40.safetensors"
-            return "available" if f.is_file() else f"weights missing: {f}"
-        return "available"
-    except WeightsNotFoundError as e:
-        return f"weights missing: {e}"
+    return backbone_weights_status(spec)
 
 
 def is_test_backbone(spec: str) -> bool:
-    """A random-weight test backbone (its recipe section gets ``pretrained: false``)."""
-    return spec.startswith(TEST_WEIGHTS)
+    """A random-weight test backbone (the app's recipe gets ``backbone.pretrained: false`` for it)."""
+    return weights_status(spec) == RANDOM_WEIGHTS
 
 
 def run_task(run_dir: Path) -> str | None:
