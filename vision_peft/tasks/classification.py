@@ -80,7 +80,13 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray
     return cm
 
 
-@TASKS.register("classification", config_cls=ClassificationConfig, help="image classification, folder-per-class data")
+@TASKS.register(
+    "classification",
+    config_cls=ClassificationConfig,
+    help="image classification, folder-per-class data",
+    requires=("image",),
+    spec={"classes": ["a", "b", "c"], "augment": "none"},  # tiny offline config: set_classes(spec classes), no data
+)
 class ClassificationTask(Task):
     """Folder-per-class image classification with a linear head."""
 

@@ -97,7 +97,13 @@ class FewShotConfig:
 
 
 # -- the task --------------------------------------------------------------------------------------------------
-@TASKS.register("fewshot", config_cls=FewShotConfig, help="few-shot scene classification: MVP (meta visual prompts)")
+@TASKS.register(
+    "fewshot",
+    config_cls=FewShotConfig,
+    help="few-shot scene classification: MVP (meta visual prompts)",
+    requires=("image",),
+    spec={"n_way": 2, "k_shot": 1, "q_query": 1, "train_q_query": 1},  # tiny offline config (train.batch_size: 1)
+)
 class FewShotTask(Task):
     """N-way K-shot episodes; prompts meta-trained on base classes, fine-tuned per episode at meta-test."""
 

@@ -105,7 +105,16 @@ def text_tokenizer_file(text) -> str:
 
 
 # -- task --------------------------------------------------------------------------------------------------------
-@TASKS.register("refseg", config_cls=RefSegConfig, help="referring image segmentation (image + phrase → mask)")
+@TASKS.register(
+    "refseg",
+    config_cls=RefSegConfig,
+    help="referring image segmentation (image + phrase → mask)",
+    requires=("image",),
+    spec={  # tiny offline config (tests): a random tiny text tower and a small head
+        "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
+        "dim": 32, "heads": 4, "ffn": 64, "proj_dim": 8, "decoder_layers": 1, "max_tokens": 8, "augment": "none",
+    },
+)  # fmt: skip
 class RefSegTask(Task):
     """Referring image segmentation with a frozen image/text encoder pair."""
 
