@@ -192,7 +192,7 @@ def test_sara_nuclear_norm_is_the_handles_extra_loss():
     want = [0.5 * float(nuclear_penalty(layers, gen).detach()) for _ in range(3)]
     got = [h.extra_losses(m) for _ in range(3)]
     assert [set(g) for g in got] == [{"nuclear"}] * 3
-    assert [float(g["nuclear"]) for g in got] == pytest.approx(want)
+    assert [float(g["nuclear"].detach()) for g in got] == pytest.approx(want)
     got[0]["nuclear"].backward()
     assert any(x.sparse_values.grad is not None and float(x.sparse_values.grad.abs().sum()) > 0 for x in layers)
     assert apply_adapter(tiny_dit(), SaRAConfig(fraction=0.1, nuclear_lambda=0.0)).extra_losses(m) == {}

@@ -223,7 +223,10 @@ def load_dit(path: str | Path) -> DiT:
     return model
 
 
-@BACKBONES.register("dit", help="class-conditional latent DiT (random init 'dit:d4-w192' or 'dit:<ckpt>')")
+@BACKBONES.register(
+    "dit", help="class-conditional latent DiT (random init 'dit:d4-w192' or 'dit:<ckpt>')",
+    spec={"name": "dit:d1-w32-h2-c3", "pretrained": False}, provides=("diffusion", "linear"),
+)  # fmt: skip
 def build_dit(arg: str, cfg) -> DiT:
     target = cfg.weights or arg
     if target and (target.endswith(".safetensors") or "/" in target):

@@ -223,7 +223,10 @@ def ulip_point_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@BACKBONES.register("pointbert", config_cls=BackboneConfig, help="ULIP PointBERT point encoder (user checkpoint)")
+@BACKBONES.register(
+    "pointbert", config_cls=BackboneConfig, help="ULIP PointBERT point encoder (user checkpoint)",
+    spec={"name": "pointbert:tiny", "pretrained": False}, provides=("points", "linear"),
+)  # fmt: skip
 def build_pointbert(arg: str, cfg: BackboneConfig) -> PointBERT:
     """ULIP-layout PointBERT (pointbert | pointbert:tiny); weights from a user's ULIP checkpoint (strict)."""
     if arg not in PRESETS:

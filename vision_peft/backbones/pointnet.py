@@ -166,7 +166,10 @@ def find_pointnet_weights(cfg: BackboneConfig) -> Path:
     )
 
 
-@BACKBONES.register("pointnet", config_cls=BackboneConfig, help="PointNet point encoder (ModelNet40 weights)")
+@BACKBONES.register(
+    "pointnet", config_cls=BackboneConfig, help="PointNet point encoder (ModelNet40 weights)",
+    spec={"name": "pointnet", "pretrained": False}, provides=("points",),
+)  # fmt: skip
 def build_pointnet(arg: str, cfg: BackboneConfig) -> PointNet:
     """PointNet point encoder, 1,024-d global feature (learning3d ModelNet40 weights, strict)."""
     if arg:

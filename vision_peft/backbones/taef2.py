@@ -114,6 +114,9 @@ def load_taef2(folder: str | Path | None = None, pretrained: bool = True) -> TAE
     return model.requires_grad_(False).eval()
 
 
-@BACKBONES.register("taef2", help="TAEF2 tiny autoencoder (frozen latent space for the diffusion task)")
+@BACKBONES.register(
+    "taef2", help="TAEF2 tiny autoencoder (frozen latent space for the diffusion task)",
+    spec={"name": "taef2", "pretrained": False}, provides=("autoencoder",),
+)  # fmt: skip
 def build_taef2(arg: str, cfg) -> TAEF2:
     return load_taef2(cfg.weights or None, cfg.pretrained)

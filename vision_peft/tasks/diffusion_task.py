@@ -98,7 +98,11 @@ class DiffusionConfig:
 
 
 
-@TASKS.register("diffusion", config_cls=DiffusionConfig, help="class-conditional latent diffusion (TAEF2 + DiT)")
+@TASKS.register(
+    "diffusion", config_cls=DiffusionConfig, help="class-conditional latent diffusion (TAEF2 + DiT)",
+    requires=("diffusion",),
+    spec={"stage": "adapt", "classes": ["a", "b"], "image_size": 16, "flip": False},  # tiny task config (tests)
+)  # fmt: skip
 class DiffusionTask(Task):
     """Pre-train a latent DiT on source classes, or adapt a pre-trained one to new classes."""
 

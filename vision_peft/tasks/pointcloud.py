@@ -205,7 +205,14 @@ class _PointLogits(nn.Module):
         return self.scale * f @ self.text_features.t()
 
 
-@TASKS.register("pointcloud", config_cls=PointCloudConfig, help="point-cloud classification with PPT prompts")
+@TASKS.register(
+    "pointcloud", config_cls=PointCloudConfig, help="point-cloud classification with PPT prompts",
+    requires=("points",),
+    spec={  # tiny task config (tests)
+        "n_ctx": 2, "num_points": 64, "classes": ["chair", "table"],
+        "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
+    },
+)  # fmt: skip
 class PointCloudTask(Task):
     """Point-cloud classification: learnable prompts (PPT) on a frozen point encoder + PointAdapter."""
 
