@@ -205,7 +205,7 @@ class Task(abc.ABC):
 
     def discover_classes(self) -> list[str]:
         """The class list read from the data or the recipe (tasks with ``has_classes`` override this)."""
-        raise ValueError(f"task {self.name!r} has no class list")
+        raise AttributeError(f"task {self.name!r} has no fixed class list (has_classes is False)")
 
     def recipe_classes(self) -> list[str] | None:
         """The class list the recipe names explicitly (checked against a run's), or None."""
