@@ -179,7 +179,13 @@ def is_test_backbone(spec: str) -> bool:
 
 
 def run_task(run_dir: Path) -> str | None:
-    """The task a finished run directory was trained for; None when it is not a finished run."""
-    from vision_peft.rundir import RunInfo, is_finished
+    """The task a finished run directory was trained for; None when it is not a finished run, or its config.json
+    cannot be read (such a folder is not offered for prediction; ``python -m vision_peft predict`` says why)."""
+    from vision_peft.rundir import CheckpointError, RunInfo, is_finished
 
-    return RunInfo.read(run_dir).task_name if is_finished(run_dir) else None
+    if not is_finished(run_dir):
+        return None
+    try:
+        return RunInfo.read(run_dir).task_name
+    except (CheckpointError, KeyError):
+        return None

@@ -252,6 +252,30 @@ def test_a_newly_registered_task_gets_a_tab_without_app_edits(monkeypatch, tmp_p
     assert dataset_preview("none", tmp_path) == ([], [], [])
 
 
+def test_runs_of_lists_finished_runs_of_the_task_only(tmp_path: Path) -> None:
+    import json
+
+    from app.main import AppState
+
+    runs = tmp_path / "runs"
+    for name, task, config in (
+        ("a", "classification", None),
+        ("b", "fewshot", None),
+        ("broken", "classification", "{not json"),
+        ("unfinished", "classification", None),
+    ):
+        (runs / name).mkdir(parents=True)
+        cfg = config or json.dumps({"config": {"task": {"name": task}}})
+        (runs / name / "config.json").write_text(cfg)
+        if name != "unfinished":
+            (runs / name / "adapter.safetensors").write_bytes(b"")
+    state = AppState(runs, tmp_path / "uploads")
+    try:
+        assert state.runs_of("classification") == ["a"] and state.runs_of("fewshot") == ["b"]
+    finally:
+        state.jobs.close()
+
+
 # -- predict panels through gradio_client ----------------------------------------------------------------------------
 def _train(cfg) -> Path:
     from vision_peft.train import run
