@@ -37,6 +37,15 @@ def test_ap_ties_share_the_precision_at_the_end_of_the_group() -> None:
     assert ml.average_precision(np.array([0.9, 0.5, 0.5, 0.1]), np.array([0, 1, 1, 0])) == pytest.approx(2 / 3)
 
 
+def test_weighted_ap_equals_ap_of_the_duplicated_list() -> None:
+    # weights [2, 1, 1] = item 0 twice: ranked - - + + → 1/3, 2/4
+    w = ml.average_precision(np.array([0.9, 0.8, 0.7]), np.array([0, 1, 1]), np.array([2.0, 1.0, 1.0]))
+    assert w == pytest.approx(5 / 12)
+    assert ml.average_precision(np.array([0.9, 0.9, 0.8, 0.7]), np.array([0, 0, 1, 1])) == pytest.approx(5 / 12)
+    # a positive of weight 3 after a negative: its copies tie, precision 3/4 at the group's end
+    assert ml.average_precision(np.array([0.9, 0.8]), np.array([0, 1]), np.array([1.0, 3.0])) == pytest.approx(3 / 4)
+
+
 def test_ap_without_positives_is_nan_and_map_skips_it() -> None:
     assert np.isnan(ml.average_precision(np.array([0.3, 0.2]), np.array([0, 0])))
     scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.7, 0.3]])  # (N=3, C=2)
@@ -83,7 +92,7 @@ def test_f1_micro_macro_by_hand() -> None:
 def test_threshold_maximises_micro_f1_lowest_on_ties() -> None:
     probs, targets = np.array([[0.3], [0.2]]), np.array([[1], [0]])
     # t <= 0.2: both predicted (F1 2/3); 0.2 < t <= 0.3: only the positive (F1 1); t > 0.3: none (F1 0)
-    assert ml.choose_threshold(probs, targets) == pytest.approx(0.25)
+    assert ml.choose_threshold(probs, targets) == pytest.approx(0.21)  # grid 0.01, 0.02, …
     assert ml.choose_threshold(probs, targets, grid=(0.1, 0.2, 0.3, 0.4)) == pytest.approx(0.3)
 
 
@@ -195,7 +204,7 @@ def _probs(model, ds) -> tuple[np.ndarray, np.ndarray]:
         return torch.sigmoid(model.logits(x)).numpy(), y
 
 
-def test_train_predict_export_deploy(tmp_path: Path, data_root: Path) -> None:
+def test_train_predict_export_deploy(tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture) -> None:
     from vision_peft.checkpoint import load_tensors
     from vision_peft.predict import predict_files
     from vision_peft.train import run
@@ -211,3 +220,36 @@ def test_train_predict_export_deploy(tmp_path: Path, data_root: Path) -> None:
     recs = predict_files(run_dir, files, top_k=3)
     assert [r["file"] for r in recs] == files and all(r["threshold"] == pytest.approx(thr) for r in recs)
     assert all(len(r["top"]) == 3 and set(r["labels"]) <= set(info["task_state"]["classes"]) for r in recs)
+    _export_and_deploy(run_dir, files, thr)
+    capsys.readouterr()
+    from vision_peft import deploy
+
+    assert deploy.main([str(run_dir / "export"), *files[:2], "--top-k", "1"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["file"] for x in lines] == files[:2] and [x["labels"] for x in lines] == [r["labels"] for r in recs[:2]]
+
+
+def _export_and_deploy(run_dir: Path, files: list[str], thr: float) -> None:
+    """Export → bundle (threshold in task_info) → deploy runtime, deploy CLI and HTTP endpoint agree with torch."""
+    from fastapi.testclient import TestClient
+
+    from vision_peft import deploy
+    from vision_peft.export import export_run
+    from vision_peft.predict import predict_files
+    from vision_peft.serve import create_app
+
+    manifest = export_run(run_dir)
+    assert manifest["task"] == "multilabel" and manifest["task_info"]["threshold"] == pytest.approx(thr)
+    bundle = deploy.load_bundle(run_dir / "export")
+    n = len(bundle.labels)
+    torch_recs = predict_files(run_dir, files, top_k=n)
+    for r, t in zip(bundle.multilabel(files), torch_recs, strict=True):
+        assert max(abs(r["probs"][e["label"]] - e["prob"]) for e in t["top"]) < 1e-5
+        assert r["labels"] == t["labels"] and r["threshold"] == pytest.approx(thr)
+    client = TestClient(create_app(run_dir / "export", device="cpu"))
+    with open(files[0], "rb") as f:
+        resp = client.post("/v1/multilabel?top_k=2", files=[("files", ("a.jpg", f.read(), "image/jpeg"))])
+    assert resp.status_code == 200, resp.text
+    rec = resp.json()["results"][0]
+    assert rec["file"] == "a.jpg" and len(rec["top"]) == 2 and rec["labels"] == torch_recs[0]["labels"]
+    assert client.post("/v1/classify", files=[("files", ("a.jpg", b"x", "image/jpeg"))]).status_code == 409

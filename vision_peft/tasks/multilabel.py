@@ -35,13 +35,14 @@ from vision_peft.config import ConfigError, check_choices
 from vision_peft.data.folder import DatasetError, ImageClassificationDataset, check_image
 from vision_peft.data.refer import COCO80, split_by_image
 from vision_peft.paths import resolve_data_path
+from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.runtimes import multilabel as rt
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel
 
 log = logging.getLogger("vision_peft")
 
-THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # candidate thresholds 0.05, 0.10, …, 0.95
+THRESHOLD_GRID = tuple(round(0.01 * k, 2) for k in range(1, 100))  # candidate thresholds 0.01, 0.02, …, 0.99
 
 
 @dataclass
@@ -87,42 +88,45 @@ class MultiLabelConfig:
 
 
 # -- metrics (numpy) -----------------------------------------------------------------------------------------------
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+def average_precision(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> float:
     """AP of one category: mean over its positives of the precision at the positive's rank (scores descending).
 
     Items with equal scores form one tie group and every positive in it gets the precision at the group's end
     (the same value as the area under the step precision–recall curve, so the input order never matters).
+    With ``weights`` every item counts ``weights[i]`` times (precision = weighted positives / weighted items
+    ranked at or above; the mean over positives is weighted alike): the Bayesian bootstrap's resampling.
 
     Args:
         scores: (N,) scores, higher = more likely present.
         targets: (N,) 0/1 ground truth.
+        weights: (N,) positive item weights; None = 1 each.
 
     Returns:
         AP in [0, 1]; NaN when the category has no positive.
     """
     scores, targets = np.asarray(scores, np.float64), np.asarray(targets).astype(bool)
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("average_precision: scores must be finite")
     if not targets.any():
         return float("nan")
     order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], targets[order]
-    tp = np.cumsum(t)  # true positives among the first k+1 items
-    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last index of each tie group
-    group = np.r_[0, np.cumsum(s[1:] != s[:-1])]  # tie-group id of every item
-    end = ends[group]
-    precision = tp[end] / (end + 1)
-    return float(precision[t].mean())
+    s, t, w = scores[order], targets[order], w[order]
+    tp, seen = np.cumsum(w * t), np.cumsum(w)  # (weighted) positives / items among the first k+1
+    new_group = s[1:] != s[:-1]
+    end = np.flatnonzero(np.r_[new_group, True])[np.r_[0, np.cumsum(new_group)]]  # each item's tie-group end
+    precision = tp[end] / seen[end]
+    return float(np.sum(w[t] * precision[t]) / np.sum(w[t]))
 
 
-def per_class_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(C,) AP per category of (N, C) scores and 0/1 targets; NaN for a category without positives."""
-    return np.array([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+def per_class_ap(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(C,) AP per category of (N, C) scores and 0/1 targets (optional (N,) image weights); NaN without positives."""
+    return np.array([average_precision(scores[:, c], targets[:, c], weights) for c in range(scores.shape[1])])
 
 
-def mean_ap(scores: np.ndarray, targets: np.ndarray) -> float:
+def mean_ap(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> float:
     """mAP over the categories with at least one positive (NaN when there is none)."""
-    ap = per_class_ap(scores, targets)
+    ap = per_class_ap(scores, targets, weights)
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
@@ -174,9 +178,9 @@ def read_yolo_image_labels(root: str | Path) -> list[LabelledImage]:
     img_dir, lab_dir = root / "images", root / "labels"
     if not img_dir.is_dir():
         raise DatasetError(f"{root} is not a YOLO-seg dataset: {img_dir} is missing (expected images/ and labels/)")
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise DatasetError(f"{img_dir} holds no .jpg/.jpeg/.png image")
+        raise DatasetError(f"{img_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})")
     out, bad_lines = [], 0
     for i, img in enumerate(images):
         reason = check_image(img)
@@ -240,13 +244,15 @@ class MultiLabelModel(TaskModel):
     "multilabel",
     config_cls=MultiLabelConfig,
     help="multi-label image classification (sigmoid + BCE, mAP), COCO categories of coco128-seg",
+    spec={"classes": ["person", "car", "dog"], "augment": "none"},  # tiny offline config for the contract tests
+    requires=("image",),
 )
 class MultiLabelTask(Task):
     """Which categories appear in an image: one sigmoid per category, a threshold chosen on val."""
 
     name = "multilabel"
     runtime = "multilabel"
-    upload_suffixes = (".jpg", ".jpeg", ".png", ".txt")  # YOLO-seg: images/*.jpg + labels/*.txt
+    upload_suffixes = (*IMAGE_SUFFIXES, ".txt")  # YOLO-seg: images/ + labels/<image stem>.txt
     preview = "none"
     has_classes = True
     predict_options = ("top_k",)
