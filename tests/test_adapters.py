@@ -37,7 +37,7 @@ GROUPS = ("qkv", "attn_out", "mlp", "conv_pw", "conv_dw")  # portable target gro
 REFUSALS = {
     "tokens": r"(?i)token backbone.*pad_prompt",
     "linear": r"matched no nn.Linear",
-    "diffusion": r"KIND needs a class-conditional backbone",
+    "denoiser": r"KIND needs a class-conditional backbone",
     "points": r"needs a point backbone",
     "image": r"needs an image backbone|needs ViT blocks or CNN stages",
 }
@@ -66,7 +66,7 @@ def backbone(spec: str) -> nn.Module:
 def capabilities(bb: nn.Module) -> set[str]:
     """What a backbone instance offers, in the registry's capability tags (``Entry.requires`` of adapters)."""
     kind = getattr(bb, "kind", "image")
-    caps = {{"denoiser": "diffusion"}.get(kind, kind)}
+    caps = {kind}
     if hasattr(bb, "token_blocks") and bb.token_blocks() is not None:
         caps.add("tokens")
     if any(isinstance(bb.get_submodule(n), nn.Linear) for n in _group_targets(bb)):

@@ -29,7 +29,7 @@ class Entry(Generic[T]):
     # what the generated contract tests need: a tiny, offline build spec (e.g. {"name": "timm:vit_tiny…",
     # "pretrained": False}) or synthetic-data hints; None = the entry is not instantiable offline
     spec: dict[str, Any] | None = None
-    # capabilities this entry needs from its partners, e.g. ("tokens",) for a token backbone only, ("diffusion",)
+    # capabilities this entry needs from its partners, e.g. ("tokens",) for a token backbone only, ("denoiser",)
     requires: tuple[str, ...] = ()
     # capabilities this entry offers (a backbone's "tokens", "image", "points", "text", "diffusion" …)
     provides: tuple[str, ...] = ()

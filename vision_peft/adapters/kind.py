@@ -117,7 +117,7 @@ def _orthonormal(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @ADAPTERS.register(
-    "kind", config_cls=KINDConfig, help="KIND: SVD learngenes + class-gated tailors (DiT)", requires=("diffusion",),
+    "kind", config_cls=KINDConfig, help="KIND: SVD learngenes + class-gated tailors (DiT)", requires=("denoiser",),
     spec={"mode": "transfer", "tailor_init": "random", "tailor_rank": 2, "groups": 2},
 )  # fmt: skip
 def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:

@@ -225,7 +225,7 @@ def load_dit(path: str | Path) -> DiT:
 
 @BACKBONES.register(
     "dit", help="class-conditional latent DiT (random init 'dit:d4-w192' or 'dit:<ckpt>')",
-    spec={"name": "dit:d1-w32-h2-c3", "pretrained": False}, provides=("diffusion", "linear"),
+    spec={"name": "dit:d1-w32-h2-c3", "pretrained": False}, provides=("denoiser", "linear"),
 )  # fmt: skip
 def build_dit(arg: str, cfg) -> DiT:
     target = cfg.weights or arg

@@ -100,7 +100,7 @@ class DiffusionConfig:
 
 @TASKS.register(
     "diffusion", config_cls=DiffusionConfig, help="class-conditional latent diffusion (TAEF2 + DiT)",
-    requires=("diffusion",),
+    requires=("denoiser",),
     spec={"stage": "adapt", "classes": ["a", "b"], "image_size": 16, "flip": False},  # tiny task config (tests)
 )  # fmt: skip
 class DiffusionTask(Task):
