@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vision_peft.config import RunConfig
+from vision_peft.config import ConfigError, RunConfig
 from vision_peft.data.folder import DatasetError
 from vision_peft.data.refer import (
     RefSample,
@@ -135,6 +135,26 @@ def test_folder_reader_mask_size_mismatch(tmp_path: Path, caplog) -> None:
     assert "differs" in caplog.text and s[1].mask((40, 48)).shape == (40, 48)
     with pytest.raises(DatasetError, match="im1.png.*mask_mismatch"):
         read_refer_folder(root, mask_mismatch="error")
+
+
+def test_formats_come_from_the_dataset_registry(tmp_path: Path, data_root: Path) -> None:
+    """task.data names a DATASETS entry (short or registry name); a folder's layout is recognised."""
+    from vision_peft.data import DATASETS
+    from vision_peft.data.refer import REFER_FORMATS, detect_refer_format, read_refer, refer_format_names
+
+    root = write_refer_folder(tmp_path / "d")
+    assert {"folder", "coco128_seg", "refcoco"} <= set(refer_format_names())
+    assert all("refer" in DATASETS.get(name).provides for name in REFER_FORMATS.values())
+    short_read, _ = read_refer("folder", root, mask_mismatch="resize", min_area=0.5)
+    long_read, stats = read_refer("refer_folder", root)
+    assert [s.ref_id for s in short_read] == [s.ref_id for s in long_read] and len(long_read) == 6 and stats == {}
+    assert detect_refer_format(root) == ("folder", {})
+    assert detect_refer_format(tmp_path) is None
+    assert detect_refer_format(data_root / "coco128-seg") == ("coco128_seg", {})
+    with pytest.raises(DatasetError, match="unknown referring-segmentation format 'image_folder'; known: folder"):
+        read_refer("image_folder", root)
+    with pytest.raises(ConfigError, match="task.data must be one of .*coco128_seg"):
+        refseg_cfg(root, tmp_path / "runs").task.__class__(data="voc")
 
 
 def test_phrase_rules() -> None:
