@@ -6,7 +6,6 @@ trained on (content hash), applies the adapter and loads ``adapter.safetensors``
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def load_run(
     except ConfigError as e:  # e.g. a task or adapter this installation does not register
         raise ConfigError(f"{run_dir / CONFIG_FILE}: {e}") from None
     task = TASKS.get(cfg.task.name).builder(cfg)
-    if hasattr(task, "set_classes") and "classes" in info.task_state:
+    if task.has_classes and "classes" in info.task_state:
         task.set_classes(info.task_state["classes"])
     model = task.build_model()
     want, got = info.backbone.weights_id, model.backbone.weights_id
@@ -80,6 +79,9 @@ def predict_files(
     cfg, task, model, _ = load_run(run_dir, device)
     if not mc_samples:
         return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k)
-    if "mc_samples" not in inspect.signature(task.predict).parameters:
-        raise ValueError(f"{run_dir}: --mc-samples is available for classification runs; this is a {cfg.task.name} run")
+    if "mc_samples" not in task.predict_options:
+        able = [n for n, e in TASKS.items() if "mc_samples" in e.builder.predict_options]
+        raise ValueError(
+            f"{run_dir}: --mc-samples is available for {', '.join(able)} runs; this is a {cfg.task.name} run"
+        )
     return task.predict(model, [str(p) for p in inputs], torch.device(device), top_k=top_k, mc_samples=mc_samples)

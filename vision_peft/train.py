@@ -84,8 +84,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     info = _run_info(cfg, task, model, counts, device, amp_dtype, world, plan)
     if rank == 0:
         info.write(run_dir)
-        if hasattr(task, "splits"):
-            splits = {k: [p for p, _ in v] for k, v in task.splits().items()}
+        splits = {k: [p for p, _ in v] for k, v in task.splits().items()}
+        if splits:
             rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, splits)
 
     train_model: torch.nn.Module = model

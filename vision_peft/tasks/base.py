@@ -251,6 +251,11 @@ class Task(abc.ABC):
         """Further task facts for ``task_state`` (JSON-able)."""
         return {}
 
+    def splits(self) -> dict[str, list[tuple[str, Any]]]:
+        """Split name -> (file, target) pairs, written to the run's ``splits.json``; empty for tasks without
+        file-level splits (few-shot draws episodes)."""
+        return {}
+
     # -- shared building blocks ---------------------------------------------------------------------------
     def build_backbone(self, kind: str = "image") -> tuple[nn.Module, Any, tuple[set[int], set[str]]]:
         """:func:`build_adapted_backbone` for the run's config, checked to be a ``kind`` encoder."""
