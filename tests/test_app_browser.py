@@ -52,6 +52,7 @@ def _dropdown(page, label: str, option: str) -> None:
 def test_browser_upload_train_predict_export(served, aid_root: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=60_000)  # assertions wait like actions do (5 s is too short on a loaded box)
     url, state, root = served
     data = tmp_path / "mini.zip"
     with zipfile.ZipFile(data, "w") as zf:
