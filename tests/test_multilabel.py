@@ -89,11 +89,29 @@ def test_f1_micro_macro_by_hand() -> None:
     assert rt.present(probs, 0.6).tolist() == [[True, False], [True, True], [False, False]]
 
 
-def test_threshold_maximises_micro_f1_lowest_on_ties() -> None:
+def test_threshold_maximises_micro_f1_exactly() -> None:
     probs, targets = np.array([[0.3], [0.2]]), np.array([[1], [0]])
-    # t <= 0.2: both predicted (F1 2/3); 0.2 < t <= 0.3: only the positive (F1 1); t > 0.3: none (F1 0)
-    assert ml.choose_threshold(probs, targets) == pytest.approx(0.21)  # grid 0.01, 0.02, …
-    assert ml.choose_threshold(probs, targets, grid=(0.1, 0.2, 0.3, 0.4)) == pytest.approx(0.3)
+    # predict the top 1 → F1 1; the top 2 → 2/3: halfway between 0.3 and 0.2
+    assert ml.choose_threshold(probs, targets) == pytest.approx(0.25)
+    # 0.9+ | 0.6+ 0.6- | 0.2-: top 1 → 2/3, top 3 (the tie together) → 4/5, all → 4/6: halfway between 0.6 and 0.2
+    probs, targets = np.array([[0.9], [0.6], [0.6], [0.2]]), np.array([[1], [1], [0], [0]])
+    assert ml.choose_threshold(probs, targets) == pytest.approx(0.4)
+    assert ml.f1_scores(probs, targets, 0.4)["micro_f1"] == pytest.approx(4 / 5)
+    # pooled over categories (micro): everything positive → predict all, threshold half the lowest probability
+    probs, targets = np.array([[0.8, 0.1], [0.4, 0.3]]), np.ones((2, 2))
+    assert ml.choose_threshold(probs, targets) == pytest.approx(0.05)
+    # ties in F1 go to the lower threshold: + - - + → top 1: 2/3, top 2: 1/2, top 3: 2/5, all: 4/6 = 2/3
+    probs, targets = np.array([[0.9], [0.7], [0.5], [0.3]]), np.array([[1], [0], [0], [1]])
+    assert ml.choose_threshold(probs, targets) == pytest.approx(0.15)
+    # and 0.5 without any positive
+    assert ml.choose_threshold(np.array([[0.9], [0.5]]), np.array([[0], [0]])) == 0.5
+
+
+def test_threshold_search_beats_every_grid_point() -> None:
+    rng = np.random.default_rng(1)
+    probs, targets = rng.random((30, 7)).round(2), rng.integers(0, 2, (30, 7))
+    best = ml.f1_scores(probs, targets, ml.choose_threshold(probs, targets))["micro_f1"]
+    assert all(ml.f1_scores(probs, targets, t)["micro_f1"] <= best + 1e-12 for t in np.linspace(0, 1, 1001))
 
 
 # -- runtime (numpy) -----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Metrics (numpy, below): per-category average precision (AP: the mean, over the c
 precision at that positive's rank; tied scores share the precision at the end of their tie group, so AP does not
 depend on input order) and their mean (mAP) over the categories with at least one positive in the split; micro
 and macro F1 at one decision threshold. Evaluating the ``val`` split selects the threshold that maximises micro-F1
-on val and stores it in the model's ``threshold`` buffer, so it is saved with the adapter, used on the test split
+on val (an exact search over the observed probabilities) and stores it in the model's ``threshold`` buffer, so it is saved with the adapter, used on the test split
 and by ``predict``, and exported into the bundle's ``task_info``. The numpy rules (sigmoid, the ``prob >=
 threshold`` decision, the prediction record) live in :mod:`vision_peft.runtimes.multilabel`.
 """
@@ -41,8 +41,6 @@ from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel
 
 log = logging.getLogger("vision_peft")
-
-THRESHOLD_GRID = tuple(round(0.01 * k, 2) for k in range(1, 100))  # candidate thresholds 0.01, 0.02, …, 0.99
 
 
 @dataclass
@@ -152,10 +150,26 @@ def f1_scores(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[
     }
 
 
-def choose_threshold(probs: np.ndarray, targets: np.ndarray, grid: tuple[float, ...] = THRESHOLD_GRID) -> float:
-    """The grid threshold with the highest micro-F1 (the lowest such threshold on ties)."""
-    scores = [f1_scores(probs, targets, t)["micro_f1"] for t in grid]
-    return float(grid[int(np.argmax(scores))])
+def choose_threshold(probs: np.ndarray, targets: np.ndarray) -> float:
+    """The decision threshold with the highest micro-F1 on (probs, targets), searched exactly.
+
+    Micro-F1 only changes where the threshold crosses an observed probability, so every distinct decision is tried:
+    predicting the ``k`` most likely (image, category) pairs gives F1 = 2·TP_k / (k + P) (P = all positives). The
+    threshold is placed halfway between the last predicted and the next lower distinct probability (half the
+    lowest one when everything is predicted); ties in F1 go to the lowest threshold. Without any positive every
+    threshold scores 0 and 0.5 is returned.
+    """
+    p, y = np.asarray(probs, np.float64).ravel(), np.asarray(targets).astype(bool).ravel()
+    if not y.any():
+        return 0.5
+    order = np.argsort(-p, kind="stable")
+    p, y = p[order], y[order]
+    ends = np.flatnonzero(np.r_[p[1:] != p[:-1], True])  # last index of each group of equal probabilities
+    tp = np.cumsum(y)[ends]
+    f1 = 2 * tp / (ends + 1 + y.sum())
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # the last (= lowest-threshold) maximum
+    below = p[ends[best] + 1] if best + 1 < len(ends) else 0.0
+    return float((p[ends[best]] + below) / 2)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
