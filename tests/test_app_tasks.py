@@ -498,3 +498,23 @@ def test_diffusion_panel_generates_a_seeded_grid(app_client, tmp_path: Path) -> 
     assert not np.array_equal(np.asarray(grid), np.asarray(Image.open(other).convert("RGB")))
     all_classes, info = client.predict("dif", [], 1, 2, 1.0, 0, api_name="/diffusion_predict")
     assert info["classes"] == ["a", "b"] and Image.open(all_classes).height == 2 * (128 + 2) + 2
+
+
+def test_multilabel_tab_predicts_with_no_app_edit(app_client, data_root: Path) -> None:
+    """The multi-label task (added after the app dispatched through the registries) predicts in its tab: the
+    ranked-images panel its runtime declares, the categories present and the top classes."""
+    from gradio_client import handle_file
+    from test_multilabel import _cfg
+
+    client, state, _, _ = app_client
+    _train(_cfg(data_root, state.runs_root))  # run "ml": 3 steps, timm:test_vit + LoRA on coco128-seg
+    _refresh(client, "multilabel", "ml")
+    image = sorted((data_root / "coco128-seg" / "images").glob("*.jpg"))[0]
+    preds, label = client.predict("ml", [handle_file(str(image))], 0, api_name="/multilabel_predict")
+    import torch
+
+    _, task, model, _ = state.model("ml")
+    direct = task.predict(model, [str(image)], torch.device("cpu"), top_k=5)[0]
+    assert preds[0]["labels"] == direct["labels"] and preds[0]["threshold"] == direct["threshold"]
+    assert [t["label"] for t in preds[0]["top"]] == [t["label"] for t in direct["top"]] and len(direct["top"]) == 5
+    assert label["label"] == preds[0]["label"] == direct["label"]
