@@ -11,6 +11,9 @@ through the loaded bundle and turns the outputs into results. One subclass per t
 - its HTTP request (``http_fields``, :meth:`Runtime.http`): the generic server builds the endpoint from them;
 - :meth:`Runtime.load_test_request`: the requests ``bench/load_test.py`` sends.
 
+:class:`RankedRuntime` is the contract filled in for tasks that rank their labels per uploaded file (the CLI, the
+endpoint and the load test of image and point classifiers): such a runtime adds only its main method.
+
 The torch halves of the tasks import the rules from here too (the prediction record, the PMF head, the token
 rule, un-letterbox + threshold, the DDIM sampler), so each rule exists once. Nothing here imports torch.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -27,7 +30,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from vision_peft.bundle import check_labels
-from vision_peft.preprocess import validate_spec
+from vision_peft.preprocess import ImageInput, preprocess_batch, validate_spec
 
 
 class BundleLike(Protocol):
@@ -161,15 +164,44 @@ def logits_graph(bundle: BundleLike) -> tuple[str, str, str]:
     return graph, inputs[0], output
 
 
-def ranked_rows(bundle: BundleLike, graph: str, output: str, logits: np.ndarray) -> list[dict[str, Any]]:
-    """Softmax + :func:`ranked_result` of (B, classes) logits, refusing a graph whose width differs from the labels."""
-    labels = bundle.labels
-    if logits.ndim != 2 or logits.shape[1] != len(labels):
+def checked_logits(bundle: BundleLike, graph: str, output: str, logits: np.ndarray) -> np.ndarray:
+    """``logits`` when they are (B, classes) with one column per manifest label; else the bundle is refused."""
+    if logits.ndim != 2 or logits.shape[1] != len(bundle.labels):
         raise ValueError(
             f"graph {graph!r} output {output!r} has shape {list(logits.shape)} but the manifest lists "
-            f"{len(labels)} labels; the bundle is inconsistent, re-export it"
+            f"{len(bundle.labels)} labels; the bundle is inconsistent, re-export it"
         )
-    return [ranked_result(labels, row) for row in softmax(logits)]
+    return logits
+
+
+def ranked_rows(bundle: BundleLike, graph: str, output: str, logits: np.ndarray) -> list[dict[str, Any]]:
+    """Softmax + :func:`ranked_result` of (B, classes) logits, refusing a graph whose width differs from the labels."""
+    return [ranked_result(bundle.labels, row) for row in softmax(checked_logits(bundle, graph, output, logits))]
+
+
+def image_logits(
+    bundle: BundleLike, images: Sequence[ImageInput], batch_size: int, method: str
+) -> Iterator[np.ndarray]:
+    """The (B, classes) logits of raw images through the bundle's one image -> logits graph, chunk by chunk
+    (preprocessing as the manifest says; bounded memory).
+
+    Args:
+        bundle: The loaded bundle.
+        images: Paths, PIL images or HWC uint8 RGB arrays.
+        batch_size: Images per chunk and per onnxruntime call (a graph exported with a fixed batch size uses that).
+        method: The calling method's name, for the error on a non-list input.
+
+    Raises:
+        ValueError: The input is not a list, ``batch_size`` is below 1, or the manifest does not fit the graph.
+    """
+    check_list(images, method)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    graph, input_name, output_name = logits_graph(bundle)
+    spec = image_spec(bundle, input_name)
+    for start in range(0, len(images), batch_size):
+        x = preprocess_batch(list(images[start : start + batch_size]), spec)  # (B,3,H,W)
+        yield checked_logits(bundle, graph, output_name, bundle.batched_run(graph, x, batch_size, output_name))
 
 
 # -- HTTP: what an endpoint takes, described without a web framework --------------------------------------------
@@ -244,6 +276,9 @@ class CliArg:
     kwargs: dict[str, Any]
 
 
+TOP_K = CliArg(("--top-k",), {"type": int, "default": 5, "help": "classes listed per input (default: 5)"})
+
+
 # -- load test -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadTestOptions:
@@ -294,6 +329,21 @@ def malformed_upload(good: dict[str, Any], part: str, ext: str, kind: int) -> di
     return {**good, "files": [(f, swap) if f == part else (f, v) for f, v in good["files"]]}
 
 
+class UploadRequests(LoadTestRequests):
+    """One uploaded file per request in the ``files`` part; malformed = garbage bytes, a text file, nothing."""
+
+    def __init__(self, route: str, files: list[tuple[str, bytes]], ext: str) -> None:
+        super().__init__(route)
+        self.files, self.ext = files, ext
+
+    def good(self, i: int) -> dict[str, Any]:
+        name, data = self.files[i % len(self.files)]
+        return {"files": [("files", (name, data))]}
+
+    def malformed(self, kind: int) -> dict[str, Any]:
+        return malformed_upload(self.good(0), "files", self.ext, kind)
+
+
 # -- the contract ------------------------------------------------------------------------------------------------
 class Runtime:
     """The numpy half of one task, bound to a loaded bundle (``Bundle.runtime``).
@@ -338,6 +388,45 @@ class Runtime:
             SystemExit: ``inputs`` does not hold what the endpoint needs.
         """
         raise NotImplementedError
+
+
+class RankedRuntime(Runtime):
+    """A runtime that ranks a bundle's labels for each uploaded file: its main method (``methods[0]``) takes a list
+    of inputs and a batch size and returns one :func:`ranked_result`-like dict per input; the deploy CLI prints
+    and the endpoint answers one :func:`record_of` record per input, ``top_k`` from ``--top-k`` / the ``top_k``
+    query parameter; the load test uploads one file per request."""
+
+    needs_labels = True
+    cli_args = (TOP_K,)
+    http_fields = (HttpField("files", "files"), HttpField("top_k", "query", type=int))
+    load_test_suffixes: ClassVar[tuple[str, ...]] = (".jpg",)  # the files the load test uploads
+    malformed_suffix: ClassVar[str] = ".jpg"  # the name of the load test's garbage upload ends in this
+
+    def results(self, inputs: Sequence[Any], batch_size: int = 16) -> list[dict[str, Any]]:
+        """The main method's results for ``inputs``."""
+        return getattr(self, self.methods[0])(list(inputs), batch_size)
+
+    def uploads(self, request: HttpRequest) -> tuple[list[str], list[Any]]:
+        """(upload names, inputs for the main method) of a request's ``files`` part: decoded images here."""
+        return request.images("files")
+
+    def record(self, file: str | Path, result: dict[str, Any], top_k: int) -> dict[str, Any]:
+        """The printed / answered record of one result."""
+        return record_of(file, result, top_k)
+
+    def predict_cli(self, inputs: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+        res = self.results(inputs, args.batch_size)
+        return [self.record(i, r, args.top_k) for i, r in zip(inputs, res, strict=True)]
+
+    def http(self, request: HttpRequest) -> dict[str, Any]:
+        top_k = checked_top_k(request.value("top_k"), len(self.bundle.labels))
+        names, items = self.uploads(request)
+        return {"results": [self.record(n, r, top_k) for n, r in zip(names, self.results(items), strict=True)]}
+
+    @classmethod
+    def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
+        files = read_upload_files(inputs or Path("."), cls.load_test_suffixes)
+        return UploadRequests(cls.endpoint, files, cls.malformed_suffix)
 
 
 def runtime_for_task(task: str) -> type[Runtime] | None:

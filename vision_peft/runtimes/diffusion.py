@@ -19,15 +19,7 @@ from typing import Any
 import numpy as np
 
 from vision_peft.runtimes import RUNTIMES
-from vision_peft.runtimes.base import (
-    CliArg,
-    HttpError,
-    HttpField,
-    HttpRequest,
-    LoadTestOptions,
-    LoadTestRequests,
-    Runtime,
-)
+from vision_peft.runtimes import base as rt
 
 MAX_GUIDANCE = 20.0  # the largest classifier-free guidance scale a request may ask for
 
@@ -140,7 +132,7 @@ def save_grid(images: np.ndarray, nrow: int, path: str | Path) -> Path:
 
 
 @RUNTIMES.register("diffusion", help="class names -> images: numpy DDIM over the denoiser and decoder graphs")
-class DiffusionRuntime(Runtime):
+class DiffusionRuntime(rt.Runtime):
     """Class-conditional latent diffusion bundles (graphs ``denoiser`` and ``decoder``)."""
 
     task = "diffusion"
@@ -149,14 +141,14 @@ class DiffusionRuntime(Runtime):
     methods = ("generate",)
     cli_inputs = "class names (--n per class, --out grid.png)"
     cli_args = (
-        CliArg(("--out",), {"help": "the PNG grid (default samples.png)"}),
-        CliArg(("--n",), {"type": int, "default": 4, "help": "images per class (default: 4)"}),
-        CliArg(("--steps",), {"type": int, "default": 25, "help": "DDIM steps (default: 25)"}),
-        CliArg(("--guidance",), {"type": float, "default": 2.0, "help": "guidance scale (default: 2)"}),
-        CliArg(("--seed",), {"type": int, "default": 0, "help": "noise seed (default: 0)"}),
+        rt.CliArg(("--out",), {"help": "the PNG grid (default samples.png)"}),
+        rt.CliArg(("--n",), {"type": int, "default": 4, "help": "images per class (default: 4)"}),
+        rt.CliArg(("--steps",), {"type": int, "default": 25, "help": "DDIM steps (default: 25)"}),
+        rt.CliArg(("--guidance",), {"type": float, "default": 2.0, "help": "guidance scale (default: 2)"}),
+        rt.CliArg(("--seed",), {"type": int, "default": 0, "help": "noise seed (default: 0)"}),
     )
     http_fields = (
-        HttpField(
+        rt.HttpField(
             "req",
             "json",
             model="GenerateRequest",
@@ -224,15 +216,15 @@ class DiffusionRuntime(Runtime):
         dest = save_grid(images, args.n, args.out or "samples.png")
         return [{"classes": list(inputs), "n_per_class": args.n, "grid": str(dest), "shape": list(images.shape)}]
 
-    def http(self, request: HttpRequest) -> dict[str, Any]:
+    def http(self, request: rt.HttpRequest) -> dict[str, Any]:
         req, limits = request.value("req"), request.limits
         n, classes = req["n"], req["classes"]
         if n < 1 or not classes or n * len(classes) > limits.max_images:
-            raise HttpError(
+            raise rt.HttpError(
                 422, f"ask for 1..{limits.max_images} images in all (classes × n), got {len(classes)} × {n}"
             )
         if not 1 <= req["steps"] <= limits.max_steps:
-            raise HttpError(422, f"steps must lie in 1..{limits.max_steps} on this server, got {req['steps']}")
+            raise rt.HttpError(422, f"steps must lie in 1..{limits.max_steps} on this server, got {req['steps']}")
         labels = [c for c in classes for _ in range(n)]
         images = self.generate(labels, steps=req["steps"], guidance=req["guidance"], seed=req["seed"])
         with tempfile.TemporaryDirectory() as td:
@@ -245,11 +237,11 @@ class DiffusionRuntime(Runtime):
         }
 
     @classmethod
-    def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
+    def load_test_request(cls, inputs: Path | None, options: rt.LoadTestOptions) -> rt.LoadTestRequests:
         return _GenerateRequests(cls.endpoint, list(options.labels), options.steps)
 
 
-class _GenerateRequests(LoadTestRequests):
+class _GenerateRequests(rt.LoadTestRequests):
     """JSON bodies: one class per request; malformed = garbage JSON, an unknown class, no classes."""
 
     def __init__(self, route: str, classes: list[str], steps: int) -> None:

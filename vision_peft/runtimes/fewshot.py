@@ -16,28 +16,13 @@ import numpy as np
 
 from vision_peft.preprocess import IMAGE_SUFFIXES, ImageInput, preprocess_batch
 from vision_peft.runtimes import RUNTIMES
-from vision_peft.runtimes.base import (
-    CliArg,
-    HttpError,
-    HttpField,
-    HttpRequest,
-    LoadTestOptions,
-    LoadTestRequests,
-    Runtime,
-    check_list,
-    image_spec,
-    l2_normalize,
-    malformed_upload,
-    ranked_result,
-    record_of,
-    softmax,
-)
+from vision_peft.runtimes import base as rt
 
 
 def pmf_logits(query: np.ndarray, prototypes: np.ndarray, scale: float, bias: float) -> np.ndarray:
     """PMF's cosine classifier: (Q, D) query embeddings x (N, D) prototypes -> (Q, N) logits
     ``scale · (cos(query, prototype) + bias)`` (both sides L2-normalised here)."""
-    q, p = l2_normalize(np.asarray(query, np.float64)), l2_normalize(np.asarray(prototypes, np.float64))
+    q, p = rt.l2_normalize(np.asarray(query, np.float64)), rt.l2_normalize(np.asarray(prototypes, np.float64))
     return float(scale) * (q @ p.T + float(bias))  # (Q, D) x (D, N) -> (Q, N)
 
 
@@ -60,7 +45,7 @@ def support_folder(root: str | Path) -> dict[str, list[Path]]:
 
 
 @RUNTIMES.register("fewshot", help="support set + query images -> classes (PMF prototypes and cosine head)")
-class FewShotRuntime(Runtime):
+class FewShotRuntime(rt.Runtime):
     """Few-shot bundles: one graph (``embedding``) image -> embedding; PMF scale/bias in ``task_info``."""
 
     task = "fewshot"
@@ -69,20 +54,24 @@ class FewShotRuntime(Runtime):
     methods = ("fewshot", "prototypes", "embed")
     cli_inputs = "query images (with --support DIR)"
     cli_args = (
-        CliArg(("--support",), {"help": "support folder, one sub-folder of images per class"}),
-        CliArg(("--top-k",), {"type": int, "default": 5, "help": "classes listed per input (default: 5)"}),
+        rt.CliArg(("--support",), {"help": "support folder, one sub-folder of images per class"}),
+        rt.TOP_K,
     )
-    http_fields = (HttpField("support", "files"), HttpField("support_labels", "form_list"), HttpField("query", "files"))
+    http_fields = (
+        rt.HttpField("support", "files"),
+        rt.HttpField("support_labels", "form_list"),
+        rt.HttpField("query", "files"),
+    )
     load_test_inputs = "class folders of .jpg images"
 
     def embed(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
         """(N, D) L2-normalised image embeddings (meta-trained prompts inside the graph)."""
-        check_list(images, "embed")
+        rt.check_list(images, "embed")
         b = self.bundle
         name = b.graph_inputs("embedding")[0]
-        spec = image_spec(b, name)
+        spec = rt.image_spec(b, name)
         parts = [preprocess_batch(list(images[i : i + batch_size]), spec) for i in range(0, len(images), batch_size)]
-        return l2_normalize(b.batched_run("embedding", np.concatenate(parts), batch_size).astype(np.float64))
+        return rt.l2_normalize(b.batched_run("embedding", np.concatenate(parts), batch_size).astype(np.float64))
 
     def prototypes(self, support: dict[str, Sequence[ImageInput]], batch_size: int = 16) -> dict[str, np.ndarray]:
         """Class name -> prototype (mean of the class's L2-normalised support embeddings), as in training."""
@@ -114,21 +103,21 @@ class FewShotRuntime(Runtime):
             raise ValueError(f"manifest.json of {self.bundle.path} has no task_info scale/bias; re-export the bundle")
         p = np.stack([protos[c] for c in labels])  # (N, D)
         logits = pmf_logits(self.embed(queries, batch_size), p, info["scale"], info["bias"])
-        return [ranked_result(labels, row) for row in softmax(logits)]
+        return [rt.ranked_result(labels, row) for row in rt.softmax(logits)]
 
     def predict_cli(self, inputs: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
         if not args.support:
             raise ValueError("a few-shot bundle needs --support DIR (one sub-folder of images per class)")
         res = self.fewshot(support_folder(args.support), list(inputs), args.batch_size)
-        return [record_of(i, r, args.top_k) for i, r in zip(inputs, res, strict=True)]
+        return [rt.record_of(i, r, args.top_k) for i, r in zip(inputs, res, strict=True)]
 
-    def http(self, request: HttpRequest) -> dict[str, Any]:
+    def http(self, request: rt.HttpRequest) -> dict[str, Any]:
         support_labels = list(request.value("support_labels"))
         n_support = request.count("support")
         if len(support_labels) == 1 and n_support > 1 and "," in support_labels[0]:
             support_labels = [x.strip() for x in support_labels[0].split(",")]
         if len(support_labels) != n_support:
-            raise HttpError(
+            raise rt.HttpError(
                 422,
                 f"support_labels must give one class name per support image: {len(support_labels)} names for "
                 f"{n_support} images",
@@ -139,15 +128,15 @@ class FewShotRuntime(Runtime):
         for label, img in zip(support_labels, s_imgs, strict=True):
             sets.setdefault(label, []).append(img)
         res = self.fewshot(sets, q_imgs)
-        return {"results": [record_of(n, r, len(sets)) for n, r in zip(q_names, res, strict=True)],
+        return {"results": [rt.record_of(n, r, len(sets)) for n, r in zip(q_names, res, strict=True)],
                 "classes": list(sets)}  # fmt: skip
 
     @classmethod
-    def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
+    def load_test_request(cls, inputs: Path | None, options: rt.LoadTestOptions) -> rt.LoadTestRequests:
         return _EpisodeRequests(cls.endpoint, inputs or Path("."))
 
 
-class _EpisodeRequests(LoadTestRequests):
+class _EpisodeRequests(rt.LoadTestRequests):
     """A folder of class folders: each request = 1 support image per class + 1 query."""
 
     def __init__(self, route: str, inputs: Path) -> None:
@@ -169,4 +158,4 @@ class _EpisodeRequests(LoadTestRequests):
         return {"files": support + query, "data": {"support_labels": ",".join(labels)}}
 
     def malformed(self, kind: int) -> dict[str, Any]:
-        return malformed_upload(self.good(0), "query", ".jpg", kind)
+        return rt.malformed_upload(self.good(0), "query", ".jpg", kind)

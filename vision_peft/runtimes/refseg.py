@@ -20,19 +20,7 @@ import numpy as np
 from vision_peft.bundle import member
 from vision_peft.preprocess import ImageInput, _as_image, preprocess_batch, unletterbox
 from vision_peft.runtimes import RUNTIMES
-from vision_peft.runtimes.base import (
-    CliArg,
-    HttpError,
-    HttpField,
-    HttpRequest,
-    LoadTestOptions,
-    LoadTestRequests,
-    Runtime,
-    image_spec,
-    malformed_upload,
-    read_upload_files,
-    sigmoid,
-)
+from vision_peft.runtimes import base as rt
 
 MAX_PHRASE_CHARS = 1000  # the server refuses longer phrases
 
@@ -60,7 +48,7 @@ def fit_tokens(ids: Sequence[int], length: int) -> tuple[list[int], list[int]]:
 def mask_probs(logits: np.ndarray, src_hw: Sequence[int], in_hw: Sequence[int]) -> np.ndarray:
     """(h, w) mask logits on the letterboxed input -> float32 (H, W) probabilities at the original image size
     (sigmoid, then the letterbox undone with a bilinear resize)."""
-    return unletterbox(sigmoid(np.asarray(logits).astype(np.float32)), tuple(src_hw), tuple(in_hw), "bilinear")
+    return unletterbox(rt.sigmoid(np.asarray(logits).astype(np.float32)), tuple(src_hw), tuple(in_hw), "bilinear")
 
 
 def mask_from_logits(logits: np.ndarray, src_hw: Sequence[int], in_hw: Sequence[int], threshold: float) -> np.ndarray:
@@ -78,7 +66,7 @@ def png_base64(array: np.ndarray) -> str:
 
 
 @RUNTIMES.register("refseg", help="image + referring phrase -> mask (tokenizer.json via tokenizers)")
-class RefSegRuntime(Runtime):
+class RefSegRuntime(rt.Runtime):
     """Referring-segmentation bundles: graph inputs ``image``, ``input_ids``, ``attention_mask``."""
 
     task = "refseg"
@@ -86,8 +74,8 @@ class RefSegRuntime(Runtime):
     panel = "image_phrase_mask"
     methods = ("segment", "tokenize")
     cli_inputs = "IMAGE::PHRASE (--out DIR writes mask PNGs)"
-    cli_args = (CliArg(("--out",), {"help": "folder for mask PNGs"}),)
-    http_fields = (HttpField("file", "file"), HttpField("phrase", "form"))
+    cli_args = (rt.CliArg(("--out",), {"help": "folder for mask PNGs"}),)
+    http_fields = (rt.HttpField("file", "file"), rt.HttpField("phrase", "form"))
     load_test_inputs = ".jpg images"
 
     def __init__(self, bundle: Any) -> None:
@@ -137,7 +125,7 @@ class RefSegRuntime(Runtime):
         ``area_fraction`` and ``max_prob``: sigmoid, letterbox undone, threshold from the bundle."""
         b = self.bundle
         img = _as_image(image)
-        spec = image_spec(b, "image")
+        spec = rt.image_spec(b, "image")
         x = preprocess_batch([img], spec)  # (1, 3, H, W)
         ids, mask = self.tokenize(phrase)
         graph = "refseg" if "refseg" in b.sessions else next(iter(b.sessions))
@@ -166,10 +154,10 @@ class RefSegRuntime(Runtime):
             out.append(rec)
         return out
 
-    def http(self, request: HttpRequest) -> dict[str, Any]:
+    def http(self, request: rt.HttpRequest) -> dict[str, Any]:
         phrase = request.value("phrase")
         if len(phrase) > MAX_PHRASE_CHARS:
-            raise HttpError(413, f"phrase has {len(phrase)} characters; the limit is {MAX_PHRASE_CHARS}")
+            raise rt.HttpError(413, f"phrase has {len(phrase)} characters; the limit is {MAX_PHRASE_CHARS}")
         (name,), (image,) = request.images("file")
         r = self.segment(image, phrase)
         return {
@@ -183,11 +171,11 @@ class RefSegRuntime(Runtime):
         }
 
     @classmethod
-    def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
-        return _SegmentRequests(cls.endpoint, read_upload_files(inputs or Path("."), (".jpg",)), options.phrase)
+    def load_test_request(cls, inputs: Path | None, options: rt.LoadTestOptions) -> rt.LoadTestRequests:
+        return _SegmentRequests(cls.endpoint, rt.read_upload_files(inputs or Path("."), (".jpg",)), options.phrase)
 
 
-class _SegmentRequests(LoadTestRequests):
+class _SegmentRequests(rt.LoadTestRequests):
     def __init__(self, route: str, files: list[tuple[str, bytes]], phrase: str) -> None:
         super().__init__(route)
         self.files, self.phrase = files, phrase
@@ -197,4 +185,4 @@ class _SegmentRequests(LoadTestRequests):
         return {"files": [("file", (name, data, "image/jpeg"))], "data": {"phrase": self.phrase}}
 
     def malformed(self, kind: int) -> dict[str, Any]:
-        return malformed_upload(self.good(0), "file", ".jpg", kind)
+        return rt.malformed_upload(self.good(0), "file", ".jpg", kind)
