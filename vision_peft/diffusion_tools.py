@@ -1,5 +1,5 @@
 """Run-level tools of the diffusion task: the base checkpoint of a pre-training run, sample grids of a finished run,
-its export, and FISH's Fisher scores — what ``python -m vision_peft.tasks.diffusion base|sample|export|fisher`` runs.
+its export, and FISH's Fisher scores — ``python -m vision_peft.diffusion_tools base|sample|export|fisher``.
 
 They load run directories and recipes, so they sit above the task layer (next to predict and export); the task
 itself (``vision_peft/tasks/diffusion.py``) never imports them.
@@ -95,12 +95,12 @@ def compute_fisher(recipe: str, out: str | Path, overrides: list[str] | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vision_peft.tasks.diffusion base|sample|export RUN_DIR …`` or ``fisher RECIPE --out F``
-    (also ``python -m vision_peft.diffusion_tools …``)."""
+    """``python -m vision_peft.diffusion_tools base|sample|export RUN_DIR …`` or ``fisher RECIPE --out F``
+    (the older ``python -m vision_peft.tasks.diffusion …`` forwards here)."""
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m vision_peft.tasks.diffusion")
+    ap = argparse.ArgumentParser(prog="python -m vision_peft.diffusion_tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("base", help="write <run>/base_dit.safetensors from a finished pretrain run")
     b.add_argument("run_dir")

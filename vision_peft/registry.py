@@ -1,4 +1,4 @@
-"""One small generic registry for backbones, adapters, tasks and datasets.
+"""One small generic registry for backbones, adapters, tasks, runtimes and datasets.
 
 An entry is (name, builder, config class). Duplicate names raise; unknown names raise with the list of
 known ones. The registry is the only list: the CLI, the app and parametrized tests all read it.

@@ -252,7 +252,7 @@ class Task(abc.ABC):
         return {}
 
     def splits(self) -> dict[str, list[tuple[str, Any]]]:
-        """Split name -> (file, target) pairs, written to the run's ``splits.json``; empty for tasks without
+        """Split name -> (file, target) pairs, written to the run's ``split.json``; empty for tasks without
         file-level splits (few-shot draws episodes)."""
         return {}
 
