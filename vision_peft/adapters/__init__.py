@@ -29,6 +29,7 @@ from vision_peft.adapters.base import (
     find_targets,
     fold_weight_delta,
     inject,
+    inject_seeded,
     mc_sampling,
     merge_targets,
     merged_linear,
@@ -37,6 +38,6 @@ from vision_peft.adapters.base import (
 
 __all__ = [
     "ADAPTERS", "AdapterHandle", "DeltaLinear", "Target", "WeightDelta", "add_weight_delta", "apply_adapter",
-    "delta_handle", "find_targets", "fold_weight_delta", "inject", "mc_sampling", "merge_targets", "merged_linear",
-    "set_module",
+    "delta_handle", "find_targets", "fold_weight_delta", "inject", "inject_seeded", "mc_sampling", "merge_targets",
+    "merged_linear", "set_module",
 ]  # fmt: skip

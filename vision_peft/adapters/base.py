@@ -11,6 +11,8 @@ shares, so a method file only says what is new about it:
 - :func:`inject` — its second half: one *factors* module per target (anything with ``delta()`` →
   (fan_out, fan_in) and ``side(x)`` for the activation path) wrapped as a :class:`DeltaLinear` (Linear) or
   registered as a :class:`WeightDelta` parametrization (convolutions, fused MHA, Linear layers inside an MHA);
+  :func:`inject_seeded` runs both halves for methods whose factors are built from (fan_in, fan_out, cfg, seeded
+  generator, frozen weight);
 - :func:`merge_targets` — the generic merge: every wrapper / parametrization folded into plain frozen weights;
 - :class:`AdapterHandle` — what the adapter touched plus the hooks the engine and the tasks call:
   ``step_fn`` (after each optimizer step), ``extra_losses(model)`` (extra training-loss terms, built from
@@ -240,6 +242,18 @@ def inject(backbone: nn.Module, targets: list[Target], attr: str, factors_for: C
             set_module(backbone, t.name, DeltaLinear(t.module, attr, factors))
         else:
             add_weight_delta(t.module, t.tensor, attr, factors)
+
+
+def inject_seeded(
+    backbone: nn.Module, cfg, attr: str, method: str, factors_cls: Callable[..., nn.Module]
+) -> list[Target]:
+    """:func:`find_targets` on ``cfg.targets``, then :func:`inject` with one ``factors_cls(fan_in, fan_out, cfg,
+    generator, weight)`` per target: every factor initialisation draws from one generator seeded with ``cfg.seed``,
+    in target order (so a method's tensors depend on its seed alone). Returns the targets."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    targets = find_targets(backbone, cfg.targets, method)
+    inject(backbone, targets, attr, lambda t: factors_cls(t.fan_in, t.fan_out, cfg, gen, t.weight))
+    return targets
 
 
 def merge_targets(backbone: nn.Module, names: list[str]) -> None:

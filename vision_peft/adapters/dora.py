@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters.base import ADAPTERS, AdapterHandle, Target, delta_handle, find_targets, inject
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, delta_handle, inject_seeded
 
 
 @dataclass
@@ -141,13 +141,7 @@ def prune_to(components: list[DoRAComponents], keep: int) -> int:
 )
 def apply_dora(backbone: nn.Module, cfg: DoRAConfig) -> AdapterHandle:
     """Add ⌈init_ratio·r⌉ rank-one components to every targeted module; the handle's ``step_fn`` prunes them."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    targets = find_targets(backbone, cfg.targets, "DoRA")
-
-    def factors(t: Target) -> DoRAComponents:
-        return DoRAComponents(t.fan_in, t.fan_out, cfg, gen, t.weight)
-
-    inject(backbone, targets, "dora", factors)
+    targets = inject_seeded(backbone, cfg, "dora", "DoRA", DoRAComponents)
 
     def components() -> list[DoRAComponents]:
         return [m for m in backbone.modules() if isinstance(m, DoRAComponents)]

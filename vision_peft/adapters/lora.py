@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters.base import ADAPTERS, AdapterHandle, Target, delta_handle, find_targets, inject
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, delta_handle, inject_seeded
 
 
 @dataclass
@@ -83,11 +83,5 @@ class LoRAFactors(nn.Module):
 )
 def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     """Wrap every targeted module with a low-rank update (B = 0, so outputs are unchanged at step 0)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    targets = find_targets(backbone, cfg.targets, "LoRA")
-
-    def factors(t: Target) -> LoRAFactors:
-        return LoRAFactors(t.fan_in, t.fan_out, cfg, gen, t.weight)
-
-    inject(backbone, targets, "lora", factors)
+    targets = inject_seeded(backbone, cfg, "lora", "LoRA", LoRAFactors)
     return delta_handle("lora", backbone, targets)
