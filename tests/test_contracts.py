@@ -318,6 +318,7 @@ def test_every_task_has_a_runtime(name: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_contract(case: Case, tmp_path: Path) -> None:
     """build → backward reaches only (and every) trainable tensor → save → strict load gives equal outputs."""
+    from vision_peft.checkpoint import CheckpointError, load_adapter_into
     from vision_peft.predict import load_run
 
     cfg = run_config(case, tmp_path / "runs")
@@ -347,9 +348,19 @@ def test_contract(case: Case, tmp_path: Path) -> None:
     unused = sorted(n for n in trainable - with_grad if never_ran(n, ran))
 
     perturb_trainable(model)
+    saved = model.adapter_state_dict()
+    frozen_base = {n for n, p in params.items() if id(p) in base_ids and not p.requires_grad}
+    assert not frozen_base & set(saved), (
+        f"{case.id}: frozen pretrained tensors saved: {sorted(frozen_base & set(saved))[:4]}"
+    )
+    assert trainable <= set(saved), f"{case.id}: trainable tensors not saved: {sorted(trainable - set(saved))[:4]}"
     before = eval_output(model, batch)
     run_dir = write_run(tmp_path / "run", cfg, task, model)
     _, _, fresh, _ = load_run(run_dir, "cpu")  # strict: keys and shapes must be exactly the model's adapter keys
+    partial = dict(saved)
+    partial.pop(sorted(partial)[0])
+    with pytest.raises(CheckpointError, match="missing key"):
+        load_adapter_into(fresh, partial, "a state with one key left out")
     after = eval_output(fresh, batch)
     assert before.keys() == after.keys() and before, f"{case.id}: outputs {sorted(before)} vs {sorted(after)}"
     for k in before:
