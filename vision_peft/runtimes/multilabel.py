@@ -8,7 +8,6 @@ decision and prediction record, so training-time metrics, ``predict`` and a depl
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,24 +15,9 @@ from typing import Any
 import numpy as np
 
 from vision_peft.bundle import MANIFEST
-from vision_peft.preprocess import ImageInput, preprocess_batch
+from vision_peft.preprocess import ImageInput
 from vision_peft.runtimes import RUNTIMES
-from vision_peft.runtimes.base import (
-    HttpField,
-    HttpRequest,
-    LoadTestOptions,
-    LoadTestRequests,
-    Runtime,
-    check_list,
-    checked_top_k,
-    image_spec,
-    logits_graph,
-    ranked_record,
-    ranked_result,
-    read_upload_files,
-    sigmoid,
-)
-from vision_peft.runtimes.classification import TOP_K, UploadRequests
+from vision_peft.runtimes.base import RankedRuntime, image_logits, ranked_record, ranked_result, sigmoid
 
 __all__ = ["MultiLabelRuntime", "multilabel_record", "present", "present_labels", "sigmoid"]
 
@@ -63,18 +47,15 @@ def multilabel_record(
 
 
 @RUNTIMES.register("multilabel", help="images -> the categories present (one sigmoid per category)")
-class MultiLabelRuntime(Runtime):
+class MultiLabelRuntime(RankedRuntime):
     """Multi-label bundles: one graph (``model``) image -> ``logits`` (one per category in ``labels``), the decision
-    threshold in ``task_info``."""
+    threshold in ``task_info``. CLI, endpoint and load test are the ranked runtimes' (``--top-k``, ``top_k``)."""
 
     task = "multilabel"
     endpoint = "/v1/multilabel"
     panel = "ranked_images"
     methods = ("multilabel",)
-    needs_labels = True
     cli_inputs = "images"
-    cli_args = (TOP_K,)
-    http_fields = (HttpField("files", "files"), HttpField("top_k", "query", type=int))
     load_test_inputs = ".jpg images"
 
     @classmethod
@@ -106,43 +87,14 @@ class MultiLabelRuntime(Runtime):
         Raises:
             ValueError: The input is not a list, or the graph's width differs from the manifest's labels.
         """
-        check_list(images, "multilabel")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        b = self.bundle
-        labels, thr = b.labels, self.threshold
-        graph, input_name, output_name = logits_graph(b)
-        spec = image_spec(b, input_name)
-        results: list[dict[str, Any]] = []
-        for start in range(0, len(images), batch_size):  # preprocess chunk by chunk: bounded memory
-            x = preprocess_batch(list(images[start : start + batch_size]), spec)  # (B,3,H,W)
-            logits = b.batched_run(graph, x, batch_size, output_name)
-            if logits.ndim != 2 or logits.shape[1] != len(labels):
-                raise ValueError(
-                    f"graph {graph!r} output {output_name!r} has shape {list(logits.shape)} but the manifest lists "
-                    f"{len(labels)} labels; the bundle is inconsistent, re-export it"
-                )
-            for row in sigmoid(logits.astype(np.float64)):  # (C,) probabilities of one image
-                results.append(
-                    {**ranked_result(labels, row), "labels": present_labels(row, labels, thr), "threshold": thr}
-                )
-        return results
-
-    def _records(self, names: Sequence[str], images: Sequence[ImageInput], top_k: int, batch_size: int = 16):
+        labels, thr = self.bundle.labels, self.threshold
         out = []
-        for name, r in zip(names, self.multilabel(list(images), batch_size), strict=True):
-            probs = [r["probs"][c] for c in self.bundle.labels]
-            out.append(multilabel_record(name, probs, self.bundle.labels, r["threshold"], top_k))
+        for logits in image_logits(self.bundle, images, batch_size, "multilabel"):  # (B, categories) each
+            for row in sigmoid(logits.astype(np.float64)):  # (categories,) probabilities of one image
+                out.append({**ranked_result(labels, row), "labels": present_labels(row, labels, thr), "threshold": thr})
         return out
 
-    def predict_cli(self, inputs: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-        return self._records([str(i) for i in inputs], list(inputs), args.top_k, args.batch_size)
-
-    def http(self, request: HttpRequest) -> dict[str, Any]:
-        top_k = checked_top_k(request.value("top_k"), len(self.bundle.labels))
-        names, images = request.images("files")
-        return {"results": self._records(names, images, top_k)}
-
-    @classmethod
-    def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
-        return UploadRequests(cls.endpoint, read_upload_files(inputs or Path("."), (".jpg",)), ".jpg")
+    def record(self, file: str | Path, result: dict[str, Any], top_k: int) -> dict[str, Any]:
+        """:func:`multilabel_record` of one :meth:`multilabel` result (the record ``predict`` prints too)."""
+        labels = self.bundle.labels
+        return multilabel_record(file, [result["probs"][c] for c in labels], labels, result["threshold"], top_k)

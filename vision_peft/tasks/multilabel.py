@@ -14,9 +14,10 @@ Metrics (numpy, below): per-category average precision (AP: the mean, over the c
 precision at that positive's rank; tied scores share the precision at the end of their tie group, so AP does not
 depend on input order) and their mean (mAP) over the categories with at least one positive in the split; micro
 and macro F1 at one decision threshold. Evaluating the ``val`` split selects the threshold that maximises micro-F1
-on val (an exact search over the observed probabilities) and stores it in the model's ``threshold`` buffer, so it is saved with the adapter, used on the test split
-and by ``predict``, and exported into the bundle's ``task_info``. The numpy rules (sigmoid, the ``prob >=
-threshold`` decision, the prediction record) live in :mod:`vision_peft.runtimes.multilabel`.
+on val (an exact search over the observed probabilities) and stores it in the model's ``threshold`` buffer, so it
+is saved with the adapter, used on the test split and by ``predict``, and exported into the bundle's
+``task_info``. The numpy rules (sigmoid, the ``prob >= threshold`` decision, the prediction record) live in
+:mod:`vision_peft.runtimes.multilabel`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel
 
 log = logging.getLogger("vision_peft")
 
+AugmentPreset = Literal["none", "light", "standard", "aerial"]
+ResizeMode = Literal["squash", "letterbox", "shorter_then_center_crop"]
+
 
 @dataclass
 class MultiLabelConfig:
@@ -55,12 +59,8 @@ class MultiLabelConfig:
         default_factory=lambda: {"train": 50, "val": 20, "test": 30}
     )  # images per split (image-level); -1 = the rest
     split_seed: int = 0  # seed of the image-level split
-    augment: Literal["none", "light", "standard", "aerial"] = (
-        "light"  # see vision_peft.augment; light: flip + mild crop
-    )
-    resize: Literal["squash", "letterbox", "shorter_then_center_crop"] = (
-        "squash"  # eval resize; squash keeps all objects
-    )
+    augment: AugmentPreset = "light"  # training augmentation (vision_peft.augment); light = flip + mild crop
+    resize: ResizeMode = "squash"  # eval-time resize; squash keeps every object in view
     head_dropout: float = 0.0  # dropout before the linear head
     init_prior: float = 0.05  # the head bias starts at logit(init_prior)
 
@@ -239,9 +239,8 @@ class MultiLabelModel(TaskModel):
         self.head = nn.Linear(backbone.embed_dim, num_classes)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.constant_(self.head.bias, float(np.log(init_prior / (1.0 - init_prior))))
-        self.register_buffer(
-            "threshold", torch.tensor(0.5, dtype=torch.float64)
-        )  # chosen on val by evaluate(); saved with the adapter
+        # the decision threshold: chosen on val by evaluate(), saved with the adapter, exported in task_info
+        self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.backbone.forward_features(image)))
