@@ -46,6 +46,31 @@ def register_weights_status(family: str) -> Callable[[WeightsCheck], WeightsChec
     return deco
 
 
+def register_weights_finder(family: str, find: Callable[[Any], Any]) -> None:
+    """Registers family ``family``'s weights check as its weight finder: ``available`` when ``find(cfg)`` returns
+    (the finder raises :class:`WeightsNotFoundError` naming where it looked)."""
+
+    def check(arg: str, cfg: Any) -> str:
+        find(cfg)
+        return "available"
+
+    register_weights_status(family)(check)
+
+
+def explicit_weights_file(cfg: Any, fix: str = "") -> Path | None:
+    """The weight file ``backbone.weights`` names (``~`` expanded), or None when it names none.
+
+    Raises:
+        WeightsNotFoundError: The named file does not exist (``fix``, if given, ends the message).
+    """
+    if not cfg.weights:
+        return None
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"backbone.weights={cfg.weights} does not exist{fix}")
+    return path
+
+
 def weights_status(spec: str) -> str:
     """``"available"``, ``"random weights (tests)"`` or ``"weights missing: <where to put them>"`` for a backbone
     spec (e.g. ``timm:vit_small_patch16_224``), without building the model. Families without a check are

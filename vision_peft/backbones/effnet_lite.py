@@ -17,8 +17,9 @@ import torch
 from vision_peft.backbones import BACKBONES
 from vision_peft.backbones.base import (
     WeightsNotFoundError,
+    explicit_weights_file,
     load_state_file,
-    register_weights_status,
+    register_weights_finder,
     seeded_init,
     state_hash,
 )
@@ -69,11 +70,9 @@ def remap_lukemelas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def find_weights(cfg: BackboneConfig) -> Path:
     """Locate the EfficientNet-Lite0 weight file or raise naming every place looked at."""
-    if cfg.weights:
-        p = Path(cfg.weights).expanduser()
-        if not p.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={cfg.weights} does not exist")
-        return p
+    explicit = explicit_weights_file(cfg)
+    if explicit is not None:
+        return explicit
     root = weights_root()
     cands = [root / FILE_NAME, root / "effnet_lite0" / FILE_NAME]
     for c in cands:
@@ -94,11 +93,7 @@ def find_weights(cfg: BackboneConfig) -> Path:
     )
 
 
-@register_weights_status("effnet_lite0")
-def effnet_weights_status(arg: str, cfg: BackboneConfig) -> str:
-    """``available`` when :func:`find_weights` finds the file (it raises naming where it looked)."""
-    find_weights(cfg)
-    return "available"
+register_weights_finder("effnet_lite0", find_weights)
 
 
 @BACKBONES.register(

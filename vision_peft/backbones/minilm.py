@@ -18,7 +18,7 @@ from vision_peft.backbones import BACKBONES
 from vision_peft.backbones.base import (
     TextBackbone,
     WeightsNotFoundError,
-    register_weights_status,
+    register_weights_finder,
     seeded_init,
     state_hash,
 )
@@ -98,11 +98,7 @@ class MiniLM(TextBackbone):
         return tokens, F.normalize(sentence, dim=-1)
 
 
-@register_weights_status("minilm")
-def minilm_weights_status(arg: str, cfg: BackboneConfig) -> str:
-    """``available`` when :func:`find_model_dir` finds the model folder (it raises naming where it looked)."""
-    find_model_dir(cfg)
-    return "available"
+register_weights_finder("minilm", find_model_dir)
 
 
 @BACKBONES.register(

@@ -23,6 +23,7 @@ from vision_peft.backbones.base import (
     ImageBackbone,
     TextBackbone,
     WeightsNotFoundError,
+    explicit_weights_file,
     register_weights_status,
     seeded_init,
     state_hash,
@@ -76,14 +77,10 @@ def create_clip(arg: str, cfg: BackboneConfig) -> tuple[nn.Module, str, dict]:
         )
     pcfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     looked: list[str] = []
-    file: Path | None = None
-    if cfg.weights:
-        file = Path(cfg.weights).expanduser()
-        if not file.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={cfg.weights} does not exist")
-    elif tag and Path(tag).expanduser().is_file():
-        file = Path(tag).expanduser()
-    else:
+    file = explicit_weights_file(cfg)
+    if file is None and tag and Path(tag).expanduser().is_file():
+        file = Path(tag).expanduser()  # the tag names a checkpoint file
+    if file is None:
         root = weights_root() / "open_clip"
         cands = [root / f"{arch}-{tag}{s}" for s in (".safetensors", ".bin", ".pt")]
         looked += [str(c) for c in cands]

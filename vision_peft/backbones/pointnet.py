@@ -28,6 +28,7 @@ from vision_peft.backbones.base import (
     Backbone,
     WeightsNotFoundError,
     _AbstractModuleMeta,
+    explicit_weights_file,
     load_state_file,
     seeded_init,
     state_hash,
@@ -152,11 +153,9 @@ class PointNet(PointBackbone):
 
 
 def find_pointnet_weights(cfg: BackboneConfig) -> Path:
-    if cfg.weights:
-        p = Path(cfg.weights).expanduser()
-        if not p.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={cfg.weights} does not exist")
-        return p
+    explicit = explicit_weights_file(cfg)
+    if explicit is not None:
+        return explicit
     p = weights_root() / WEIGHTS_FILE
     if p.is_file():
         return p

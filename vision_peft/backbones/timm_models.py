@@ -20,6 +20,7 @@ from vision_peft.backbones.base import (
     GridInfo,
     ImageBackbone,
     WeightsNotFoundError,
+    explicit_weights_file,
     register_weights_status,
     seeded_init,
     state_hash,
@@ -164,12 +165,8 @@ def create_timm(name: str, cfg: BackboneConfig, **kwargs: Any) -> tuple[nn.Modul
     if not cfg.pretrained:
         return seeded_init(lambda: timm.create_model(name, pretrained=False, **kwargs)), "random init (seed 0)"
     looked: list[str] = []
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={cfg.weights} does not exist; point it at a weight file")
-        file = path
-    else:
+    file = explicit_weights_file(cfg, "; point it at a weight file")
+    if file is None:
         cands = _local_candidates(name)
         looked += [str(c) for c in cands]
         file = next((c for c in cands if c.is_file()), None) or _hf_cached_file(name)
