@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from vision_peft.data import DATASETS
+from vision_peft.data.base import class_folders
 from vision_peft.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("vision_peft")
@@ -67,14 +68,7 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None, bad_fi
             f"dataset folder {root} does not exist; set task.data_root to a folder of class sub-folders "
             "(relative paths resolve under $VISION_PEFT_DATA)"
         )
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes is None:
-        classes = found
-    missing = [c for c in classes if c not in found]
-    if missing:
-        raise DatasetError(f"class folder(s) {', '.join(missing)} not found in {root}; present: {', '.join(found)}")
-    if len(classes) < 2:
-        raise DatasetError(f"{root} has {len(classes)} class folder(s); classification needs at least 2")
+    classes = class_folders(root, classes, DatasetError)
     samples: list[tuple[str, int]] = []
     bad: list[tuple[str, str]] = []
     for label, name in enumerate(classes):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vision_peft.data import DATASETS
+from vision_peft.data.base import class_folders
 from vision_peft.pointio import (  # noqa: F401  (re-exported: the public reader API)
     POINT_EXTS,
     SAMPLING_RULES,
@@ -92,14 +93,7 @@ def scan_point_folder(root: str | Path, classes: list[str] | None = None) -> Poi
             }
             found = list(classes)
         return PointScan(root, found, splits)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes is None:
-        classes = found
-    missing = [c for c in classes if c not in found]
-    if missing:
-        raise PointFileError(f"class folder(s) {', '.join(missing)} not found in {root}; present: {', '.join(found)}")
-    if len(classes) < 2:
-        raise PointFileError(f"{root} has {len(classes)} class folder(s); classification needs at least 2")
+    classes = class_folders(root, classes, PointFileError)
     splits = {}
     for label, name in enumerate(classes):
         for sub in sorted(p for p in (root / name).iterdir() if p.is_dir()):
