@@ -277,3 +277,17 @@ def test_open_clip_bpe_tokenizer_json_matches_open_clip(tmp_path: Path) -> None:
         ref = [int(i) for i in tok([phrase], context_length=200)[0] if int(i) != 0]
         assert t.encode(phrase).ids == ref, phrase
     assert clip_bpe_tokenizer_json(object(), tmp_path / "other.json") == ""  # not a CLIP BPE tokenizer: no file
+
+
+def test_pointnet_weights_status_names_the_missing_file(tmp_path, monkeypatch) -> None:
+    """The app's weights status for pointnet comes from its registered finder: missing under an empty root (the
+    message names the file looked for), available when the file is there."""
+    from vision_peft.backbones import weights_status
+    from vision_peft.backbones.pointnet import WEIGHTS_FILE
+
+    monkeypatch.setenv("VISION_PEFT_WEIGHTS", str(tmp_path))
+    status = weights_status("pointnet")
+    assert status.startswith("weights missing") and str(tmp_path / WEIGHTS_FILE) in status
+    (tmp_path / WEIGHTS_FILE).parent.mkdir(parents=True)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"")
+    assert weights_status("pointnet") == "available"

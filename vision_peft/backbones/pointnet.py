@@ -30,6 +30,7 @@ from vision_peft.backbones.base import (
     _AbstractModuleMeta,
     explicit_weights_file,
     load_state_file,
+    register_weights_finder,
     seeded_init,
     state_hash,
 )
@@ -163,6 +164,9 @@ def find_pointnet_weights(cfg: BackboneConfig) -> Path:
         f"PointNet ModelNet40 weights not found: looked for {p}. Fix: set $VISION_PEFT_WEIGHTS to the folder that "
         f"holds {WEIGHTS_FILE}, or backbone.weights=<file>, or backbone.pretrained=false for a random network"
     )
+
+
+register_weights_finder("pointnet", find_pointnet_weights)
 
 
 @BACKBONES.register(
