@@ -38,21 +38,14 @@ from vision_peft.backbones import BACKBONES, build_backbone
 from vision_peft.config import BackboneConfig, RunConfig
 from vision_peft.recipe import build_run_config
 from vision_peft.registry import Entry, Registry, UnknownNameError
+from vision_peft.runtimes import RUNTIMES
 from vision_peft.tasks import TASKS
-
-try:  # the runtime registry is torch-free and optional at collection time; its own test fails loudly if absent
-    from vision_peft.runtimes import RUNTIMES
-except ImportError as _e:  # pragma: no cover - until vision_peft/runtimes/ lands
-    RUNTIMES = None
-    _RUNTIMES_ERROR = f"{type(_e).__name__}: {_e}"
 
 TINY_CLASSES = ["alpha", "beta", "gamma"]  # class list for tasks whose spec gives none
 BATCH = 2  # synthetic batch size
 OUT_TOL = 1e-5  # |Δ| allowed between the trained model and its strict reload (same float ops, so ~0)
 RUNTIME_TOL = 1e-3  # |Δ| allowed between torch and the onnxruntime graph on the synthetic inputs
-REGISTRIES: dict[str, Registry] = {"backbone": BACKBONES, "adapter": ADAPTERS, "task": TASKS}
-if RUNTIMES is not None:
-    REGISTRIES["runtime"] = RUNTIMES
+REGISTRIES: dict[str, Registry] = {"backbone": BACKBONES, "adapter": ADAPTERS, "task": TASKS, "runtime": RUNTIMES}
 
 
 # -- cases from the registries ------------------------------------------------------------------------------------
@@ -275,10 +268,6 @@ def test_registry_names_unique_and_unknown_names_listed(kind: str) -> None:
         reg.register(first)(reg.get(first).builder)
 
 
-def test_runtime_registry_exists() -> None:
-    assert RUNTIMES is not None, f"vision_peft.runtimes.RUNTIMES is not importable ({_RUNTIMES_ERROR})"
-
-
 @pytest.mark.xfail(strict=False, reason="entries still without a tiny offline spec (issue 13: owners fill them)")
 def test_every_entry_declares_a_spec() -> None:
     missing = missing_specs()
@@ -307,7 +296,6 @@ def test_every_adapter_has_a_case(name: str) -> None:
 
 @pytest.mark.parametrize("name", TASKS.names())
 def test_every_task_has_a_runtime(name: str) -> None:
-    assert RUNTIMES is not None, f"vision_peft.runtimes.RUNTIMES is not importable ({_RUNTIMES_ERROR})"
     task_cls = TASKS.get(name).builder
     runtime = getattr(task_cls, "runtime", "")
     assert runtime, f"task {name} declares no runtime (class attribute Task.runtime)"
@@ -412,7 +400,6 @@ def test_export_runtime_parity(task_name: str, tmp_path: Path) -> None:
     assert manifest["parity"]["passed"] and manifest["task"] == case.task
     json.dumps(manifest)  # the manifest is plain JSON
 
-    assert RUNTIMES is not None, f"vision_peft.runtimes.RUNTIMES is not importable ({_RUNTIMES_ERROR})"
     runtime = RUNTIMES.get(task.runtime).builder
     assert runtime.task == case.task, f"{case.id}: runtime {task.runtime!r} serves task {runtime.task!r}"
     bundle = load_bundle(tmp_path / "bundle", device="cpu")  # verifies hashes and the graphs' inputs/outputs
