@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, check_choices
+from vision_peft.data.coco128_refer import COCO80
 from vision_peft.data.folder import DatasetError, ImageClassificationDataset, check_image
-from vision_peft.data.refer import COCO80, split_by_image
+from vision_peft.data.refer import split_by_image
 from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.runtimes import multilabel as rt
