@@ -5,19 +5,23 @@ names): ``name``, ``runtime`` (its ``RUNTIMES`` name), ``upload_suffixes`` (file
 ``preview`` (dataset preview kind), ``has_classes`` and ``predict_options`` (keyword options ``predict`` takes
 besides the inputs). The base absorbs what every task used to repeat: the class list and its check against a
 run directory's, the frozen extra encoders (built, frozen, never saved, their weight hashes in ``state_info``),
-the image preprocessing spec, export wrappers and the one prediction-record shape.
+the image preprocessing spec, export wrappers and the one prediction-record shape; :class:`ClassFolderTask` adds
+the class list read from class folders, :func:`check_split` the check of a recipe's split counts.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vision_peft.config import ConfigError
+from vision_peft.paths import resolve_data_path
 from vision_peft.runtimes.base import ranked_record
 
 PREVIEW_KINDS = ("class_folders", "point_folders", "refer", "none")
@@ -88,6 +92,32 @@ class TaskModel(nn.Module):
         return [p for p in head.parameters() if p.requires_grad] if head is not None else []
 
 
+class LinearHeadModel(TaskModel):
+    """backbone → pooled features → dropout → linear head (``head``: weights N(0, 0.01²), bias ``bias``); the
+    training loss of (float) logits and ``batch["label"]`` is the subclass's :meth:`loss`."""
+
+    def __init__(self, backbone: nn.Module, adapter, num_classes: int, dropout: float, bias: float = 0.0) -> None:
+        super().__init__(backbone, adapter)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.constant_(self.head.bias, bias)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.backbone.forward_features(image)))
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The training loss of float32 logits (B, classes) against the batch's labels."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch["image"])
+        out = {"output": logits}
+        if "label" in batch:
+            out["loss"] = self.loss(logits.float(), batch["label"])
+        return out
+
+
 def build_adapted_backbone(cfg) -> tuple[nn.Module, Any, tuple[set[int], set[str]]]:
     """Backbone from ``cfg.backbone``, frozen, with ``cfg.adapter`` applied; returns (backbone, handle, base).
 
@@ -106,6 +136,22 @@ def ranked_prediction(file: str, probs, labels: list[str], top_k: int) -> dict[s
     """One predict() record, the shape the deploy CLI and the server print too (see
     :func:`vision_peft.runtimes.base.ranked_record`)."""
     return ranked_record(file, probs, labels, top_k)
+
+
+def check_split(split: dict[str, int]) -> None:
+    """Refuses a ``task.split`` (counts per split; -1 = the rest) without a ``train`` count, with keys other than
+    train/val/test, or with more than one split taking the rest.
+
+    Raises:
+        ConfigError: naming the bad key or count.
+    """
+    if "train" not in split:
+        raise ConfigError(f"task.split needs a 'train' count, got {split}")
+    unknown = set(split) - {"train", "val", "test"}
+    if unknown:
+        raise ConfigError(f"task.split keys must be train/val/test, got {sorted(unknown)}")
+    if sum(1 for v in split.values() if v < 0) > 1:
+        raise ConfigError("task.split: only one split may take the rest (-1)")
 
 
 def top1_onnx(ds, run_fn, input_key: str, batch: int = 32) -> dict[str, Any] | None:
@@ -266,6 +312,14 @@ class Task(abc.ABC):
             )
         return backbone, handle, base
 
+    def build_head_model(self, head: Callable[[nn.Module, Any], TaskModel], kind: str = "image") -> TaskModel:
+        """``head(backbone, handle)`` around the adapted ``kind`` backbone (:meth:`build_backbone`), with the
+        backbone's frozen tensors marked as its base (so only the adapter and the head are saved)."""
+        backbone, handle, base = self.build_backbone(kind)
+        model = head(backbone, handle)
+        model.mark_base(base)
+        return model
+
     def build_frozen_encoder(self, key: str, kind: str = "text") -> nn.Module:
         """Build the frozen encoder configured in ``task.<key>`` (a BackboneConfig), check its kind, freeze it
         and record its weights for ``state_info``."""
@@ -289,6 +343,12 @@ class Task(abc.ABC):
         from vision_peft.preprocess import image_spec
 
         return image_spec(model.backbone.data_config, resize=self.resize_mode())
+
+    def train_augment(self, spec: dict) -> Any:
+        """The training augmentation ``task.augment`` names, at the size and resize filter of the image ``spec``."""
+        from vision_peft.augment import build_augment
+
+        return build_augment(self.cfg.task.augment, tuple(spec["size"]), spec.get("interpolation", "bilinear"))
 
     def image_export_spec(self, model: TaskModel, method: str, output: str, meaning: str, **extra: Any) -> ExportSpec:
         """The ExportSpec of a one-image graph: ``image (B, 3, H, W) -> model.<method>(image)`` named ``output``,
@@ -342,3 +402,35 @@ class Task(abc.ABC):
         super().__init_subclass__(**kwargs)
         if cls.preview not in PREVIEW_KINDS:
             raise TypeError(f"{cls.__name__}.preview must be one of {', '.join(PREVIEW_KINDS)}, got {cls.preview!r}")
+
+
+class ClassFolderTask(Task):
+    """A task whose classes are the class folders of ``task.data_root`` (``task.classes`` picks and orders them):
+    the folder is scanned once (:meth:`scan`), with the loaded run's classes when there is one, and the classes
+    found are checked against the run's."""
+
+    has_classes = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._scan: Any = None
+
+    @abc.abstractmethod
+    def read_scan(self, root: Path, classes: list[str] | None) -> Any:
+        """Scan the data folder ``root`` (``classes``: the ones to read, in label order; None = every class
+        folder); the result has ``classes`` and ``root``."""
+
+    def scan(self) -> Any:
+        """The data folder's scan (the run's classes when a run directory was loaded, else ``task.classes``)."""
+        if self._scan is None:
+            t = self.cfg.task
+            self._scan = self.read_scan(resolve_data_path(t.data_root), t.classes or self._run_classes)
+            self.found_classes(self._scan.classes, str(self._scan.root))
+        return self._scan
+
+    def discover_classes(self) -> list[str]:
+        return self.scan().classes
+
+    def recipe_classes(self) -> list[str] | None:
+        """``task.classes`` (names and order must match a checkpoint's)."""
+        return self.cfg.task.classes

@@ -8,6 +8,7 @@ class with counts and seed written in the recipe, and the file lists land in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,10 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.config import ConfigError, check_choices
-from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.tasks import TASKS
-from vision_peft.tasks.base import ExportSpec, Task, TaskModel, ranked_prediction, top1_onnx
+from vision_peft.tasks.base import (
+    ClassFolderTask,
+    ExportSpec,
+    LinearHeadModel,
+    TaskModel,
+    check_split,
+    ranked_prediction,
+    top1_onnx,
+)
 
 
 @dataclass
@@ -41,37 +49,20 @@ class ClassificationConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "task")
-        if "train" not in self.split:
-            raise ConfigError(f"task.split needs a 'train' count, got {self.split}")
-        unknown = set(self.split) - {"train", "val", "test"}
-        if unknown:
-            raise ConfigError(f"task.split keys must be train/val/test, got {sorted(unknown)}")
-        if sum(1 for v in self.split.values() if v < 0) > 1:
-            raise ConfigError("task.split: only one split may take the rest (-1)")
+        check_split(self.split)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"task.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
-class ClassifierModel(TaskModel):
-    """backbone → pooled features → dropout → linear head."""
+class ClassifierModel(LinearHeadModel):
+    """backbone → pooled features → dropout → linear head; cross-entropy with label smoothing."""
 
     def __init__(self, backbone: nn.Module, adapter, num_classes: int, dropout: float, smoothing: float) -> None:
-        super().__init__(backbone, adapter)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.zeros_(self.head.bias)
-        nn.init.normal_(self.head.weight, std=0.01)
+        super().__init__(backbone, adapter, num_classes, dropout)
         self.smoothing = smoothing
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.backbone.forward_features(image)))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["image"])
-        out = {"output": logits}
-        if "label" in batch:
-            out["loss"] = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.smoothing)
-        return out
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, label, label_smoothing=self.smoothing)
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
@@ -87,7 +78,7 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray
     requires=("image",),
     spec={"classes": ["a", "b", "c"], "augment": "none"},  # tiny offline config: set_classes(spec classes), no data
 )
-class ClassificationTask(Task):
+class ClassificationTask(ClassFolderTask):
     """Folder-per-class image classification with a linear head."""
 
     name = "classification"
@@ -97,26 +88,11 @@ class ClassificationTask(Task):
     has_classes = True
     predict_options = ("top_k", "mc_samples")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self._scan = None
-
     # -- data -------------------------------------------------------------------------------------------
-    def scan(self):
-        """The data folder's scan (the run's classes when a run directory was loaded, else ``task.classes``)."""
-        if self._scan is None:
-            from vision_peft.data.folder import scan_image_folder
+    def read_scan(self, root: Path, classes: list[str] | None) -> Any:
+        from vision_peft.data.folder import scan_image_folder
 
-            t = self.cfg.task
-            self._scan = scan_image_folder(resolve_data_path(t.data_root), t.classes or self._run_classes, t.bad_files)
-            self.found_classes(self._scan.classes, str(self._scan.root))
-        return self._scan
-
-    def discover_classes(self) -> list[str]:
-        return self.scan().classes
-
-    def recipe_classes(self) -> list[str] | None:
-        return self.cfg.task.classes
+        return scan_image_folder(root, classes, self.cfg.task.bad_files)
 
     def splits(self) -> dict[str, list[tuple[str, int]]]:
         from vision_peft.data.folder import stratified_split
@@ -125,11 +101,10 @@ class ClassificationTask(Task):
         return stratified_split(scan.samples, scan.classes, dict(self.cfg.task.split), self.cfg.task.split_seed)
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
-        from vision_peft.augment import build_augment
         from vision_peft.data.folder import ImageClassificationDataset
 
         spec = self.image_spec(model)
-        aug = build_augment(self.cfg.task.augment, tuple(spec["size"]), spec.get("interpolation", "bilinear"))
+        aug = self.train_augment(spec)
         out = {}
         for split, samples in self.splits().items():
             if samples:
@@ -140,11 +115,12 @@ class ClassificationTask(Task):
 
     # -- model ------------------------------------------------------------------------------------------
     def build_model(self) -> ClassifierModel:
-        backbone, handle, base_ids = self.build_backbone("image")
         t = self.cfg.task
-        model = ClassifierModel(backbone, handle, len(self.classes), t.head_dropout, t.label_smoothing)
-        model.mark_base(base_ids)
-        return model
+        return self.build_head_model(
+            lambda backbone, handle: ClassifierModel(
+                backbone, handle, len(self.classes), t.head_dropout, t.label_smoothing
+            )
+        )
 
     # -- metrics ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,6 +22,7 @@ starts W_pc at the identity. Few-shot training draws K shots per class (``shots`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,16 @@ from torch import nn
 
 from vision_peft.adapters import ADAPTERS
 from vision_peft.adapters.point_adapter import PointLastStageConfig, PointMLPConfig
-from vision_peft.config import BackboneConfig, ConfigError, resolve_data_path
+from vision_peft.config import BackboneConfig, ConfigError
 from vision_peft.tasks import TASKS
-from vision_peft.tasks.base import ExportSpec, Task, TaskModel, build_adapted_backbone, ranked_prediction, top1_onnx
+from vision_peft.tasks.base import (
+    ClassFolderTask,
+    ExportSpec,
+    TaskModel,
+    build_adapted_backbone,
+    ranked_prediction,
+    top1_onnx,
+)
 from vision_peft.tasks.classification import confusion_matrix
 from vision_peft.tasks.ppt import POSITIONS, PromptLearner
 
@@ -213,7 +221,7 @@ class _PointLogits(nn.Module):
         "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
     },
 )  # fmt: skip
-class PointCloudTask(Task):
+class PointCloudTask(ClassFolderTask):
     """Point-cloud classification: learnable prompts (PPT) on a frozen point encoder + PointAdapter."""
 
     name = "pointcloud"
@@ -227,25 +235,14 @@ class PointCloudTask(Task):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self._legacy_adapters = upgrade_point_adapter(cfg)  # v1 task.point_adapter → registered adapters
-        self._scan = None
         self._splits: dict[str, list] | None = None
 
     # -- data -------------------------------------------------------------------------------------------
-    def scan(self):
-        if self._scan is None:
-            from vision_peft.data.points import scan_point_folder
+    def read_scan(self, root: Path, classes: list[str] | None) -> Any:
+        """The point folder's scan (class order matters: the prompts are built from the class names)."""
+        from vision_peft.data.points import scan_point_folder
 
-            t = self.cfg.task
-            self._scan = scan_point_folder(resolve_data_path(t.data_root), t.classes or self._run_classes)
-            self.found_classes(self._scan.classes, str(self._scan.root))
-        return self._scan
-
-    def discover_classes(self) -> list[str]:
-        return self.scan().classes
-
-    def recipe_classes(self) -> list[str] | None:
-        """``task.classes`` (names and order must match a checkpoint's: the prompts are built from them)."""
-        return self.cfg.task.classes
+        return scan_point_folder(root, classes)
 
     def samples(self) -> dict[str, list]:
         from vision_peft.data.points import few_shot_subset

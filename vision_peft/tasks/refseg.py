@@ -211,11 +211,10 @@ class RefSegTask(Task):
         return tok
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
-        from vision_peft.augment import build_augment
         from vision_peft.data.refer import RefSegDataset
 
         spec = self.image_spec(model)
-        aug = build_augment(self.cfg.task.augment, tuple(spec["size"]), spec.get("interpolation", "bilinear"))
+        aug = self.train_augment(spec)
         tok = self.tokenizer(model)
         out = {}
         for split, samples in self.split_samples().items():
