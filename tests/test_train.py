@@ -60,18 +60,20 @@ def _env() -> dict:
     return env
 
 
+TRAIN_CLI = [sys.executable, "-m", "vision_peft", "train"]
+
+
+def _check_run(cmd: list[str]) -> None:
+    """Runs ``cmd`` in the CLI environment (300 s at most); it must exit 0 (else the tail of its stderr shows)."""
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, aid_root: Path) -> None:
     # Both runs go through the same CLI in the same environment: Adam amplifies float-level differences
     # between thread settings, so the reference must not run in-process.
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ref")))
-    res = subprocess.run(
-        [sys.executable, "-m", "vision_peft", "train", str(tmp_path / "ref.yaml"), "--no-progress"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _check_run([*TRAIN_CLI, str(tmp_path / "ref.yaml"), "--no-progress"])
     ref = load_tensors(tmp_path / "ref" / "adapter.safetensors")
 
     recipe = tmp_path / "r.yaml"
@@ -79,7 +81,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, aid_root: Pat
     env = _env()
     env["VISION_PEFT_STEP_DELAY"] = "0.4"  # slow steps down so the kill lands mid-run
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vision_peft", "train", str(recipe), "--no-progress"],
+        [*TRAIN_CLI, str(recipe), "--no-progress"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -98,14 +100,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, aid_root: Pat
     assert 6 <= killed_at < total, "the kill must land part-way through the run"
     assert not (tmp_path / "killed" / "adapter.safetensors").exists()
 
-    res = subprocess.run(
-        [sys.executable, "-m", "vision_peft", "train", "--resume", str(tmp_path / "killed"), "--no-progress"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _check_run([*TRAIN_CLI, "--resume", str(tmp_path / "killed"), "--no-progress"])
     resumed = load_tensors(tmp_path / "killed" / "adapter.safetensors")
     assert set(resumed) == set(ref)
     for k in ref:
@@ -145,8 +140,7 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
         str(recipe),
         "--no-progress",
     ]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _check_run(cmd)
     info = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert info["world_size"] == 2
     # 24 training images sharded over 2 ranks of batch 4 -> 3 steps per epoch

@@ -238,19 +238,9 @@ class Bundle:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Reads and checks a bundle's ``manifest.json``: structure and format version (:func:`vision_peft.bundle.
-    read_manifest`) and the task runtime's own checks (e.g. a classifier's labels). Files are not hashed.
-
-    Args:
-        path: The bundle folder.
-
-    Returns:
-        The parsed manifest.
-
-    Raises:
-        FileNotFoundError: No bundle folder or no manifest in it.
-        ValueError: Unknown format version, or a required field is missing or malformed.
-    """
+    """:func:`vision_peft.bundle.read_manifest` (structure and format version; the same argument, result and
+    errors) followed by the task runtime's own checks, e.g. a classifier's labels (``ValueError``). Files are not
+    hashed."""
     manifest = contract.read_manifest(path)
     runtime = runtime_for_task(manifest["task"])
     if runtime is not None:

@@ -71,33 +71,15 @@ def _export(module, args, names, output_names, path, exporter, dynamic_batch, op
             if dynamic_batch:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 dyn = tuple({0: batch} for _ in names)  # positional: forward's own argument names may differ
-            kw = {"opset_version": opset} if opset else {}
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=names,
-                output_names=output_names,
-                dynamic_shapes=dyn,
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-                **kw,
-            )
+            kw = {"dynamic_shapes": dyn, "dynamo": True, "external_data": True, "verbose": False}
+            if opset:
+                kw["opset_version"] = opset
         elif exporter == "torchscript":
             axes = {n: {0: "batch"} for n in names + output_names} if dynamic_batch else None
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=names,
-                output_names=output_names,
-                dynamic_axes=axes,
-                dynamo=False,
-                opset_version=opset or 17,
-            )
+            kw = {"dynamic_axes": axes, "dynamo": False, "opset_version": opset or 17}
         else:
             raise ValueError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names, **kw)
 
 
 def ort_session(path: Path, device: str = "cpu"):
