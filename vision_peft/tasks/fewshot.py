@@ -124,10 +124,7 @@ class FewShotTask(Task):
                 f"task fewshot trains one episode per step: set train.batch_size=1 (got {self.cfg.train.batch_size}); "
                 "use train.grad_accum to average several episodes"
             )
-        backbone, handle, base = self.build_backbone("image")
-        model = FewShotModel(backbone, handle, self.cfg.task)
-        model.mark_base(base)
-        return model
+        return self.build_head_model(lambda backbone, handle: FewShotModel(backbone, handle, self.cfg.task))
 
     def samplers(self, q_query: int | None = None, seed: int | None = None, way=None, k_shot: int | None = None):
         """Episode samplers per split (base / val / novel) of the recipe's dataset."""
