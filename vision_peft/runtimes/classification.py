@@ -7,9 +7,7 @@ from typing import Any
 
 from vision_peft.preprocess import ImageInput
 from vision_peft.runtimes import RUNTIMES
-from vision_peft.runtimes.base import TOP_K, RankedRuntime, UploadRequests, image_logits, ranked_result, softmax
-
-__all__ = ["TOP_K", "ClassificationRuntime", "UploadRequests"]  # TOP_K, UploadRequests: also imported from here
+from vision_peft.runtimes.base import RankedRuntime, image_logits, ranked_result, softmax
 
 
 @RUNTIMES.register("classification", help="images -> class probabilities")
