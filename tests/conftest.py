@@ -188,6 +188,28 @@ def run_cfg(tmp_path: Path, tiny_image_folder: Callable[..., Path]) -> Callable[
     return make
 
 
+def adapter_data_files(config_cls: type | None, backbone: Any, targets: list[str], directory: Path) -> dict[str, str]:
+    """Config fields of an adapter that name a file computed from data, filled with a random stand-in written
+    under ``directory`` for ``backbone``: FISH's ``fisher_file`` gets non-negative Fisher scores (seeded, one
+    tensor per ``nn.Linear`` that ``targets`` resolve to; any non-negative scores exercise the sparse engine).
+    Empty for adapters without such fields."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls is not None else set()
+    if "fisher_file" not in fields:
+        return {}
+    linears = [n for n in backbone.resolve_targets(targets) if type(backbone.get_submodule(n)) is torch.nn.Linear]
+    scores = {n: torch.rand(backbone.get_submodule(n).weight.shape, generator=torch.Generator().manual_seed(0))
+              for n in linears}  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"fisher-{backbone.spec.replace(':', '_').replace('/', '_')}.safetensors"
+    save_file(scores or {"none": torch.zeros(1)}, str(path))
+    return {"fisher_file": str(path)}
+
+
 def reset_vision_peft_logging() -> None:
     """Detach the handlers ``train.run`` installs on the ``vision_peft`` logger (stderr + train.log) and let
     records propagate again, so later tests' caplog sees library warnings."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import adapter_data_files
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -84,16 +85,10 @@ def tiny_adapter_cfg(name: str, bb: nn.Module, **kw):
     entry = ADAPTERS.get(name)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
     tiny = dict(entry.spec or {})
+    groups = [g for g in GROUPS if g in bb.target_groups]
     if "targets" in fields:
-        tiny["targets"] = [g for g in GROUPS if g in bb.target_groups]
-    if "fisher_file" in fields:  # FISH's scores come from data; any non-negative scores exercise the engine
-        from safetensors.torch import save_file
-
-        scores = {n: torch.rand(bb.get_submodule(n).weight.shape, generator=torch.Generator().manual_seed(0))
-                  for n in _group_targets(bb) if type(bb.get_submodule(n)) is nn.Linear}  # fmt: skip
-        path = _FISHER_DIR / f"{bb.spec.replace(':', '_').replace('/', '_')}.safetensors"
-        save_file(scores or {"none": torch.zeros(1)}, str(path))
-        tiny["fisher_file"] = str(path)
+        tiny["targets"] = groups
+    tiny.update(adapter_data_files(entry.config_cls, bb, groups, _FISHER_DIR))  # FISH: stand-in Fisher scores
     return entry.config_cls(**{**tiny, **kw})
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import adapter_data_files
 
 from vision_peft.adapters import ADAPTERS
 from vision_peft.backbones import BACKBONES, build_backbone
@@ -123,19 +124,25 @@ def backbone_cfg(entry: Entry) -> BackboneConfig:
     return BackboneConfig(**spec)
 
 
-_TARGETS: dict[str, list[str]] = {}
+_BUILT: dict[str, torch.nn.Module] = {}
+
+
+def spec_backbone(entry: Entry) -> torch.nn.Module:
+    """A backbone spec built once (read only: its target groups and module names)."""
+    if entry.name not in _BUILT:
+        _BUILT[entry.name] = build_backbone(backbone_cfg(entry))
+    return _BUILT[entry.name]
 
 
 def backbone_groups(entry: Entry) -> list[str]:
-    """The portable target groups of a backbone spec (built once)."""
-    if entry.name not in _TARGETS:
-        _TARGETS[entry.name] = sorted(build_backbone(backbone_cfg(entry)).target_groups)
-    return _TARGETS[entry.name]
+    """The portable target groups of a backbone spec."""
+    return sorted(spec_backbone(entry).target_groups)
 
 
-def adapter_section(case: Case) -> dict[str, Any]:
+def adapter_section(case: Case, data_dir: Path) -> dict[str, Any]:
     """The adapter's tiny config: its spec's fields; ``targets`` (when the config has them and the spec gives
-    none) are the default targets the backbone has, else every portable group of the backbone."""
+    none) are the default targets the backbone has, else every portable group of the backbone; fields naming a
+    file computed from data (FISH's Fisher scores) get a random stand-in written under ``data_dir``."""
     entry = ADAPTERS.get(case.adapter)
     section = {"name": case.adapter, **(entry.spec or {})}
     fields = {f.name: f for f in dataclasses.fields(entry.config_cls)} if entry.config_cls else {}
@@ -144,6 +151,8 @@ def adapter_section(case: Case) -> dict[str, Any]:
         default = fields["targets"].default_factory() if callable(fields["targets"].default_factory) else []
         kept = [t for t in default if t in groups]
         section["targets"] = kept or groups
+    bb = spec_backbone(BACKBONES.get(case.backbone))
+    section.update(adapter_data_files(entry.config_cls, bb, list(section.get("targets", [])), data_dir))
     return section
 
 
@@ -153,7 +162,7 @@ def run_config(case: Case, runs_root: Path) -> RunConfig:
         {
             "task": {"name": case.task, **fields},
             "backbone": dataclasses.asdict(backbone_cfg(BACKBONES.get(case.backbone))),
-            "adapter": adapter_section(case),
+            "adapter": adapter_section(case, runs_root.parent / "adapter-data"),
             "train": {"device": "cpu", "epochs": 1, "max_steps": 1, "batch_size": 1},  # episodic tasks need 1
             "output": {"runs_root": str(runs_root), "name": case.id},
         }
