@@ -172,6 +172,26 @@ def test_split_forward_equals_backbone(tmp_path, backbone, adapter):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_fewshot_requires_a_grid_backbone_and_open_clip_error_names_the_fix(tmp_path):
+    """The task declares the grid PER recombines (``requires`` "grid"); exactly the image families whose tiny spec
+    builds a backbone with a grid provide it; on open_clip (no grid) the error names the fix, and per_mode=none
+    builds."""
+    from vision_peft.backbones import BACKBONES, build_backbone
+    from vision_peft.config import BackboneConfig
+
+    assert "grid" in TASKS.get("fewshot").requires
+    for name, entry in BACKBONES.items():
+        if entry.spec is not None and "image" in entry.provides:
+            layout = build_backbone(BackboneConfig(**entry.spec)).grid_info().layout
+            assert ("grid" in entry.provides) == (layout != "pixels"), f"{name}: grid layout {layout!r}"
+    assert "grid" not in BACKBONES.get("open_clip").provides
+    clip = {"name": "open_clip:vp-tiny-clip", "pretrained": False, "image_size": 32}
+    with pytest.raises(ConfigError, match=r"(?s)'grid'.*open_clip:vp-tiny-clip.*task\.per_mode=none"):
+        TASKS.get("fewshot").builder(fewshot_cfg(tmp_path, "unused", backbone=clip)).build_model()
+    model = TASKS.get("fewshot").builder(fewshot_cfg(tmp_path, "unused", backbone=clip, per_mode="none")).build_model()
+    assert model.layout == "pixels"
+
+
 def test_prompts_reset_per_episode(tmp_path):
     cfg = fewshot_cfg(tmp_path, "unused")
     model = TASKS.get("fewshot").builder(cfg).build_model().eval()

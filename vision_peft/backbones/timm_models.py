@@ -202,7 +202,7 @@ def timm_weights_status(arg: str, cfg: BackboneConfig) -> str:
     config_cls=BackboneConfig,
     help="any timm image model: timm:<model_name>",
     spec={"name": "timm:test_vit", "pretrained": False, "image_size": 32},
-    provides=("image", "tokens", "linear"),  # of the spec model (timm CNNs: "image" only)
+    provides=("image", "tokens", "linear", "grid"),  # of the spec model (timm CNNs: "image", "grid" with stages)
 )
 def build_timm(arg: str, cfg: BackboneConfig) -> TimmBackbone:
     """Any timm image model (timm:<name>), headless."""

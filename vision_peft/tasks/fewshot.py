@@ -101,7 +101,7 @@ class FewShotConfig:
     "fewshot",
     config_cls=FewShotConfig,
     help="few-shot scene classification: MVP (meta visual prompts)",
-    requires=("image",),
+    requires=("image", "grid"),  # PER recombines the backbone's first patch / feature grid (forward_grid)
     spec={"n_way": 2, "k_shot": 1, "q_query": 1, "train_q_query": 1},  # tiny offline config (train.batch_size: 1)
 )
 class FewShotTask(Task):

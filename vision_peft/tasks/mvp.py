@@ -125,8 +125,9 @@ class FewShotModel(TaskModel):
                 raise ConfigError(f"task.grid_stage must lie in [0, {info.stages - 2}], got {self.grid_stage}")
         elif info.layout == "pixels" and cfg.per_mode != "none":
             raise ConfigError(
-                f"PER needs a timm ViT or a timm CNN with stages; {backbone.spec!r} exposes no grid. "
-                "Set task.per_mode=none"
+                f"PER (task.per_mode={cfg.per_mode}) needs a backbone with a patch / feature grid (capability "
+                f"'grid': timm ViTs, timm CNNs with stages, effnet_lite0); {backbone.spec!r} exposes none "
+                "(vision_peft/tasks/mvp.py). Set task.per_mode=none, or pick a backbone that provides 'grid'"
             )
 
     # the frozen part up to the grid, and the rest
