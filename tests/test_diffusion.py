@@ -230,7 +230,10 @@ def test_kind_pretrain_gates_and_transfer():
     m = tiny_dit(classes=4)
     m.requires_grad_(False)
     h = apply_adapter(m, KINDConfig(mode="pretrain", learngene_rank=8, tailor_rank=2, groups=2))
-    lay = m.get_submodule(h.touched[0])
+    assert h.touched[0] == ""  # pre-training trains the whole DiT (touched lists it, then the KIND layers)
+    layers = h.touched[1:]
+    assert layers and all(isinstance(m.get_submodule(n), KINDLinear) for n in layers)
+    lay = m.get_submodule(layers[0])
     assert isinstance(lay, KINDLinear) and all(p.requires_grad for p in m.parameters())
     g = lay.gate(torch.tensor([0, 1, 2, 4]))  # class 4 = null: no tailor
     assert g.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
@@ -241,7 +244,7 @@ def test_kind_pretrain_gates_and_transfer():
     # transfer on a KIND-pre-trained checkpoint: learngenes frozen (base weight), new tailors trainable
     from vision_peft.adapters.kind import kind_pretrained_state
 
-    sd, extra = kind_pretrained_state(m, h.touched)
+    sd, extra = kind_pretrained_state(m, layers)
     base = DiT(m.arch)
     base.load_state_dict(sd)
     base.extra_tensors = extra
@@ -259,10 +262,10 @@ def test_kind_pretrain_gates_and_transfer():
     h2.on_classes(["a", "b", "c", "d", "e"])
     assert base.get_submodule(h2.touched[0]).num_classes == 5
     # merge_and_unload: plain Linear layers with the learngene products, the tailors as kind.* tensors
-    sd_want, extra_want = kind_pretrained_state(m, h.touched)
+    sd_want, extra_want = kind_pretrained_state(m, layers)
     extra = h.merge_and_unload()
     assert set(extra) == set(extra_want) and all(torch.equal(extra[k], extra_want[k]) for k in extra)
-    assert all(type(m.get_submodule(n)) is nn.Linear for n in h.touched)
+    assert all(type(m.get_submodule(n)) is nn.Linear for n in layers)
     assert set(m.state_dict()) == set(sd_want) and all(torch.equal(m.state_dict()[k], v) for k, v in sd_want.items())
 
 

@@ -41,7 +41,7 @@ class AdapterHandle:
     """What an adapter touched, how to fold it into plain weights, and the hooks of its training-time behaviour."""
 
     name: str
-    touched: list[str] = field(default_factory=list)  # module names changed or added
+    touched: list[str] = field(default_factory=list)  # module names changed or added; "" = the whole backbone trains
     merge_fn: Callable[[], None] | None = None  # folds re-parameterisations into the base weights
     report: dict = field(default_factory=dict)  # adapter-specific facts (selected entries, shared shapes …)
     # called by the training loop after every optimizer step with (step, total_steps); returns scalars to log

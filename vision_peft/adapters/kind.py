@@ -199,9 +199,12 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
         hook.remove()
         return extra
 
+    # what trains: pre-training the whole DiT ("" = the backbone itself, as for full fine-tuning; the KIND layers
+    # follow), transfer only the KIND layers' tailors
+    touched = ["", *names] if cfg.mode == "pretrain" else list(names)
     # class-gated: no single dense weight, so no merge_fn; merge_and_unload() gives the base-checkpoint form
     return AdapterHandle(
-        "kind", touched=names, report={"mode": cfg.mode}, classes_fn=on_classes, condition_fn=condition,
+        "kind", touched=touched, report={"mode": cfg.mode}, classes_fn=on_classes, condition_fn=condition,
         unload_fn=unload,
     )  # fmt: skip
 
