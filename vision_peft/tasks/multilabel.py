@@ -40,7 +40,7 @@ from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.runtimes import multilabel as rt
 from vision_peft.tasks import TASKS
-from vision_peft.tasks.base import ExportSpec, ImageGraph, Task, TaskModel
+from vision_peft.tasks.base import ExportSpec, ImageGraph, LinearHeadModel, Task, TaskModel, check_split
 
 log = logging.getLogger("vision_peft")
 
@@ -67,13 +67,7 @@ class MultiLabelConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "task")
-        if "train" not in self.split:
-            raise ConfigError(f"task.split needs a 'train' count, got {self.split}")
-        unknown = set(self.split) - {"train", "val", "test"}
-        if unknown:
-            raise ConfigError(f"task.split keys must be train/val/test, got {sorted(unknown)}")
-        if sum(1 for v in self.split.values() if v < 0) > 1:
-            raise ConfigError("task.split: only one split may take the rest (-1)")
+        check_split(self.split)
         if self.min_images < 1:
             raise ConfigError(f"task.min_images must be >= 1, got {self.min_images}")
         if not 0.0 < self.init_prior < 1.0:
@@ -231,27 +225,17 @@ class MultiLabelDataset(ImageClassificationDataset):
 
 
 # -- model ---------------------------------------------------------------------------------------------------------
-class MultiLabelModel(TaskModel):
-    """backbone → pooled features → dropout → linear head (one logit per category); keeps the decision threshold."""
+class MultiLabelModel(LinearHeadModel):
+    """backbone → pooled features → dropout → linear head (one logit per category, bias logit(init_prior));
+    binary cross-entropy; keeps the decision threshold."""
 
     def __init__(self, backbone: nn.Module, adapter, num_classes: int, dropout: float, init_prior: float) -> None:
-        super().__init__(backbone, adapter)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.constant_(self.head.bias, float(np.log(init_prior / (1.0 - init_prior))))
+        super().__init__(backbone, adapter, num_classes, dropout, bias=float(np.log(init_prior / (1.0 - init_prior))))
         # the decision threshold: chosen on val by evaluate(), saved with the adapter, exported in task_info
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.backbone.forward_features(image)))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["image"])
-        out = {"output": logits}
-        if "label" in batch:
-            out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())
-        return out
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, label.float())
 
 
 @TASKS.register(
@@ -317,10 +301,8 @@ class MultiLabelTask(Task):
         return out
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
-        from vision_peft.augment import build_augment
-
         spec = self.image_spec(model)
-        aug = build_augment(self.cfg.task.augment, tuple(spec["size"]), spec.get("interpolation", "bilinear"))
+        aug = self.train_augment(spec)
         return {
             split: MultiLabelDataset(samples, spec, split, aug if split == "train" else None, self.cfg.train.seed)
             for split, samples in self.splits().items()
@@ -329,11 +311,10 @@ class MultiLabelTask(Task):
 
     # -- model ------------------------------------------------------------------------------------------
     def build_model(self) -> MultiLabelModel:
-        backbone, handle, base = self.build_backbone("image")
         t = self.cfg.task
-        model = MultiLabelModel(backbone, handle, len(self.classes), t.head_dropout, t.init_prior)
-        model.mark_base(base)
-        return model
+        return self.build_head_model(
+            lambda backbone, handle: MultiLabelModel(backbone, handle, len(self.classes), t.head_dropout, t.init_prior)
+        )
 
     # -- metrics ----------------------------------------------------------------------------------------
     def metrics(self, probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
