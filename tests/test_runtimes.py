@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -194,6 +195,10 @@ def test_manifest_round_trip(tmp_path) -> None:
         source_run=str(tmp_path),
     )
     contract.write_manifest(folder, manifest)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (folder / contract.MANIFEST).stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, f"manifest.json written {oct(mode)}: a server running as another user cannot read it"
     assert list(manifest)[:2] == ["format", "task"] and manifest["format"] == contract.BUNDLE_FORMAT
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
     assert manifest["files"]["model.onnx"] == contract.sha256_file(folder / "model.onnx")
