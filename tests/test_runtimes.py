@@ -6,6 +6,7 @@ Bundles here are built with ``onnx.helper`` (a two-node graph), so these tests a
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -117,6 +118,7 @@ def test_runtimes_declare_the_contract() -> None:
         for hook in ("predict_cli", "http"):
             assert getattr(rt, hook) is not getattr(Runtime, hook), f"{name} does not implement {hook}"
         assert rt.load_test_request.__func__ is not Runtime.load_test_request.__func__, name
+        assert not inspect.isabstract(rt), f"{name} leaves {sorted(rt.__abstractmethods__)} abstract"
         assert all(callable(getattr(rt, m, None)) for m in rt.methods), name
         endpoints.append(rt.endpoint)
         methods += rt.methods

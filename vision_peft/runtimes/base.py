@@ -20,6 +20,7 @@ rule, un-letterbox + threshold, the DDIM sampler), so each rule exists once. Not
 
 from __future__ import annotations
 
+import abc
 import argparse
 import os
 from collections.abc import Iterator, Sequence
@@ -289,7 +290,7 @@ class LoadTestOptions:
     labels: tuple[str, ...] = ()  # the bundle's class names (from /info, without a null class)
 
 
-class LoadTestRequests:
+class LoadTestRequests(abc.ABC):
     """The requests of a load test: ``good(i)`` and ``malformed(kind)`` return ``httpx`` request keyword arguments.
 
     Malformed kinds: 0 garbage bytes, 1 a wrong file type or field, 2 a required part missing.
@@ -298,11 +299,13 @@ class LoadTestRequests:
     def __init__(self, route: str) -> None:
         self.route = route
 
+    @abc.abstractmethod
     def good(self, i: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """Keyword arguments of the ``i``-th well-formed request."""
 
+    @abc.abstractmethod
     def malformed(self, kind: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """Keyword arguments of a malformed request of ``kind`` (see the class docstring)."""
 
 
 def read_upload_files(inputs: Path, suffixes: Sequence[str], limit: int = 32) -> list[tuple[str, bytes]]:
@@ -345,7 +348,7 @@ class UploadRequests(LoadTestRequests):
 
 
 # -- the contract ------------------------------------------------------------------------------------------------
-class Runtime:
+class Runtime(abc.ABC):
     """The numpy half of one task, bound to a loaded bundle (``Bundle.runtime``).
 
     Subclasses set the class attributes below and implement :meth:`predict_cli`, :meth:`http` and
@@ -371,23 +374,24 @@ class Runtime:
         if cls.needs_labels:
             check_labels(path, manifest)
 
+    @abc.abstractmethod
     def predict_cli(self, inputs: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
         """The deploy CLI's prediction: one JSON-able record per input (or per request)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def http(self, request: HttpRequest) -> dict[str, Any]:
         """Answers one request of :attr:`endpoint` (the server adds ``providers``); raises :class:`HttpError`
         or ``ValueError`` (-> 422) for bad input."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def load_test_request(cls, inputs: Path | None, options: LoadTestOptions) -> LoadTestRequests:
-        """The load test's request builder for this endpoint.
+        """The load test's request builder for this endpoint (called on the class: tests/test_runtimes.py checks
+        that no registered runtime leaves it abstract).
 
         Raises:
             SystemExit: ``inputs`` does not hold what the endpoint needs.
         """
-        raise NotImplementedError
 
 
 class RankedRuntime(Runtime):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vision_peft.backbones.base import _AbstractModuleMeta
 from vision_peft.config import ConfigError
 from vision_peft.paths import resolve_data_path
 from vision_peft.runtimes.base import ranked_record
@@ -92,7 +93,7 @@ class TaskModel(nn.Module):
         return [p for p in head.parameters() if p.requires_grad] if head is not None else []
 
 
-class LinearHeadModel(TaskModel):
+class LinearHeadModel(TaskModel, metaclass=_AbstractModuleMeta):
     """backbone → pooled features → dropout → linear head (``head``: weights N(0, 0.01²), bias ``bias``); the
     training loss of (float) logits and ``batch["label"]`` is the subclass's :meth:`loss`."""
 
@@ -106,9 +107,9 @@ class LinearHeadModel(TaskModel):
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.backbone.forward_features(image)))
 
+    @abc.abstractmethod
     def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The training loss of float32 logits (B, classes) against the batch's labels."""
-        raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.logits(batch["image"])
