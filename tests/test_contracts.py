@@ -306,7 +306,7 @@ def test_every_adapter_has_a_case(name: str) -> None:
 @pytest.mark.parametrize("name", TASKS.names())
 def test_every_task_has_a_runtime(name: str) -> None:
     task_cls = TASKS.get(name).builder
-    runtime = getattr(task_cls, "runtime", "")
+    runtime = task_cls.runtime  # declared on the Task base (default "")
     assert runtime, f"task {name} declares no runtime (class attribute Task.runtime)"
     assert runtime in RUNTIMES, f"task {name} names runtime {runtime!r}; RUNTIMES has {RUNTIMES.names()}"
 
