@@ -128,6 +128,125 @@ def test_refcoco_reader_polygons_and_rle(tmp_path: Path) -> None:
     assert m1.sum() == 20 and m1[:, 2].sum() == 20  # column-major run: the third column
 
 
+def test_compressed_rle_decoded_at_the_image_size(tmp_path: Path) -> None:
+    """COCO compressed RLE strings decode without pycocotools, to the image's size when the RLE grid differs."""
+    from vision_peft.data.refer import decode_rle, rle_counts_from_string
+
+    # hand-encoded (5-bit groups, 0x20 = more, 0x10 = sign, delta to the run two before from the 4th run on):
+    assert rle_counts_from_string("352O") == [3, 5, 2, 4]  # 'O' = 48 + 31: -1, plus the run two before (5)
+    assert rle_counts_from_string("T3") == [100]  # 'T' = 48 + 0x20 + 4, then '3': 4 + 3·32
+    counts = [40, 20, 540]
+    plain = decode_rle({"size": [20, 30], "counts": counts}, (20, 30))
+    packed = decode_rle({"size": [20, 30], "counts": "X1d0l`0"}, (20, 30))  # 40 20 540 compressed
+    assert rle_counts_from_string("X1d0l`0") == counts and np.array_equal(plain, packed)
+    big = decode_rle({"size": [20, 30], "counts": "X1d0l`0"}, (40, 60))  # image twice the RLE grid
+    assert big.shape == (40, 60) and big.sum() == 4 * plain.sum() and big[:, 4:6].all()
+    with pytest.raises(DatasetError, match="add up to"):
+        decode_rle({"size": [20, 30], "counts": [5, 5]}, (20, 30))
+
+
+def test_annotation_splits_keep_testA_and_testB(tmp_path: Path) -> None:
+    """split_source=annotations: testA and testB are their own splits; test (none in RefCOCO) is their union and
+    reports each part; RefCOCOg's own test stays itself."""
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "images" / "a.jpg")
+    seg = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    inst = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 20, "width": 30}],
+        "annotations": [{"id": k, "image_id": 1, "segmentation": seg} for k in range(4)],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(inst))
+    names = ["train", "val", "testA", "testB"]
+    refs = [
+        {"ref_id": k, "ann_id": k, "image_id": 1, "split": n, "sentences": [{"sent": f"{n} one"}, {"sent": "two"}]}
+        for k, n in enumerate(names)
+    ]
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    d = refseg_cfg(tmp_path, tmp_path / "runs").to_dict()
+    d["task"].update({"data": "refcoco", "data_root": str(tmp_path), "split_source": "annotations"})
+    task = TASKS.get("refseg").builder(build_run_config(d))
+    sp = task.split_samples()
+    assert list(sp) == ["train", "val", "test", "testA", "testB"]
+    assert [s.split for s in sp["test"]] == ["testA", "testB"] and [s.split for s in sp["testA"]] == ["testA"]
+    assert task.splits()["testB"] == [("a.jpg#3", "testB one")]
+
+    model = task.build_model()
+    data = task.datasets(model)
+    assert len(data["testA"]) == 2 and len(data["test"]) == 4  # every sentence of every object
+    from vision_peft.engine import eval_loader
+
+    res = task.evaluate(
+        model, eval_loader(task, data["test"], task.cfg.train, torch.device("cpu")), torch.device("cpu")
+    )
+    assert res["n"] == 4 and res["n_objects"] == 2 and set(res["by_split"]) == {"testA", "testB"}
+    assert res["by_split"]["testA"]["n"] == 2
+
+    refs[3]["split"] = "test"  # RefCOCOg (umd): its own test split, no testA/testB
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    sp = TASKS.get("refseg").builder(build_run_config(d)).split_samples()
+    assert list(sp) == ["train", "val", "test", "testA"] and [s.ref_id for s in sp["test"]] == ["3"]
+
+
+def test_every_phrase_is_evaluated_and_old_configs_load(tmp_path: Path) -> None:
+    """Evaluation items are (object, phrase) pairs — all phrases (official inference), or the first on request;
+    training items stay one per object. A config without task.eval_phrases means 'all'."""
+    samples = [RefSample(image="x", phrases=["a", "b", "c"]), RefSample(image="y", phrases=["d"])]
+    spec = {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
+    ds = RefSegDataset(samples, spec, lambda p: (p, p))
+    assert len(ds) == 4 and [ds.phrase(k) for k in range(4)] == ["a", "b", "c", "d"]
+    assert [ds.sample_index(k) for k in range(4)] == [0, 0, 0, 1]
+    img = np.zeros((8, 8, 3), np.uint8)
+    mask = np.ones((8, 8), np.uint8)
+    ds._cache.update({0: (img, mask), 1: (img, mask)})
+    assert [ds[k]["input_ids"] for k in range(4)] == ["a", "b", "c", "d"]
+    assert len(RefSegDataset(samples, spec, lambda p: p, phrases="first")) == 2
+    assert len(RefSegDataset(samples, spec, lambda p: p, train=True)) == 2
+    with pytest.raises(ValueError, match="'all' or 'first'"):
+        RefSegDataset(samples, spec, lambda p: p, phrases="some")
+
+    d = refseg_cfg(tmp_path, tmp_path).to_dict()
+    del d["task"]["eval_phrases"]  # an older run's config.json / recipe
+    assert build_run_config(d).task.eval_phrases == "all"
+    d["task"]["eval_phrases"] = "every"
+    with pytest.raises(ConfigError, match="eval_phrases"):
+        build_run_config(d)
+
+
+def test_coco128_recipe_augmentation_never_crops(data_root: Path, caplog) -> None:
+    """The coco128 recipe's augmentation keeps every instance in the picture (generated phrases stay true):
+    the augmented mask is the letterboxed one, possibly mirrored; a cropping preset is warned about."""
+    from vision_peft.data.refer_dataset import FlipAugment, letterbox_pair, swap_left_right
+    from vision_peft.preprocess import load_image
+    from vision_peft.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_recipe(str(repo / "tasks" / "refseg-coco128.yaml"), [f"task.data_root={data_root / 'coco128-seg'}"])
+    task = TASKS.get("refseg").builder(cfg)
+    spec = {"size": [96, 96], "mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "bilinear"}
+    aug = task.train_augment(spec)
+    assert isinstance(aug, FlipAugment)
+    samples = [s for s in task.samples() if "left" in s.phrases[0]][:3]
+    ds = RefSegDataset(samples, spec, lambda p: (p, p), aug, train=True)
+    flips = set()
+    for i, s in enumerate(samples):
+        img = load_image(s.image)
+        _, ref = letterbox_pair(img, s.mask((img.height, img.width)), (96, 96))
+        for epoch in range(6):
+            ds.set_epoch(epoch)
+            it = ds[i]
+            m = it["mask"].numpy().astype(np.uint8)
+            flipped = not np.array_equal(m, ref)
+            assert np.array_equal(m, ref[:, ::-1] if flipped else ref)  # nothing cut away, nothing rescaled
+            assert it["input_ids"] in ([swap_left_right(p) for p in s.phrases] if flipped else s.phrases)
+            flips.add(flipped)
+    assert flips == {True, False}
+
+    task.cfg.task.augment = "light"
+    with caplog.at_level(logging.WARNING, logger="vision_peft"):
+        task.train_augment(spec)
+    assert "crop" in caplog.text and "task.augment=flip" in caplog.text
+
+
 def test_folder_reader_mask_size_mismatch(tmp_path: Path, caplog) -> None:
     root = write_refer_folder(tmp_path / "d")
     with caplog.at_level(logging.WARNING, logger="vision_peft"):
@@ -228,8 +347,35 @@ def test_flip_swaps_left_and_right() -> None:
 def test_metrics_miou_vs_oiou() -> None:
     m = seg_metrics(np.array([90, 0, 10]), np.array([100, 10, 1000]))  # IoU 0.9, 0.0, 0.01
     assert m["mIoU"] == pytest.approx((0.9 + 0.0 + 0.01) / 3) and m["oIoU"] == pytest.approx(100 / 1110)
-    assert m["Prec@0.5"] == pytest.approx(1 / 3) and m["Prec@0.9"] == pytest.approx(1 / 3)
+    assert m["Prec@0.5"] == pytest.approx(1 / 3) and m["Prec@0.8"] == pytest.approx(1 / 3)
+    assert m["Prec@0.9"] == 0.0  # IoU exactly 0.9 does not count: the official code compares iou > t
     assert set(m) == {"mIoU", "oIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"}
+    tie = seg_metrics(np.array([50, 7, 0]), np.array([100, 10, 0]))  # IoU 0.5 (tie), 0.7 (tie), both empty
+    assert tie["Prec@0.5"] == pytest.approx(1 / 3) and tie["Prec@0.7"] == 0.0
+    assert tie["mIoU"] == pytest.approx(1.2 / 3)  # an empty prediction of an empty target counts 0, as DETRIS/LAVT
+
+
+def test_bootstrap_resamples_images_and_pairs_rows() -> None:
+    """Sentences of one image stay together; the paired difference of a model with itself is exactly 0."""
+    from vision_peft.tasks.refseg_metrics import bootstrap_metrics, paired_bootstrap
+
+    groups = ["a"] * 10 + ["b"] * 10  # image a: every sentence perfect, image b: every sentence wrong
+    inter = np.array([100] * 10 + [0] * 10)
+    union = np.array([100] * 20)
+    boot = bootstrap_metrics(groups, inter, union, n_boot=400, seed=1)
+    assert boot["n_images"] == 2 and boot["n_sentences"] == 20 and boot["mIoU"]["value"] == pytest.approx(0.5)
+    assert boot["mIoU"]["ci95"] == [0.0, 1.0]  # only whole images are drawn: 0, 0.5 or 1, never 0.45 or 0.55
+    from vision_peft.tasks import refseg_metrics as rm
+
+    w = rm._resample_weights(2, 400, 1)
+    vals = rm._metrics_from_sums(w @ rm._image_sums(np.array(groups), inter, union, np.array(["a", "b"], object)))
+    assert set(np.round(vals["mIoU"], 9)) <= {0.0, 0.5, 1.0}
+    same = paired_bootstrap(groups, inter, union, inter, union, n_boot=200)
+    assert all(same[m]["diff"] == 0.0 and same[m]["ci95"] == [0.0, 0.0] for m in ("mIoU", "oIoU", "Prec@0.5"))
+    better = paired_bootstrap(groups, inter, union, inter // 2, union, n_boot=200)  # a beats b on image a only
+    assert better["mIoU"]["diff"] == pytest.approx(0.25) and better["mIoU"]["ci95"][0] >= 0.0
+    with pytest.raises(ValueError, match="same, aligned sentences"):
+        paired_bootstrap(groups, inter, union, inter[:5], union[:5])
 
 
 # -- adapters ----------------------------------------------------------------------------------------------------
@@ -312,7 +458,8 @@ def test_train_predict_export_parity(tmp_path: Path, monkeypatch, vp_logging_res
     root = write_refer_folder(tmp_path / "data")
     run_dir = run(refseg_cfg(root, tmp_path / "runs"), progress=False)
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    assert set(final["test"]) >= {"mIoU", "oIoU", "Prec@0.5", "Prec@0.9"} and final["test"]["n"] == 2
+    assert set(final["test"]) >= {"mIoU", "oIoU", "Prec@0.5", "Prec@0.9"}
+    assert final["test"]["n"] == 4 and final["test"]["n_objects"] == 2  # 2 test objects × 2 phrases each
     split = json.loads((run_dir / "split.json").read_text())
     imgs = {k: {p.split("#")[0] for p in v} for k, v in split.items()}
     assert not imgs["train"] & imgs["test"]  # image-level split

@@ -84,7 +84,9 @@ def generate_phrases(
       (up to five; neighbours in left-to-right order ≥ ``pos_margin`` / 2 apart), "the largest / smallest {c}"
       (≥ ``size_ratio`` times the runner-up), "the {c} at the top / bottom" (topmost/bottommost by ≥ ``pos_margin`` / 2).
 
-    The first phrase is the canonical one (evaluation); order of preference: horizontal position, size, vertical.
+    Order of preference: horizontal position, size, vertical (the first is shown in previews and split.json;
+    evaluation runs every phrase, training draws one per epoch). The phrases hold for the whole image and for its
+    mirror image with left/right swapped — not for a crop, which can remove the referent or a distractor.
 
     Returns:
         (instance index, phrases) for every instance that got at least one phrase.
@@ -150,7 +152,8 @@ def read_coco128_seg(
     """coco128-seg (YOLO-seg polygons, COCO-80 ids) with phrases from :func:`generate_phrases`.
 
     Returns:
-        (samples, stats): stats count images, images without instances, instances, targets and dropped polygons.
+        (samples, stats): stats count images, images without instances, instances, targets and dropped polygons;
+        ``stats["phrases"] == "generated"`` tells the task the phrases describe the whole, uncropped image.
     """
     root = Path(root)
     img_dir, lab_dir = root / "images", root / "labels"
@@ -196,6 +199,7 @@ def read_coco128_seg(
                 )
             )
     counts["targets"] = len(out)
+    counts["phrases"] = "generated"  # from the whole image: crop augmentations can make them false (the task warns)
     counts["dropped_polygons"], counts["clipped_polygons"] = stats.few_points, stats.clipped
     stats.report(str(root))
     if counts["images_without_instances"]:

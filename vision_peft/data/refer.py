@@ -7,7 +7,8 @@ Formats
 - **RefCOCO** (``refs(unc).p`` + ``instances.json`` + an image folder): the refs file is a pickle; it is read
   with :func:`load_refs_pickle`, an unpickler that builds only plain containers (dict, list, tuple, str, bytes,
   numbers, bool, None) and refuses every global (no class, no function), so a malicious file cannot run code.
-  Polygon segmentations and uncompressed RLE are rasterised here; compressed RLE needs ``pycocotools``.
+  Polygon segmentations and RLE (uncompressed lists and compressed strings, decoded here without pycocotools)
+  are rasterised at the image's own size (an RLE on another grid is resized, nearest).
 - **Folder**: ``root/refs.json`` = ``[{"image": "images/a.jpg", "mask": "masks/a_0.png", "phrases": ["…"],
   "split": "train"}, …]`` (paths relative to root; mask pixels > 0 are the target; ``split`` optional).
 - **coco128-seg** (YOLO-seg: ``labels/<id>.txt`` lines ``class x1 y1 x2 y2 …`` normalised to [0, 1], COCO-80
@@ -95,7 +96,7 @@ class RefSample:
     """One referred object: an image, how to draw its mask, and its phrases."""
 
     image: str  # image file
-    phrases: list[str]  # referring expressions (the first is the canonical one, used for evaluation)
+    phrases: list[str]  # referring expressions (evaluation runs every one; the first is shown in previews)
     polygons: list[np.ndarray] = field(default_factory=list)  # (K, 2) x, y polygons (pixels, or [0,1] if normalized)
     normalized: bool = False  # polygons are in [0, 1] image coordinates
     mask_file: str | None = None  # mask PNG (pixels > 0 = target) instead of polygons
@@ -150,28 +151,58 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
     return refs
 
 
+def rle_counts_from_string(s: str | bytes) -> list[int]:
+    """The run lengths of a COCO *compressed* RLE string (pycocotools' ``counts`` as a string).
+
+    The format (COCO ``maskApi``): each run length is written in 5-bit groups, least significant first, as
+    characters ``48 + group`` with bit 0x20 set while more groups follow; the last group's bit 0x10 is the sign.
+    From the fourth run on, the value stored is the difference to the run two places earlier.
+    """
+    if isinstance(s, bytes):
+        s = s.decode("ascii")
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                raise DatasetError(f"compressed RLE string ends inside a run length: {s[:40]!r}")
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise DatasetError(f"compressed RLE string has a character outside '0'..'o': {s[p]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)  # sign-extend the last group
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
 def decode_rle(rle: dict, hw: tuple[int, int]) -> np.ndarray:
-    """Decode an uncompressed COCO RLE (column-major run lengths, starting with zeros)."""
+    """A COCO RLE (uncompressed ``counts`` list, or the compressed string) as a uint8 0/1 mask of size ``hw``.
+
+    Runs are column-major and start with zeros, on the grid ``rle["size"]`` (H, W); a mask whose grid differs
+    from the image's size ``hw`` is resized to it (nearest), as polygon and PNG masks are.
+
+    Raises:
+        DatasetError: the runs do not add up to H·W, or a compressed string is malformed.
+    """
     counts = rle.get("counts")
     if isinstance(counts, (str, bytes)):
-        try:
-            from pycocotools import mask as mask_utils  # optional dependency
-        except ImportError:
-            raise DatasetError(
-                "compressed RLE segmentation needs pycocotools (pip install pycocotools), or convert it to polygons"
-            ) from None
-        return mask_utils.decode(rle).astype(np.uint8)
-    h, w = rle.get("size", hw)
-    flat = np.zeros(int(h) * int(w), np.uint8)
-    pos, val = 0, 0
-    for c in counts:
-        flat[pos : pos + int(c)] = val
-        pos += int(c)
-        val = 1 - val
-    m = flat.reshape(int(w), int(h)).T  # column-major
-    if m.shape != tuple(hw):
-        m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
-    return m
+        counts = rle_counts_from_string(counts)
+    h, w = (int(v) for v in rle.get("size", hw))
+    total = sum(int(c) for c in counts)
+    if total != h * w:
+        raise DatasetError(f"RLE runs add up to {total} pixels but its size {h}x{w} has {h * w}")
+    flat = np.repeat(np.arange(len(counts)) % 2, [int(c) for c in counts]).astype(np.uint8)
+    m = flat.reshape(w, h).T  # column-major (W·H,) -> (H, W)
+    if m.shape != (int(hw[0]), int(hw[1])):
+        m = np.asarray(Image.fromarray(m).resize((int(hw[1]), int(hw[0])), Image.Resampling.NEAREST))
+    return np.ascontiguousarray(m)
 
 
 class _PolyStats:

@@ -9,8 +9,17 @@ projector; all trainable) is in :mod:`vision_peft.tasks.refseg_model`, the metri
 :mod:`vision_peft.data.refer`.
 
 Inference: sigmoid, bilinear upsampling, undo the letterbox, threshold (0.35) — the torch-free rule of
-:mod:`vision_peft.runtimes.refseg`, used here too, as is its token truncation rule. Metrics, always together:
-mIoU (mean per-sample IoU), oIoU (ΣI / ΣU), Prec@0.5…0.9 — computed at the original image resolution.
+:mod:`vision_peft.runtimes.refseg`, used here too, as is its token truncation rule. Evaluation runs **every
+sentence** of every referred object (``task.eval_phrases: all``, as the official DETRIS ``inference``); each
+sentence is one sample. Metrics, always together, at the original image resolution: mIoU (mean per-sentence IoU),
+oIoU (ΣI / ΣU over all sentences), Prec@0.5…0.9 (share of sentences with IoU > t) — definitions and the
+image-level bootstrap in :mod:`vision_peft.tasks.refseg_metrics`.
+
+Splits: by images (``task.split``), or the annotations' own (``split_source: annotations``): every split name the
+refs carry is its own split (RefCOCO ``val``, ``testA``, ``testB``; RefCOCOg ``test``). Where the annotations have
+no ``test`` but ``test*`` parts (RefCOCO/RefCOCO+ testA, testB), ``test`` is their union — what ``test`` meant
+before testA/testB were separated, so old configs and the run's final evaluation keep reporting it — and its
+metrics also carry each part separately (``by_split``); ``vision_peft eval RUN --split testA`` evaluates one part.
 
 Where this differs from DETRIS/CRIS: the neck resizes all levels to the middle grid instead of CRIS's fixed
 1/8-1/16-1/32 wiring (so ViTs with one stride work); the sentence gate is a projection (a cross-attention to a
@@ -57,7 +66,8 @@ class RefSegConfig:
     mask_mismatch: Literal["resize", "error"] = "resize"  # folder: mask size ≠ image: resize (nearest) | error
     text_backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="minilm"))  # frozen text encoder
     max_tokens: int = 24  # tokens per phrase incl. special tokens; longer phrases are truncated (with a warning)
-    augment: str = "light"  # joint image/mask augmentation preset (left/right are swapped in flipped phrases)
+    augment: str = "light"  # joint image/mask augmentation: flip (letterbox + mirror, no crop) | none | light | …
+    eval_phrases: Literal["all", "first"] = "all"  # evaluate every phrase of each object (official) | the first
     feature_indices: list[int] | None = None  # three image-backbone levels for the neck; None = auto
     dim: int = 512  # neck / decoder width
     decoder_layers: int = 3  # transformer decoder layers
@@ -153,26 +163,59 @@ class RefSegTask(Task):
         return self._samples
 
     def split_samples(self):
+        """Split name -> samples: by images (``task.split``), or the annotations' own names (``split_source:
+        annotations``: train, val, testA, testB, test …; ``test`` = the union of the ``test*`` parts when the
+        annotations have no ``test`` of their own)."""
         from vision_peft.data import refer
 
         t = self.cfg.task
         samples = self.samples()
         if t.split_source == "annotations":
-            out: dict[str, list] = {"train": [], "val": [], "test": []}
+            out: dict[str, list] = {}
             for s in samples:
-                name = {"testA": "test", "testB": "test"}.get(s.split or "", s.split or "")
-                if name in out:
-                    out[name].append(s)
-            if not out["train"]:
-                raise refer.DatasetError("task.split_source=annotations but no sample has split 'train'")
-            return {k: v for k, v in out.items() if v}
+                if s.split:
+                    out.setdefault(str(s.split), []).append(s)
+            if not out.get("train"):
+                raise refer.DatasetError(
+                    f"task.split_source=annotations but no sample has split 'train' (splits found: "
+                    f"{', '.join(sorted(out)) or 'none'}); set task.split_source=images to split by image count"
+                )
+            parts = sorted(k for k in out if k.startswith("test") and k != "test")
+            if "test" not in out and parts:
+                out["test"] = [s for k in parts for s in out[k]]  # testA ∪ testB: the old meaning of "test"
+            first = [k for k in ("train", "val", "test") if k in out]
+            return {k: out[k] for k in [*first, *sorted(set(out) - set(first))]}
         return refer.split_by_image(samples, dict(t.split), t.split_seed)
 
     def splits(self) -> dict[str, list[tuple[str, str]]]:
-        """Per split: (image#ref id, canonical phrase) — written to the run's split.json."""
+        """Per split: (image#ref id, first phrase), one entry per object — written to the run's split.json (with
+        annotation splits, ``test`` = testA ∪ testB lists those objects again under their own part)."""
         return {
             k: [(f"{Path(s.image).name}#{s.ref_id}", s.phrases[0]) for s in v] for k, v in self.split_samples().items()
         }
+
+    def train_augment(self, spec: dict) -> Any:
+        """``task.augment``: ``flip`` is letterbox + horizontal mirror (no crop, so generated phrases stay true);
+        the other presets come from :mod:`vision_peft.augment`. Cropping presets on generated phrases are warned
+        about: a crop can cut away the referent or its distractors and make "the leftmost dog" false."""
+        from vision_peft.data.refer_dataset import CROPPING_PRESETS, FlipAugment
+
+        preset = self.cfg.task.augment
+        if preset == "flip":
+            return FlipAugment()
+        if preset in CROPPING_PRESETS and self._generated_phrases():
+            log.warning(
+                "task.augment=%s crops and rescales, but the phrases of task.data=%s are generated from the whole "
+                "image: a crop can remove the referent or its distractors and make a phrase false; use "
+                "task.augment=flip (letterbox + mirror) or none",
+                preset,
+                self.cfg.task.data,
+            )
+        return super().train_augment(spec)
+
+    def _generated_phrases(self) -> bool:
+        self.samples()
+        return self._stats.get("phrases") == "generated"
 
     def resize_mode(self) -> str:
         return "letterbox"  # masks are un-letterboxed back to the image (runtimes.refseg.mask_probs)
@@ -217,10 +260,13 @@ class RefSegTask(Task):
         aug = self.train_augment(spec)
         tok = self.tokenizer(model)
         out = {}
+        phrases = self.cfg.task.eval_phrases
         for split, samples in self.split_samples().items():
             if samples:
                 train = split == "train"
-                out[split] = RefSegDataset(samples, spec, tok, aug if train else None, self.cfg.train.seed, train)
+                out[split] = RefSegDataset(
+                    samples, spec, tok, aug if train else None, self.cfg.train.seed, train, phrases=phrases
+                )
         return out
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -261,11 +307,19 @@ class RefSegTask(Task):
 
     # -- metrics ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
+    def sentence_results(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
+        """Every item (sentence) of ``loader``'s dataset through the model: per sentence its intersection and
+        union with the target at the image's own size, plus its image, object, phrase and annotation split.
+
+        Returns:
+            ``{"inter", "union"}`` int arrays, ``{"image", "ref_id", "phrase", "split"}`` lists (one entry per
+            sentence, in dataset order) and ``"loss"`` (mean BCE over sentences).
+        """
         model.eval()
         ds = loader.dataset
         in_hw = tuple(ds.spec["size"])
-        inter, union, loss_sum, n = [], [], 0.0, 0
+        rec: dict[str, list] = {k: [] for k in ("inter", "union", "image", "ref_id", "phrase", "split")}
+        loss_sum = 0.0
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -275,11 +329,42 @@ class RefSegTask(Task):
             for lg, idx in zip(logits, batch["index"].cpu().tolist()):
                 gt = ds.target(idx)
                 pred = mask_from_logits(lg, gt.shape, in_hw, self.cfg.task.threshold)
-                inter.append(int((pred & gt).sum()))
-                union.append(int((pred | gt).sum()))
-                n += 1
-        res = seg_metrics(np.array(inter), np.array(union))
-        res.update({"loss": loss_sum / max(n, 1), "n": n})
+                s = ds.samples[ds.sample_index(idx)]
+                rec["inter"].append(int((pred & gt).sum()))
+                rec["union"].append(int((pred | gt).sum()))
+                rec["image"].append(ds.image_id(idx))
+                rec["ref_id"].append(s.ref_id)
+                rec["phrase"].append(ds.phrase(idx))
+                rec["split"].append(s.split or "")
+        n = len(rec["inter"])
+        return {
+            **rec,
+            "inter": np.asarray(rec["inter"], np.int64),
+            "union": np.asarray(rec["union"], np.int64),
+            "loss": loss_sum / max(n, 1),
+        }
+
+    def evaluate(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
+        """mIoU, oIoU, Prec@0.5…0.9 over every sentence (``n`` sentences of ``n_objects`` objects in
+        ``n_images`` images); with several annotation splits in one set (test = testA ∪ testB) each one's metrics
+        too, under ``by_split``."""
+        r = self.sentence_results(model, loader, device, amp_dtype)
+        res: dict[str, Any] = seg_metrics(r["inter"], r["union"])
+        res.update(
+            {
+                "loss": r["loss"],
+                "n": len(r["inter"]),
+                "n_objects": len({(i, o) for i, o in zip(r["image"], r["ref_id"])}),
+                "n_images": len(set(r["image"])),
+            }
+        )
+        parts = sorted(set(r["split"]))
+        if len(parts) > 1:
+            split = np.asarray(r["split"])
+            res["by_split"] = {
+                p: {**seg_metrics(r["inter"][split == p], r["union"][split == p]), "n": int((split == p).sum())}
+                for p in parts
+            }
         return res
 
     # -- predict ----------------------------------------------------------------------------------------

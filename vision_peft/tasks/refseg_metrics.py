@@ -1,5 +1,22 @@
-"""Referring-segmentation metrics, always together: mIoU (mean per-sample IoU), oIoU (ΣI / ΣU) and Prec@0.5…0.9,
-computed at the original image resolution; and the torch-vs-exported-graph agreement on a split."""
+"""Referring-segmentation metrics, always together: mIoU, oIoU and Prec@0.5…0.9, computed at the original image
+resolution; their image-level (paired) bootstrap; and the torch-vs-exported-graph agreement on a split.
+
+How sentences are aggregated (as the official DETRIS ``engine.inference`` / its CRIS-LAVT lineage do — read in
+``jiaqihuang01/DETRIS`` ``engine/engine.py`` and ``yz93/LAVT-RIS`` ``test.py``): every sentence of every referred
+object is one sample. Per sentence, IoU = I / U with I, U the pixel counts of prediction ∧ target and
+prediction ∨ target at the image's own size (0 when both are empty: DETRIS divides by U + 1e-6, LAVT sets 0).
+
+- **mIoU**: the mean of the per-sentence IoUs (DETRIS prints it as "Mean IoU"; its tables' "mIoU");
+- **oIoU** (overall IoU): ΣI / ΣU over all sentences (LAVT's ``cum_I / cum_U``; DETRIS's released
+  ``inference`` does not print it);
+- **Prec@t**: the fraction of sentences with IoU **> t**, t = 0.5, 0.6, 0.7, 0.8, 0.9 (DETRIS compares
+  ``iou_list > thres``; LAVT uses ``>=`` — the two differ only on ties).
+
+Uncertainty: sentences of one image are not independent (same picture, often the same object), so the bootstrap
+resamples **test images** with replacement and keeps all of an image's sentences together
+(:func:`bootstrap_metrics`); two models evaluated on the same sentences are compared with the paired version
+(:func:`paired_bootstrap`: the same resampled images for both, the interval of the difference).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +31,109 @@ from vision_peft.runtimes.refseg import mask_from_logits
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def seg_metrics(inter: np.ndarray, union: np.ndarray) -> dict[str, float]:
-    """mIoU, oIoU and Prec@0.5…0.9 from per-sample intersections and unions (pixels)."""
+def sentence_ious(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Per-sentence IoU = I / U (0 where U = 0, i.e. prediction and target both empty, as the official code)."""
     inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # both empty = perfect
+    return np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
+
+
+def seg_metrics(inter: np.ndarray, union: np.ndarray) -> dict[str, float]:
+    """mIoU, oIoU and Prec@0.5…0.9 from per-sentence intersections and unions (pixels; one entry per sentence)."""
+    inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
+    iou = sentence_ious(inter, union)
     out = {"mIoU": float(iou.mean()) if iou.size else 0.0, "oIoU": float(inter.sum() / max(union.sum(), 1.0))}
     for t in PREC_THRESHOLDS:
-        out[f"Prec@{t}"] = float((iou >= t).mean()) if iou.size else 0.0
+        out[f"Prec@{t}"] = float((iou > t).mean()) if iou.size else 0.0
+    return out
+
+
+METRIC_NAMES = ("mIoU", "oIoU", *(f"Prec@{t}" for t in PREC_THRESHOLDS))
+
+
+def _image_sums(groups: np.ndarray, inter: np.ndarray, union: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """(G, 3 + len(PREC_THRESHOLDS)) per-image sums: sentences, ΣIoU, ΣI, ΣU, then Σ[IoU > t] per threshold;
+    rows in the order of ``order`` (the image ids)."""
+    inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
+    iou = sentence_ious(inter, union)
+    pos = {g: k for k, g in enumerate(order.tolist())}
+    idx = np.array([pos[g] for g in np.asarray(groups).tolist()], dtype=np.int64)
+    cols = [np.ones_like(iou), iou, inter, union, *((iou > t).astype(np.float64) for t in PREC_THRESHOLDS)]
+    sums = np.zeros((len(order), len(cols)))
+    for c, v in enumerate(cols):
+        sums[:, c] = np.bincount(idx, weights=v, minlength=len(order))
+    return sums
+
+
+def _metrics_from_sums(s: np.ndarray) -> dict[str, np.ndarray]:
+    """Metric values from (..., columns) summed per-image statistics (see :func:`_image_sums`)."""
+    n = np.maximum(s[..., 0], 1e-12)
+    out = {"mIoU": s[..., 1] / n, "oIoU": s[..., 2] / np.maximum(s[..., 3], 1.0)}
+    for k, t in enumerate(PREC_THRESHOLDS):
+        out[f"Prec@{t}"] = s[..., 4 + k] / n
+    return out
+
+
+def _resample_weights(n_images: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_images) multiplicities of each test image in each bootstrap resample (drawn with replacement)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_images, size=(n_boot, n_images))  # (B, G) image indices
+    return np.stack([np.bincount(d, minlength=n_images) for d in draws]).astype(np.float64)
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_metrics(
+    groups, inter, union, n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float | list[float]]]:
+    """Every metric with a 95 % percentile interval from an image-level bootstrap.
+
+    Args:
+        groups: per sentence, the id of its image (the resampling unit: an image's sentences stay together).
+        inter: per sentence, the intersection (pixels).
+        union: per sentence, the union (pixels).
+        n_boot: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``{metric: {"value": point estimate on the full split, "ci95": [lo, hi]}}`` plus ``n_sentences``,
+        ``n_images``.
+    """
+    order = np.array(sorted(set(np.asarray(groups).tolist())), dtype=object)
+    sums = _image_sums(np.asarray(groups), inter, union, order)
+    point = seg_metrics(inter, union)
+    boot = _metrics_from_sums(_resample_weights(len(order), n_boot, seed) @ sums)
+    out: dict[str, Any] = {m: {"value": point[m], "ci95": _interval(boot[m])} for m in METRIC_NAMES}
+    out.update({"n_sentences": int(len(np.asarray(inter))), "n_images": len(order), "n_boot": n_boot})
+    return out
+
+
+def paired_bootstrap(
+    groups, inter_a, union_a, inter_b, union_b, n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float | list[float]]]:
+    """The difference a − b of every metric between two models on the **same sentences** (aligned arrays), with
+    a 95 % interval from resampling images (the same resampled images for both) and the share of resamples
+    where a is not better than b.
+
+    Returns:
+        ``{metric: {"diff": a − b on the full split, "ci95": [lo, hi], "p_le_0": share of resamples with a − b
+        <= 0}}`` plus ``n_sentences``, ``n_images``.
+    """
+    groups = np.asarray(groups)
+    if not (len(groups) == len(inter_a) == len(union_a) == len(inter_b) == len(union_b)):
+        raise ValueError("paired_bootstrap needs both models' intersections/unions on the same, aligned sentences")
+    order = np.array(sorted(set(groups.tolist())), dtype=object)
+    w = _resample_weights(len(order), n_boot, seed)
+    ba = _metrics_from_sums(w @ _image_sums(groups, inter_a, union_a, order))
+    bb = _metrics_from_sums(w @ _image_sums(groups, inter_b, union_b, order))
+    pa, pb = seg_metrics(inter_a, union_a), seg_metrics(inter_b, union_b)
+    out: dict[str, Any] = {}
+    for m in METRIC_NAMES:
+        d = ba[m] - bb[m]
+        out[m] = {"diff": pa[m] - pb[m], "ci95": _interval(d), "p_le_0": float((d <= 0).mean())}
+    out.update({"n_sentences": int(len(groups)), "n_images": len(order), "n_boot": n_boot})
     return out
 
 
