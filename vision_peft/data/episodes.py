@@ -1,7 +1,8 @@
 """Episodic few-shot data: N-way K-shot Q-query episodes from folder-per-class images.
 
 A recipe declares a class split (``base`` / ``val`` / ``novel`` class names); :func:`check_class_split` checks
-that the splits are disjoint and that every class exists. :class:`EpisodeSampler` draws episode ``i`` from a
+that the splits are disjoint and that every class exists; :func:`scan_split_roots` reads each split from its own
+dataset root (cross-domain). N (various-way) and K (various-shot) can be drawn per episode. :class:`EpisodeSampler` draws episode ``i`` from a
 generator seeded by ``(seed, i)`` only, so episode ``i`` is the same whatever order episodes are asked for in
 (benchmark rows, resumed runs and workers all see identical episodes). Support and query images of an episode
 are disjoint. :class:`EpisodeDataset` turns episodes into tensors, one episode per item, so the training engine
@@ -71,45 +72,61 @@ class EpisodeSampler:
     Args:
         files: image paths per class (the classes of one split).
         n_way: classes per episode, or a (min, max) range drawn uniformly per episode (various-way).
-        k_shot: support images per class.
+        k_shot: support images per class, or a (min, max) range drawn uniformly per episode (various-shot: one K
+            for every class of the episode). A fixed K draws nothing, so fixed-K episodes are the same as before
+            ranges existed.
         q_query: query images per class (disjoint from the support).
         seed: episode ``i`` depends only on (seed, i).
     """
 
     def __init__(
-        self, files: dict[str, list[str]], n_way: int | tuple[int, int], k_shot: int, q_query: int, seed: int = 0
+        self,
+        files: dict[str, list[str]],
+        n_way: int | tuple[int, int],
+        k_shot: int | tuple[int, int],
+        q_query: int,
+        seed: int = 0,
     ) -> None:
         lo, hi = (n_way, n_way) if isinstance(n_way, int) else (int(n_way[0]), int(n_way[1]))
         if lo < 2 or hi < lo:
             raise ValueError(f"n_way must be >= 2 (or a range lo <= hi with lo >= 2), got {n_way}")
-        if k_shot < 1 or q_query < 1:
-            raise ValueError(f"k_shot and q_query must be positive, got k_shot={k_shot}, q_query={q_query}")
+        k_lo, k_hi = (k_shot, k_shot) if isinstance(k_shot, int) else (int(k_shot[0]), int(k_shot[1]))
+        if k_lo < 1 or k_hi < k_lo or q_query < 1:
+            raise ValueError(
+                f"k_shot (or a range lo <= hi) and q_query must be positive, got k_shot={k_shot}, q_query={q_query}"
+            )
         if hi > len(files):
             raise DatasetError(
                 f"{hi}-way episodes need {hi} classes but the split has {len(files)} ({', '.join(files)}); "
                 "lower n_way or add classes to the split"
             )
-        need = k_shot + q_query
+        need = k_hi + q_query
         for c, paths in files.items():
             if len(paths) < need:
                 raise DatasetError(
-                    f"class {c!r} has {len(paths)} usable images but a {k_shot}-shot {q_query}-query episode needs "
+                    f"class {c!r} has {len(paths)} usable images but a {k_hi}-shot {q_query}-query episode needs "
                     f"{need} (K + Q); lower k_shot / q_query or add images to that class"
                 )
         self.classes = sorted(files)
         self.files = {c: sorted(files[c]) for c in self.classes}
-        self.way, self.k_shot, self.q_query, self.seed = (lo, hi), k_shot, q_query, seed
+        self.way, self.shot, self.q_query, self.seed = (lo, hi), (k_lo, k_hi), q_query, seed
+
+    @property
+    def k_shot(self) -> int | tuple[int, int]:
+        """K, or the (min, max) range K is drawn from per episode."""
+        return self.shot[0] if self.shot[0] == self.shot[1] else self.shot
 
     def episode(self, i: int) -> Episode:
         rng = np.random.default_rng([self.seed, i])
         n = int(rng.integers(self.way[0], self.way[1] + 1))
         classes = [self.classes[j] for j in rng.choice(len(self.classes), n, replace=False)]
+        k = self.shot[0] if self.shot[0] == self.shot[1] else int(rng.integers(self.shot[0], self.shot[1] + 1))
         support, query = [], []
         for label, c in enumerate(classes):
-            pick = rng.choice(len(self.files[c]), self.k_shot + self.q_query, replace=False)
+            pick = rng.choice(len(self.files[c]), k + self.q_query, replace=False)
             paths = [self.files[c][j] for j in pick]
-            support += [(p, label) for p in paths[: self.k_shot]]
-            query += [(p, label) for p in paths[self.k_shot :]]
+            support += [(p, label) for p in paths[:k]]
+            query += [(p, label) for p in paths[k:]]
         return Episode(i, classes, support, query)
 
 
@@ -203,11 +220,16 @@ class EpisodeDataset(torch.utils.data.Dataset):
         }
 
 
-def dihedral_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def dihedral_augment(x: torch.Tensor, g: torch.Generator | None, non_identity: bool = False) -> torch.Tensor:
     """Random horizontal flip and 90° rotation per sample of (B, C, H, W) square images or feature maps
-    (overhead scenes have no canonical orientation)."""
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
-    rot = torch.randint(0, 4, (x.shape[0],), generator=g)
+    (overhead scenes have no canonical orientation); ``non_identity``: one of the 7 transforms other than the
+    identity, so every output is a different view of its input (unless the input is symmetric)."""
+    if non_identity:
+        t = torch.randint(1, 8, (x.shape[0],), generator=g)  # 0 = identity; bit 2 = flip, low bits = turns
+        flip, rot = t >= 4, t % 4
+    else:
+        flip = torch.rand(x.shape[0], generator=g) < 0.5
+        rot = torch.randint(0, 4, (x.shape[0],), generator=g)
     out = []
     for xi, f, r in zip(x, flip.tolist(), rot.tolist()):
         xi = xi.flip(-1) if f else xi
@@ -236,13 +258,40 @@ def scan_class_split(
     return {s: {c: by_class[c] for c in split.get(s, [])} for s in SPLITS if split.get(s)}
 
 
+def scan_split_roots(
+    roots: dict[str, str | Path], split: dict[str, list[str]], bad_files: str = "skip"
+) -> dict[str, dict[str, list[str]]]:
+    """Like :func:`scan_class_split`, each split from its own dataset root (cross-domain: meta-train on one
+    dataset, test on another): ``roots`` maps split name -> root, splits sharing a root are scanned together.
+
+    Raises:
+        DatasetError: as :func:`scan_class_split`, for the classes of each root; a split without a root.
+    """
+    missing = [s for s in split if split[s] and s not in roots]
+    if missing:
+        raise DatasetError(f"no dataset root for split(s) {missing}")
+    by_root: dict[str, list[str]] = {}
+    for s in SPLITS:
+        if split.get(s):
+            by_root.setdefault(str(roots[s]), []).append(s)
+    out: dict[str, dict[str, list[str]]] = {}
+    for root, names in by_root.items():
+        out.update(scan_class_split(root, {s: split[s] for s in names}, bad_files))
+    return {s: out[s] for s in SPLITS if s in out}
+
+
 @DATASETS.register(
     "episodes",
     help="few-shot episodes over folder-per-class images with a base/val/novel split",
     provides=("image", "episodes"),
 )
 def episodes(
-    root: str | Path, split: dict[str, list[str]], n_way: int, k_shot: int, q_query: int, seed: int = 0
+    root: str | Path,
+    split: dict[str, list[str]],
+    n_way: int | tuple[int, int],
+    k_shot: int | tuple[int, int],
+    q_query: int,
+    seed: int = 0,
 ) -> dict[str, EpisodeSampler]:
     """Episode samplers per split of a folder-per-class dataset."""
     files = scan_class_split(root, split)

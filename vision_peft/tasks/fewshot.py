@@ -37,10 +37,13 @@ class FewShotConfig:
 
     name: str = "fewshot"  # registry name
     data_root: str = "aid"  # folder of class sub-folders (relative paths resolve under $VISION_PEFT_DATA)
+    meta_train_root: str | None = None  # cross-domain: base and val classes from here (None = data_root)
+    test_root: str | None = None  # cross-domain: novel (test) classes from here (None = data_root)
     classes: dict[str, list[str]] = field(default_factory=aid_class_split)  # base / val / novel (data/aid.py)
     n_way: int = 5  # classes per episode
     n_way_max: int | None = None  # various-way: N drawn uniformly from [n_way, n_way_max] per episode
     k_shot: int = 1  # support images per class
+    k_shot_max: int | None = None  # various-shot: K drawn uniformly from [k_shot, k_shot_max] per episode
     q_query: int = 15  # query images per class at validation / test
     train_q_query: int = 5  # query images per class in meta-training episodes
     train_episodes: int = 100  # meta-training episodes per epoch (fresh episodes every epoch)
@@ -53,8 +56,11 @@ class FewShotConfig:
     grid_stage: int = 2  # CNNs: the stage whose output is the grid for PER (prompt_map uses its own stage)
     finetune_steps: int = 0  # per-episode fine-tuning steps at meta-test (test split, predict); 0 = none
     finetune_lr: float = 1e-3  # per-episode fine-tuning learning rate (prompts, scale, bias)
-    finetune_lr_search: list[float] = field(default_factory=list)  # >1 values: choose on a held-out shot
+    finetune_lr_search: list[float] = field(default_factory=list)  # >1 values: choose per episode on a held-out shot
+    finetune_lr_fallback: Literal["zero", "finetune_lr"] = "zero"  # lr when the search has no held-out shot (1-shot)
     finetune_pseudo_per_class: int = 0  # augmented support views per class used as pseudo-queries per step (0 = all)
+    finetune_augment: Literal["none", "dihedral"] | None = "dihedral"  # pseudo-queries: dihedral views | the support
+    finetune_per: bool = True  # PER (per_mode, per_ratio) also on the fine-tuning pseudo-queries at meta-test
     val_finetune: bool = False  # also fine-tune per episode on validation episodes (slower)
     scale_init: float = 10.0  # initial cosine-classifier scale s
     bias_init: float = 0.0  # initial cosine-classifier bias b
@@ -67,6 +73,7 @@ class FewShotConfig:
 
     def __post_init__(self) -> None:
         self.augment = self.augment or "none"  # a CLI override "none" arrives as None
+        self.finetune_augment = self.finetune_augment or "none"
         self.per_mode = self.per_mode or "none"
         check_choices(self, "task")
         for key in ("n_way", "k_shot", "q_query", "train_q_query", "train_episodes", "val_episodes"):
@@ -76,6 +83,26 @@ class FewShotConfig:
             raise ConfigError(f"task.n_way must be >= 2, got {self.n_way}")
         if self.n_way_max is not None and self.n_way_max < self.n_way:
             raise ConfigError(f"task.n_way_max ({self.n_way_max}) must be >= task.n_way ({self.n_way})")
+        if self.k_shot_max is not None and self.k_shot_max < self.k_shot:
+            raise ConfigError(f"task.k_shot_max ({self.k_shot_max}) must be >= task.k_shot ({self.k_shot})")
+        if self.per_mode != "none" and self.k_shot == 1 and self.augment == "none":
+            raise ConfigError(
+                f"task.per_mode={self.per_mode} with 1-shot meta-training episodes and task.augment=none: each class "
+                "has a single support view, so PER would recombine it with itself and change nothing. Set "
+                "task.augment=dihedral (PER then mixes each shot with a turned view), k_shot >= 2, or task.per_mode=none"
+            )
+        if (
+            self.per_mode != "none"
+            and self.finetune_per
+            and self.finetune_steps > 0
+            and self.k_shot == 1
+            and self.finetune_augment == "none"
+        ):
+            raise ConfigError(
+                f"task.finetune_per with task.per_mode={self.per_mode}, 1-shot episodes and task.finetune_augment=none: "
+                "at meta-test each class has a single support view, so PER would change nothing. Set "
+                "task.finetune_augment=dihedral, task.finetune_per=false, or task.per_mode=none"
+            )
         if self.test_episodes < 0 or self.finetune_steps < 0:
             raise ConfigError("task.test_episodes and task.finetune_steps must be >= 0")
         if not 0.0 <= self.per_ratio <= 1.0:
@@ -94,6 +121,21 @@ class FewShotConfig:
     @property
     def way(self) -> int | tuple[int, int]:
         return self.n_way if self.n_way_max is None else (self.n_way, self.n_way_max)
+
+    @property
+    def shot(self) -> int | tuple[int, int]:
+        return self.k_shot if self.k_shot_max is None else (self.k_shot, self.k_shot_max)
+
+    def split_roots(self) -> dict[str, Path]:
+        """Dataset root per class split: base and val from ``meta_train_root``, novel from ``test_root`` (each
+        ``data_root`` when unset); relative paths resolve under $VISION_PEFT_DATA."""
+        train = resolve_data_path(self.meta_train_root or self.data_root)
+        return {"base": train, "val": train, "novel": resolve_data_path(self.test_root or self.data_root)}
+
+    @property
+    def finetune_no_holdout_lr(self) -> float:
+        """The fine-tuning lr of an lr-search episode that has no held-out shot."""
+        return self.finetune_lr if self.finetune_lr_fallback == "finetune_lr" else 0.0
 
 
 # -- the task --------------------------------------------------------------------------------------------------
@@ -116,7 +158,7 @@ class FewShotTask(Task):
 
     def extra_state(self) -> dict[str, Any]:
         t = self.cfg.task
-        return {"class_split": t.classes, "n_way": t.way, "k_shot": t.k_shot}
+        return {"class_split": t.classes, "n_way": t.way, "k_shot": t.shot}
 
     def build_model(self) -> FewShotModel:
         if self.cfg.train.batch_size != 1:
@@ -126,19 +168,17 @@ class FewShotTask(Task):
             )
         return self.build_head_model(lambda backbone, handle: FewShotModel(backbone, handle, self.cfg.task))
 
-    def samplers(self, q_query: int | None = None, seed: int | None = None, way=None, k_shot: int | None = None):
-        """Episode samplers per split (base / val / novel) of the recipe's dataset."""
-        from vision_peft.data.episodes import EpisodeSampler, scan_class_split
+    def samplers(self, q_query: int | None = None, seed: int | None = None, way=None, k_shot=None):
+        """Episode samplers per split (base / val / novel), each split from its root (:meth:`FewShotConfig.split_roots`)."""
+        from vision_peft.data.episodes import EpisodeSampler, scan_split_roots
 
         t = self.cfg.task
-        files = scan_class_split(resolve_data_path(t.data_root), t.classes, t.bad_files)
+        files = scan_split_roots(t.split_roots(), t.classes, t.bad_files)
         q = t.q_query if q_query is None else q_query
         out = {}
         for split, f in files.items():
             qq = t.train_q_query if (split == "base" and q_query is None) else q
-            out[split] = EpisodeSampler(
-                f, way or t.way, k_shot or t.k_shot, qq, t.episode_seed if seed is None else seed
-            )
+            out[split] = EpisodeSampler(f, way or t.way, k_shot or t.shot, qq, t.episode_seed if seed is None else seed)
         return out
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
@@ -198,7 +238,7 @@ class FewShotTask(Task):
                 logits, _ = classify_episode(
                     model, s, ep["support_label"], q, int(ep["way"]),
                     steps, t.finetune_lr, t.finetune_lr_search, seed=i, grids=grids,
-                    pseudo_per_class=t.finetune_pseudo_per_class,
+                    pseudo_per_class=t.finetune_pseudo_per_class, no_holdout_lr=t.finetune_no_holdout_lr,
                 )  # fmt: skip
             logits = logits.float()
             accs.append(float((logits.argmax(1) == ep["query_label"]).float().mean()))
@@ -254,6 +294,7 @@ class FewShotTask(Task):
             t.finetune_lr,
             t.finetune_lr_search,
             pseudo_per_class=t.finetune_pseudo_per_class,
+            no_holdout_lr=t.finetune_no_holdout_lr,
         )
         probs = torch.softmax(logits.float(), 1).cpu().numpy()
         out = []

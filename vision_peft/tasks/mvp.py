@@ -25,15 +25,24 @@ and PMF's code do not fix:
   length, learning rates, PER settings are chosen on them, never on the novel classes).
 - Meta-test fine-tuning [PMF code, details inferred]: copy the trainable tensors, ``finetune_steps`` AdamW
   steps on the support set: prototypes from the support, pseudo-queries = randomly flipped / rotated copies of
-  the support's *grid* (feature-grid augmentation, so the frozen layers before the grid run once per episode
-  [inferred: PMF augments pixels]), plus PER copies; then classify the queries and restore the tensors. With
-  more than one ``finetune_lr_search`` candidate the lr is picked by accuracy on a held-out shot per class
-  (1-shot: on an augmented view of the support) after fine-tuning on the rest.
+  the support's *grid* (``task.finetune_augment``; feature-grid augmentation, so the frozen layers before the
+  grid run once per episode [inferred: PMF augments pixels]; never the identity view, so a pseudo-query is never
+  its own prototype's source), plus PER copies (``task.finetune_per``); then classify the queries and restore
+  the tensors. With more than one ``finetune_lr_search`` candidate the lr is picked by accuracy on a held-out
+  shot per class (the last) after fine-tuning on the others [PMF code: ``ProtoNet_Auto_Finetune`` holds out all
+  but one shot]. An episode with a one-shot class has no held-out shot: no search, and the lr is
+  ``task.finetune_lr_fallback`` (``zero``: no fine-tuning, PMF's rule; ``finetune_lr``: the recipe's lr, chosen
+  on the validation classes).
 - PER [inferred from the abstract]: on the first grid the backbone exposes (ViT: patch embeddings before the
   position embedding; EfficientNet: the output of stage ``grid_stage``), each position of a sample is replaced
-  with probability ``per_ratio`` by the same position of a random sample of the *same class* in the batch.
-  ``per_mode``: ``extend`` (recombined copies are added as extra pseudo-queries), ``replace`` (recombined in
-  place), ``none``.
+  with probability ``per_ratio`` by the same position of *another* view of the same class. It works on the
+  support side only: the pool of a class is its support shots plus one dihedral view of each (meta-training:
+  with ``task.augment: dihedral``; meta-test: the step's pseudo-query views), so in 1-shot the shot is
+  recombined with its own turned view. Meta-training ``per_mode``: ``extend`` (recombined support samples are
+  added to the prototypes' sources), ``replace`` (they replace the support), ``none``; the queries are never
+  recombined and are the only scored samples. Meta-test: ``extend`` adds a recombined copy of each pseudo-query,
+  ``replace`` uses the copy instead. A class with a single view (one shot, no augmentation) is refused with an
+  error instead of silently recombining the view with itself.
 - Prompts: ``vpt`` (shallow/deep tokens) on token backbones (timm ViTs); ``prompt_map`` (a learnable map added
   to the EfficientNet-Lite0 stage-``stage`` feature map, the grid PER works on) or ``pad_prompt`` (pixels) on
   CNNs.
@@ -77,14 +86,24 @@ def prototypes(feats: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.T
     return (onehot.T @ F.normalize(feats, dim=-1)) / counts[:, None]  # (N, S) x (S, D) -> (N, D)
 
 
-def recombine(grid: torch.Tensor, labels: torch.Tensor, ratio: float, channel_dim: int, generator=None) -> torch.Tensor:
+def recombine(
+    grid: torch.Tensor,
+    labels: torch.Tensor,
+    ratio: float,
+    channel_dim: int,
+    generator=None,
+    others_only: bool = False,
+) -> torch.Tensor:
     """Patch-embedding recombination: each position of sample i comes, with probability ``ratio``, from the same
-    position of a random sample of i's class (possibly i itself); other positions stay. Shapes are kept.
+    position of a random sample of i's class; other positions stay. Shapes are kept.
 
     Args:
         grid: (B, …) embeddings on a grid; ``channel_dim`` is the embedding axis, every other non-batch axis a
             position axis.
         labels: (B,) class of each sample; recombination never crosses classes.
+        others_only: a picked position comes from a *different* sample of i's class (so a recombined sample
+            differs from its source wherever the class's samples differ); otherwise the draw may return i itself.
+            Either way a class with one sample stays as it is (callers that need a change check for that).
     """
     g = grid.movedim(channel_dim, -1)  # (B, ..., C)
     shape = g.shape
@@ -96,12 +115,32 @@ def recombine(grid: torch.Tensor, labels: torch.Tensor, ratio: float, channel_di
     rnd = torch.rand(b, p, generator=generator).to(dev)  # (B, P) uniform, mapped to a same-class sample
     for c in labels.unique():
         members = (labels == c).nonzero().flatten()  # (M,)
-        rows = members
-        choice = members[(rnd[rows] * len(members)).long().clamp_max(len(members) - 1)]  # (M, P)
-        src[rows] = torch.where(pick[rows], choice, src[rows])
+        m = len(members)
+        if others_only:
+            if m < 2:
+                continue
+            # j-th of the other m-1 members: index j, skipping the sample's own rank
+            j = (rnd[members] * (m - 1)).long().clamp_max(m - 2)  # (M, P)
+            own = torch.arange(m, device=dev)[:, None]  # (M, 1)
+            choice = members[j + (j >= own).long()]  # (M, P)
+        else:
+            choice = members[(rnd[members] * m).long().clamp_max(m - 1)]  # (M, P)
+        src[members] = torch.where(pick[members], choice, src[members])
     pos = torch.arange(p, device=dev)[None].expand(b, p)  # (B, P)
     out = flat[src, pos]  # (B, P, C)
     return out.reshape(shape).movedim(-1, channel_dim)  # (B, P, C) -> grid layout
+
+
+def per_needs_views(labels: torch.Tensor, where: str, fix: str) -> None:
+    """Refuse PER where a class has a single view: recombining it with itself would return it unchanged."""
+    counts = torch.bincount(labels)
+    lonely = (counts == 1).nonzero().flatten().tolist()
+    if lonely:
+        raise ConfigError(
+            f"PER ({where}) recombines the grid positions of a class's support views, but class(es) {lonely} of "
+            f"this episode have a single view (one shot and no augmented view), so PER would return its input "
+            f"unchanged. {fix}"
+        )
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -116,6 +155,11 @@ class FewShotModel(TaskModel):
         super().__init__(backbone, adapter)
         self.head = CosineHead(cfg.scale_init, cfg.bias_init)
         self.per_mode, self.per_ratio = cfg.per_mode, cfg.per_ratio
+        # meta-training: PER's pool also holds one dihedral view per shot (task.augment: dihedral)
+        self.per_train_views = getattr(cfg, "augment", "dihedral") == "dihedral"
+        # meta-test fine-tuning: pseudo-queries are dihedral views of the support; PER there too
+        self.finetune_augment = getattr(cfg, "finetune_augment", "dihedral") == "dihedral"
+        self.finetune_per = bool(getattr(cfg, "finetune_per", True))
         info = backbone.grid_info()  # tokens: (B, L, D) or (B, h, w, D); cnn: (B, C, h, w); pixels: no grid
         self.layout, self.channel_dim, self.grid_stage = info.layout, info.channel_dim, None
         if info.layout == "cnn":
@@ -163,22 +207,53 @@ class FewShotModel(TaskModel):
             return m.permute(0, 2, 3, 1)  # (B,D,h,w)->(B,h,w,D)
         return m.flatten(2).transpose(1, 2)  # (B,D,h,w)->(B,L,D)
 
-    def augment_grid(self, g: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def can_augment_grid(self, g: torch.Tensor) -> bool:
+        """Dihedral views of a grid need a square grid (a 90° turn of an h×w map with h ≠ w changes its shape)."""
+        m, _ = self.grid_map(g[:1])
+        return m.shape[-1] == m.shape[-2]
+
+    def augment_grid(self, g: torch.Tensor, gen: torch.Generator | None, non_identity: bool = False) -> torch.Tensor:
+        """A random flip / 90° turn of every grid (unchanged when the grid is not square); ``non_identity``: never
+        the identity, so each view differs from its source."""
         from vision_peft.data.episodes import dihedral_augment
 
-        m, how = self.grid_map(g)
-        if m.shape[-1] != m.shape[-2]:
+        if not self.can_augment_grid(g):
             return g
-        return self.grid_unmap(dihedral_augment(m, gen), how)
+        m, how = self.grid_map(g)
+        return self.grid_unmap(dihedral_augment(m, gen, non_identity=non_identity), how)
 
-    def per(self, g: torch.Tensor, labels: torch.Tensor, gen=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply PER per ``per_mode``: returns (grids, labels) (``extend`` appends recombined copies)."""
-        if self.per_mode == "none" or self.layout == "pixels":
-            return g, labels
-        r = recombine(g, labels, self.per_ratio, self.channel_dim, gen)
+    def per_support(
+        self, g: torch.Tensor, labels: torch.Tensor, gen: torch.Generator | None, views: torch.Tensor | None
+    ) -> torch.Tensor:
+        """PER on the support side only: one recombined sample per row of ``views`` (or of ``g`` when
+        ``views`` is None), each position taken with probability ``per_ratio`` from another member of its class's
+        pool = the support shots ``g`` (+ their augmented ``views``). Nothing outside the support enters.
+
+        Args:
+            g: (S, …) support grids, labels (S,).
+            views: (S, …) augmented views of ``g`` (row i a view of shot i), or None.
+
+        Returns:
+            (S, …) recombined grids, row i built from view i (shot i without views) and its class's pool.
+        """
+        pool, pool_labels = (g, labels) if views is None else (torch.cat([g, views]), torch.cat([labels, labels]))
+        r = recombine(pool, pool_labels, self.per_ratio, self.channel_dim, gen, others_only=True)
+        return r if views is None else r[len(g) :]
+
+    def _train_support(self, gs: torch.Tensor, sl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta-training PER: the support side (prototype sources) after ``per_mode``; queries never change."""
+        views = None
+        if self.per_train_views and self.can_augment_grid(gs):
+            views = self.augment_grid(gs, None, non_identity=True)
+        per_needs_views(
+            sl if views is None else torch.cat([sl, sl]),
+            "meta-training",
+            "Use task.augment=dihedral (a square grid), k_shot >= 2, or task.per_mode=none",
+        )
+        r = self.per_support(gs, sl, None, views)
         if self.per_mode == "replace":
-            return r, labels
-        return torch.cat([g, r]), torch.cat([labels, labels])
+            return r, sl
+        return torch.cat([gs, r]), torch.cat([sl, sl])  # extend: recombined copies join the prototypes
 
     def episode_logits(
         self, support: torch.Tensor, support_label: torch.Tensor, query: torch.Tensor, n_way: int
@@ -187,22 +262,29 @@ class FewShotModel(TaskModel):
         return self.head(fq, prototypes(fs, support_label, n_way))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One meta-training episode: prototypes from the support, cross-entropy on the queries (+ PER)."""
+        """One meta-training episode: prototypes from the support, cross-entropy on the queries.
+
+        PER (training mode, ``per_mode`` extend / replace) acts on the support side only: recombined support
+        samples are added to (extend) or replace (replace) the prototypes' sources; the queries stay as they are
+        and are the only scored samples, so no query patch reaches a prototype and no sample is scored against a
+        prototype built from its own patches.
+        """
         sl, ql = batch["support_label"], batch["query_label"]
         n_way = int(batch["way"]) if "way" in batch else int(sl.max()) + 1
-        ns, nq = len(sl), len(ql)
         if "grid_support" in batch:  # grids precomputed by the dataset
-            g = torch.cat([batch["grid_support"], batch["grid_query"]])  # (S+Q, ...)
+            gs, gq = batch["grid_support"], batch["grid_query"]
         else:
+            ns = len(sl)
             g = self.grid(torch.cat([batch["support"], batch["query"]]))  # (S+Q, 3, H, W) -> (S+Q, ...)
-        labels = torch.cat([sl, ql])
-        if self.training and self.per_mode != "none":
-            g, labels = self.per(g, labels)
-        f = self.embed_grid(g)
-        logits = self.head(torch.cat([f[ns : ns + nq], f[ns + nq :]]), prototypes(f[:ns], sl, n_way))
-        targets = torch.cat([ql, labels[ns + nq :]])
-        loss = F.cross_entropy(logits, targets)
-        return {"loss": loss, "output": logits[:nq]}
+            gs, gq = g[:ns], g[ns:]
+        ps, pl = gs, sl
+        if self.training and self.per_mode != "none" and self.layout != "pixels":
+            ps, pl = self._train_support(gs, sl)
+        f = self.embed_grid(torch.cat([ps, gq]))
+        np_ = len(ps)
+        logits = self.head(f[np_:], prototypes(f[:np_], pl, n_way))
+        loss = F.cross_entropy(logits, ql)
+        return {"loss": loss, "output": logits}
 
 
 # -- per-episode fine-tuning -----------------------------------------------------------------------------------
@@ -228,23 +310,43 @@ def _finetune(
     grids: bool = False,
     pseudo_per_class: int = 0,
 ) -> None:
-    """PMF-style fine-tuning in place: prototypes from the support, pseudo-queries = augmented support grids.
+    """PMF-style fine-tuning in place: prototypes from the support, pseudo-queries = augmented support views.
 
+    Each step: one dihedral view of every support grid (never the identity; ``model.finetune_augment``), of which
+    ``pseudo_per_class`` per class are kept (0 = all) as pseudo-queries; with ``model.finetune_per`` (and
+    ``per_mode`` extend / replace) each kept view also gets a PER copy that takes positions from the other views of
+    its class (its shot, the class's other shots and their views), added (extend) or in place of it (replace).
     ``grids=True``: ``support`` already holds the support's grids (the frozen layers before them never change).
+
+    Raises:
+        ConfigError: PER is on but a class has one shot and no augmented view (nothing to recombine with).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if steps == 0 or lr == 0 or not params:
         return
+    per = model.finetune_per and model.per_mode != "none" and model.layout != "pixels"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     with torch.enable_grad():
         for _ in range(steps):
             g = support if grids else model.grid(support)
-            gq, lq = g, labels
+            views = None
+            if model.finetune_augment and model.can_augment_grid(g):
+                views = model.augment_grid(g, gen, non_identity=True)
+            if per:
+                per_needs_views(
+                    labels if views is None else torch.cat([labels, labels]),
+                    "meta-test fine-tuning",
+                    "Use task.finetune_augment=dihedral (a square grid), >= 2 shots per class, "
+                    "task.finetune_per=false or task.per_mode=none",
+                )
+            keep = torch.arange(len(labels))
             if pseudo_per_class:
                 perm = torch.randperm(len(labels), generator=gen)
                 keep = torch.cat([perm[labels[perm] == c][:pseudo_per_class] for c in range(n_way)])
-                gq, lq = g[keep], labels[keep]
-            gq, lq = model.per(model.augment_grid(gq, gen), lq, gen)
+            gq, lq = (g if views is None else views)[keep], labels[keep]
+            if per:
+                r = model.per_support(g, labels, gen, views)[keep]
+                gq, lq = (r, lq) if model.per_mode == "replace" else (torch.cat([gq, r]), torch.cat([lq, lq]))
             f = model.embed_grid(torch.cat([g, gq]))
             ns = len(g)
             loss = F.cross_entropy(model.head(f[ns:], prototypes(f[:ns], labels, n_way)), lq)
@@ -266,26 +368,34 @@ def classify_episode(
     seed: int = 0,
     grids: bool = False,
     pseudo_per_class: int = 0,
+    no_holdout_lr: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Query logits (Q, N) for one episode, after optional per-episode fine-tuning; the model is restored after.
 
-    ``grids=True``: ``support`` and ``query`` are grids from :meth:`FewShotModel.grid`, not images.
+    ``grids=True``: ``support`` and ``query`` are grids from :meth:`FewShotModel.grid`, not images. With more than
+    one ``lr_search`` candidate the lr is chosen on a held-out shot per class (:func:`_choose_lr`); an episode
+    with a one-shot class has no held-out shot, so there is no search and ``no_holdout_lr`` is used (0 = no
+    fine-tuning, as PMF's ``ProtoNet_Auto_Finetune``).
 
     Returns:
-        (logits, info) where info holds the chosen fine-tuning lr.
+        (logits, info) where info holds the fine-tuning lr used and how it was chosen.
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     snap = _snapshot(model) if steps else {}
-    info: dict[str, Any] = {"lr": lr if steps else 0.0}
+    info: dict[str, Any] = {"lr": lr if steps else 0.0, "lr_source": "fixed"}
     if not grids and model.grid_is_frozen:
         support, query, grids = model.grid(support), model.grid(query), True
     embed = model.embed_grid if grids else model.embed
     try:
         if steps and lr_search and len(lr_search) > 1:
-            info["lr"] = _choose_lr(
-                model, support, support_label, n_way, steps, lr_search, gen, snap, grids, pseudo_per_class
-            )
+            if int(torch.bincount(support_label, minlength=n_way).min()) >= 2:
+                info["lr"] = _choose_lr(
+                    model, support, support_label, n_way, steps, lr_search, gen, snap, grids, pseudo_per_class
+                )
+                info["lr_source"] = "search"
+            else:
+                info["lr"], info["lr_source"] = no_holdout_lr, "no held-out shot"
         if steps:
             _finetune(model, support, support_label, n_way, steps, info["lr"], gen, grids, pseudo_per_class)
         logits = model.head(embed(query), prototypes(embed(support), support_label, n_way))
@@ -296,18 +406,14 @@ def classify_episode(
 
 
 def _choose_lr(model, support, labels, n_way, steps, candidates, gen, snap, grids, pseudo_per_class) -> float:
-    """Pick the lr with the best accuracy on a held-out shot per class (1-shot: an augmented support view)."""
-    k = int(torch.bincount(labels).min())
+    """Pick the lr with the best accuracy on a held-out shot per class (the last shot of every class) after
+    fine-tuning on the other shots; ties go to the earlier candidate. Needs >= 2 shots in every class."""
     embed = model.embed_grid if grids else model.embed
-    if k >= 2:
-        last = torch.zeros_like(labels, dtype=torch.bool)
-        for c in range(n_way):
-            last[(labels == c).nonzero().flatten()[-1]] = True
-        tr_x, tr_y, ho_y = support[~last], labels[~last], labels[last]
-        ho_g = support[last] if grids else model.grid(support[last])
-    else:
-        tr_x, tr_y, ho_y = support, labels, labels
-        ho_g = model.augment_grid(support if grids else model.grid(support), gen)
+    last = torch.zeros_like(labels, dtype=torch.bool)
+    for c in range(n_way):
+        last[(labels == c).nonzero().flatten()[-1]] = True
+    tr_x, tr_y, ho_y = support[~last], labels[~last], labels[last]
+    ho_g = support[last] if grids else model.grid(support[last])
     best, best_acc = candidates[0], -1.0
     for lr in candidates:
         _finetune(model, tr_x, tr_y, n_way, steps, lr, gen, grids, pseudo_per_class)
