@@ -210,6 +210,9 @@ def test_every_phrase_is_evaluated_and_old_configs_load(tmp_path: Path) -> None:
     d["task"]["eval_phrases"] = "every"
     with pytest.raises(ConfigError, match="eval_phrases"):
         build_run_config(d)
+    d["task"].update({"eval_phrases": "all", "augment": "crop"})
+    with pytest.raises(ConfigError, match="task.augment must be flip"):
+        build_run_config(d)
 
 
 def test_coco128_recipe_augmentation_never_crops(data_root: Path, caplog) -> None:

@@ -78,7 +78,15 @@ class RefSegConfig:
     threshold: float = 0.35  # probability threshold of the predicted mask
 
     def __post_init__(self) -> None:
+        from vision_peft.data.refer_dataset import CROPPING_PRESETS
+
         check_choices(self, "task")
+        self.augment = self.augment or "none"  # a CLI override "none" arrives as None
+        if self.augment not in ("flip", "none", *CROPPING_PRESETS):
+            raise ConfigError(
+                f"task.augment must be flip (letterbox + mirror), none or one of {', '.join(CROPPING_PRESETS)}, "
+                f"got {self.augment!r}"
+            )
         if self.data not in refer_format_names():
             raise ConfigError(f"task.data must be one of {', '.join(refer_format_names())}, got {self.data!r}")
         if "train" not in self.split or set(self.split) - {"train", "val", "test"}:
