@@ -69,28 +69,90 @@ def export_diffusion(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     return export_run(run_dir, out_dir)
 
 
-def compute_fisher(recipe: str, out: str | Path, overrides: list[str] | None = None, batches: int = 8) -> Path:
-    """FISH scores: the empirical Fisher (mean squared ε-loss gradient) of the frozen base DiT's targeted
-    Linear weights on the recipe's training latents, saved as safetensors for ``adapter.fisher_file``."""
-    from safetensors.torch import save_file
+FISHER_SAMPLES = 1024  # default N of ``fisher``: FISH (Sung et al., 2021) averages over ~1k examples
 
-    from vision_peft.adapters.sara import fisher_scores
+
+def fisher_inputs(
+    recipe: str,
+    overrides: list[str] | None = None,
+    batches: int | None = None,
+    samples: int | None = None,
+    chunk: int = 16,
+) -> tuple[Any, nn.Module, list[dict[str, torch.Tensor]], list[str], Any]:
+    """(config, frozen task model in eval mode, N examples as chunks of (latent, label, t, noise), the eligible
+    tensors' parameter names, the mean denoising loss of a batch) for :func:`compute_fisher` and its checks."""
+    from vision_peft.adapters.sara import eligible_tensors
     from vision_peft.recipe import load_recipe
 
     cfg = load_recipe(recipe, list(overrides or []))
     targets = list(getattr(cfg.adapter, "targets", ["blocks_linear"]))
+    eligible = getattr(cfg.adapter, "eligible", "linear")
+    n = samples if samples is not None else (batches * cfg.train.batch_size if batches else FISHER_SAMPLES)
+    if n <= 0 or chunk <= 0:
+        raise ConfigError(f"fisher needs --samples > 0 and --chunk > 0, got samples={n}, chunk={chunk}")
+    adapter = cfg.adapter
     cfg.adapter = load_recipe(recipe, [*(overrides or []), "adapter.name=linear"]).adapter  # nothing wrapped
     task = TASKS.get("diffusion").builder(cfg)
     model = task.build_model().eval()
     ds = task.datasets(model)["train"]
-    torch.manual_seed(cfg.train.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True)
-    it = iter(loader)
-    chunks = [next(it) for _ in range(min(batches, len(loader)))]
-    names = model.backbone.resolve_targets(targets)
-    names = [n for n in names if type(model.backbone.get_submodule(n)) is nn.Linear]
-    sc = fisher_scores(model.backbone, names, lambda b: model(b)["loss"], chunks)
-    save_file({k: v.contiguous() for k, v in sc.items()}, str(out))
+    cfg.adapter = adapter  # the recipe's own adapter section again (its targets / eligible name the tensors)
+    if len(ds) == 0:
+        raise ConfigError(f"fisher: the recipe {recipe} has no training examples (task.train_per_class, data_root)")
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    examples, have = [], 0
+    while have < n:  # (latent, label, t, noise) draws; one pass over the training split per loop
+        for b in torch.utils.data.DataLoader(ds, batch_size=chunk, shuffle=True, generator=gen):
+            z0, y = b["latent"][: n - have], b["label"][: n - have]
+            t = torch.randint(0, cfg.task.num_timesteps, (len(y),), generator=gen)
+            noise = torch.randn(z0.shape, generator=gen)
+            examples.append({"latent": z0, "label": y, "t": t, "noise": noise})
+            have += len(y)
+            if have >= n:
+                break
+    names = [f"{mod}.{pn}" for _, mod, pn in eligible_tensors(model.backbone, targets, eligible)]
+
+    def loss(b: dict[str, torch.Tensor]) -> torch.Tensor:  # the mean denoising loss of a batch (here: one example)
+        return model.eps_loss(b["latent"], b["label"], b["t"], b["noise"])
+
+    return cfg, model, examples, names, loss
+
+
+def compute_fisher(
+    recipe: str,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    batches: int | None = None,
+    samples: int | None = None,
+    chunk: int = 16,
+    method: str = "vmap",
+) -> Path:
+    """FISH scores of the frozen base DiT's eligible tensors (the recipe's ``adapter.targets`` / ``eligible``),
+    saved as safetensors (keys: parameter names; format ``vision_peft.fisher/2``) for ``adapter.fisher_file``.
+
+    The empirical Fisher is the mean over N examples of the *per-example* squared gradient of the per-example
+    log-likelihood; for a diffusion model the per-example "log-likelihood" is the per-example denoising loss
+    −ℓ_i, ℓ_i = mean ‖f(x_t, t, y) − target‖² of one training latent with its own t and noise draw (eval mode: no
+    class dropout; a constant scale of the loss does not change the ranking). Examples are (latent, label, t, noise)
+    draws from the recipe's training split, reshuffled with new t / noise when N exceeds it (seeded by
+    ``train.seed``). Per-example gradients: ``torch.func.vmap(grad)`` over ``chunk`` examples at a time.
+
+    Args:
+        samples: N; default :data:`FISHER_SAMPLES` (1024).
+        batches: the older option: N = batches × train.batch_size (the examples the earlier mean-loss command saw);
+            ignored when ``samples`` is given.
+    """
+    from safetensors.torch import save_file
+
+    from vision_peft.adapters.sara import FISHER_FORMAT, fisher_scores
+
+    cfg, model, examples, names, loss = fisher_inputs(recipe, overrides, batches, samples, chunk)
+    n = sum(len(e["label"]) for e in examples)
+    targets = list(getattr(cfg.adapter, "targets", ["blocks_linear"]))
+    eligible = getattr(cfg.adapter, "eligible", "linear")
+    sc = fisher_scores(model.backbone, names, loss, examples, method=method, chunk=chunk)
+    meta = {"format": FISHER_FORMAT, "samples": str(n), "eligible": eligible, "targets": ",".join(targets),
+            "loss": f"per-example {cfg.task.prediction} denoising MSE", "recipe": str(recipe)}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in sc.items()}, str(out), metadata=meta)
     return Path(out)
 
 
@@ -120,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("recipe")
     f.add_argument("overrides", nargs="*")
     f.add_argument("--out", required=True)
-    f.add_argument("--batches", type=int, default=8)
+    f.add_argument("--samples", type=int, default=None,
+                   help=f"N examples of the per-example Fisher (default {FISHER_SAMPLES}, as FISH)")  # fmt: skip
+    f.add_argument("--batches", type=int, default=None, help="older option: N = batches x train.batch_size")
+    f.add_argument("--chunk", type=int, default=16, help="examples per vmap(grad) call (memory: chunk x tensors)")
     a = ap.parse_args(argv)
     if a.cmd == "fisher":
-        print(compute_fisher(a.recipe, a.out, a.overrides, a.batches))
+        print(compute_fisher(a.recipe, a.out, a.overrides, a.batches, a.samples, a.chunk))
         return
     if a.cmd == "base":
         print(write_base_checkpoint(a.run_dir, a.out))

@@ -1,34 +1,51 @@
-"""SaRA (Hu et al., ICLR 2025, arXiv 2409.06633) and FISH (Sung et al., NeurIPS 2021) on one sparse engine.
+"""SaRA (Hu et al., ICLR 2025, arXiv 2409.06633) and FISH (Sung et al., NeurIPS 2021, "Training Neural Networks with
+Fixed Sparse Masks") on one sparse engine.
 
-Engine: for each targeted ``nn.Linear`` a set of weight entries M is selected; the trainable vector is
-p = W0[M] (initialised so the model is unchanged at step 0) and the forward weight is
-W = scatter(W0, M, p) computed by :class:`SparseScatter`, a custom autograd function whose backward returns
-``grad_W[M]`` only — ``.grad`` and the AdamW moments exist for the |M| selected entries, nothing dense.
+Engine: for each eligible tensor W0 a set of entries M is selected; the trainable vector is p = W0[M] (so the model
+is unchanged at step 0) and the forward tensor is W = scatter(W0, M, p), computed by :class:`SparseScatter`, a custom
+autograd function whose backward returns ``grad_W[M]`` only — ``.grad`` and the AdamW moments exist for the |M|
+selected entries, nothing dense. A targeted ``nn.Linear``'s weight lives in a :class:`SparseLinear`; every other
+tensor (biases, norm affines, adaLN, embeddings) gets a :class:`SparseTensor` parametrization.
 
-Selection (``select``): ``fraction`` (smallest-|W0| share, ``scope: global`` quantile over all targets or
-``per_tensor``) or an absolute ``threshold`` τ (the reference's |W0| < τ); the resulting τ and count are
-reported in ``handle.report``. FISH selects the top entries of the empirical Fisher (mean squared gradient)
-instead, computed by :func:`fisher_scores` — same engine, fixed mask.
+Eligible tensors (``eligible``): ``linear`` — the weights of the targeted ``nn.Linear`` layers; ``all`` — every
+parameter tensor of the targeted modules, as SaRA's reference (which masks every ``model.parameters()`` tensor).
+Rule for old configs: a config without the key means ``linear`` (what every run written before the field existed
+trained), so old run directories keep their checkpoint layout; the shipped diffusion recipes choose ``all``.
+
+Selection (``select``): ``fraction`` (smallest-|W0| share, ``scope: global`` quantile over all eligible tensors or
+``per_tensor``) or an absolute ``threshold`` τ (the reference's |W0| < τ); the resulting τ and count are reported in
+``handle.report``. FISH selects the top entries of the empirical Fisher instead — the mean over N examples of the
+*per-example* squared gradient of the per-example loss (:func:`fisher_scores`; for the diffusion task the
+per-example "log-likelihood" is the per-example denoising loss) — same engine, fixed mask.
 
 Differences from the reference code (see docs/methods.md §4): the nuclear-norm penalty is applied to the
-*scattered* ΔW = W − W0 so its gradient reaches p (:func:`nuclear_penalty`; the handle's ``extra_losses`` returns
-``{"nuclear": nuclear_lambda · ‖ΔW‖_*}`` of one random targeted layer per training forward); progressive re-selection
-(:meth:`SparseLinear.reselect`) folds the current values into the base, re-selects the same count per tensor
-on the current weights and resets that tensor's optimizer moments; checkpoints carry explicit indices +
-values + a sha256 of the base weights, and loading onto other base weights is refused.
+*scattered* ΔW = W − W0 of one random targeted Linear per training forward, so its gradient reaches p (the
+reference penalises W ⊙ M, a tensor its optimizer never updates). Its gradient is the minimum-norm subgradient
+U_r V_rᵀ over the non-zero singular values only (:func:`nuclear_penalty`): at step 0, where ΔW = 0, it is zero
+instead of an arbitrary full-size U Vᵀ, and ``nuclear_start`` can keep it off during the warm-up. Progressive
+re-selection (:func:`reselect`) happens once, re-selects the same count per tensor on the current values (the
+reference re-thresholds with the same τ) and resets that tensor's optimizer moments (the reference rebuilds its
+optimizer and skips that step); the optimizer hook that drives it is removed after it fires. Checkpoints carry
+explicit indices + values + a sha256 of the base tensor, and loading onto other base weights is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vision_peft.adapters.base import ADAPTERS, AdapterHandle, set_module
+from vision_peft.adapters.sara_fisher import fisher_scores
+
+FISHER_FORMAT = "vision_peft.fisher/2"  # fisher files keyed by parameter name; older ones: Linear module names
+ELIGIBLE = ("linear", "all")
 
 
 class SparseCheckpointError(ValueError):
@@ -56,6 +73,69 @@ class SparseScatter(torch.autograd.Function):
         return grad_w.reshape(-1)[idx], None, None
 
 
+# -- the state every sparse holder carries (same keys for SparseLinear and SparseTensor) ------------------------
+def _init_sparse(holder: nn.Module, w0: torch.Tensor, idx: torch.Tensor) -> None:
+    """``sparse_idx`` (sorted flat indices), trainable ``sparse_values`` = W0[idx], the fixed-capacity store of
+    entries re-selected away (``sparse_frozen_*``), the re-selection flag and the base tensor's sha256."""
+    idx = idx.to(device=w0.device, dtype=torch.long).sort().values
+    holder.register_buffer("sparse_idx", idx)
+    holder.sparse_values = nn.Parameter(w0.detach().reshape(-1)[idx].clone())
+    k = idx.numel()  # after one re-selection the entries that left keep their values here (shapes stay fixed)
+    holder.register_buffer("sparse_frozen_idx", torch.zeros(k, dtype=torch.long, device=idx.device))
+    holder.register_buffer("sparse_frozen_values", torch.zeros(k, dtype=w0.dtype, device=idx.device))
+    holder.register_buffer("sparse_frozen_count", torch.zeros((), dtype=torch.long))
+    holder.register_buffer("sparse_reselected", torch.zeros((), dtype=torch.bool))
+    holder.base_hash = tensor_hash(w0)
+    holder.register_buffer("sparse_base_hash", torch.tensor(list(bytes.fromhex(holder.base_hash)), dtype=torch.uint8))
+
+
+def _check_sparse_state(holder: nn.Module, state_dict: dict, prefix: str) -> None:
+    key = prefix + "sparse_base_hash"
+    if key in state_dict and not torch.equal(state_dict[key].cpu(), holder.sparse_base_hash.cpu()):
+        raise SparseCheckpointError(
+            f"{prefix.rstrip('.')}: this sparse checkpoint was trained on other base weights "
+            f"(hash {bytes(state_dict[key].tolist()).hex()[:12]} vs {holder.base_hash[:12]}); refusing to load"
+        )
+    idx_key = prefix + "sparse_idx"
+    if idx_key in state_dict and state_dict[idx_key].shape != holder.sparse_idx.shape:
+        raise SparseCheckpointError(
+            f"{prefix.rstrip('.')}: checkpoint selects {state_dict[idx_key].numel()} entries, "
+            f"this adapter {holder.sparse_idx.numel()} (another fraction / threshold / eligible set)"
+        )
+
+
+def _with_frozen(holder: nn.Module, w0: torch.Tensor) -> torch.Tensor:
+    """W0 with the frozen (re-selected-away) entries written in; no gradient."""
+    n = int(holder.sparse_frozen_count)
+    if n == 0:
+        return w0.detach()
+    w = w0.detach().clone().reshape(-1)
+    w[holder.sparse_frozen_idx[:n]] = holder.sparse_frozen_values[:n].to(w.dtype)
+    return w.reshape(w0.shape)
+
+
+@torch.no_grad()
+def _reselect(holder: nn.Module, current: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Progressive step (once): the same number of smallest-|W| entries of the *current* tensor; trained entries
+    that leave the set are kept as frozen sparse values; the base tensor is untouched; moments are reset."""
+    if bool(holder.sparse_reselected):
+        raise RuntimeError("SaRA re-selection is supported once per tensor (fixed-capacity checkpoint)")
+    w = current.detach().reshape(-1)
+    k = holder.sparse_idx.numel()
+    new_idx = w.abs().topk(k, largest=False).indices.sort().values
+    old_idx = holder.sparse_idx
+    leaving = old_idx[~torch.isin(old_idx, new_idx)]
+    n = leaving.numel()
+    holder.sparse_frozen_idx[:n] = leaving
+    holder.sparse_frozen_values[:n] = w[leaving]
+    holder.sparse_frozen_count.fill_(n)
+    holder.sparse_idx.copy_(new_idx)
+    holder.sparse_values.data.copy_(w[new_idx])
+    holder.sparse_reselected.fill_(True)
+    if optimizer is not None and holder.sparse_values in optimizer.state:
+        optimizer.state[holder.sparse_values] = {}
+
+
 class SparseLinear(nn.Linear):
     """nn.Linear whose weight is W0 with the entries at ``sparse_idx`` replaced by the trainable ``sparse_values``.
     Keeps the base ``weight``/``bias`` keys; adds ``sparse_idx`` (int64), ``sparse_values`` and ``sparse_base_hash``."""
@@ -64,27 +144,11 @@ class SparseLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        idx = idx.to(device=base.weight.device, dtype=torch.long).sort().values
-        self.register_buffer("sparse_idx", idx)
-        self.sparse_values = nn.Parameter(base.weight.detach().reshape(-1)[idx].clone())
-        # after one progressive re-selection: the previously trained entries that left the set keep their
-        # values here (fixed capacity k so checkpoints keep their shapes; the base weight is never modified)
-        k = idx.numel()
-        self.register_buffer("sparse_frozen_idx", torch.zeros(k, dtype=torch.long, device=idx.device))
-        self.register_buffer("sparse_frozen_values", torch.zeros(k, dtype=base.weight.dtype, device=idx.device))
-        self.register_buffer("sparse_frozen_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("sparse_reselected", torch.zeros((), dtype=torch.bool))
-        self.base_hash = tensor_hash(base.weight)
-        self.register_buffer("sparse_base_hash", torch.tensor(list(bytes.fromhex(self.base_hash)), dtype=torch.uint8))
+        _init_sparse(self, base.weight, idx)
 
     def base_weight(self) -> torch.Tensor:
         """W0 with the frozen (re-selected-away) entries written in; no gradient."""
-        n = int(self.sparse_frozen_count)
-        if n == 0:
-            return self.weight.detach()
-        w = self.weight.detach().clone().reshape(-1)
-        w[self.sparse_frozen_idx[:n]] = self.sparse_frozen_values[:n].to(w.dtype)
-        return w.reshape(self.weight.shape)
+        return _with_frozen(self, self.weight)
 
     def dense_weight(self) -> torch.Tensor:
         return SparseScatter.apply(self.sparse_values, self.base_weight(), self.sparse_idx)
@@ -97,41 +161,12 @@ class SparseLinear(nn.Linear):
         return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key = prefix + "sparse_base_hash"
-        if key in state_dict and not torch.equal(state_dict[key].cpu(), self.sparse_base_hash.cpu()):
-            raise SparseCheckpointError(
-                f"{prefix.rstrip('.')}: this sparse checkpoint was trained on other base weights "
-                f"(hash {bytes(state_dict[key].tolist()).hex()[:12]} vs {self.base_hash[:12]}); refusing to load"
-            )
-        idx_key = prefix + "sparse_idx"
-        if idx_key in state_dict and state_dict[idx_key].shape != self.sparse_idx.shape:
-            raise SparseCheckpointError(
-                f"{prefix.rstrip('.')}: checkpoint selects {state_dict[idx_key].numel()} entries, "
-                f"this adapter {self.sparse_idx.numel()} (another fraction / threshold)"
-            )
+        _check_sparse_state(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    @torch.no_grad()
     def reselect(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Progressive step (once): select the same number of smallest-|W| entries of the *current* weight;
-        trained entries that leave the set are kept as frozen sparse values; the base weight is untouched and
-        the optimizer moments of this tensor are reset."""
-        if bool(self.sparse_reselected):
-            raise RuntimeError("SaRA re-selection is supported once per layer (fixed-capacity checkpoint)")
-        w = self.dense_weight().detach()
-        k = self.sparse_idx.numel()
-        new_idx = w.abs().reshape(-1).topk(k, largest=False).indices.sort().values
-        old_idx = self.sparse_idx
-        leaving = old_idx[~torch.isin(old_idx, new_idx)]
-        n = leaving.numel()
-        self.sparse_frozen_idx[:n] = leaving
-        self.sparse_frozen_values[:n] = w.reshape(-1)[leaving]
-        self.sparse_frozen_count.fill_(n)
-        self.sparse_idx.copy_(new_idx)
-        self.sparse_values.data.copy_(w.reshape(-1)[new_idx])
-        self.sparse_reselected.fill_(True)
-        if optimizer is not None and self.sparse_values in optimizer.state:
-            optimizer.state[self.sparse_values] = {}
+        """Progressive re-selection of this weight (see :func:`_reselect`)."""
+        _reselect(self, self.dense_weight(), optimizer)
 
     def merged(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device)
@@ -142,18 +177,59 @@ class SparseLinear(nn.Linear):
         return lin.requires_grad_(False)
 
 
+class SparseTensor(nn.Module):
+    """Parametrization of any other tensor (bias, norm affine, adaLN, embedding): W0 → scatter(W0, idx, p).
+    Registered with ``torch.nn.utils.parametrize``; keys ``<module>.parametrizations.<tensor>.0.sparse_*``."""
+
+    def __init__(self, w0: torch.Tensor, idx: torch.Tensor) -> None:
+        super().__init__()
+        _init_sparse(self, w0, idx)
+
+    def forward(self, w0: torch.Tensor) -> torch.Tensor:
+        return SparseScatter.apply(self.sparse_values, _with_frozen(self, w0), self.sparse_idx)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        _check_sparse_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+def sparse_holders(backbone: nn.Module, touched: list[str]) -> list[tuple[nn.Module, Callable[[], torch.Tensor]]]:
+    """(holder, current dense tensor) of every sparse tensor in the touched modules, in a fixed order."""
+    out = []
+    for n in touched:
+        m = backbone.get_submodule(n)
+        if isinstance(m, SparseLinear):
+            out.append((m, m.dense_weight))
+        for pn, plist in getattr(m, "parametrizations", {}).items():
+            for hold in plist:
+                if isinstance(hold, SparseTensor):
+                    out.append((hold, lambda m=m, pn=pn: getattr(m, pn)))
+    return out
+
+
+def reselect(backbone: nn.Module, touched: list[str], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """SaRA's progressive step on every sparse tensor of the touched modules (once)."""
+    for hold, current in sparse_holders(backbone, touched):
+        _reselect(hold, current(), optimizer)
+
+
 @dataclass
 class SaRAConfig:
-    """Sparse fine-tuning of the smallest-magnitude (SaRA) or highest-Fisher (FISH) weight entries."""
+    """Sparse fine-tuning of the smallest-magnitude (SaRA) or highest-Fisher (FISH) entries."""
 
     name: str = "sara"  # registry name
     targets: list[str] = field(default_factory=lambda: ["blocks_linear"])  # portable groups or module patterns
     fraction: float | None = 0.1  # share of entries to train (ignored when threshold is set)
     threshold: float | None = None  # absolute τ: train entries with |W0| < τ (the reference's rule)
     scope: str = "global"  # global | per_tensor quantile for `fraction`
-    nuclear_lambda: float = 5e-4  # weight of ‖ΔW‖_* on one random targeted layer per step; 0 disables
+    # which tensors of the targeted modules can be selected: "linear" = the weights of nn.Linear layers (a config
+    # without this key means "linear": every run before the field existed); "all" = every parameter tensor
+    # (biases, norm affines, adaLN …), SaRA's reference
+    eligible: str = "linear"
+    nuclear_lambda: float = 5e-4  # weight of ‖ΔW‖_* on one random targeted Linear per step; 0 disables
+    nuclear_start: int = 0  # optimizer steps before the penalty switches on (e.g. the lr warm-up); 0 = from step 0
     reselect_step: int = 0  # progressive re-selection after this many optimizer steps; 0 = never
-    fisher_file: str | None = None  # FISH: safetensors of per-layer Fisher scores (module name → tensor)
+    fisher_file: str | None = None  # FISH: safetensors of Fisher scores (parameter name → tensor)
     seed: int = 0  # seed for the nuclear-norm layer choice
 
     def __post_init__(self) -> None:
@@ -165,8 +241,10 @@ class SaRAConfig:
             raise ValueError(f"SaRA fraction must lie in (0, 1], got {self.fraction}")
         if self.scope not in ("global", "per_tensor"):
             raise ValueError(f"SaRA scope must be global or per_tensor, got {self.scope!r}")
-        if self.nuclear_lambda < 0 or self.reselect_step < 0:
-            raise ValueError("SaRA nuclear_lambda and reselect_step must be >= 0")
+        if self.eligible not in ELIGIBLE:
+            raise ValueError(f"{self.name} eligible must be one of {ELIGIBLE}, got {self.eligible!r}")
+        if self.nuclear_lambda < 0 or self.reselect_step < 0 or self.nuclear_start < 0:
+            raise ValueError("SaRA nuclear_lambda, nuclear_start and reselect_step must be >= 0")
 
 
 def select_entries(
@@ -214,30 +292,59 @@ def select_entries(
     return out, report
 
 
+def nuclear_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖_* whose gradient is the minimum-norm subgradient U_r V_rᵀ over the singular values above the numerical
+    rank tolerance (max(m, n) · eps · σ_max): zero at x = 0, and the singular directions with σ = 0 (arbitrary in
+    an SVD) get no gradient. ``torch.linalg.matrix_norm(x, "nuc")`` instead returns the full U Vᵀ there."""
+    x = x.float()
+    u, s, vh = torch.linalg.svd(x.detach(), full_matrices=False)
+    tol = max(x.shape) * torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 0.0)
+    r = int((s > tol).sum()) if s.numel() and float(s[0]) > 0 else 0
+    return torch.einsum("ir,ij,rj->", u[:, :r], x, vh[:r])  # = Σ_{i<r} σ_i, d/dx = U_r V_rᵀ
+
+
 def nuclear_penalty(layers: list[SparseLinear], gen: torch.Generator | None = None) -> torch.Tensor:
-    """‖ΔW‖_* of one randomly chosen layer (differentiable in its sparse values)."""
+    """‖ΔW‖_* of one randomly chosen layer (differentiable in its sparse values; see :func:`nuclear_norm`)."""
     i = int(torch.randint(len(layers), (1,), generator=gen)) if gen is not None else 0
-    return torch.linalg.matrix_norm(layers[i].delta().float(), ord="nuc")
+    return nuclear_norm(layers[i].delta())
 
 
-def fisher_scores(model: nn.Module, module_names: list[str], loss_fn, batches) -> dict[str, torch.Tensor]:
-    """Empirical Fisher diag (mean squared gradient) of each named Linear's weight over ``batches``."""
-    mods = {n: model.get_submodule(n) for n in module_names}
-    flags = {n: m.weight.requires_grad for n, m in mods.items()}
-    for m in mods.values():
-        m.weight.requires_grad_(True)
-        m.weight.grad = None
-    acc = {n: torch.zeros_like(m.weight) for n, m in mods.items()}
-    count = 0
-    for batch in batches:
-        loss = loss_fn(batch)
-        grads = torch.autograd.grad(loss, [m.weight for m in mods.values()])
-        for n, g in zip(mods, grads, strict=True):
-            acc[n] += g.detach() ** 2
-        count += 1
-    for n, m in mods.items():
-        m.weight.requires_grad_(flags[n])
-    return {n: a / max(1, count) for n, a in acc.items()}
+def eligible_tensors(backbone: nn.Module, targets: list[str], eligible: str) -> list[tuple[str, str, str]]:
+    """(key, module name, tensor name) of every selectable tensor; key = the module name for an ``nn.Linear``'s
+    weight (the older keys), ``<module>.<tensor>`` for every other tensor."""
+    out = []
+    for n in backbone.resolve_targets(targets):
+        m = backbone.get_submodule(n)
+        if eligible == "linear":
+            if type(m) is nn.Linear:
+                out.append((n, n, "weight"))
+            continue
+        for pn, _ in m.named_parameters(recurse=False):
+            out.append((n if (type(m) is nn.Linear and pn == "weight") else f"{n}.{pn}", n, pn))
+    return out
+
+
+def load_fisher(path: str | Path, entries: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
+    """Fisher scores for ``entries`` from a file keyed by parameter name (``vision_peft.fisher/2``) or, for Linear
+    weights, by module name (files written before per-example scores; they still load)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        out, missing = {}, []
+        for key, mod, pn in entries:
+            name = f"{mod}.{pn}"
+            hit = name if name in keys else (key if key in keys else None)
+            if hit is None:
+                missing.append(name)
+            else:
+                out[key] = f.get_tensor(hit)
+    if missing:
+        raise ValueError(
+            f"fisher_file {path} lacks scores for {missing[:3]} ({len(missing)} tensors); recompute it for these "
+            "targets / eligible tensors: python -m vision_peft.diffusion_tools fisher <recipe> --out <file>"
+        )
+    return out
 
 
 class SparseHandle(AdapterHandle):
@@ -248,12 +355,12 @@ class SparseHandle(AdapterHandle):
 
 
 def sparse_state(backbone: nn.Module, touched: list[str]) -> dict[str, torch.Tensor]:
-    """Explicit checkpoint: per layer indices, values, frozen re-selected-away entries and the base-weight hash."""
+    """Explicit checkpoint: per tensor indices, values, frozen re-selected-away entries and the base-tensor hash."""
     out = {}
     for n in touched:
         m = backbone.get_submodule(n)
         for k, v in m.state_dict().items():  # idx, values, base hash, frozen (re-selected-away) entries
-            if k.startswith("sparse_"):
+            if k.rsplit(".", 1)[-1].startswith("sparse_"):
                 out[f"{n}.{k}"] = v.detach().cpu().contiguous()
     return out
 
@@ -265,7 +372,7 @@ def save_sparse(path: str | Path, backbone: nn.Module, touched: list[str]) -> No
 
 
 def load_sparse(path: str | Path, backbone: nn.Module, touched: list[str]) -> None:
-    """Load indices + values; refuses a checkpoint whose base-weight hash differs from this backbone's."""
+    """Load indices + values; refuses a checkpoint whose base-tensor hash differs from this backbone's."""
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
@@ -275,59 +382,90 @@ def load_sparse(path: str | Path, backbone: nn.Module, touched: list[str]) -> No
 
 
 def _apply_sparse(backbone: nn.Module, cfg: SaRAConfig, fisher: bool) -> SparseHandle:
-    names = [n for n in backbone.resolve_targets(cfg.targets) if type(backbone.get_submodule(n)) is nn.Linear]
-    if not names:
-        raise ValueError(f"{cfg.name} targets {cfg.targets} matched no nn.Linear")
+    entries = eligible_tensors(backbone, cfg.targets, cfg.eligible)
+    if not entries:
+        what = "nn.Linear" if cfg.eligible == "linear" else "module with parameters"
+        raise ValueError(f"{cfg.name} targets {cfg.targets} matched no {what}")
     if fisher:
         if not cfg.fisher_file:
             raise ValueError(
-                "FISH needs adapter.fisher_file (Fisher scores; see vision_peft.adapters.sara.fisher_scores)"
+                "FISH needs adapter.fisher_file (Fisher scores: python -m vision_peft.diffusion_tools fisher <recipe> "
+                "--out <file>, or vision_peft.adapters.sara.fisher_scores)"
             )
-        from safetensors.torch import load_file
-
-        sc = load_file(cfg.fisher_file)
-        missing = [n for n in names if n not in sc]
-        if missing:
-            raise ValueError(f"fisher_file lacks scores for {missing[:3]}")
-        scores = {n: sc[n] for n in names}
+        scores = load_fisher(cfg.fisher_file, entries)
+        for key, mod, pn in entries:
+            want = tuple(getattr(backbone.get_submodule(mod), pn).shape)
+            if tuple(scores[key].shape) != want:
+                raise ValueError(f"fisher_file {cfg.fisher_file}: {key} has shape {tuple(scores[key].shape)}, "
+                                 f"the model's tensor {want} (scores of another backbone)")  # fmt: skip
     else:
-        scores = {n: backbone.get_submodule(n).weight.detach().abs().cpu() for n in names}
+        scores = {key: getattr(backbone.get_submodule(mod), pn).detach().abs().cpu() for key, mod, pn in entries}
     idx, report = select_entries(scores, cfg.fraction, cfg.threshold, cfg.scope, largest=fisher)
-    touched = []
-    for n in names:
-        if idx[n].numel() == 0:
+    touched: list[str] = []
+    for key, mod, pn in entries:
+        if idx[key].numel() == 0:
             continue
-        set_module(backbone, n, SparseLinear(backbone.get_submodule(n), idx[n]))
-        touched.append(n)
+        m = backbone.get_submodule(mod)
+        if type(m) is nn.Linear and pn == "weight":
+            set_module(backbone, mod, SparseLinear(m, idx[key]))
+        else:
+            parametrize.register_parametrization(m, pn, SparseTensor(getattr(m, pn), idx[key]))
+        if mod not in touched:
+            touched.append(mod)
     if not touched:
         raise ValueError(f"{cfg.name}: the selection (τ={report['threshold']}) picked no entries; raise the threshold")
 
     def merge() -> None:
+        if getattr(handle, "hook", None) is not None:
+            handle.hook.remove()
+            handle.hook = None
         for n in touched:
-            set_module(backbone, n, backbone.get_submodule(n).merged())
+            m = backbone.get_submodule(n)
+            for pn in list(getattr(m, "parametrizations", {}).keys()):
+                parametrize.remove_parametrizations(m, pn, leave_parametrized=True)
+                getattr(m, pn).requires_grad_(False)
+            if isinstance(m, SparseLinear):
+                set_module(backbone, n, m.merged())
 
     handle = SparseHandle(cfg.name, touched=touched, merge_fn=merge)
+    handle.hook = None
+    holders = sparse_holders(backbone, touched)
+    first = holders[0][0]
     if cfg.reselect_step > 0:
-        layers = [backbone.get_submodule(n) for n in touched]
-        first = layers[0].sparse_values
 
         def hook(opt, args, kwargs) -> None:  # progressive re-selection, driven by the optimizer's own step count
-            st = opt.state.get(first)
-            if not st or "step" not in st or bool(layers[0].sparse_reselected):
+            st = opt.state.get(first.sparse_values)
+            if bool(first.sparse_reselected) or not st or "step" not in st:
                 return
             if int(st["step"]) >= cfg.reselect_step:
-                for m in layers:
-                    m.reselect(opt)
+                reselect(backbone, touched, opt)
                 handle.report["reselected_at"] = int(cfg.reselect_step)
 
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         handle.hook = register_optimizer_step_post_hook(hook)
+    steps = None
+    if cfg.nuclear_lambda > 0 and cfg.nuclear_start > 0:  # steps done, kept in the adapter state (exact resume)
+        steps = torch.zeros((), dtype=torch.long, device=first.sparse_idx.device)
+        first.register_buffer("sparse_nuclear_step", steps)
+
+    def step_fn(step: int, total: int) -> None:
+        """After each optimizer step: the penalty's step count; the re-selection hook is removed once it has fired
+        (here, not inside the hook: the optimizer is iterating its hooks during the step)."""
+        if steps is not None:
+            steps.fill_(step)
+        if handle.hook is not None and bool(first.sparse_reselected):
+            handle.hook.remove()
+            handle.hook = None
+
+    handle.step_fn = step_fn
     handle.report = report
     if cfg.nuclear_lambda > 0:
         gen = torch.Generator().manual_seed(cfg.seed)  # picks the penalised layer of each training forward
 
         def loss_fn(model: nn.Module) -> dict[str, torch.Tensor]:
+            if steps is not None and int(steps) < cfg.nuclear_start:
+                return {}
             layers = [m for m in backbone.modules() if isinstance(m, SparseLinear)]
             return {"nuclear": cfg.nuclear_lambda * nuclear_penalty(layers, gen)} if layers else {}
 
@@ -340,7 +478,7 @@ def _apply_sparse(backbone: nn.Module, cfg: SaRAConfig, fisher: bool) -> SparseH
     requires=("linear",), spec={"fraction": 0.1},
 )  # fmt: skip
 def apply_sara(backbone: nn.Module, cfg: SaRAConfig) -> SparseHandle:
-    """Select the smallest-magnitude entries of the targeted Linear weights and make only them trainable."""
+    """Select the smallest-magnitude entries of the eligible tensors and make only them trainable."""
     return _apply_sparse(backbone, cfg, fisher=False)
 
 
@@ -369,11 +507,16 @@ __all__ = [
     "SaRAConfig",
     "FISHConfig",
     "SparseLinear",
+    "SparseTensor",
     "SparseScatter",
     "SparseCheckpointError",
     "select_entries",
+    "nuclear_norm",
     "nuclear_penalty",
     "fisher_scores",
+    "eligible_tensors",
+    "load_fisher",
+    "reselect",
     "save_sparse",
     "load_sparse",
     "optimizer_state_bytes",
