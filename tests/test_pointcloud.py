@@ -432,6 +432,130 @@ def test_v1_point_adapter_configs_map_onto_the_registered_adapters() -> None:
         assert (cfg.task.point_adapter, cfg.task.adapter_hidden, cfg.task.last_stage_reinit) == (None, None, None)
 
 
+PPT_BASE = {  # the paper's PPT-Base scoring (tasks/pointcloud-modelnet10-ppt-base.yaml)
+    "train_head": False, "head_init": "orthogonal", "normalize_points": False, "learn_logit_scale": False,
+}  # fmt: skip
+
+
+def _model(minilm, monkeypatch, adapter: dict, backbone: str = "pointnet", **task):
+    from vision_peft.tasks import TASKS
+
+    cfg = _cfg(adapter, **task)
+    cfg.backbone = BackboneConfig(name=backbone, pretrained=False)
+    t = TASKS.get("pointcloud").builder(cfg)
+    t.set_classes(["chair", "table", "bed"])
+    monkeypatch.setattr(t, "build_text", lambda: minilm)
+    return t, t.build_model()
+
+
+def test_ppt_base_freezes_w_pc_and_temperature_and_scores_raw_point_features(minilm, monkeypatch, tmp_path) -> None:
+    """PPT-Base: only the prompts train; W_pc is the fixed seeded orthogonal projection (saved, so a reload is
+    exact); logits = exp(logit_scale) · (f W_pc) · t_kᵀ with raw point features, in torch and in the export module."""
+    from vision_peft.tasks.pointcloud import _PointLogits, fixed_orthogonal
+
+    task, model = _model(minilm, monkeypatch, {"name": "linear"}, **PPT_BASE, head_seed=3)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt.ctx"]
+    w = model.head.weight
+    torch.testing.assert_close(w, fixed_orthogonal(384, 1024, 3))
+    torch.testing.assert_close(w @ w.t(), torch.eye(384), atol=1e-5, rtol=0)  # orthonormal rows
+    assert not torch.allclose(w, fixed_orthogonal(384, 1024, 4))  # the seed matters
+    assert {"prompt.ctx", "head.weight", "logit_scale"} <= set(model.adapter_state_dict())  # frozen, still saved
+    batch = task.synthetic_batch(model, 2)
+    model.eval()
+    with torch.no_grad():
+        tf = model.class_features()
+        raw = model.backbone.forward_features(batch["points"]) @ w.t()
+        want = torch.tensor(1 / 0.07) * raw @ tf.t()
+        torch.testing.assert_close(model.logits(batch["points"]), want, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(_PointLogits(model)(batch["points"]), want, rtol=1e-4, atol=1e-3)
+        f = 10 * torch.randn(2, 1024)  # raw point features are not normalised (norm ≈ 10·√(384/1024) here)
+        torch.testing.assert_close(model.project(f), f @ w.t())
+        assert _PointLogits(model).normalize_points is False
+    model.set_train_mode()
+    out = model(batch)
+    out["loss"].backward()
+    assert model.head.weight.grad is None and model.logit_scale.grad is None
+    assert model.prompt.ctx.grad.abs().sum() > 0
+
+
+def test_defaults_keep_the_v1_scoring(minilm, monkeypatch) -> None:
+    """A config without the new keys (every run written before them): W_pc and temperature learned, cosine logits."""
+    task, model = _model(minilm, monkeypatch, {"name": "linear"})
+    t = task.cfg.task
+    assert (t.train_head, t.head_init, t.normalize_points, t.learn_logit_scale) == (True, "random", True, True)
+    assert model.head.weight.requires_grad and model.logit_scale.requires_grad
+    assert model.head_parameters() == [model.head.weight]
+    with torch.no_grad():
+        f = model.point_features(task.synthetic_batch(model, 2)["points"])
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(2))
+
+
+def test_a_frozen_w_pc_must_be_a_defined_projection() -> None:
+    with pytest.raises(ConfigError, match="train_head=false freezes W_pc.*head_init=orthogonal"):
+        _cfg({"name": "linear"}, train_head=False)
+    with pytest.raises(ConfigError, match="head_init must be one of random, orthogonal, identity"):
+        _cfg({"name": "linear"}, head_init="eye")
+    _cfg({"name": "linear"}, train_head=False, head_init="identity")  # identity is defined (equal widths)
+
+
+def test_fixed_orthogonal_is_seeded_and_orthonormal_both_ways() -> None:
+    from vision_peft.tasks.pointcloud import fixed_orthogonal
+
+    wide, tall = fixed_orthogonal(8, 20, 0), fixed_orthogonal(20, 8, 0)
+    assert wide.shape == (8, 20) and tall.shape == (20, 8)
+    torch.testing.assert_close(wide @ wide.t(), torch.eye(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tall.t() @ tall, torch.eye(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fixed_orthogonal(8, 20, 0), wide, atol=0, rtol=0)  # deterministic, any RNG state
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_point_ffn_trains_the_last_ffn_only(minilm, monkeypatch, reinit: bool) -> None:
+    """PPT-FFN on PointBERT: the last block's fc1/fc2 + norm1/norm2 (PPT's head_type 2) and nothing else of the
+    encoder; on PointNet its analogue conv5 + bn5. reinit re-draws them; without it the pretrained values stay."""
+    from vision_peft.backbones import build_backbone
+
+    ffn = {"name": "point_ffn", "reinit": reinit}
+    _, model = _model(minilm, monkeypatch, ffn, backbone="pointbert:tiny", **PPT_BASE)
+    last = "blocks.blocks.1"
+    want = [f"{last}.mlp.fc1", f"{last}.mlp.fc2", f"{last}.norm1", f"{last}.norm2"]
+    assert sorted(model.adapter.touched) == want
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{w}" for m in want for w in ("weight", "bias")}
+    fresh = build_backbone(BackboneConfig(name="pointbert:tiny", pretrained=False))
+    same = torch.equal(
+        model.backbone.get_submodule(f"{last}.mlp.fc1").weight, fresh.get_submodule(f"{last}.mlp.fc1").weight
+    )
+    assert same != reinit
+    assert {"prompt.ctx", *(f"backbone.{n}" for n in trainable)} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    _, pn = _model(minilm, monkeypatch, ffn, **PPT_BASE)
+    assert sorted(pn.adapter.touched) == ["feature_model.bn5", "feature_model.conv5"]
+
+
+def test_point_ffn_size_on_ulip_pointbert() -> None:
+    """At ULIP's width (384) PPT-FFN trains fc1 + fc2 + two norms: 2·(4d² ) + 4d + d + 2·2d = 1,183,104 (PPT's ≈1.2 M)."""
+    from vision_peft.adapters import ADAPTERS
+    from vision_peft.adapters.point_adapter import PointFFNConfig
+    from vision_peft.backbones.pointbert import PointBERT
+
+    bb = PointBERT("").requires_grad_(False)
+    ADAPTERS.get("point_ffn").builder(bb, PointFFNConfig())
+    d = 384
+    assert sum(p.numel() for p in bb.parameters() if p.requires_grad) == 8 * d * d + 5 * d + 4 * d
+
+
+def test_ppt_recipes_are_the_paper_defaults() -> None:
+    from vision_peft.recipe import load_recipe
+
+    base, ffn = load_recipe("pointcloud-modelnet10-ppt-base"), load_recipe("pointcloud-modelnet10-ppt-ffn")
+    for cfg in (base, ffn):
+        t = cfg.task
+        assert (t.n_ctx, t.class_position, t.label_smoothing) == (32, "middle", 0.2)
+        assert {k: getattr(t, k) for k in PPT_BASE} == PPT_BASE
+    assert base.adapter.name == "linear" and ffn.adapter.name == "point_ffn"
+
+
 def test_class_list_must_match_the_checkpoint() -> None:
     from vision_peft.tasks import TASKS
 

@@ -1,8 +1,16 @@
 """PointAdapter of PPT: Parameter-efficient Prompt Learning for 3D Point Cloud Understanding (Sun et al., ICRA 2024,
 https://arxiv.org/abs/2402.15823) — the light adapter PPT puts on the frozen point encoder, next to its prompts.
 
-Two registered variants, named by what they train (PPT-Base, "prompts only", is the plain ``linear`` adapter: nothing
-in the encoder trains):
+Three registered variants, named by what they train (PPT-Base, "prompts only", is the plain ``linear`` adapter:
+nothing in the encoder trains; see ``task.train_head`` for its frozen W_pc):
+
+- ``point_ffn`` (PPT-FFN) — the backbone's ``last_ffn`` target group re-trained: on PointBERT the last transformer
+  block's FFN (``mlp.fc1``, ``mlp.fc2``) and its norms (``norm2``, and ``norm1`` as PPT's official ``head_type: 2``,
+  which its scripts call "ppt-ffn", also trains): 1,183,104 parameters at ULIP's width 384 (PPT's ≈1.2 M); on
+  PointNet its analogue, the last per-point MLP stage (``conv5`` + ``bn5``). PPT's official code
+  (``ULIP_models.py``) leaves these modules at random init (``reinit: true``); the default
+  ``reinit: false`` tunes the pretrained values instead, because PointNet's conv5 sits on no residual path (a
+  re-initialised conv5 discards the pretrained feature, whereas PointBERT's block keeps it through the residual).
 
 - ``point_mlp`` (v1: ``task.point_adapter: residual_mlp``) — a bottleneck MLP on the pooled global feature,
   f ← f + W2 · ReLU(W1 · f), W2 = 0 at initialisation so step 0 equals the frozen encoder. It is appended to the
@@ -35,6 +43,14 @@ class PointMLPConfig:
     def __post_init__(self) -> None:
         if self.hidden < 1:
             raise ValueError(f"point_mlp hidden width must be positive, got hidden={self.hidden}")
+
+
+@dataclass
+class PointFFNConfig:
+    """PPT-FFN: re-train the last FFN of the point encoder (PointBERT: fc1, fc2 + norms; PointNet: conv5 + bn5)."""
+
+    name: str = "point_ffn"  # registry name
+    reinit: bool = False  # start the FFN from random init (PPT's official code) instead of the pretrained weights
 
 
 @dataclass
@@ -91,3 +107,24 @@ def apply_point_last_stage(backbone: nn.Module, cfg: PointLastStageConfig) -> Ad
     for n in names:
         backbone.get_submodule(n).requires_grad_(True)
     return AdapterHandle("point_last_stage", touched=names)
+
+
+@ADAPTERS.register(
+    "point_ffn", config_cls=PointFFNConfig, help="PPT-FFN: re-train the point encoder's last FFN (norm + fc1/fc2)",
+    requires=("points",), spec={},
+)  # fmt: skip
+def apply_point_ffn(backbone: nn.Module, cfg: PointFFNConfig) -> AdapterHandle:
+    """Unfreeze (optionally re-initialise) the modules of the backbone's ``last_ffn`` target group."""
+    _point_backbone(backbone, "point_ffn", "target_groups")
+    if "last_ffn" not in backbone.target_groups:
+        raise ValueError(
+            f"point_ffn needs a point backbone with a 'last_ffn' target group; {backbone.spec!r} has "
+            f"{', '.join(sorted(backbone.target_groups))}. Use point_last_stage instead"
+        )
+    names = backbone.resolve_targets(["last_ffn"])
+    for n in names:
+        m = backbone.get_submodule(n)
+        if cfg.reinit and hasattr(m, "reset_parameters"):
+            m.reset_parameters()  # torch's default init from the global RNG (the run's seed)
+        m.requires_grad_(True)
+    return AdapterHandle("point_ffn", touched=names)

@@ -21,6 +21,10 @@ Checkpoint key layout (``backbone.weights``; a ULIP checkpoint's ``state_dict``;
     norm.{weight,bias}             final LayerNorm
     pc_projection                  optional (2·trans_dim, D) matrix; when present, embed_dim = D
 
+Target groups: ``qkv``, ``attn_out``, ``mlp`` (every block), ``last_stage`` (the last block + final norm: PPT-PTB's
+set plus the norm) and ``last_ffn`` (the last block's ``mlp.fc1``/``mlp.fc2``/``norm1``/``norm2``: the set PPT's
+official ``head_type: 2`` — its scripts' "ppt-ffn" — re-trains; the ``point_ffn`` adapter).
+
 Specs: ``pointbert`` = ULIP's config (trans_dim 384, depth 12, 6 heads, encoder_dims 256, 512 groups of 32);
 ``pointbert:tiny`` (64-d, 2 blocks, 16 groups of 8) for offline tests with ``pretrained: false``.
 """
@@ -159,9 +163,10 @@ class PointBERT(PointBackbone):
             "attn_out": ["blocks.blocks.*.attn.proj"],
             "mlp": ["blocks.blocks.*.mlp.fc1", "blocks.blocks.*.mlp.fc2"],
             "last_stage": [f"blocks.blocks.{last}.*", "norm"],
-            "last_ffn": [
+            "last_ffn": [  # PPT-FFN (official head_type 2, "ppt-ffn"): the last block's FFN and both its norms
                 f"blocks.blocks.{last}.mlp.fc1",
                 f"blocks.blocks.{last}.mlp.fc2",
+                f"blocks.blocks.{last}.norm1",
                 f"blocks.blocks.{last}.norm2",
             ],
         }

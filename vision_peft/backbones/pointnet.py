@@ -116,6 +116,7 @@ class PointNet(PointBackbone):
             "convs": convs,
             "conv_pw": convs,
             "last_stage": ["feature_model.conv5", "feature_model.bn5"],
+            "last_ffn": ["feature_model.conv5", "feature_model.bn5"],  # PPT-FFN's analogue: the last per-point MLP
         }
 
     def point_stem(self, points: torch.Tensor) -> torch.Tensor:

@@ -4,19 +4,36 @@
 The idea: instead of hand-written prompts ("a point cloud of a chair"), learn M context vectors in the text
 encoder's token-embedding space (CoOp-style PromptLearner), shared by all classes, with the class name placed at
 the front, middle or end of the prompt. Every forward encodes all class prompts with the frozen text encoder;
-class text features and projected point features are L2-normalised and logits = exp(logit_scale) · f_pc W_pc · t_kᵀ,
-trained with cross-entropy and label smoothing 0.2. The frozen point encoder gets a light PointAdapter — the
-registered adapters of ``vision_peft/adapters/point_adapter.py``: ``adapter.name=linear`` (PPT-Base, prompts only),
-``point_mlp`` (residual bottleneck MLP on the pooled feature) or ``point_last_stage`` (the encoder's last stage
+class text features are L2-normalised (the projected point features too, unless ``normalize_points: false``) and
+logits = exp(logit_scale) · f_pc W_pc · t_kᵀ, trained with cross-entropy and label smoothing 0.2. The frozen point
+encoder gets a light PointAdapter — the registered adapters of ``vision_peft/adapters/point_adapter.py``:
+``adapter.name=linear`` (prompts only; PPT-Base when W_pc is frozen too), ``point_ffn`` (PPT-FFN: the last block's
+FFN), ``point_mlp`` (residual bottleneck MLP on the pooled feature) or ``point_last_stage`` (the encoder's last stage
 re-trained); any other adapter (``lora`` on ``conv5`` …) works as well. Run directories and recipes written before
-(v1: ``task.point_adapter`` / ``adapter_hidden`` / ``last_stage_reinit``) load through :func:`upgrade_point_adapter`.
+(v1: ``task.point_adapter`` / ``adapter_hidden`` / ``last_stage_reinit``) load through :func:`upgrade_point_adapter`;
+runs written before the W_pc / temperature options load with their defaults (learned W_pc, cosine logits, learnable
+temperature), which is exactly what those runs trained.
 
-Where this differs from PPT: PPT pairs ULIP's PointBERT with ULIP's aligned CLIP text tower, so W_pc is ULIP's
-pretrained ``pc_projection``. The offline pair here (PointNet on ModelNet40 + MiniLM) was never aligned, so W_pc
-(``head``, embed_dim → text width, no bias) is learned in every variant and counted in the trainable parameters.
-With a ULIP checkpoint (``pointbert`` with ``pc_projection``) and an open_clip text tower, ``head_init: identity``
-starts W_pc at the identity. Few-shot training draws K shots per class (``shots``) or a stratified fraction
-(``data_ratio``) from the train split with ``shot_seed``; the full test split is evaluated.
+What is frozen, and the two scoring choices (official code ``auniquesun/PPT``, ``models/ULIP_models.py``): PPT loads
+and freezes everything but the prompt tokens and the adapter's modules, including ULIP's point projection
+``pc_projection`` (our W_pc) and ``logit_scale``; text features are L2-normalised, point features are **not**
+(logits = exp(logit_scale) · f_pc W_pc · t_kᵀ with ‖t_k‖ = 1). Here both are explicit task options:
+
+- ``train_head`` (default true, the v1 behaviour): W_pc (``head``, embed_dim → text width, no bias) is learned.
+  ``false`` = PPT-Base: W_pc frozen, which needs a *defined* projection: ``head_init: identity`` (equal widths; with
+  a ULIP checkpoint the backbone already applies ULIP's ``pc_projection``, so identity + frozen is exactly PPT) or
+  ``head_init: orthogonal`` (a fixed random projection with orthonormal rows, drawn from ``head_seed``). The offline
+  pair here (PointNet on ModelNet40 + MiniLM) was never aligned, so its frozen W_pc is that seeded orthogonal
+  projection: it carries no point–text alignment, and "prompts only" must do all the work. A frozen W_pc is still
+  saved in ``adapter.safetensors`` (it is not a pretrained tensor), so a run reloads bit-exactly.
+- ``normalize_points`` (default true, v1): cosine logits (‖f_pc W_pc‖ = 1). ``false`` = PPT/ULIP's raw point
+  embedding. ``learn_logit_scale`` (default true, v1) / ``logit_scale_init``: PPT keeps the checkpoint's value
+  frozen (set ``logit_scale_init`` to it with a ULIP checkpoint; ln(1/0.07), ULIP's initial value, otherwise).
+
+Recipes: ``pointcloud-modelnet10-ppt-base`` (the paper's PPT-Base: 32 contexts, class name in the middle, frozen W_pc
+and temperature, raw point features) and ``pointcloud-modelnet10-ppt-ffn`` (the same + the ``point_ffn`` adapter).
+Few-shot training draws K shots per class (``shots``) or a stratified fraction (``data_ratio``) from the train split
+with ``shot_seed``; the full test split is evaluated.
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ from vision_peft.tasks.classification import confusion_matrix
 from vision_peft.tasks.ppt import POSITIONS, PromptLearner
 
 POINT_ADAPTERS = ("prompts_only", "residual_mlp", "last_stage")  # v1 task.point_adapter values (deprecated)
+HEAD_INITS = ("random", "orthogonal", "identity")  # how W_pc starts (task.head_init)
 POINT_SUFFIXES = (".pcd", ".off", ".ply", ".npy", ".npz", ".h5", ".hdf5", ".txt")  # what a dataset zip may hold
 
 
@@ -66,7 +84,10 @@ class PointCloudConfig:
     point_adapter: str | None = None  # v1 PointAdapter: prompts_only | residual_mlp | last_stage
     adapter_hidden: int | None = None  # v1 residual_mlp width → adapter point_mlp.hidden
     last_stage_reinit: bool | None = None  # v1 last_stage re-init → adapter point_last_stage.reinit
-    head_init: str = "random"  # W_pc start: random | identity (aligned encoders, embed_dim == text width)
+    train_head: bool = True  # learn W_pc; false = PPT-Base's frozen projection (head_init orthogonal | identity)
+    head_init: str = "random"  # W_pc start: random | orthogonal (seeded, orthonormal rows) | identity (equal widths)
+    head_seed: int = 0  # seed of head_init=orthogonal
+    normalize_points: bool = True  # L2-normalise f_pc W_pc (cosine logits); false = PPT/ULIP's raw point embedding
     label_smoothing: float = 0.2  # cross-entropy label smoothing (PPT: 0.2)
     shots: int | None = None  # K training shapes per class (few-shot); None = all (or data_ratio)
     data_ratio: float | None = None  # fraction of each class's training shapes; None = all
@@ -108,8 +129,14 @@ class PointCloudConfig:
             )
         if self.adapter_hidden is not None and self.adapter_hidden < 1:
             raise ConfigError(f"task.adapter_hidden must be positive, got {self.adapter_hidden}")
-        if self.head_init not in ("random", "identity"):
-            raise ConfigError(f"task.head_init must be random or identity, got {self.head_init!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"task.head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if not self.train_head and self.head_init == "random":
+            raise ConfigError(
+                "task.train_head=false freezes W_pc, so it must be a defined projection: set task.head_init=orthogonal "
+                "(a fixed projection drawn from task.head_seed) or identity (equal widths, e.g. over ULIP's "
+                "pc_projection)"
+            )
         if len(self.aug_scale) != 2 or not 0 < self.aug_scale[0] <= self.aug_scale[1]:
             raise ConfigError(f"task.aug_scale must be [low, high] with 0 < low <= high, got {self.aug_scale}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -149,8 +176,26 @@ def upgrade_point_adapter(cfg) -> list:
     return [point]
 
 
+def fixed_orthogonal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A fixed (rows, cols) projection with orthonormal rows (or columns, when rows > cols): the Q factor of a
+    Gaussian matrix drawn from ``seed`` on the CPU, signs fixed by R's diagonal, so it is the same on every machine
+    and torch version that keeps ``torch.randn``'s CPU stream."""
+    tall = max(rows, cols), min(rows, cols)
+    a = torch.randn(*tall, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(a)  # q (max, min) with orthonormal columns
+    q = q * torch.sign(torch.diagonal(r))[None]  # unique Q: positive diagonal of R
+    return (q.t() if rows < cols else q).float().contiguous()
+
+
+def project_points(head: nn.Linear, f: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """f W_pc in float32, L2-normalised when ``normalize`` (cosine logits), else PPT/ULIP's raw point embedding."""
+    z = head(f).float()
+    return F.normalize(z, dim=-1) if normalize else z
+
+
 class PointCloudModel(TaskModel):
-    """Frozen point encoder (+ PointAdapter) → W_pc → cosine logits against learned-prompt class text features."""
+    """Frozen point encoder (+ PointAdapter) → W_pc (learned or frozen) → logits against learned-prompt class text
+    features (cosine, or PPT's raw point embedding · normalised text)."""
 
     def __init__(self, backbone, adapter, text, classnames: list[str], t: PointCloudConfig) -> None:
         super().__init__(backbone, adapter)
@@ -163,8 +208,13 @@ class PointCloudModel(TaskModel):
                     f"task.head_init=identity needs equal widths; point {backbone.embed_dim} vs text {text.embed_dim}"
                 )
             nn.init.eye_(self.head.weight)
+        elif t.head_init == "orthogonal":
+            with torch.no_grad():
+                self.head.weight.copy_(fixed_orthogonal(text.embed_dim, backbone.embed_dim, t.head_seed))
+        self.head.weight.requires_grad_(t.train_head)
         self.logit_scale = nn.Parameter(torch.tensor(float(t.logit_scale_init)), requires_grad=t.learn_logit_scale)
         self.smoothing = t.label_smoothing
+        self.normalize_points = t.normalize_points
 
     def class_features(self) -> torch.Tensor:
         """All class prompts through the text encoder: (K, text embed_dim), L2-normalised."""
@@ -173,11 +223,13 @@ class PointCloudModel(TaskModel):
         return F.normalize(t.float(), dim=-1)
 
     def point_features(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) → projected, L2-normalised point features (B, text embed_dim)."""
+        """(B, N, 3) → projected point features (B, text embed_dim), see :meth:`project`."""
         return self.project(self.backbone.forward_features(points))
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(f).float(), dim=-1)
+        """Pooled point features (B, embed_dim) → f W_pc (B, text width), L2-normalised unless ``normalize_points``
+        is off (PPT's raw point embedding)."""
+        return project_points(self.head, f, self.normalize_points)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100.0)
@@ -203,13 +255,13 @@ class _PointLogits(nn.Module):
 
     def __init__(self, model: PointCloudModel) -> None:
         super().__init__()
-        self.backbone, self.head = model.backbone, model.head
+        self.backbone, self.head, self.normalize_points = model.backbone, model.head, model.normalize_points
         with torch.no_grad():
             self.register_buffer("text_features", model.class_features().detach().clone())  # (K, D)
             self.register_buffer("scale", model.scale().detach().clone())
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(self.head(self.backbone.forward_features(points)).float(), dim=-1)  # (B, D)
+        f = project_points(self.head, self.backbone.forward_features(points), self.normalize_points)  # (B, D)
         return self.scale * f @ self.text_features.t()
 
 
