@@ -1,16 +1,27 @@
-"""Few-shot ModelNet10 with a frozen ModelNet40 PointNet: linear probe vs PPT (prompts only / + residual adapter /
-+ last stage), K = 1/2/4/8/16 shots per class, several seeds, evaluated on the full test split. One table.
+"""Few-shot ModelNet10 with a frozen ModelNet40 PointNet: a linear probe, PPT as the paper defines it (PPT-Base:
+prompts only; PPT-FFN: + the last FFN, on PointNet conv5 + bn5) and the previous table's PPT variants (prompts + a
+learned W_pc, + residual MLP, + last stage), K = 1/2/4/8/16 shots per class, 3 seeds, each run evaluated once on the
+full ModelNet10 test split. Mean and 95 % t-interval over seeds per cell, beside the previous table's numbers.
 
-    VISION_PEFT_DATA=../shared/data VISION_PEFT_WEIGHTS=../shared/weights python bench/pointcloud_fewshot.py --seeds 0 1 2
+    VISION_PEFT_DATA=../shared/data VISION_PEFT_WEIGHTS=../shared/weights python bench/pointcloud_fewshot.py
 
-What is shared with the library: the shots are drawn by ``vision_peft.data.points.few_shot_subset`` (the same
-sampler the ``pointcloud`` task uses with ``task.shots``/``task.shot_seed``), every shape is preprocessed by
-``preprocess_points`` (z-up → y-up swap, 1,024 points, unit sphere), and the PPT rows are the task's own
-``PointCloudModel`` (PromptLearner + MiniLM text encoder + W_pc + logit scale, label smoothing 0.2) built from a
-RunConfig. To fit a 2-core CPU, the frozen parts are computed once: the 1,024-d global features of every shape
-(prompts-only, residual rows) and the 128-channel per-point features before ``conv5`` (last-stage row); so no
-augmentation is used in any row (the linear probe gets none either). Optimiser: AdamW, lr 3e-3, betas (0.9, 0.98),
-weight decay 0.1 on matrices, cosine schedule with warm-up, a fixed number of steps (PPT's published recipe).
+Rows (``ROWS``), each built by the ``pointcloud`` task from a RunConfig, so the model is the task's own
+``PointCloudModel``:
+
+- ``ppt_base`` / ``ppt_ffn``: the recipes ``pointcloud-modelnet10-ppt-base`` / ``-ppt-ffn`` (32 contexts, class name in
+  the middle, W_pc frozen — a fixed seeded orthogonal projection, since PointNet and MiniLM were never aligned —,
+  temperature frozen at 1/0.07, raw point features against normalised text features);
+- ``prompts_wpc`` (the previous table's "prompts_only"), ``residual_mlp``, ``last_stage``: the previous table's
+  setting (8 contexts, class name at the end, W_pc learned, cosine logits, learnable temperature).
+
+What is shared with the library: the shots are drawn by ``vision_peft.data.points.few_shot_subset`` (the sampler the
+task uses with ``task.shots``/``task.shot_seed``), every shape is preprocessed by ``preprocess_points`` (z-up → y-up,
+1,024 points, unit sphere). To fit a 2-core CPU, the frozen parts are computed once: the 1,024-d global features of
+every shape (rows whose point encoder is frozen) and the 128-channel per-point features before ``conv5`` (rows that
+train conv5 + bn5). Scale (``--steps``, ``--train-points``): a fixed number of full-batch AdamW steps (lr 3e-3, betas
+(0.9, 0.98), weight decay 0.1 on matrices, cosine with warm-up); the conv5 rows see a random ``--train-points``
+subset of each training shape's points per step (their only augmentation; the other rows get none) and are
+evaluated on all 1,024 points. Nothing is selected on the test split: every hyperparameter is fixed in advance.
 
 Caveat printed with the table: the PointNet weights were trained on ModelNet40, which contains the ten ModelNet10
 classes, so these are adaptation results on seen classes, not unseen-class few-shot results.
@@ -34,13 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vision_peft.data.points import eval_rng, few_shot_subset, load_sample, preprocess_points, scan_point_folder  # noqa: E402
-from vision_peft.recipe import build_run_config  # noqa: E402
+from vision_peft.recipe import build_run_config, load_recipe  # noqa: E402
 from vision_peft.tasks import TASKS  # noqa: E402
 from vision_peft.tasks.pointcloud import trainable_summary  # noqa: E402
-
-PPT_MN10 = {1: 72.0, 2: 87.4, 4: 88.4, 8: 88.6, 16: 92.4}  # PPT-FFN, ModelNet10 (ULIP PointBERT, paper plot data)
-PPT_LP_MN40 = {1: 43.7, 2: 54.6, 4: 63.2, 8: 71.0, 16: 76.8}  # PPT's linear probe, ModelNet40
-METHODS = ("linear_probe", "prompts_only", "residual_mlp", "last_stage")
 
 
 def cache_features(root: Path, cache: Path, batch: int = 64) -> dict[str, np.ndarray]:
@@ -104,39 +111,74 @@ def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
         return float(((nrm(xte) @ w + b).argmax(1).numpy() == yte).mean())
 
 
-def build_model(method: str, n_ctx: int, seed: int):
-    cfg = build_run_config(
-        {
-            "task": {
-                "name": "pointcloud",
-                "n_ctx": n_ctx,
-                "class_position": "end",
-                "label_smoothing": 0.2,
-            },
-            "backbone": {"name": "pointnet"},
-            "adapter": {"name": POINT_ADAPTER[method]},
-            "train": {"device": "cpu", "seed": seed},
-        }
-    )
+PPT_MN10 = {1: 72.0, 2: 87.4, 4: 88.4, 8: 88.6, 16: 92.4}  # PPT-FFN, ModelNet10 (ULIP PointBERT, paper plot data)
+PPT_LP_MN40 = {1: 43.7, 2: 54.6, 4: 63.2, 8: 71.0, 16: 76.8}  # PPT's linear probe, ModelNet40
+V1_TASK = {"n_ctx": 8, "class_position": "end"}  # the previous table's PPT rows (task defaults otherwise)
+# row -> (recipe for the task section, or None = V1_TASK; adapter section; the previous table's method name; label)
+ROWS: dict[str, tuple[str | None, dict | None, str | None, str]] = {
+    "linear_probe": (None, None, "linear_probe", "linear probe (L-BFGS, C = 1)"),
+    "ppt_base": ("pointcloud-modelnet10-ppt-base", {"name": "linear"}, None, "**PPT-Base** (paper: prompts only)"),
+    "ppt_ffn": ("pointcloud-modelnet10-ppt-ffn", {"name": "point_ffn"}, None, "**PPT-FFN** (paper: + conv5/bn5)"),
+    "prompts_wpc": (None, {"name": "linear"}, "prompts_only", "prompts + learned W_pc (v1 'prompts_only')"),
+    "residual_mlp": (None, {"name": "point_mlp"}, "residual_mlp", "prompts + W_pc + residual MLP"),
+    "last_stage": (None, {"name": "point_last_stage"}, "last_stage", "prompts + W_pc + last stage (conv5/bn5)"),
+}
+CONV5_ROWS = ("ppt_ffn", "last_stage")  # rows that train conv5 + bn5 (run on the cached per-point stem)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t quantiles (0.975) by degrees of freedom
+
+
+def t_interval(acc: list[float]) -> tuple[float, float]:
+    """(mean, 95 % t half-width) in %, over seeds; half-width nan with fewer than 2 values."""
+    a = 100 * np.asarray(acc, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    return float(a.mean()), T975.get(len(a) - 1, 1.96) * float(a.std(ddof=1)) / math.sqrt(len(a))
+
+
+def build_model(row: str, seed: int):
+    recipe, adapter, _, _ = ROWS[row]
+    base = {"backbone": {"name": "pointnet"}, "adapter": adapter, "train": {"device": "cpu", "seed": seed}}
+    if recipe is None:
+        cfg = build_run_config({"task": {"name": "pointcloud", **V1_TASK}, **base})
+    else:
+        cfg = load_recipe(recipe, base)
     task = TASKS.get("pointcloud").builder(cfg)
     task.set_classes(CLASSES)
     if "text" not in _TEXT:  # the frozen MiniLM is identical for every run: build it once
         _TEXT["text"] = task.build_text()
     task.build_text = lambda: _TEXT["text"]
     torch.manual_seed(seed)
-    return task.build_model()
+    model = task.build_model()
+    if row in CONV5_ROWS:  # the cached-stem shortcut below is exact only for these modules
+        assert sorted(model.adapter.touched) == ["feature_model.bn5", "feature_model.conv5"], model.adapter.touched
+    return model, cfg.task
 
 
 _TEXT: dict = {}
-# the table's PointAdapter names (PPT's) -> the registered adapters (vision_peft/adapters/point_adapter.py)
-POINT_ADAPTER = {"prompts_only": "linear", "residual_mlp": "point_mlp", "last_stage": "point_last_stage"}
 
 
-def train_ppt(method: str, data: dict, idx: np.ndarray, seed: int, args) -> tuple[float, int]:
-    model = build_model(method, args.n_ctx, seed)
+def row_setting(row: str) -> dict:
+    """The task fields that define a row's scoring (recorded with every result)."""
+    recipe = ROWS[row][0]
+    v1 = {"task": {"name": "pointcloud", **V1_TASK}, "backbone": {"name": "pointnet"}, "adapter": {"name": "linear"}}
+    t = load_recipe(recipe).task if recipe else build_run_config(v1).task
+    keys = ("n_ctx", "class_position", "train_head", "head_init", "normalize_points", "learn_logit_scale")
+    return {k: getattr(t, k) for k in keys}
+
+
+def features(model, row: str, x: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled point features (+ feature adapters) from the cache: global features, or conv5 on the stem."""
+    f = model.backbone.last_stage(x if points is None else x[:, :, points]) if row in CONV5_ROWS else x
+    for a in model.backbone.feature_adapters:
+        f = a(f)
+    return f
+
+
+def train_ppt(row: str, data: dict, idx: np.ndarray, seed: int, args) -> tuple[float, int]:
+    model, t = build_model(row, seed)
     model.set_train_mode()
     ytr = torch.from_numpy(data["train_label"][idx])
-    if method == "last_stage":
+    if row in CONV5_ROWS:
         bb = model.backbone
         with torch.no_grad():
             pts = torch.from_numpy(data["train_points"][idx])
@@ -151,7 +193,7 @@ def train_ppt(method: str, data: dict, idx: np.ndarray, seed: int, args) -> tupl
         lr=args.lr,
         betas=(0.9, 0.98),
     )
-    warm = max(1, args.steps // 20)
+    warm = max(1, args.warmup if args.warmup is not None else args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -159,36 +201,47 @@ def train_ppt(method: str, data: dict, idx: np.ndarray, seed: int, args) -> tupl
         ),
     )
     g = torch.Generator().manual_seed(seed)
-    n = len(idx)
-    batch = min(n, args.batch if method == "last_stage" else args.full_batch)
+    n, n_pts = len(idx), data["train_points"].shape[1]
+    batch = min(n, args.batch)
     for _ in range(args.steps):
         b = torch.randperm(n, generator=g)[:batch]
-        if method == "last_stage":
-            f = model.backbone.last_stage(xtr[b])
-        else:
-            f = xtr[b]
-        for a in model.backbone.feature_adapters:
-            f = a(f)
-        logits = model.scale() * model.project(f) @ model.class_features().t()
-        loss = F.cross_entropy(logits, ytr[b], label_smoothing=0.2)
+        sub = torch.randperm(n_pts, generator=g)[: args.train_points] if row in CONV5_ROWS else None
+        logits = model.scale() * model.project(features(model, row, xtr[b], sub)) @ model.class_features().t()
+        loss = F.cross_entropy(logits, ytr[b], label_smoothing=t.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+    return evaluate(model, row, data), trainable_summary(model)["total"]
+
+
+@torch.no_grad()
+def evaluate(model, row: str, data: dict) -> float:
+    """Top-1 on the full test split (all 1,024 points per shape), once."""
     model.eval()
-    with torch.no_grad():
-        tf = model.class_features()
-        if method == "last_stage":
-            stem = data["test_stem"]
-            f = torch.cat(
-                [model.backbone.last_stage(torch.from_numpy(stem[i : i + 64]).float()) for i in range(0, len(stem), 64)]
-            )
-        else:
-            f = torch.from_numpy(data["test_feat"])
-        for a in model.backbone.feature_adapters:
-            f = a(f)
-        pred = (model.project(f) @ tf.t()).argmax(1).numpy()
-    return float((pred == data["test_label"]).mean()), trainable_summary(model)["total"]
+    tf = model.class_features()
+    if row in CONV5_ROWS:
+        stem = data["test_stem"]
+        chunks = [torch.from_numpy(stem[i : i + 64]).float() for i in range(0, len(stem), 64)]
+        f = torch.cat([features(model, row, c) for c in chunks])
+    else:
+        f = features(model, row, torch.from_numpy(data["test_feat"]))
+    pred = (model.project(f) @ tf.t()).argmax(1).numpy()
+    return float((pred == data["test_label"]).mean())
+
+
+def old_results(path: Path) -> dict[tuple[str, int], list[float]]:
+    """The previous table (its 100-step runs; the linear probe has no steps), last record per (method, K, seed)."""
+    runs: dict[tuple[str, int, int], float] = {}
+    if path.is_file():
+        for ln in path.read_text().splitlines():
+            r = json.loads(ln)
+            if r["method"] == "linear_probe" or r["steps"] == 100:
+                runs[(r["method"], r["k"], r["seed"])] = r["acc"]
+    out: dict[tuple[str, int], list[float]] = {}
+    for (m, k, _), a in sorted(runs.items()):
+        out.setdefault((m, k), []).append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,28 +249,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.path.join(os.environ.get("VISION_PEFT_DATA", "data"), "modelnet10"))
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per PPT run (every K)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--steps", type=int, default=50, help="full-batch optimizer steps per PPT run (every K)")
     ap.add_argument(
-        "--batch",
+        "--warmup",
         type=int,
-        default=160,
-        help="batch cap of the last-stage row (it runs conv5 per step): min(n, cap) like the cached rows. With 16, "
-        "K >= 8 collapsed to chance: MiniLM's mean-pooled class prompts became parallel (cosine 0.995) under the "
-        "noisy small-batch updates and never recovered in 100 steps; full batches recover by step 60",
+        default=5,
+        help="warm-up steps (the previous table: 100 steps // 20 = 5). With 50 steps and a 2-step warm-up the v1 rows "
+        "collapsed (K=16: 14-20 %%, the class prompts' features turning parallel); 5 steps keep them stable",
     )
-    ap.add_argument("--full-batch", type=int, default=160, help="batch cap of the cached-feature rows")
+    ap.add_argument("--train-points", type=int, default=64, help="points per shape per step in the conv5 rows")
+    ap.add_argument("--batch", type=int, default=160, help="batch cap (min(n, cap)); 160 = full batch at K <= 16")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--n-ctx", type=int, default=8)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="print the table from --results, run nothing")
     ap.add_argument(
         "--results",
-        default=str(REPO / "runs" / "bench_cache" / "pointcloud_fewshot_results.jsonl"),
-        help="per-run results (JSON lines); runs already there are reused, so seeds can run in parallel processes",
+        default=str(REPO / "bench" / "results" / "pointcloud_fewshot_ppt_results.jsonl"),
+        help="per-run results (JSON lines); runs already there at the same scale are reused",
     )
+    ap.add_argument("--old", default=str(REPO / "bench" / "results" / "pointcloud_fewshot_results.jsonl"))
     ap.add_argument("--cache", default=str(REPO / "runs" / "bench_cache" / "pointnet_modelnet10.npz"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
 
     t0 = time.time()
     data = cache_features(Path(args.data), Path(args.cache))
@@ -231,46 +286,39 @@ def main(argv: list[str] | None = None) -> int:
     from vision_peft.data.points import PointSample
 
     train = [PointSample(str(i), int(y)) for i, y in enumerate(data["train_label"])]
+    scale = {"steps": args.steps, "warmup": args.warmup, "train_points": args.train_points, "batch": args.batch,
+             "lr": args.lr}  # fmt: skip
+    settings = {r: row_setting(r) for r in args.rows if r != "linear_probe"}
     res: dict[tuple[str, int], list[float]] = {}
     params: dict[str, int] = {"linear_probe": 1024 * len(CLASSES) + len(CLASSES)}
     times: dict[str, float] = {}
     done: dict[tuple[str, int, int], dict] = {}
+    skipped: list[tuple[str, int, int]] = []
     results = Path(args.results)
-    if results.is_file():  # finished runs (also from other processes running other seeds) are not repeated
+    if results.is_file():  # finished runs at this scale are not repeated
         for ln in results.read_text().splitlines():
             r = json.loads(ln)
-            if r["method"] == "linear_probe" or (r["steps"] == args.steps and r["n_ctx"] == args.n_ctx):
+            if r["method"] == "linear_probe" or (r["scale"] == scale and r["setting"] == settings.get(r["method"])):
                 done[(r["method"], r["k"], r["seed"])] = r
-    for k in args.shots:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-outer: a run cut short still leaves whole seeds (every row and K)
+        for k in args.shots:
             idx = np.array([int(s.path) for s in few_shot_subset(train, k, None, seed, len(CLASSES))])
-            for m in args.methods:
-                if (m, k, seed) not in done and args.report_only:
+            for m in args.rows:
+                over = args.budget_s is not None and time.time() - t0 > args.budget_s
+                if (m, k, seed) not in done and (args.report_only or over):
+                    skipped.append((m, k, seed))
                     continue
                 if (m, k, seed) not in done:
                     t = time.time()
                     if m == "linear_probe":
-                        acc, n_par = (
-                            linear_probe(
-                                xtr=data["train_feat"][idx],
-                                ytr=data["train_label"][idx],
-                                xte=data["test_feat"],
-                                yte=data["test_label"],
-                            ),
-                            params["linear_probe"],
-                        )
+                        acc = linear_probe(data["train_feat"][idx], data["train_label"][idx], data["test_feat"],
+                                           data["test_label"])  # fmt: skip
+                        n_par = params["linear_probe"]
                     else:
                         acc, n_par = train_ppt(m, data, idx, seed, args)
-                    rec = {
-                        "method": m,
-                        "k": k,
-                        "seed": seed,
-                        "acc": acc,
-                        "params": n_par,
-                        "seconds": time.time() - t,
-                        "steps": args.steps,
-                        "n_ctx": args.n_ctx,
-                    }
+                    rec = {"method": m, "k": k, "seed": seed, "acc": acc, "params": n_par,
+                           "seconds": time.time() - t, "scale": scale, "setting": settings.get(m)}  # fmt: skip
+                    results.parent.mkdir(parents=True, exist_ok=True)
                     with open(results, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[(m, k, seed)] = rec
@@ -279,22 +327,40 @@ def main(argv: list[str] | None = None) -> int:
                 params[m] = r["params"]
                 times[m] = times.get(m, 0.0) + r["seconds"]
                 res.setdefault((m, k), []).append(r["acc"])
+    if skipped:
+        print(
+            f"not run (--budget-s {args.budget_s} s reached or --report-only): {len(skipped)} runs, e.g. {skipped[:4]}"
+        )
+    report(args, data, res, params, times, settings, old_results(Path(args.old)))
+    print(f"total wall time {time.time() - t0:.0f} s")
+    return 0
 
+
+def report(args, data, res, params, times, settings, old) -> None:
     n_test = len(data["test_label"])
-    print()
     print(
-        f"ModelNet10 few-shot, full test split ({n_test} shapes), seeds {args.seeds}: mean ± half-range (min–max)/2, "
-        f"top-1 %; PPT rows: {args.steps} steps, batch min(10K, {args.full_batch}) (last stage: {args.batch}), AdamW lr {args.lr}, n_ctx {args.n_ctx}, MiniLM text"
+        f"\nModelNet10 few-shot, full test split ({n_test} shapes) once per run, seeds {args.seeds}: top-1 %, mean ± 95 % "
+        f"t-interval (n = seeds); PPT rows: {args.steps} full-batch steps (cap {args.batch}), AdamW lr {args.lr}, "
+        f"conv5 rows train on {args.train_points} random points/shape/step; MiniLM text. In brackets: the previous "
+        "table (bench/results/pointcloud_fewshot_results.jsonl: 100 steps, conv5 rows on all 1,024 points), mean ± its "
+        "own t-interval"
     )
-    head = "| method | trainable params | " + " | ".join(f"K={k}" for k in args.shots) + " | CPU s (all runs) |"
-    print(head)
+    print("| row | trainable params | " + " | ".join(f"K={k}" for k in args.shots) + " | CPU s (all runs) |")
     print("|" + "---|" * (len(args.shots) + 3))
-    for m in args.methods:
+    for m in args.rows:
         cells = []
         for k in args.shots:
-            a = 100 * np.array(res.get((m, k), []))
-            cells.append(f"{a.mean():.1f} ± {(a.max() - a.min()) / 2:.1f} (n={len(a)})" if len(a) else "not run")
-        print(f"| {m} | {params.get(m, 0):,} | " + " | ".join(cells) + f" | {times.get(m, 0):.0f} |")
+            a = res.get((m, k), [])
+            cell = "not run"
+            if a:
+                mean, hw = t_interval(a)
+                cell = f"{mean:.1f} ± {hw:.1f}" + (f" (n={len(a)})" if len(a) != 3 else "")
+            prev = old.get((ROWS[m][2], k)) if ROWS[m][2] else None
+            if prev:
+                pm, ph = t_interval(prev)
+                cell += f" [{pm:.1f} ± {ph:.1f}]"
+            cells.append(cell)
+        print(f"| {ROWS[m][3]} | {params.get(m, 0):,} | " + " | ".join(cells) + f" | {times.get(m, 0):.0f} |")
     print(
         "| PPT-FFN published, ModelNet10 (ULIP PointBERT + CLIP text) | ≈1.2 M | "
         + " | ".join(f"{PPT_MN10.get(k, float('nan')):.1f}" for k in args.shots)
@@ -305,27 +371,25 @@ def main(argv: list[str] | None = None) -> int:
         + " | ".join(f"{PPT_LP_MN40.get(k, float('nan')):.1f}" for k in args.shots)
         + " | |"
     )
+    for m, s in settings.items():
+        print(f"  {m}: {s}")
     print(
         "\nThe PointNet weights were trained on ModelNet40, which contains all ten ModelNet10 classes: these are "
         "adaptation results on classes the encoder has seen, not unseen-class few-shot results (its own 40-way head "
         "restricted to the ten classes scores ≈ 94 % here without any training)."
     )
-    if any(m != "linear_probe" for m in args.methods):
-        model = build_model("prompts_only", args.n_ctx, 0).eval()
+    if args.report_only:
+        return
+    for m in [r for r in ("ppt_base", "prompts_wpc") if r in args.rows]:
+        model, _ = build_model(m, 0)
         with torch.no_grad():
             tf = model.class_features()
             cos = (tf @ tf.t()).numpy()[~np.eye(len(CLASSES), dtype=bool)]
-            pred = (model.project(torch.from_numpy(data["test_feat"])) @ tf.t()).argmax(1).numpy()
+        acc = evaluate(model, m, data)
         print(
-            f"Why PPT has no head start here: before training (random W_pc) it scores {100 * (pred == data['test_label']).mean():.1f} % "
-            f"(chance {100 / len(CLASSES):.0f} %), and MiniLM's class-prompt features are nearly parallel (pairwise cosine "
-            f"{cos.mean():.2f}, {cos.min():.2f}–{cos.max():.2f}): PointNet and MiniLM were never aligned, so the text side "
-            "carries no prior about point features and W_pc (a 1024×384 linear map) is learned from the K shots alone, "
-            "which makes PPT a re-parameterised linear classifier. PPT's low-K advantage comes from ULIP's aligned "
-            "point–text space (pointbert + a ULIP checkpoint + its CLIP text tower), which is not available offline."
+            f"{m} before training: {100 * acc:.1f} % (chance {100 / len(CLASSES):.0f} %); MiniLM class-prompt features "
+            f"pairwise cosine {cos.mean():.2f} ({cos.min():.2f}–{cos.max():.2f})"
         )
-    print(f"total wall time {time.time() - t0:.0f} s")
-    return 0
 
 
 CLASSES: list[str] = []
