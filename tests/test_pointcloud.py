@@ -478,6 +478,37 @@ def test_ppt_base_freezes_w_pc_and_temperature_and_scores_raw_point_features(min
     assert model.prompt.ctx.grad.abs().sum() > 0
 
 
+def test_ppt_base_on_an_aligned_ulip_pair_is_ulips_frozen_pc_projection(tmp_path: Path) -> None:
+    """PointBERT from a ULIP checkpoint (its pc_projection) + an open_clip text tower of the same width: with
+    head_init identity and train_head false, W_pc is exactly ULIP's frozen pc_projection and only the prompts train."""
+    from safetensors.torch import save_file
+
+    from vision_peft.backbones import build_backbone
+    from vision_peft.tasks import TASKS
+
+    bb = build_backbone(BackboneConfig(name="pointbert:tiny", pretrained=False))
+    sd = {f"module.point_encoder.{k}": v.contiguous() for k, v in bb.state_dict().items()}
+    sd["module.pc_projection"] = torch.randn(128, 32)
+    save_file(sd, tmp_path / "ulip.safetensors")
+    cfg = build_run_config(
+        {
+            "task": {"name": "pointcloud", "n_ctx": 4, "num_points": 64, **PPT_BASE, "head_init": "identity",
+                     "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False}},
+            "backbone": {"name": "pointbert:tiny", "weights": str(tmp_path / "ulip.safetensors")},
+            "adapter": {"name": "linear"},
+            "train": {"device": "cpu"},
+        }
+    )  # fmt: skip
+    task = TASKS.get("pointcloud").builder(cfg)
+    task.set_classes(["chair", "table"])
+    model = task.build_model().eval()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt.ctx"]
+    x = torch.randn(2, 64, 3)
+    with torch.no_grad():
+        want = torch.tensor(1 / 0.07) * (bb.eval()(x) @ sd["module.pc_projection"]) @ model.class_features().t()
+        torch.testing.assert_close(model.logits(x), want, rtol=1e-4, atol=1e-4)
+
+
 def test_defaults_keep_the_v1_scoring(minilm, monkeypatch) -> None:
     """A config without the new keys (every run written before them): W_pc and temperature learned, cosine logits."""
     task, model = _model(minilm, monkeypatch, {"name": "linear"})
