@@ -29,6 +29,9 @@ from vision_peft.tasks.diffusion import (
     check_sampling,
     encode_images,
     frechet_distance,
+    frechet_pca,
+    kid,
+    kid_bootstrap,
     list_class_images,
     load_rgb,
 )
@@ -104,6 +107,131 @@ def test_frechet_distance_basic():
     a = rng.randn(200, 4)
     assert abs(frechet_distance(a, a)) < 1e-6
     assert frechet_distance(a, a + 3.0) == pytest.approx(36.0, rel=0.05)
+
+
+# -- KID and the sample-metric intervals (issue 14) --------------------------------------------------------------
+def brute_force_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, written as the double loops of its definition."""
+    d = a.shape[1]
+
+    def k(x, y):
+        return (sum(x[i] * y[i] for i in range(d)) / d + 1.0) ** 3
+
+    m, n = len(a), len(b)
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_brute_force_double_loop():
+    rng = np.random.RandomState(0)
+    for m, n, d in ((5, 7, 3), (2, 2, 1), (9, 4, 6)):
+        a, b = rng.randn(m, d), rng.randn(n, d) + 0.3
+        assert kid(a, b) == pytest.approx(brute_force_kid(a, b), rel=1e-10, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(rng.randn(1, 3), rng.randn(4, 3))
+    with pytest.raises(ValueError, match="one width"):
+        kid(rng.randn(4, 3), rng.randn(4, 2))
+
+
+def test_kid_unbiased_for_one_distribution_positive_for_shifted():
+    """Two samples of one distribution: KID averages to ≈ 0 (the biased V-statistic, which keeps k(x, x), would be
+    clearly positive at this n); a shifted sample gives KID > 0 far outside that noise."""
+    rng = np.random.RandomState(1)
+    same, biased, shifted = [], [], []
+    for _ in range(300):
+        a, b, c = rng.randn(20, 16), rng.randn(25, 16), rng.randn(25, 16) + 0.5
+        same.append(kid(a, b))
+        shifted.append(kid(a, c))
+        kaa, kbb, kab = ((x @ y.T / 16 + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+        biased.append(kaa.mean() + kbb.mean() - 2 * kab.mean())
+    se = np.std(same) / np.sqrt(len(same))
+    assert abs(np.mean(same)) < 3 * se, (np.mean(same), se)
+    assert np.mean(biased) > 10 * se  # what the unbiased estimator removes
+    assert np.mean(shifted) > 10 * se and np.mean(np.array(shifted) > 0) > 0.95
+
+
+def test_kid_bootstrap_interval_and_pca_frechet():
+    rng = np.random.RandomState(2)
+    a, b = rng.randn(60, 8), rng.randn(50, 8)
+    v, lo, hi = kid_bootstrap(a, b, n_boot=200, seed=0)
+    assert v == pytest.approx(kid(a, b)) and lo <= v <= hi and lo < 0 < hi  # one distribution: 0 inside
+    v2, lo2, hi2 = kid_bootstrap(a, b + 1.0, n_boot=200, seed=0)
+    assert lo2 > hi and lo2 > 0  # shifted: the interval excludes 0 and the unshifted interval
+    # PCA Fréchet: the Fréchet distance of the projected features; ≈ 0 for one distribution when k ≪ n, while the
+    # full-width distance at n < d is dominated by the rank-deficient covariances
+    from vision_peft.tasks.diffusion_eval import pca_basis
+
+    train = rng.randn(300, 64)
+    x, y = rng.randn(40, 64), rng.randn(40, 64)
+    basis = pca_basis(train, 4)
+    mu, pc = basis
+    assert frechet_pca(x, y, basis) == pytest.approx(frechet_distance((x - mu) @ pc, (y - mu) @ pc))
+    assert frechet_pca(x, y, basis) < 0.2 * frechet_distance(x, y)
+    assert frechet_pca(x, y + 1.0, basis) > 3 * frechet_pca(x, y, basis)
+    with pytest.raises(ValueError, match="PCA dimension"):
+        pca_basis(train[:4], 8)
+
+
+def test_wilson_and_seed_intervals():
+    from scipy import stats
+
+    from vision_peft.tasks.diffusion_eval import mean_ci, wilson_interval
+
+    lo, hi = wilson_interval(30, 100)
+    assert lo < 0.3 < hi and 0 < lo and hi < 1
+    lo0, hi0 = wilson_interval(0, 20)
+    assert lo0 == pytest.approx(0.0, abs=1e-12) and 0 < hi0 < 0.2  # no hits: still a non-empty interval
+    assert (wilson_interval(300, 1000)[1] - wilson_interval(300, 1000)[0]) < hi - lo  # more samples, narrower
+    m, h = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
+
+
+def test_sample_metrics_per_seed_and_pooled(tmp_path):
+    """The task's sample metrics: one entry per sample seed (seed 0 = the old noise), mean ± t half-width over them,
+    KID and top-1 on the pooled samples; no full-width Fréchet distance."""
+    from vision_peft.recipe import build_run_config
+    from vision_peft.tasks import TASKS
+    from vision_peft.tasks.diffusion_eval import fit_probe, kid
+    from vision_peft.tasks.diffusion_task import SEED_STRIDE
+
+    cfg = build_run_config(
+        {
+            "task": {
+                "name": "diffusion",
+                "stage": "adapt",
+                "classes": ["a", "b"],
+                "image_size": 16,
+                "samples_per_class": 10,
+                "sample_seeds": 3,
+                "kid_bootstrap": 50,
+                "pca_dim": 4,
+            },
+            "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
+            "adapter": {"name": "full"},
+        }  # fmt: skip
+    )
+    task = TASKS.get("diffusion").builder(cfg)
+    rng = np.random.RandomState(0)
+    centres = rng.randn(2, 12) * 2
+    tr_y = np.repeat([0, 1], 30)
+    task._train_feats = (centres[tr_y] + rng.randn(60, 12), tr_y)
+    task._probe = fit_probe(*task._train_feats, 2)
+    ys = np.repeat([0, 1], 10)
+    real = centres[np.repeat([0, 1], 15)] + rng.randn(30, 12)
+    fakes = [centres[ys] + rng.randn(20, 12) + 0.2 * s for s in range(3)]
+    r = task.sample_metrics(fakes, ys, real)
+    assert [x["seed"] for x in r["per_seed"]] == [cfg.task.eval_seed + SEED_STRIDE * s for s in range(3)]
+    assert [x["kid"] for x in r["per_seed"]] == pytest.approx([kid(f, real) for f in fakes])
+    assert r["kid_seed_mean"] == pytest.approx(np.mean([kid(f, real) for f in fakes]))
+    assert r["kid_seed_ci95_halfwidth"] > 0
+    assert r["kid_effnet_lite0"] == pytest.approx(kid(np.concatenate(fakes), real))
+    lo, hi = r["kid_ci95"]
+    assert lo <= r["kid_effnet_lite0"] <= hi
+    assert r["pca_dim"] == 4 and "frechet_pca4_effnet_lite0" in r and not any(k.startswith("frechet_eff") for k in r)
+    t_lo, t_hi = r["sample_top1_ci95"]
+    assert t_lo <= r["sample_top1"] <= t_hi and r["sample_top1"] > 0.8  # well-separated classes
 
 
 # -- SaRA / FISH ------------------------------------------------------------------------------------------------
@@ -215,7 +343,10 @@ def test_fish_uses_fisher_scores(tmp_path):
 
     m = tiny_dit()
     names = m.resolve_targets(["blocks_linear"])
-    sc = fisher_scores(m, names, lambda b: dit_loss(m, b), [0, 1])
+    g = torch.Generator().manual_seed(0)  # one batch of 4 examples: fisher_scores splits it (per-example Fisher)
+    batch = {"x": torch.randn(4, 32, 4, 4, generator=g), "t": torch.tensor([1, 200, 500, 900]),
+             "y": torch.tensor([0, 1, 2, 0])}  # fmt: skip
+    sc = fisher_scores(m, names, lambda b: m(b["x"], b["t"], b["y"]).pow(2).mean(), [batch])
     assert all(sc[n].shape == m.get_submodule(n).weight.shape for n in names)
     save_file(sc, str(tmp_path / "f.safetensors"))
     m.requires_grad_(False)

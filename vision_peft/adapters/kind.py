@@ -5,7 +5,31 @@ Each targeted ``nn.Linear`` becomes a :class:`KINDLinear` whose weight is split 
     W(y) = U_G diag(σ_G) V_Gᵀ  +  U_T diag(g(y) ⊙ σ_T) V_Tᵀ        (+ the untouched residual, see below)
 
 learngenes (U_G, σ_G, V_G: class-agnostic) and tailors (U_T, σ_T, V_T: ``groups`` blocks of ``tailor_rank``
-components), with a class gate g(y) ∈ {0,1} that switches on the block of class y's group.
+components), with a class gate g(y) that weights the tailor blocks for class y.
+
+Class → tailor assignment (``assignment``):
+- ``mod`` (the default, and what every run written before this option did): hard gate, class y uses block
+  ``y mod groups`` — which classes share a block is arbitrary.
+- ``similarity``: hard gate, classes grouped by the cosine similarity of their class-embedding rows (the DiT's
+  ``y_embed``): balanced k-means (group sizes differ by at most one, so every block trains), deterministic. The
+  embeddings only mean something once trained, so the grouping is computed at training step ``regroup_step``
+  (``handle.step_fn``; until then the gate is ``y mod groups``) and stored as the ``kind_gate.assign`` buffer of
+  the run (saved with the adapter, so a reloaded run keeps its grouping).
+- ``learned``: soft gate g(y) = softmax(A[y] / ``gate_temperature``) over the groups, with a trainable
+  (classes × groups) logit table A (``kind_gate.logits``, zeros at step 0: every class starts on the average of
+  the blocks). The temperature is the logits' step size: AdamW moves A by about ``lr`` per step, so at lr 1e-3 and
+  a few hundred steps a temperature of 1 would leave the gate uniform; 0.05 lets a class reach a one-block gate.
+
+Distinct group initialisations (transfer, ``tailor_init``): ``mean`` (all new blocks start at the mean of the
+pre-trained blocks — identical, the old behaviour), ``random`` (seeded orthonormal bases per block, σ = 0: the
+model is unchanged at step 0) or ``blocks`` (new block j starts as pre-trained block j, so blocks differ and
+carry their base groups' knowledge; needs ``groups`` = the pre-trained groups; with ``assignment: learned``
+each target class learns its mix of the pre-trained blocks). In pre-training the blocks are distinct SVD slices.
+
+Orthogonality (``orthogonal_lambda`` > 0): the penalty λ Σ_layers (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) through
+``handle.extra_losses`` (logged as ``loss_orthogonal``) keeps the factors near their SVD structure: in pre-training
+U = [U_G U_T] and V = [V_G V_T] (all components mutually orthonormal, as the SVD split started them); in transfer
+per tailor block (each block an orthonormal basis; the learngenes are the frozen base weight).
 
 Modes:
 - ``pretrain`` (integration and diversion): the DiT's targeted weights are decomposed by SVD into the top
@@ -20,9 +44,10 @@ Modes:
   (``tailor_init: random``, model unchanged at step 0).
 
 [inferred] — no code was released, so these are this project's choices: the SVD split of a random-init
-weight for pre-training; class → group = ``y mod groups``; the null class (classifier-free guidance) has all
-tailors off; dropping the spectrum beyond learngenes + tailors; the pre-trained tailors' mean as the transfer
-init; storing learngenes merged as a dense weight in the checkpoint; the class gate is hard (0/1), not learnt.
+weight for pre-training; the three class → group assignments above (the paper's gate routes classes to tailors
+but no grouping rule is published); the null class (classifier-free guidance) has all tailors off; dropping the
+spectrum beyond learngenes + tailors; the transfer inits; the orthogonality penalty's form; storing learngenes
+merged as a dense weight in the checkpoint.
 """
 
 from __future__ import annotations
@@ -46,22 +71,107 @@ class KINDConfig:
     learngene_rank: int = 64  # pretrain: components kept as learngenes
     tailor_rank: int = 8  # components per tailor group
     groups: int = 8  # tailor groups (pretrain: base-class groups; transfer: target-class groups)
-    tailor_init: str = "mean"  # transfer: mean (of pre-trained tailors) | random
+    tailor_init: str = "mean"  # transfer: mean (of pre-trained tailors) | random | blocks (pre-trained block j)
     seed: int = 0
+    # class -> tailor block: mod (y mod groups, the old behaviour) | similarity (class-embedding k-means at
+    # regroup_step) | learned (soft gate, trainable logits)
+    assignment: str = "mod"
+    regroup_step: int = 0  # similarity: the training step at which classes are grouped (>= 1)
+    gate_temperature: float = 0.05  # learned: softmax temperature of the gate logits
+    orthogonal_lambda: float = 0.0  # weight of the ‖UᵀU − I‖² + ‖VᵀV − I‖² penalty (0 = off)
 
     def __post_init__(self) -> None:
         if self.mode not in ("pretrain", "transfer"):
             raise ValueError(f"KIND mode must be pretrain or transfer, got {self.mode!r}")
-        if self.tailor_init not in ("mean", "random"):
-            raise ValueError(f"KIND tailor_init must be mean or random, got {self.tailor_init!r}")
+        if self.tailor_init not in ("mean", "random", "blocks"):
+            raise ValueError(f"KIND tailor_init must be mean, random or blocks, got {self.tailor_init!r}")
         if min(self.learngene_rank, self.tailor_rank, self.groups) < 1:
             raise ValueError("KIND learngene_rank, tailor_rank and groups must be positive")
+        if self.assignment not in ("mod", "similarity", "learned"):
+            raise ValueError(f"KIND assignment must be mod, similarity or learned, got {self.assignment!r}")
+        if self.assignment == "similarity" and self.regroup_step < 1:
+            raise ValueError(
+                "KIND assignment=similarity groups the classes by their trained class embeddings: set "
+                "adapter.regroup_step >= 1 (the training step at which to group them)"
+            )
+        if not self.gate_temperature > 0:
+            raise ValueError(f"KIND gate_temperature must be > 0, got {self.gate_temperature}")
+        if not self.orthogonal_lambda >= 0:
+            raise ValueError(f"KIND orthogonal_lambda must be >= 0, got {self.orthogonal_lambda}")
 
 
 def _capture_classes(backbone: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook on the class-conditional backbone (``forward(x, t, y)``): the class-conditioning hook that
     hands the batch's class ids to the KIND layers (read back from ``backbone.kind_y``)."""
     backbone.kind_y = kwargs["y"] if "y" in kwargs else args[2]
+
+
+def balanced_groups(emb: torch.Tensor, groups: int, iters: int = 20) -> torch.Tensor:
+    """Class → group ids (C,) by balanced spherical k-means on the rows of ``emb`` (C, d): every group gets
+    ⌊C/groups⌋ or ⌈C/groups⌉ classes, so no block goes untrained. Deterministic: centres start at the
+    farthest-point traversal from the row nearest the mean; each round assigns (class, group) pairs greedily by
+    similarity under the capacity limits."""
+    c = emb.shape[0]
+    if groups > c:
+        raise ValueError(f"KIND: {groups} groups for {c} classes; use groups <= the number of classes")
+    x = F.normalize(emb.detach().double(), dim=1)
+    first = int((x @ F.normalize(x.mean(0), dim=0)).argmax())
+    picked = [first]
+    for _ in range(groups - 1):
+        sim = (x @ x[picked].T).max(1).values
+        sim[picked] = float("inf")
+        picked.append(int(sim.argmin()))
+    centres = x[picked]
+    cap = [c // groups + (1 if j < c % groups else 0) for j in range(groups)]
+    assign = torch.full((c,), -1, dtype=torch.long)
+    for _ in range(iters):
+        sim = x @ centres.T  # (C, G)
+        order = torch.argsort(sim.flatten(), descending=True, stable=True)
+        new = torch.full((c,), -1, dtype=torch.long)
+        left = list(cap)
+        for k in order.tolist():
+            i, j = divmod(k, groups)
+            if new[i] < 0 and left[j] > 0:
+                new[i] = j
+                left[j] -= 1
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.stack([F.normalize(x[assign == j].mean(0), dim=0) for j in range(groups)])
+    return assign
+
+
+class KINDGate(nn.Module):
+    """The class → tailor-block gate shared by every KIND layer (``backbone.kind_gate``) when ``assignment`` is not
+    ``mod``: a hard assignment buffer (``similarity``) or trainable soft-gate logits (``learned``)."""
+
+    def __init__(self, assignment: str, num_classes: int, groups: int, temperature: float) -> None:
+        super().__init__()
+        self.assignment, self.groups, self.temperature = assignment, groups, temperature
+        self.resize(num_classes)
+
+    def resize(self, num_classes: int) -> None:
+        """A fresh gate for ``num_classes`` classes (the task rebuilt its class table)."""
+        self.num_classes = num_classes
+        if self.assignment == "learned":
+            self.logits = nn.Parameter(torch.zeros(num_classes, self.groups))
+        else:  # similarity: y mod groups until regroup() fires
+            self.register_buffer("assign", torch.arange(num_classes) % self.groups)
+
+    @torch.no_grad()
+    def regroup(self, emb: torch.Tensor) -> torch.Tensor:
+        self.assign.copy_(balanced_groups(emb[: self.num_classes], self.groups).to(self.assign.device))
+        return self.assign
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, groups) gate weights; the null class (y >= num_classes) gets zeros."""
+        real = y < self.num_classes
+        yc = torch.where(real, y, torch.zeros_like(y))
+        if self.assignment == "learned":
+            g = torch.softmax(self.logits[yc] / self.temperature, dim=1)
+        else:
+            g = F.one_hot(self.assign[yc], self.groups).to(torch.float32)
+        return g * real.to(g.dtype).unsqueeze(1)
 
 
 class KINDLinear(nn.Module):
@@ -92,11 +202,29 @@ class KINDLinear(nn.Module):
         self.u_t, self.s_t, self.v_t = nn.Parameter(u_t.clone()), nn.Parameter(s_t.clone()), nn.Parameter(v_t.clone())
 
     def gate(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, groups·r_T) 0/1: the block of y's group; the null class (y == num_classes) gets none."""
+        """(B, groups·r_T): the weight of each tailor component for class y — with ``assignment: mod`` 0/1 for the
+        block of group ``y mod groups``, else the shared ``owner.kind_gate``; the null class (y == num_classes)
+        gets none."""
         r = self.s_t.numel() // self.groups
-        g = F.one_hot(y.remainder(self.groups), self.groups).to(self.s_t.dtype)
-        g = g * (y < self.num_classes).to(g.dtype).unsqueeze(1)
+        shared = getattr(self._owner[0], "kind_gate", None)
+        if shared is not None:
+            g = shared(y).to(self.s_t.dtype)
+        else:
+            g = F.one_hot(y.remainder(self.groups), self.groups).to(self.s_t.dtype)
+            g = g * (y < self.num_classes).to(g.dtype).unsqueeze(1)
         return g.repeat_interleave(r, dim=1)
+
+    def orthogonality(self) -> torch.Tensor:
+        """‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F: U = [U_G U_T] in pre-training, per tailor block in transfer."""
+        if self.weight is None:  # pretrain: all components, as the SVD split started them
+            us, vs = [torch.cat([self.u_g, self.u_t], 1)], [torch.cat([self.v_g, self.v_t], 1)]
+        else:
+            us, vs = self.u_t.chunk(self.groups, 1), self.v_t.chunk(self.groups, 1)
+        pen = self.s_t.new_zeros(())
+        for m in (*us, *vs):
+            eye = torch.eye(m.shape[1], device=m.device, dtype=m.dtype)
+            pen = pen + ((m.T @ m - eye) ** 2).sum()
+        return pen
 
     def learngene_weight(self) -> torch.Tensor:
         if self.weight is not None:
@@ -165,12 +293,34 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
                 ms = ps.reshape(pg, r0).mean(0)
                 mv = pv.reshape(pv.shape[0], pg, r0).mean(1)
                 u_t, s_t, v_t = mu.repeat(1, cfg.groups), ms.repeat(cfg.groups), mv.repeat(1, cfg.groups)
+            elif cfg.tailor_init == "blocks":  # new block j = pre-trained block j: distinct, each with its knowledge
+                if key + "u_t" not in extra:
+                    raise ValueError(
+                        f"KIND transfer with tailor_init=blocks needs a KIND-pre-trained DiT checkpoint ({key}u_t "
+                        "missing); pre-train with adapter.name=kind adapter.mode=pretrain, or use tailor_init=random"
+                    )
+                pg = int(extra[key + "groups"])
+                if pg != cfg.groups or extra[key + "s_t"].numel() != rt:
+                    r0 = extra[key + "s_t"].numel() // pg
+                    raise ValueError(
+                        f"KIND tailor_init=blocks copies the pre-trained blocks one to one: the checkpoint has "
+                        f"{pg} groups × rank {r0}, the config {cfg.groups} × {cfg.tailor_rank}; set "
+                        f"adapter.groups={pg} adapter.tailor_rank={r0} (assignment: learned maps the target "
+                        "classes onto them)"
+                    )
+                u_t, s_t, v_t = extra[key + "u_t"], extra[key + "s_t"], extra[key + "v_t"]
             else:
                 u_t = torch.cat([_orthonormal(w.shape[0], cfg.tailor_rank, gen) for _ in range(cfg.groups)], 1)
                 v_t = torch.cat([_orthonormal(w.shape[1], cfg.tailor_rank, gen) for _ in range(cfg.groups)], 1)
                 s_t = torch.zeros(rt)
             new = KINDLinear(lin.weight, lin.bias, u_t, s_t, v_t, cfg.groups, n_cls, backbone)
         set_module(backbone, n, new.to(lin.weight.device))
+    gate = None
+    if cfg.assignment != "mod":  # one gate for every layer (mod keeps the old, buffer-free layers and state dicts)
+        if cfg.assignment == "similarity" and cfg.groups > n_cls:
+            raise ValueError(f"KIND assignment=similarity: groups={cfg.groups} > {n_cls} classes")
+        gate = KINDGate(cfg.assignment, n_cls, cfg.groups, cfg.gate_temperature).to(lin.weight.device)
+        backbone.kind_gate = gate
     if cfg.mode == "pretrain":
         backbone.requires_grad_(True)  # pre-training: the whole DiT learns
 
@@ -180,6 +330,25 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
     def on_classes(classes: list[str]) -> None:  # the task rebuilt the class table: the null id moved
         for n in names:
             backbone.get_submodule(n).num_classes = backbone.num_classes
+        if gate is not None:
+            gate.resize(backbone.num_classes)
+            gate.to(backbone.y_embed.weight.device)
+
+    report: dict = {"mode": cfg.mode, "assignment": cfg.assignment}
+
+    def step_fn(step: int, total: int) -> dict[str, float] | None:  # similarity: group the trained embeddings once
+        if gate is None or cfg.assignment != "similarity" or step != cfg.regroup_step:
+            return None
+        assign = gate.regroup(backbone.y_embed.weight)
+        report["groups_of_classes"] = assign.tolist()
+        moved = float((assign.cpu() != torch.arange(len(assign)) % cfg.groups).float().mean())
+        return {"kind_regrouped_fraction_moved": moved}
+
+    def loss_fn(model: nn.Module) -> dict[str, torch.Tensor]:
+        if cfg.orthogonal_lambda <= 0:
+            return {}
+        pen = sum(backbone.get_submodule(n).orthogonality() for n in names)
+        return {"orthogonal": cfg.orthogonal_lambda * pen}
 
     def condition(y: torch.Tensor) -> None:
         backbone.kind_y = y
@@ -197,15 +366,20 @@ def apply_kind(backbone: nn.Module, cfg: KINDConfig) -> AdapterHandle:
                     lin.bias.copy_(m.bias)
             set_module(backbone, n, lin)
         hook.remove()
+        if gate is not None:  # the plain DiT has no gate; its assignment travels as kind.gate.* tensors
+            del backbone.kind_gate
         return extra
 
     # what trains: pre-training the whole DiT ("" = the backbone itself, as for full fine-tuning; the KIND layers
     # follow), transfer only the KIND layers' tailors
     touched = ["", *names] if cfg.mode == "pretrain" else list(names)
+    if gate is not None and cfg.mode != "pretrain":
+        touched.append("kind_gate")
     # class-gated: no single dense weight, so no merge_fn; merge_and_unload() gives the base-checkpoint form
     return AdapterHandle(
-        "kind", touched=touched, report={"mode": cfg.mode}, classes_fn=on_classes, condition_fn=condition,
-        unload_fn=unload,
+        "kind", touched=touched, report=report, classes_fn=on_classes, condition_fn=condition,
+        unload_fn=unload, step_fn=step_fn if cfg.assignment == "similarity" else None,
+        loss_fn=loss_fn if cfg.orthogonal_lambda > 0 else None,
     )  # fmt: skip
 
 
@@ -229,4 +403,9 @@ def kind_pretrained_state(
         for t in ("u_t", "s_t", "v_t"):
             extra[f"kind.{n}.{t}"] = getattr(m, t).detach()
         extra[f"kind.{n}.groups"] = torch.tensor(m.groups)
+    gate = getattr(backbone, "kind_gate", None)
+    if gate is not None:  # how the pre-training classes used the blocks (read by nobody; kept for inspection)
+        sd = {k: v for k, v in sd.items() if not k.startswith("kind_gate.")}
+        ids = torch.arange(gate.num_classes, device=backbone.y_embed.weight.device)
+        extra["kind.gate.weights"] = gate(ids).detach()  # (classes, groups)
     return sd, extra

@@ -7,7 +7,8 @@ Where each part lives:
 - ``diffusion_model.py``: DDPM schedule, ε/v loss with class dropout, guided DDIM sampling (the one sampler of
   ``vision_peft/runtimes/diffusion.py``), export wrappers;
 - ``diffusion_data.py``: class-folder images, the RGB loader, TAEF2 latents;
-- ``diffusion_eval.py``: Fréchet distance in EfficientNet-Lite0 space, the fixed sample classifier;
+- ``diffusion_eval.py``: KID (and a PCA-projected Fréchet distance) in EfficientNet-Lite0 space, the fixed sample
+  classifier, the intervals;
 - ``vision_peft/diffusion_tools.py``: run-level tools above the task layer (base checkpoint, sample grids, export,
   FISH's Fisher scores). ``python -m vision_peft.tasks.diffusion base|sample|export|fisher …`` runs them (the
   commands the README documents).
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 from vision_peft.runtimes.diffusion import MAX_GUIDANCE, DiffusionInputError, check_sampling
 from vision_peft.tasks.diffusion_data import LATENT_SCALE, encode_images, list_class_images, load_rgb
-from vision_peft.tasks.diffusion_eval import frechet_distance
+from vision_peft.tasks.diffusion_eval import frechet_distance, frechet_pca, kid, kid_bootstrap
 from vision_peft.tasks.diffusion_model import DiffusionModel, ddpm_alphas_cumprod
 from vision_peft.tasks.diffusion_task import DiffusionConfig, DiffusionTask
 
 __all__ = [
     "LATENT_SCALE", "MAX_GUIDANCE", "DiffusionConfig", "DiffusionInputError", "DiffusionModel", "DiffusionTask",
-    "check_sampling", "ddpm_alphas_cumprod", "encode_images", "frechet_distance", "list_class_images", "load_rgb",
+    "check_sampling", "ddpm_alphas_cumprod", "encode_images", "frechet_distance", "frechet_pca", "kid", "kid_bootstrap",
+    "list_class_images", "load_rgb",
 ]  # fmt: skip
 
 

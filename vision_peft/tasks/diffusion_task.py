@@ -14,10 +14,14 @@ class for classifier-free guidance, deterministic DDIM sampling (η = 0) with gu
 (its rows start at the mean base-class row; the null row is copied) and counts as the task head.
 
 Evaluation (test split = held-out real images of the run's classes): held-out ε-MSE at fixed timesteps, and
-when ``samples_per_class > 0`` the **Fréchet distance in EfficientNet-Lite0 pooled-feature space** (1280-d,
-224², mean/std 0.5 — not "FID", which is defined on Inception-v3) between generated and real images, and the
-top-1 accuracy on generated samples of a fixed classifier (softmax regression on EfficientNet-Lite0
-features of the real training images, trained deterministically, identical for every method).
+when ``samples_per_class > 0``, for ``sample_seeds`` independent sample sets, **KID in EfficientNet-Lite0
+pooled-feature space** (1280-d, 224², mean/std 0.5 — not Inception-v3; the unbiased MMD² with the cubic kernel,
+valid at small n) between generated and real images, the top-1 accuracy on generated samples of a fixed
+classifier (softmax regression on EfficientNet-Lite0 features of the real training images, trained
+deterministically, identical for every method), and a Fréchet distance on a ``pca_dim``-dimensional PCA
+projection only (on the full 1280-d features n ≤ 300 samples leave the covariance rank-deficient). Each comes per
+seed, as mean ± 95 % t half-width over seeds, and pooled (KID: bootstrap interval; top-1: Wilson interval); see
+:mod:`vision_peft.tasks.diffusion_eval`.
 
 This file holds the config and the registered task; ``vision_peft/tasks/diffusion.py`` is the task's public
 face (re-exports and the ``python -m vision_peft.tasks.diffusion`` entry point).
@@ -47,7 +51,17 @@ from vision_peft.tasks.diffusion_data import (
     list_class_images,
     load_rgb,
 )
-from vision_peft.tasks.diffusion_eval import effnet_features, fit_probe, frechet_distance, probe_predict
+from vision_peft.tasks.diffusion_eval import (
+    effnet_features,
+    fit_probe,
+    frechet_pca,
+    kid,
+    kid_bootstrap,
+    mean_ci,
+    pca_basis,
+    probe_predict,
+    wilson_interval,
+)
 from vision_peft.tasks.diffusion_model import DecoderGraph, DenoiserGraph, DiffusionModel
 
 
@@ -70,6 +84,12 @@ class DiffusionConfig:
     guidance: float = 2.0  # classifier-free guidance scale at evaluation
     samples_per_class: int = 0  # generated images per class at evaluation (0 = only held-out ε-MSE)
     eval_seed: int = 1234  # seed of the evaluation noise (same for every method)
+    # independent sample sets (seeds eval_seed + SEED_STRIDE·k, k < sample_seeds; k = 0 is the noise of runs written
+    # before this option): KID and the classifier's top-1 per seed, their mean with a 95 % t-interval, and on the pooled
+    # samples a bootstrap (KID) / Wilson (top-1) interval
+    sample_seeds: int = 1
+    pca_dim: int = 8  # the Fréchet distance is reported on this many principal components only (k ≪ n samples)
+    kid_bootstrap: int = 500  # bootstrap replicates of the pooled KID's 95 % interval (0 = none)
     # DDIM clips each x0 estimate to [-clip_x0, clip_x0] (scaled-latent units; 0 = off). Scaled TAEF2 latents of AID
     # images have std ≈ 1.0 and max |z| ≈ 5.1; without the clip, the ε error at t ≈ T (amplified by 1/√ᾱ_T ≈ 157)
     # set x0 estimates of std ≈ 20 that later steps never pull back, and samples saturated (measured).
@@ -95,7 +115,11 @@ class DiffusionConfig:
             raise ConfigError(f"task.prediction must be eps or v, got {self.prediction!r}")
         if not (math.isfinite(self.clip_x0) and self.clip_x0 >= 0):
             raise ConfigError(f"task.clip_x0 must be >= 0 (0 = no clipping), got {self.clip_x0}")
+        if self.sample_seeds < 1 or self.pca_dim < 1 or self.kid_bootstrap < 0:
+            raise ConfigError("task.sample_seeds and task.pca_dim must be >= 1, task.kid_bootstrap >= 0")
 
+
+SEED_STRIDE = 1_000_003  # sample seed k draws its noise from eval_seed + SEED_STRIDE·k (+ batch offset)
 
 
 @TASKS.register(
@@ -201,12 +225,60 @@ class DiffusionTask(Task):
         return out
 
     # -- evaluation -------------------------------------------------------------------------------------
+    def train_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """EfficientNet-Lite0 features and labels of the real training images (computed once)."""
+        if getattr(self, "_train_feats", None) is None:
+            imgs, labels = getattr(self, "_train_images", None) or self.load_images(self.splits()["train"])
+            self._train_feats = (effnet_features(imgs), labels.numpy())
+        return self._train_feats
+
     def probe(self):
         """The fixed sample classifier (EfficientNet-Lite0 features of the real training images)."""
         if self._probe is None:
-            imgs, labels = getattr(self, "_train_images", None) or self.load_images(self.splits()["train"])
-            self._probe = fit_probe(effnet_features(imgs), labels.numpy(), len(self.classes))
+            feats, labels = self.train_features()
+            self._probe = fit_probe(feats, labels, len(self.classes))
         return self._probe
+
+    def sample_metrics(self, fake_feats: list[np.ndarray], ys: np.ndarray, real_feats: np.ndarray) -> dict[str, Any]:
+        """KID, classifier top-1 and PCA Fréchet distance per sample seed (features ``fake_feats[k]`` of seed k,
+        class ids ``ys``), their mean ± 95 % t half-width over seeds, and on the pooled samples KID with its
+        bootstrap interval and top-1 with its Wilson interval."""
+        t = self.cfg.task
+        probe = self.probe()
+        k = min(t.pca_dim, len(real_feats) - 1, len(self.train_features()[0]) - 1)
+        basis = pca_basis(self.train_features()[0], k)
+        per_seed = []
+        for s, ff in enumerate(fake_feats):
+            per_seed.append(
+                {
+                    "seed": t.eval_seed + SEED_STRIDE * s,
+                    "kid": kid(ff, real_feats),
+                    "sample_top1": float((probe_predict(probe, ff) == ys).mean()),
+                    f"frechet_pca{k}": frechet_pca(ff, real_feats, basis),
+                }
+            )
+        pooled = np.concatenate(fake_feats)
+        pooled_y = np.tile(ys, len(fake_feats))
+        hits = int((probe_predict(probe, pooled) == pooled_y).sum())
+        out: dict[str, Any] = {}
+        if t.kid_bootstrap > 0:
+            v, lo, hi = kid_bootstrap(pooled, real_feats, t.kid_bootstrap, seed=t.eval_seed)
+            out.update({"kid_effnet_lite0": v, "kid_ci95": [lo, hi]})
+        else:
+            out["kid_effnet_lite0"] = kid(pooled, real_feats)
+        out.update(
+            {
+                "sample_top1": hits / len(pooled_y),
+                "sample_top1_ci95": list(wilson_interval(hits, len(pooled_y))),
+                f"frechet_pca{k}_effnet_lite0": frechet_pca(pooled, real_feats, basis),
+                "pca_dim": k,
+            }
+        )
+        for key in ("kid", "sample_top1", f"frechet_pca{k}"):
+            m, h = mean_ci([r[key] for r in per_seed])
+            out[f"{key}_seed_mean"], out[f"{key}_seed_ci95_halfwidth"] = m, h
+        out["per_seed"] = per_seed
+        return out
 
     @torch.no_grad()
     def evaluate(self, model: DiffusionModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
@@ -228,20 +300,24 @@ class DiffusionTask(Task):
         res: dict[str, Any] = {"eps_mse": float(np.mean(losses)), "n_real": int(len(real))}
         if t.samples_per_class > 0:
             ys = torch.arange(len(self.classes)).repeat_interleave(t.samples_per_class)
-            fake = torch.cat(
-                [
-                    model.sample(ys[i : i + 64], t.sample_steps, t.guidance, seed=t.eval_seed + i).cpu()
-                    for i in range(0, len(ys), 64)
-                ]
-            )
-            ff, rf = effnet_features(fake), effnet_features(real.cpu())
-            pred = probe_predict(self.probe(), ff)
+            fake_feats = []
+            for s in range(t.sample_seeds):  # the same noise for every method: it depends on the seed and ids only
+                seed = t.eval_seed + SEED_STRIDE * s
+                fake = torch.cat(
+                    [
+                        model.sample(ys[i : i + 64], t.sample_steps, t.guidance, seed=seed + i).cpu()
+                        for i in range(0, len(ys), 64)
+                    ]
+                )
+                fake_feats.append(effnet_features(fake))
+            rf = effnet_features(real.cpu())
             res = {
-                "frechet_effnet_lite0": frechet_distance(ff, rf),
-                "sample_top1": float((pred == ys.numpy()).mean()),
+                **self.sample_metrics(fake_feats, ys.numpy(), rf),
                 "real_top1": float((probe_predict(self.probe(), rf) == real_y.numpy()).mean()),
                 **res,
-                "n_generated": int(len(ys)),
+                "n_generated": int(len(ys)) * t.sample_seeds,
+                "n_generated_per_seed": int(len(ys)),
+                "sample_seeds": t.sample_seeds,
                 "sample_steps": t.sample_steps,
                 "guidance": t.guidance,
             }
@@ -300,4 +376,3 @@ class DiffusionTask(Task):
     def synthetic_batch(self, model: DiffusionModel, n: int = 2) -> dict[str, torch.Tensor]:
         g = self.cfg.task.image_size // 8
         return {"latent": torch.randn(n, 32, g, g), "label": torch.randint(0, model.num_classes, (n,))}
-
