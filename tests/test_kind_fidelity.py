@@ -178,3 +178,22 @@ def test_orthogonality_penalty_zero_at_svd_and_pulls_back():
     t = apply_adapter(tiny_dit(), KINDConfig(mode="transfer", tailor_init="random", tailor_rank=2, groups=3,
                                              orthogonal_lambda=1.0))  # fmt: skip
     assert float(t.extra_losses(None)["orthogonal"]) < 1e-8
+
+
+def test_gated_dit_traces_for_export():
+    """The export path (TorchScript trace of the denoiser) sees the shared gate: the traced graph gives the eager
+    outputs for other class ids too (the gate is not frozen into the trace)."""
+    from vision_peft.tasks.diffusion_model import DenoiserGraph
+
+    base = pretrained_kind_base(classes=4, groups=2)
+    h = apply_adapter(base, KINDConfig(mode="transfer", tailor_rank=2, groups=2, tailor_init="blocks",
+                                       assignment="learned", gate_temperature=0.5))  # fmt: skip
+    with torch.no_grad():
+        base.kind_gate.logits.copy_(torch.randn(4, 2))
+    assert h.touched
+    g = DenoiserGraph(base).eval()
+    x, t = torch.randn(2, 32, 4, 4), torch.tensor([10, 500])
+    traced = torch.jit.trace(g, (x, t, torch.tensor([0, 4])))
+    for y in (torch.tensor([0, 4]), torch.tensor([3, 1])):
+        with torch.no_grad():
+            assert torch.allclose(traced(x, t, y), g(x, t, y), atol=1e-5)
