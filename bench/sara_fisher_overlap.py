@@ -8,7 +8,7 @@ tensors get N(0, σ²) added (adaLN-Zero otherwise leaves every block gradient a
 stand-in base pre-trained for ``--pretrain-steps`` steps on the AID base classes (the real base is pre-trained by
 bench/diffusion_aid.py).
 
-    nice -n 10 python bench/sara_fisher_overlap.py --out /work/coord/logs/sara_fisher_overlap.json
+    nice -n 10 python bench/sara_fisher_overlap.py --out bench/results/sara_fisher_overlap.json
 """
 
 from __future__ import annotations
@@ -57,7 +57,17 @@ def kind(name: str) -> str:
     return "other weight"
 
 
-def compare(model, names, loss, examples, fraction: float, batch: int) -> dict:
+def top_mask(sc: dict[str, torch.Tensor], fraction: float) -> dict[str, set[int]]:
+    idx, _ = select_entries(sc, fraction, None, "global", largest=True)
+    return {nm: set(i.tolist()) for nm, i in idx.items()}
+
+
+def jaccard(a: dict[str, set[int]], b: dict[str, set[int]]) -> float:
+    return sum(len(a[n] & b[n]) for n in a) / sum(len(a[n] | b[n]) for n in a)
+
+
+def compare(model, names, loss, examples, fraction: float, batch: int) -> tuple[dict, dict, dict]:
+    """(summary, new mask, old mask) for one set of N examples."""
     n = sum(len(e["label"]) for e in examples)
     t0 = time.perf_counter()
     new = fisher_scores(model.backbone, names, loss, examples, method="vmap", chunk=16)
@@ -67,20 +77,16 @@ def compare(model, names, loss, examples, fraction: float, batch: int) -> dict:
     fisher_scores(model.backbone, names, loss, few, method="loop")
     t_loop = (time.perf_counter() - t0) / sum(len(e["label"]) for e in few)
     old = mean_loss_fisher(model, names, loss, examples, batch)
-    masks = {}
-    for label, sc in (("new", new), ("old", old)):
-        idx, _ = select_entries(sc, fraction, None, "global", largest=True)
-        masks[label] = {nm: set(i.tolist()) for nm, i in idx.items()}
-    inter = sum(len(masks["new"][nm] & masks["old"][nm]) for nm in names)
-    union = sum(len(masks["new"][nm] | masks["old"][nm]) for nm in names)
+    masks = {"new": top_mask(new, fraction), "old": top_mask(old, fraction)}
     share = {}
     for label in ("new", "old"):
         tot = sum(len(v) for v in masks[label].values())
         share[label] = {}
         for nm, v in masks[label].items():
             share[label][kind(nm)] = share[label].get(kind(nm), 0) + len(v) / tot
-    return {"samples": n, "old_batch": batch, "jaccard_top": inter / union, "mask_share_by_kind": share,
-            "sec_per_sample_vmap_chunk16": t_vmap, "sec_per_sample_loop": t_loop}  # fmt: skip
+    out = {"samples": n, "old_batch": batch, "jaccard_new_vs_old": jaccard(masks["new"], masks["old"]),
+           "mask_share_by_kind": share, "sec_per_sample_vmap_chunk16": t_vmap, "sec_per_sample_loop": t_loop}  # fmt: skip
+    return out, masks["new"], masks["old"]
 
 
 def main() -> None:
@@ -92,6 +98,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--sigma", type=float, default=0.02, help="perturbation of the fresh init")
     ap.add_argument("--pretrain-steps", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of the example draws")
     ap.add_argument("--work", default="/tmp/sara_fisher_overlap")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -121,10 +128,23 @@ def main() -> None:
         bases[f"pre-trained {a.pretrain_steps} steps (AID base classes)"] = rd / "base_dit.safetensors"
     res = {"recipe": a.recipe, "arch": a.arch, "fraction": a.fraction, "bases": {}}
     for label, path in bases.items():
-        over = [f"backbone.name=dit:{path}", "train.device=cpu"]
-        cfg, model, examples, names, loss = fisher_inputs(a.recipe, over, samples=a.samples, chunk=16)
-        res["bases"][label] = compare(model, names, loss, examples, a.fraction, a.batch)
-        print(label, json.dumps(res["bases"][label], indent=1), flush=True)
+        rows, news, olds = [], [], []
+        for seed in a.seeds:
+            over = [f"backbone.name=dit:{path}", "train.device=cpu", f"train.seed={seed}"]
+            cfg, model, examples, names, loss = fisher_inputs(a.recipe, over, samples=a.samples, chunk=16)
+            row, new, old = compare(model, names, loss, examples, a.fraction, a.batch)
+            rows.append({"seed": seed, **row})
+            news.append(new)
+            olds.append(old)
+            print(label, json.dumps(rows[-1], indent=1), flush=True)
+        pairs = [(i, j) for i in range(len(a.seeds)) for j in range(i + 1, len(a.seeds))]
+        res["bases"][label] = {
+            "per_seed": rows,
+            # the sampling-noise floor: the same estimator on two independent sets of N examples
+            "jaccard_new_vs_new_other_seed": [jaccard(news[i], news[j]) for i, j in pairs],
+            "jaccard_old_vs_old_other_seed": [jaccard(olds[i], olds[j]) for i, j in pairs],
+        }
+        print(label, json.dumps({k: v for k, v in res["bases"][label].items() if k != "per_seed"}), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 
