@@ -132,6 +132,46 @@ def tiny_image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture
+def fish_recipe(tmp_path: Path, tiny_image_folder) -> Callable[..., tuple[Path, dict[str, Any]]]:
+    """Factory ``fish_recipe(eligible=None)`` → (recipe path, adapt config): a 2-step plain DiT pre-trained on a
+    tiny folder (classes a, b), its base checkpoint, and a FISH adaptation recipe on classes b, c whose Fisher file
+    is ``tmp_path/fisher.safetensors`` (``eligible`` also targets ``blocks.*`` and ``final``)."""
+
+    def make(eligible: str | None = None) -> tuple[Path, dict[str, Any]]:
+        import yaml
+
+        from vision_peft.diffusion_tools import write_base_checkpoint
+        from vision_peft.recipe import build_run_config
+        from vision_peft.train import run
+
+        data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
+        task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
+                "eval_per_class": 1, "flip": False}  # fmt: skip
+        train = {"max_steps": 2, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 5}
+        pre = build_run_config(
+            {
+                "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
+                "train": train,
+                "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
+                "adapter": {"name": "full"},
+                "output": {"runs_root": str(tmp_path / "runs"), "name": "pre"},
+            }  # fmt: skip
+        )
+        base = write_base_checkpoint(run(pre, progress=False))
+        adapter = {"name": "fish", "fraction": 0.05, "fisher_file": str(tmp_path / "fisher.safetensors")}
+        if eligible:
+            adapter.update(eligible=eligible, targets=["blocks.*", "final"])
+        adapt = {"task": {**task, "stage": "adapt", "classes": ["b", "c"]}, "train": train,
+                 "backbone": {"name": f"dit:{base}"}, "adapter": adapter,
+                 "output": {"runs_root": str(tmp_path / "runs"), "name": "fish"}}  # fmt: skip
+        recipe = tmp_path / "fish.yaml"
+        recipe.write_text(yaml.safe_dump(adapt))
+        return recipe, adapt
+
+    return make
+
+
 def tiny_recipe(data_root: str | Path, runs_root: str | Path) -> dict[str, Any]:
     """A complete recipe for a seconds-long CPU run: timm:test_vit (random init) + LoRA r=2, 32×32 input."""
     return {

@@ -484,37 +484,17 @@ def test_diffusion_pretrain_adapt_sample_export(tmp_path, tiny_image_folder, wei
     assert img.shape == (2, 3, 16, 16) and np.abs(img - ref).max() < 2e-3  # numpy+onnxruntime sampler parity
 
 
-def test_fish_task_level_fisher_then_adapt(tmp_path, tiny_image_folder, weights_root):
+def test_fish_task_level_fisher_then_adapt(tmp_path, fish_recipe, weights_root):
     """FISH end to end through the task: Fisher scores of the base DiT on the recipe's data, then a sparse
     adaptation run whose trainable entries are the top-Fisher ones (the fraction asked for), then export."""
-    import yaml
 
     from vision_peft.checkpoint import load_tensors
-    from vision_peft.diffusion_tools import compute_fisher, write_base_checkpoint
+    from vision_peft.diffusion_tools import compute_fisher
     from vision_peft.export import export_run
     from vision_peft.recipe import build_run_config
     from vision_peft.train import run
 
-    data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
-    task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
-            "eval_per_class": 1, "flip": False}  # fmt: skip
-    train = {"max_steps": 2, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 5}
-    pre = build_run_config(
-        {
-            "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
-            "train": train,
-            "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
-            "adapter": {"name": "full"},
-            "output": {"runs_root": str(tmp_path / "runs"), "name": "pre"},
-        }  # fmt: skip
-    )
-    base = write_base_checkpoint(run(pre, progress=False))
-    recipe = tmp_path / "fish.yaml"
-    adapt = {"task": {**task, "stage": "adapt", "classes": ["b", "c"]}, "train": train,
-             "backbone": {"name": f"dit:{base}"},
-             "adapter": {"name": "fish", "fraction": 0.05, "fisher_file": str(tmp_path / "fisher.safetensors")},
-             "output": {"runs_root": str(tmp_path / "runs"), "name": "fish"}}  # fmt: skip
-    recipe.write_text(yaml.safe_dump(adapt))
+    recipe, adapt = fish_recipe()
     scores = load_tensors(compute_fisher(str(recipe), tmp_path / "fisher.safetensors", batches=2))
     assert scores and all(float(v.min()) >= 0 for v in scores.values())  # squared gradients
     assert any(float(v.max()) > 0 for v in scores.values())

@@ -119,39 +119,7 @@ def test_fish_reads_old_and_new_fisher_files_alike(tmp_path):
         apply_adapter(tiny_dit(), FISHConfig(fraction=0.1, fisher_file=str(tmp_path / "bad.safetensors")))
 
 
-def _fish_recipe(tmp_path, tiny_image_folder, eligible: str | None):
-    import yaml
-
-    from vision_peft.diffusion_tools import write_base_checkpoint
-    from vision_peft.recipe import build_run_config
-    from vision_peft.train import run
-
-    data = tiny_image_folder(classes=("a", "b", "c"), per_class=3, size=(20, 24))
-    task = {"name": "diffusion", "data_root": str(data), "image_size": 16, "train_per_class": 2,
-            "eval_per_class": 1, "flip": False}  # fmt: skip
-    train = {"max_steps": 2, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 5}
-    pre = build_run_config(
-        {
-            "task": {**task, "stage": "pretrain", "classes": ["a", "b"]},
-            "train": train,
-            "backbone": {"name": "dit:d1-w32-h2-c2", "pretrained": False},
-            "adapter": {"name": "full"},
-            "output": {"runs_root": str(tmp_path / "runs"), "name": "pre"},
-        }  # fmt: skip
-    )
-    base = write_base_checkpoint(run(pre, progress=False))
-    adapter = {"name": "fish", "fraction": 0.05, "fisher_file": str(tmp_path / "fisher.safetensors")}
-    if eligible:
-        adapter.update(eligible=eligible, targets=["blocks.*", "final"])
-    adapt = {"task": {**task, "stage": "adapt", "classes": ["b", "c"]}, "train": train,
-             "backbone": {"name": f"dit:{base}"}, "adapter": adapter,
-             "output": {"runs_root": str(tmp_path / "runs"), "name": "fish"}}  # fmt: skip
-    recipe = tmp_path / "fish.yaml"
-    recipe.write_text(yaml.safe_dump(adapt))
-    return recipe, adapt
-
-
-def test_fisher_command_is_per_example_over_n_samples(tmp_path, tiny_image_folder, weights_root):
+def test_fisher_command_is_per_example_over_n_samples(tmp_path, fish_recipe, weights_root):
     """``diffusion_tools fisher RECIPE --samples N``: N per-example squared gradients of the base DiT's eligible
     tensors (biases and adaLN with ``eligible: all``), recorded in the file's metadata; the older ``--batches``
     still means N = batches × batch_size; a FISH run trains the top-Fisher entries of every eligible tensor."""
@@ -162,7 +130,7 @@ def test_fisher_command_is_per_example_over_n_samples(tmp_path, tiny_image_folde
     from vision_peft.recipe import build_run_config
     from vision_peft.train import run
 
-    recipe, adapt = _fish_recipe(tmp_path, tiny_image_folder, "all")
+    recipe, adapt = fish_recipe("all")
     out = tmp_path / "fisher.safetensors"
     main(["fisher", str(recipe), "--samples", "6", "--chunk", "4", "--out", str(out)])
     with safe_open(str(out), "pt") as f:

@@ -94,19 +94,29 @@ def apply_point_mlp(backbone: nn.Module, cfg: PointMLPConfig) -> AdapterHandle:
     return AdapterHandle("point_mlp", touched=[f"feature_adapters.{len(backbone.feature_adapters) - 1}"])
 
 
+def _retrain_group(backbone: nn.Module, method: str, group: str, reinit: bool, other: str) -> AdapterHandle:
+    """Unfreeze (with ``reinit``: first re-initialise) the modules of the point backbone's target group ``group``."""
+    _point_backbone(backbone, method, "reinit_group")
+    if group not in backbone.target_groups:
+        raise ValueError(
+            f"{method} needs a point backbone with a {group!r} target group; {backbone.spec!r} has "
+            f"{', '.join(sorted(backbone.target_groups))}. Use {other} instead"
+        )
+    names = backbone.resolve_targets([group])
+    if reinit:
+        backbone.reinit_group(group)
+    for n in names:
+        backbone.get_submodule(n).requires_grad_(True)
+    return AdapterHandle(method, touched=names)
+
+
 @ADAPTERS.register(
     "point_last_stage", config_cls=PointLastStageConfig, help="PointAdapter: re-train the point encoder's last stage",
     requires=("points",), spec={},
 )  # fmt: skip
 def apply_point_last_stage(backbone: nn.Module, cfg: PointLastStageConfig) -> AdapterHandle:
     """Unfreeze (optionally re-initialise) the modules of the backbone's ``last_stage`` target group."""
-    _point_backbone(backbone, "point_last_stage", "reinit_last_stage")
-    names = backbone.resolve_targets(["last_stage"])
-    if cfg.reinit:
-        backbone.reinit_last_stage()
-    for n in names:
-        backbone.get_submodule(n).requires_grad_(True)
-    return AdapterHandle("point_last_stage", touched=names)
+    return _retrain_group(backbone, "point_last_stage", "last_stage", cfg.reinit, other="point_mlp")
 
 
 @ADAPTERS.register(
@@ -115,16 +125,4 @@ def apply_point_last_stage(backbone: nn.Module, cfg: PointLastStageConfig) -> Ad
 )  # fmt: skip
 def apply_point_ffn(backbone: nn.Module, cfg: PointFFNConfig) -> AdapterHandle:
     """Unfreeze (optionally re-initialise) the modules of the backbone's ``last_ffn`` target group."""
-    _point_backbone(backbone, "point_ffn", "target_groups")
-    if "last_ffn" not in backbone.target_groups:
-        raise ValueError(
-            f"point_ffn needs a point backbone with a 'last_ffn' target group; {backbone.spec!r} has "
-            f"{', '.join(sorted(backbone.target_groups))}. Use point_last_stage instead"
-        )
-    names = backbone.resolve_targets(["last_ffn"])
-    for n in names:
-        m = backbone.get_submodule(n)
-        if cfg.reinit and hasattr(m, "reset_parameters"):
-            m.reset_parameters()  # torch's default init from the global RNG (the run's seed)
-        m.requires_grad_(True)
-    return AdapterHandle("point_ffn", touched=names)
+    return _retrain_group(backbone, "point_ffn", "last_ffn", cfg.reinit, other="point_last_stage")

@@ -66,9 +66,10 @@ class PointBackbone(Backbone, metaclass=_AbstractModuleMeta):
     def _features(self, points: torch.Tensor) -> torch.Tensor:
         """Pooled feature (B, embed_dim) of points (B, N, 3), before the feature adapters."""
 
-    def reinit_last_stage(self) -> None:
-        """Re-initialise the ``last_stage`` modules randomly (PPT re-trains the last block from scratch)."""
-        for name in self.resolve_targets(["last_stage"]):
+    def reinit_group(self, group: str) -> None:
+        """Re-initialise the modules of target group ``group`` randomly (torch's default init from the global RNG,
+        i.e. the run's seed): PPT re-trains its tuned modules from scratch."""
+        for name in self.resolve_targets([group]):
             m = self.get_submodule(name)
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()

@@ -41,10 +41,16 @@ from vision_peft.config import BackboneConfig, ConfigError, check_choices
 from vision_peft.data.refer import read_refer, refer_format_names
 from vision_peft.paths import resolve_data_path
 from vision_peft.preprocess import IMAGE_SUFFIXES
-from vision_peft.runtimes.refseg import fit_tokens, mask_from_logits, mask_probs
+from vision_peft.runtimes.refseg import fit_tokens, mask_probs
 from vision_peft.tasks import TASKS
 from vision_peft.tasks.base import ExportSpec, Task, TaskModel
-from vision_peft.tasks.refseg_metrics import PREC_THRESHOLDS, onnx_agreement, seg_metrics  # noqa: F401  (re-exported)
+from vision_peft.tasks.refseg_metrics import (  # noqa: F401  (PREC_THRESHOLDS, seg_metrics re-exported)
+    PREC_THRESHOLDS,
+    onnx_agreement,
+    seg_metrics,
+    sentence_metrics,
+    sentence_results,
+)
 from vision_peft.tasks.refseg_model import MaskLogitsGraph, RefSegModel
 
 log = logging.getLogger("vision_peft")
@@ -316,64 +322,12 @@ class RefSegTask(Task):
     # -- metrics ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sentence_results(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
-        """Every item (sentence) of ``loader``'s dataset through the model: per sentence its intersection and
-        union with the target at the image's own size, plus its image, object, phrase and annotation split.
-
-        Returns:
-            ``{"inter", "union"}`` int arrays, ``{"image", "ref_id", "phrase", "split"}`` lists (one entry per
-            sentence, in dataset order) and ``"loss"`` (mean BCE over sentences).
-        """
-        model.eval()
-        ds = loader.dataset
-        in_hw = tuple(ds.spec["size"])
-        rec: dict[str, list] = {k: [] for k in ("inter", "union", "image", "ref_id", "phrase", "split")}
-        loss_sum = 0.0
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(batch)
-            loss_sum += float(out["loss"]) * len(batch["index"])
-            logits = out["output"].float().cpu().numpy()[:, 0]  # (B, h, w)
-            for lg, idx in zip(logits, batch["index"].cpu().tolist()):
-                gt = ds.target(idx)
-                pred = mask_from_logits(lg, gt.shape, in_hw, self.cfg.task.threshold)
-                s = ds.samples[ds.sample_index(idx)]
-                rec["inter"].append(int((pred & gt).sum()))
-                rec["union"].append(int((pred | gt).sum()))
-                rec["image"].append(ds.image_id(idx))
-                rec["ref_id"].append(s.ref_id)
-                rec["phrase"].append(ds.phrase(idx))
-                rec["split"].append(s.split or "")
-        n = len(rec["inter"])
-        return {
-            **rec,
-            "inter": np.asarray(rec["inter"], np.int64),
-            "union": np.asarray(rec["union"], np.int64),
-            "loss": loss_sum / max(n, 1),
-        }
+        """Every sentence of ``loader``'s dataset through the model (:func:`refseg_metrics.sentence_results`)."""
+        return sentence_results(model, loader, device, self.cfg.task.threshold, amp_dtype)
 
     def evaluate(self, model: TaskModel, loader, device: torch.device, amp_dtype=None) -> dict[str, Any]:
-        """mIoU, oIoU, Prec@0.5…0.9 over every sentence (``n`` sentences of ``n_objects`` objects in
-        ``n_images`` images); with several annotation splits in one set (test = testA ∪ testB) each one's metrics
-        too, under ``by_split``."""
-        r = self.sentence_results(model, loader, device, amp_dtype)
-        res: dict[str, Any] = seg_metrics(r["inter"], r["union"])
-        res.update(
-            {
-                "loss": r["loss"],
-                "n": len(r["inter"]),
-                "n_objects": len({(i, o) for i, o in zip(r["image"], r["ref_id"])}),
-                "n_images": len(set(r["image"])),
-            }
-        )
-        parts = sorted(set(r["split"]))
-        if len(parts) > 1:
-            split = np.asarray(r["split"])
-            res["by_split"] = {
-                p: {**seg_metrics(r["inter"][split == p], r["union"][split == p]), "n": int((split == p).sum())}
-                for p in parts
-            }
-        return res
+        """mIoU, oIoU, Prec@0.5…0.9 over every sentence, per annotation split too (:func:`sentence_metrics`)."""
+        return sentence_metrics(self.sentence_results(model, loader, device, amp_dtype))
 
     # -- predict ----------------------------------------------------------------------------------------
     @torch.no_grad()
