@@ -29,7 +29,8 @@ import numpy as np
 from vision_peft import __version__
 
 BUNDLE_FORMAT = "vision_peft.bundle/1"
-SUPPORTED_FORMATS = (BUNDLE_FORMAT,)  # every format this version reads (old bundles keep loading)
+PACK_FORMAT = "vision_peft.bundle/2"  # a pack: base graph(s) once + adapters (vision_peft.packfile); /1 readers refuse it
+SUPPORTED_FORMATS = (BUNDLE_FORMAT, PACK_FORMAT)  # every format this version reads (old bundles keep loading)
 MANIFEST = "manifest.json"
 RESERVED_FILES = (MANIFEST, "parity.json", "preprocess.json")  # written by export itself, never an extra file
 
@@ -101,6 +102,7 @@ def build_manifest(
     task_info: dict[str, Any],
     parity: dict[str, Any],
     source_run: str,
+    pack: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a bundle folder whose graphs and extra files are already written (hashes taken now).
 
@@ -115,12 +117,14 @@ def build_manifest(
         task_info: Facts the runtime needs beyond the graphs.
         parity: The export's parity report.
         source_run: The run directory the bundle was exported from.
+        pack: For a pack (format ``vision_peft.bundle/2``): ``{"backbone_weights_id", "adapters": {name: record
+            with "file" and "meta_file"}}``; its graphs list their ``adapter_inputs``. None for a merged bundle.
 
     Returns:
-        The manifest dict, in the key order bundles have always had.
+        The manifest dict, in the key order bundles have always had (a pack adds its two fields at the end).
     """
-    return {
-        "format": BUNDLE_FORMAT,
+    manifest = {
+        "format": PACK_FORMAT if pack else BUNDLE_FORMAT,
         "task": task,
         "backbone": backbone,
         "adapter": adapter,
@@ -133,6 +137,15 @@ def build_manifest(
         "parity": parity,
         "source_run": source_run,
     }
+    if pack:
+        manifest["backbone_weights_id"] = pack["backbone_weights_id"]
+        manifest["adapters"] = pack["adapters"]
+    return manifest
+
+
+def is_pack(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest describes an adapter pack (base graph + adapters) rather than a merged bundle."""
+    return manifest.get("format") == PACK_FORMAT
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
@@ -201,6 +214,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{manifest_path}: field {key!r} must be a {kind.__name__}; re-export the bundle")
     if not manifest["graphs"]:
         raise ValueError(f"{manifest_path} lists no graphs; re-export the bundle")
+    if is_pack(manifest):
+        if not isinstance(manifest.get("adapters"), dict) or not isinstance(manifest.get("backbone_weights_id"), str):
+            raise ValueError(f"{manifest_path}: a pack needs 'adapters' and 'backbone_weights_id'; re-export it")
+        for name, rec in manifest["adapters"].items():
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("file", "meta_file")):
+                raise ValueError(f"{manifest_path}: adapter {name!r} needs 'file' and 'meta_file'; re-export the pack")
     for name, graph in manifest["graphs"].items():
         if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
             raise ValueError(f"{manifest_path}: graph {name!r} needs a 'file' entry; re-export the bundle")

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import io
 import json
 import platform
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from vision_peft import bundle as contract
+from vision_peft import packfile
 from vision_peft.bundle import BUNDLE_FORMAT, MANIFEST, SUPPORTED_FORMATS, sha256_file, verify_files
 from vision_peft.preprocess import IMAGE_SUFFIXES
 from vision_peft.runtimes import RUNTIMES
@@ -70,17 +73,42 @@ _cuda_libs_preloaded = False
 _cuda_preload_log = ""
 
 
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter of a pack, checked against the graphs: its record and onnxruntime's memory-mapped copy."""
+
+    name: str
+    meta: dict[str, Any]
+    lora: Any  # onnxruntime.LoraAdapter
+    source: str  # the file it was read from (named in errors)
+    nbytes: int  # size of its tensor file
+
+
+class _Pack:
+    """The adapters of a loaded pack, shared by the bundle and its per-adapter views; changed under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.views: dict[str, Bundle] = {}
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: its manifest, one onnxruntime session per graph, and its task's runtime.
 
+    A pack (``vision_peft.bundle/2``) holds several adapters over one base graph: :attr:`adapters` lists them,
+    every runtime method takes ``adapter=<name>`` (required when there is more than one), and :meth:`select`
+    returns the view of one adapter (its labels, task facts and runtime; the sessions are shared).
+
     Attributes:
         path: The bundle folder.
-        manifest: The parsed ``manifest.json``.
+        manifest: The parsed ``manifest.json`` (a view's carries its adapter's labels / preprocess / task_info).
         sessions: Graph name -> onnxruntime session.
         requested_providers: Execution providers asked for, in priority order.
         graph_providers: Graph name -> providers onnxruntime really uses (``session.get_providers()``).
         runtime: The task's runtime bound to this bundle (None for a task no runtime serves: use :meth:`run`).
+        active: The pack adapter this view runs (None for a merged bundle and for a pack's own object).
     """
 
     path: Path
@@ -89,11 +117,135 @@ class Bundle:
     requested_providers: list[str]
     graph_providers: dict[str, list[str]]
     runtime: Runtime | None = field(default=None, repr=False)
+    active: LoadedAdapter | None = field(default=None, repr=False)
+    pack: _Pack | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.runtime is None:
             cls = runtime_for_task(self.task)
             self.runtime = cls(self) if cls is not None else None
+
+    # -- packs ------------------------------------------------------------------------------------------------
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter this view runs (None for a merged bundle and for a pack's own object)."""
+        return self.active.name if self.active is not None else None
+
+    @property
+    def is_pack(self) -> bool:
+        """Whether this bundle is an adapter pack."""
+        return self.pack is not None
+
+    @property
+    def adapters(self) -> list[str]:
+        """The pack's adapter names, sorted (empty for a merged bundle)."""
+        if self.pack is None:
+            return []
+        with self.pack.lock:
+            return sorted(self.pack.adapters)
+
+    def adapter_info(self, name: str) -> dict[str, Any]:
+        """The record of one adapter (name, source run, labels, preprocess, task_info, tensors, parity)."""
+        return dict(self._adapter(name).meta)
+
+    def _adapter(self, name: str) -> LoadedAdapter:
+        if self.pack is None:
+            raise ValueError(
+                f"bundle {self.path} is a merged bundle (one adapter, folded into the graph); omit adapter=, or "
+                "export several runs with `export <run> <run> … --pack` to choose between adapters"
+            )
+        with self.pack.lock:
+            found = self.pack.adapters.get(name)
+            known = sorted(self.pack.adapters)
+        if found is None:
+            raise ValueError(f"unknown adapter {name!r} in pack {self.path}; known adapters: {', '.join(known)}")
+        return found
+
+    def select(self, adapter: str | None = None) -> Bundle:
+        """The bundle that runs ``adapter``: a merged bundle itself (``adapter`` must be None), a pack's view of
+        the named adapter, or of its only one when ``adapter`` is None.
+
+        Raises:
+            ValueError: an unknown name (the known ones listed), a name for a merged bundle, or no name for a pack
+                with several adapters.
+        """
+        if self.pack is None:
+            if adapter is not None:
+                self._adapter(adapter)  # raises the merged-bundle error
+            return self
+        if adapter is None:
+            if self.adapter_name is not None:
+                return self
+            names = self.adapters
+            if len(names) != 1:
+                raise ValueError(
+                    f"pack {self.path} holds {len(names)} adapters ({', '.join(names)}); pass adapter=<name> "
+                    "(--adapter NAME on the command line, the 'adapter' field over HTTP)"
+                )
+            adapter = names[0]
+        loaded = self._adapter(adapter)
+        with self.pack.lock:
+            view = self.pack.views.get(adapter)
+            if view is None or view.active is not loaded:
+                view = _view(self, loaded)
+                self.pack.views[adapter] = view
+        return view
+
+    def add_adapter(
+        self, tensor_file: str | Path, meta: str | Path | dict[str, Any], name: str | None = None
+    ) -> str:
+        """Adds an adapter pair to a loaded pack (checked against the graphs as at load; nothing is written).
+
+        Args:
+            tensor_file: The ``.onnx_adapter`` file.
+            meta: Its ``.adapter.json`` path or the parsed record.
+            name: The name to serve it under (default: the record's).
+
+        Returns:
+            The adapter's name.
+
+        Raises:
+            ValueError: not a pack, a name in use or not allowed, or a pair that does not fit
+                (:class:`vision_peft.packfile.AdapterFileError`).
+        """
+        if self.pack is None:
+            self._adapter("")  # the merged-bundle error
+        record = meta if isinstance(meta, dict) else packfile.read_meta(meta)
+        source = str(tensor_file)
+        record = packfile.check_meta(record, str(meta) if not isinstance(meta, dict) else source)
+        name = packfile.check_name(name or record["name"])
+        loaded = _load_adapter(self.path, self.manifest, self.sessions, name, {**record, "name": name}, tensor_file)
+        with self.pack.lock:
+            if name in self.pack.adapters:
+                raise ValueError(f"pack {self.path} already has an adapter named {name!r}; remove it first")
+            self.pack.adapters[name] = loaded
+        return name
+
+    def remove_adapter(self, name: str) -> None:
+        """Removes an adapter from a loaded pack (requests already running with it finish; the files stay).
+
+        Raises:
+            ValueError: unknown name, not a pack, or the last adapter (a pack must keep one).
+        """
+        self._adapter(name)
+        with self.pack.lock:
+            if name not in self.pack.adapters:
+                raise ValueError(f"unknown adapter {name!r} in pack {self.path}")
+            if len(self.pack.adapters) == 1:
+                raise ValueError(
+                    f"{name!r} is the last adapter of pack {self.path}; add another one before removing it"
+                )
+            del self.pack.adapters[name]
+            self.pack.views.pop(name, None)
+
+    def _run_options(self, graph_name: str) -> ort.RunOptions | None:
+        if self.pack is None or not self.manifest["graphs"][graph_name].get("adapter_inputs"):
+            return None
+        if self.adapter_name is None:
+            return self.select()._run_options(graph_name)
+        options = ort.RunOptions()
+        options.add_active_adapter(self.active.lora)
+        return options
 
     @property
     def task(self) -> str:
@@ -130,11 +282,21 @@ class Bundle:
             raise AttributeError(name)
         runtime = self.__dict__.get("runtime")
         if runtime is not None and name in runtime.methods:
-            return getattr(runtime, name)
+            return self._method(name)
         owner = method_owner(name)
         if owner is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return self._refusal(name, owner)
+
+    def _method(self, name: str) -> Callable[..., Any]:
+        """A runtime method that also takes ``adapter=<name>`` (see :meth:`select`)."""
+
+        def call(*args: Any, adapter: str | None = None, **kwargs: Any) -> Any:
+            return getattr(self.select(adapter).runtime, name)(*args, **kwargs)
+
+        call.__name__ = name
+        call.__doc__ = getattr(type(self.runtime), name).__doc__
+        return call
 
     def __dir__(self) -> list[str]:
         runtime = self.__dict__.get("runtime")
@@ -208,7 +370,7 @@ class Bundle:
                     f"got {list(arr.shape)}"
                 )
             feed[name] = np.ascontiguousarray(arr)
-        values = session.run(None, feed)
+        values = session.run(None, feed, self._run_options(graph_name))
         return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
     def batched_run(self, graph: str, x: np.ndarray, batch_size: int, output: str | None = None) -> np.ndarray:
@@ -237,13 +399,61 @@ class Bundle:
         return np.concatenate(res) if res else np.zeros((0,), np.float32)
 
 
+def _view(base: Bundle, loaded: LoadedAdapter) -> Bundle:
+    """The bundle of one pack adapter: the base's sessions, the adapter's labels / preprocess / task facts."""
+    meta = loaded.meta
+    manifest = {
+        **base.manifest,
+        "labels": list(meta.get("labels") or []),
+        "preprocess": meta.get("preprocess") or base.manifest.get("preprocess") or {},
+        "task_info": meta.get("task_info") or {},
+        "adapter_name": loaded.name,
+    }
+    return dataclasses.replace(base, manifest=manifest, runtime=None, active=loaded)
+
+
+def _load_adapter(
+    path: Path, manifest: dict[str, Any], sessions: dict[str, Any], name: str, meta: dict[str, Any], tensor_file
+) -> LoadedAdapter:
+    """Checks one adapter pair against the pack (record, tensors vs the graphs' adapter inputs, the task's own
+    manifest rules on its labels) and memory-maps it with ``onnxruntime.LoraAdapter``."""
+    tensor_file = Path(tensor_file)
+    tensors = packfile.read_tensors(tensor_file)
+    packfile.check_against_graph(manifest, meta, tensors, str(tensor_file))
+    runtime = runtime_for_task(manifest["task"])
+    if runtime is not None:
+        try:
+            runtime.check_manifest(path, {**manifest, "labels": meta["labels"], "task_info": meta["task_info"]})
+        except ValueError as e:
+            raise packfile.AdapterFileError(f"adapter {name!r} ({tensor_file}): {e}") from None
+    lora = ort.LoraAdapter()
+    try:
+        lora.Load(str(tensor_file))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own error kinds
+        raise packfile.AdapterFileError(f"onnxruntime cannot load adapter file {tensor_file}: {e}") from None
+    return LoadedAdapter(name, meta, lora, str(tensor_file), tensor_file.stat().st_size)
+
+
+def _check_adapter_inputs(path: Path, name: str, graph: dict[str, Any], session: ort.InferenceSession) -> None:
+    """A pack graph's overridable inputs must be the adapter inputs its manifest lists (names, shapes, dtypes)."""
+    real = {
+        i.name: {"shape": [d if isinstance(d, int) else str(d) for d in i.shape], "dtype": contract.dtype_name(i.type)}
+        for i in session.get_overridable_initializers()
+    }
+    if real != (graph.get("adapter_inputs") or {}):
+        raise ValueError(
+            f"bundle {path}: graph {name!r} ({graph['file']}) takes adapter inputs {sorted(real)[:4]}… that differ "
+            "from manifest.json's 'adapter_inputs'; the pack is inconsistent, re-export it"
+        )
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """:func:`vision_peft.bundle.read_manifest` (structure and format version; the same argument, result and
     errors) followed by the task runtime's own checks, e.g. a classifier's labels (``ValueError``). Files are not
     hashed."""
     manifest = contract.read_manifest(path)
     runtime = runtime_for_task(manifest["task"])
-    if runtime is not None:
+    if runtime is not None and not contract.is_pack(manifest):  # a pack's labels are its adapters' (checked at load)
         runtime.check_manifest(Path(path), manifest)
     return manifest
 
@@ -344,6 +554,9 @@ def load_bundle(
     if verify:
         verify_files(path, manifest)
     requested = _request_providers(device)
+    if session_options is None and contract.is_pack(manifest):
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3  # else one warning per overridable adapter input
     sessions: dict[str, ort.InferenceSession] = {}
     graph_providers: dict[str, list[str]] = {}
     for name, graph in manifest["graphs"].items():
@@ -364,8 +577,21 @@ def load_bundle(
             if device == "cuda":
                 warnings.warn(_fallback_message(name, graph["file"], used), RuntimeWarning, stacklevel=2)
         _check_graph_io(path, name, graph, session)
+        if contract.is_pack(manifest):
+            _check_adapter_inputs(path, name, graph, session)
         sessions[name], graph_providers[name] = session, used
-    return Bundle(path, manifest, sessions, requested, graph_providers)
+    if not contract.is_pack(manifest):
+        return Bundle(path, manifest, sessions, requested, graph_providers)
+    pack = _Pack()
+    for name, rec in manifest["adapters"].items():
+        tensor_file = contract.member(path, rec["file"])
+        meta = packfile.read_meta(contract.member(path, rec["meta_file"]))
+        if meta["name"] != name:
+            raise ValueError(f"bundle {path}: adapter {name!r} points at the record of {meta['name']!r}; re-export")
+        pack.adapters[name] = _load_adapter(path, manifest, sessions, name, meta, tensor_file)
+    if not pack.adapters:
+        raise ValueError(f"pack {path} lists no adapters; re-export it with at least one run")
+    return Bundle(path, manifest, sessions, requested, graph_providers, pack=pack)
 
 
 def _check_graph_io(path: Path, name: str, graph: dict[str, Any], session: ort.InferenceSession) -> None:
@@ -393,6 +619,7 @@ def cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back from CUDA to CPU")
     parser.add_argument("--batch-size", type=int, default=16, help="inputs per onnxruntime call (default: 16)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    parser.add_argument("--adapter", help="the pack adapter to run (required when a pack holds several)")
     options: dict[tuple[str, ...], tuple[dict[str, Any], list[str]]] = {}
     for name, entry in RUNTIMES.items():
         for arg in entry.builder.cli_args:
@@ -422,12 +649,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, device=args.device, strict=args.strict, verify=not args.no_verify)
         if bundle.runtime is None:
             raise ValueError(f"bundle task {bundle.task!r} has no command-line prediction; use Bundle.run()")
-        records = bundle.runtime.predict_cli(args.inputs, args)
+        chosen = bundle.select(args.adapter)
+        records = chosen.runtime.predict_cli(args.inputs, args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    extra = {"adapter": chosen.adapter_name} if chosen.adapter_name else {}
     for rec in records:
-        print(json.dumps({**rec, "providers": bundle.providers}))
+        print(json.dumps({**rec, **extra, "providers": bundle.providers}))
     return 0
 
 

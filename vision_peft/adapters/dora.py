@@ -71,6 +71,8 @@ class DoRAConfig:
 class DoRAComponents(nn.Module):
     """A (k × fan_in), B (fan_out × k), scalars c (k); buffers: mask m (k) and EMA importance (k)."""
 
+    pack_scalars = ("scale",)  # float attributes an adapter pack exposes as graph inputs (vision_peft.pack)
+
     def __init__(self, fan_in: int, fan_out: int, cfg: DoRAConfig, gen: torch.Generator, like: torch.Tensor) -> None:
         super().__init__()
         k = cfg.initial_rank

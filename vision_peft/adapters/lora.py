@@ -58,6 +58,8 @@ class LoRAFactors(nn.Module):
     """A (r × fan_in) and B (fan_out × r); A is a buffer when it is not trained. Dropout acts on the activation
     path only (``side``); ``delta()`` is the inference-time update."""
 
+    pack_scalars = ("scale",)  # float attributes an adapter pack exposes as graph inputs (vision_peft.pack)
+
     def __init__(self, fan_in: int, fan_out: int, cfg: LoRAConfig, gen: torch.Generator, like: torch.Tensor) -> None:
         super().__init__()
         a = _init_a((cfg.r, fan_in), gen).to(device=like.device, dtype=like.dtype)
