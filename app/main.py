@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,10 @@ class AppState:
         self.uploads_root.mkdir(parents=True, exist_ok=True)
         self.data_root = Path(data or data_root()).resolve()
         self.jobs = JobManager(self.runs_root, env={"PYTHONPATH": str(REPO_ROOT)})
-        self._loaded: dict[str, Any] = {}
-        self._load_lock = threading.Lock()  # concurrent requests for one run load it once
+        # finished runs for prediction: one built model per layout (at most 2, least recently used goes), runs of
+        # one layout switch by loading their adapter tensors; concurrent requests for one run load it once
+        self._switcher: Any = None
+        self._load_lock = threading.Lock()
 
     def runs_of(self, task: str) -> list[str]:
         """Names of the finished runs of ``task`` in the runs root."""
@@ -78,18 +82,34 @@ class AppState:
             return linked  # a run the operator linked into the runs root (runs_of lists it): trusted, no traversal
         return confine(name, self.runs_root)
 
-    def model(self, run_name: str):
-        """A loaded run (cached): prediction happens here, training never does."""
-        from vision_peft.predict import load_run
+    @property
+    def switcher(self):
+        """The :class:`vision_peft.predict.RunSwitcher` holding the loaded runs (CPU, at most 2 layouts)."""
+        with self._load_lock:
+            if self._switcher is None:
+                from vision_peft.predict import RunSwitcher
 
+                self._switcher = RunSwitcher("cpu", max_layouts=2)
+            return self._switcher
+
+    def _finished(self, run_name: str) -> Path:
         path = self.run_dir(run_name)
         if not (path / "adapter.safetensors").is_file():
             raise ValueError(f"{run_name} is not a finished run (no adapter.safetensors in {path})")
-        key = f"{path}:{(path / 'adapter.safetensors').stat().st_mtime}"
-        with self._load_lock:
-            if key not in self._loaded:
-                self._loaded = {key: load_run(path, "cpu")}  # one run in memory at a time
-            return self._loaded[key]
+        return path
+
+    def model(self, run_name: str):
+        """A loaded run (cached) as (config, task, model, info): prediction happens here, training never does. The
+        model may be shared with other runs of its layout and holds this run's tensors until another of them is
+        loaded; handlers predict inside :meth:`using` instead."""
+        return self.switcher.load(self._finished(run_name))
+
+    @contextmanager
+    def using(self, run_name: str) -> Iterator[tuple]:
+        """``with state.using(run) as (cfg, task, model, info):`` — the model holds ``run``'s tensors for the whole
+        block, whatever other sessions pick meanwhile (a switch to another run of its layout waits for it)."""
+        with self.switcher.use(self._finished(run_name)) as loaded:
+            yield loaded
 
 
 def progress_html(p: dict[str, Any]) -> str:

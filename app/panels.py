@@ -11,9 +11,10 @@ declares its ``predict_options``. :data:`PANELS` maps each kind to its builder:
 | ranked_points | one point file (predicts on upload) | class + probabilities + a rendering of the cloud |
 | class_grid | classes of the run, images per class, steps, guidance, seed | image grid (one row per class) |
 
-Every handler loads the chosen run through ``AppState.model`` (cached, CPU) inside the call, so building the page
-imports no model code beyond the registries. Each panel registers one ``<task>_predict`` API endpoint and sits in
-a column with ``elem_id="<task>-predict"`` and the class ``panel-<kind>``.
+Every handler predicts inside ``AppState.using`` (cached, CPU; runs of one layout share a built model and switch
+adapter tensors, and a switch waits for the predictions in flight), so building the page imports no model code
+beyond the registries. Each panel registers one ``<task>_predict`` API endpoint and sits in a column with
+``elem_id="<task>-predict"`` and the class ``panel-<kind>``.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def _files_panel(view: TaskView, state, run: gr.Dropdown) -> None:
             raise ValueError("upload input files first")
         import torch
 
-        _, t, model, _ = state.model(run_name)
         extra = {"mc_samples": int(mc_samples)} if mc_samples else {}
-        preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), **_top_k(view), **extra)
+        with state.using(run_name) as (_, t, model, _):
+            preds = t.predict(model, [_path(f) for f in files], torch.device("cpu"), **_top_k(view), **extra)
         first = preds[0]
         return preds, (_ranked_label(first) if isinstance(first, dict) else None) or None
 
@@ -126,9 +127,9 @@ def _support_query_panel(view: TaskView, state, run: gr.Dropdown) -> None:
         root = support_root(zip_file, server_folder)
         import torch
 
-        _, t, model, _ = state.model(run_name)
         paths = [_path(f) for f in files]
-        preds = t.predict(model, [str(root), *paths], torch.device("cpu"), **_top_k(view))
+        with state.using(run_name) as (_, t, model, _):
+            preds = t.predict(model, [str(root), *paths], torch.device("cpu"), **_top_k(view))
         shown = [(p, f"{r['label']} ({r['prob']:.0%})") for p, r in zip(paths, preds)]
         return preds, _ranked_label(preds[0]), shown
 
@@ -157,8 +158,8 @@ def _image_phrase_panel(view: TaskView, state, run: gr.Dropdown) -> None:
             raise ValueError("upload an image first")
         if not text or not text.strip():
             raise ValueError("type a referring phrase, e.g. 'the person on the left'")
-        _, t, model, _ = state.model(run_name)
-        res = t.predict_mask(model, image_path, text.strip(), "cpu")
+        with state.using(run_name) as (_, t, model, _):
+            res = t.predict_mask(model, image_path, text.strip(), "cpu")
         info = {"phrase": text.strip(), **mask_stats(res["mask"], res["prob"], t.cfg.task.threshold)}
         return overlay_mask(res["image"], res["mask"]), info
 
@@ -182,10 +183,10 @@ def _points_panel(view: TaskView, state, run: gr.Dropdown) -> None:
             raise ValueError("upload a point file first")
         import torch
 
-        cfg, t, model, _ = state.model(run_name)
         path = _path(file)
+        with state.using(run_name) as (cfg, t, model, _):
+            pred = t.predict(model, [path], torch.device("cpu"), **_top_k(view))[0]
         picture = render_views(load_points_for_view(path, cfg.task.up_axis), ("front", "side", "top", "3/4"), 200)
-        pred = t.predict(model, [path], torch.device("cpu"), **_top_k(view))[0]
         return _ranked_label(pred), pred, picture
 
     points.upload(on_points, [run, points], [label, result, render], api_name=f"{view.name}_predict")
@@ -221,20 +222,20 @@ def _class_grid_panel(view: TaskView, state, run: gr.Dropdown) -> None:
     def on_generate(run_name, names, n, n_steps, scale, seed_value):
         import torch
 
-        _, t, model, _ = state.model(run_name)
-        names = list(names or t.classes)
-        unknown = [c for c in names if c not in t.classes]
-        if unknown:
-            raise ValueError(f"class(es) {unknown} were not trained in {run_name}; known: {', '.join(t.classes)}")
-        n = int(n)
-        if n < 1 or n * len(names) > MAX_GENERATED:
-            raise ValueError(
-                f"{n} image(s) × {len(names)} class(es) is outside 1…{MAX_GENERATED} images per request; "
-                "choose fewer classes or images"
-            )
-        seed_int = int(seed_value or 0)
-        ys = torch.tensor([t.classes.index(c) for c in names]).repeat_interleave(n)  # (C*n,) class ids
-        images = model.sample(ys, int(n_steps), float(scale), seed_int)  # (C*n, 3, H, W) in [0, 1]
+        with state.using(run_name) as (_, t, model, _):
+            names = list(names or t.classes)
+            unknown = [c for c in names if c not in t.classes]
+            if unknown:
+                raise ValueError(f"class(es) {unknown} were not trained in {run_name}; known: {', '.join(t.classes)}")
+            n = int(n)
+            if n < 1 or n * len(names) > MAX_GENERATED:
+                raise ValueError(
+                    f"{n} image(s) × {len(names)} class(es) is outside 1…{MAX_GENERATED} images per request; "
+                    "choose fewer classes or images"
+                )
+            seed_int = int(seed_value or 0)
+            ys = torch.tensor([t.classes.index(c) for c in names]).repeat_interleave(n)  # (C*n,) class ids
+            images = model.sample(ys, int(n_steps), float(scale), seed_int)  # (C*n, 3, H, W) in [0, 1]
         arr = images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (C*n,3,H,W)->(C*n,H,W,3)
         facts = {"classes": names, "per_class": n, "steps": int(n_steps), "guidance": float(scale), "seed": seed_int}
         return image_grid(arr, n, names), {**facts, "image_size": list(arr.shape[1:3])}
