@@ -289,3 +289,39 @@ def test_app_cache_switches_within_a_layout(runs, tmp_path):
     with pytest.raises(ValueError, match="not a finished run"):
         (tmp_path / "runs_unfinished").mkdir()
         AppState(tmp_path, tmp_path / "uploads").model("runs_unfinished")
+
+
+def test_multilabel_switch_carries_threshold_and_classes(tmp_path, data_root):
+    """Multilabel runs (coco128-seg): the decision threshold (a saved buffer) and the class list switch with the
+    run; records equal each run's own predict."""
+    from vision_peft.recipe import build_run_config
+    from vision_peft.train import run
+
+    def cfg(name: str, seed: int, classes=None):
+        task = {"name": "multilabel", "data_root": str(data_root / "coco128-seg"), "augment": "none"}
+        if classes:
+            task["classes"] = classes
+        return build_run_config(
+            {
+                "task": task,
+                "backbone": {"name": "timm:test_vit", "pretrained": False, "image_size": 32},
+                "adapter": {"name": "lora", "r": 2, "targets": ["qkv"]},
+                "train": {"epochs": 1, "max_steps": 2, "batch_size": 16, "device": "cpu", "seed": seed},
+                "output": {"runs_root": str(tmp_path), "name": name},
+            }
+        )
+
+    try:
+        dirs = [run(cfg("m1", 1), progress=False), run(cfg("m2", 2, ["person", "car"]), progress=False)]
+    finally:
+        reset_vision_peft_logging()
+    files = sorted(str(p) for p in (data_root / "coco128-seg" / "images").rglob("*.jpg"))[:3]
+    sw = RunSwitcher("cpu", max_layouts=1)
+    for d in (*dirs, dirs[0]):
+        thr = float(ckpt.load_tensors(Path(d) / "adapter.safetensors")["threshold"])
+        with sw.use(d) as (_, task, model, info):
+            recs = task.predict(model, files, torch.device("cpu"), top_k=2)
+            assert task.classes == info.classes
+        assert recs == predict_files(d, files, top_k=2)
+        assert all(r["threshold"] == pytest.approx(thr) for r in recs)
+    assert (sw.builds, sw.switches) == (1, 2)
