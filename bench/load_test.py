@@ -10,12 +10,20 @@ Traffic goes to 127.0.0.1 only, bounded in count (``--requests`` per level) and 
     python bench/load_test.py runs/<pointcloud run>/export --inputs ../shared/data/modelnet10/chair/test
     python bench/load_test.py runs/<refseg run>/export --inputs ../shared/data/coco128-seg/images --phrase "a dog"
     python bench/load_test.py runs/<diffusion run>/export --steps 10 --requests 20          # no inputs needed
+    python bench/load_test.py packs/aid --inputs ../shared/data/aid/Beach --adapters all     # an adapter pack
+
+With ``--adapters all`` (or ``--adapters a,b,c``) the good requests of an adapter pack go round-robin to its
+adapters (the ``adapter`` query parameter, names from ``/info``; each adapter's request builder gets that
+adapter's labels), each malformed one carries an adapter too, and a fourth malformed kind asks for an adapter
+the pack does not have (must be 404). Without the option nothing changes. ``--json-out`` writes the rows, the
+per-adapter counts and the server process's resident memory (``VmRSS`` / peak ``VmHWM`` after the load).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -35,9 +43,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+UNKNOWN_ADAPTER = "no-such-adapter"  # the malformed kind 3 of a pack load test
+
+
+def server_memory(pid: int) -> dict[str, int]:
+    """Resident memory of a process in bytes (``VmRSS`` now, ``VmHWM`` its peak; Linux ``/proc``; {} elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class AdapterSpread:
+    """The requests of a pack load test: request ``i`` goes to adapter ``i mod N`` (query parameter ``adapter``)."""
+
+    def __init__(self, works: dict[str, LoadTestRequests]) -> None:
+        self.works, self.names = works, list(works)
+        self.route = next(iter(works.values())).route
+        self.sent = dict.fromkeys(self.names, 0)
+
+    @staticmethod
+    def _with(req: dict, name: str) -> dict:
+        return {**req, "params": {**(req.get("params") or {}), "adapter": name}}
+
+    def good(self, i: int) -> dict:
+        name = self.names[i % len(self.names)]
+        self.sent[name] += 1
+        return self._with(self.works[name].good(i), name)
+
+    def malformed(self, kind: int) -> dict:
+        name = self.names[kind % len(self.names)]
+        if kind == 3:  # a good request for an adapter the pack does not have
+            return self._with(self.works[name].good(0), UNKNOWN_ADAPTER)
+        return self._with(self.works[name].malformed(kind), name)
+
+
 async def level(
-    client: httpx.AsyncClient, url: str, work: LoadTestRequests, conc: int, n: int, seconds: float, bad_every: int
-) -> dict:
+    client: httpx.AsyncClient, url: str, work: LoadTestRequests, conc: int, n: int, seconds: float, bad_every: int,
+    bad_kinds: int = 3,
+) -> dict:  # fmt: skip
     lat_ok: list[float] = []
     codes: dict[int, int] = {}
     bad_sent = 0
@@ -51,7 +101,7 @@ async def level(
                 return
             malformed = bad_every and i % bad_every == bad_every - 1
             if malformed:
-                req = work.malformed((i // bad_every) % 3)
+                req = work.malformed((i // bad_every) % bad_kinds)
                 bad_sent += 1
             else:
                 req = work.good(i)
@@ -110,20 +160,41 @@ async def main_async(args) -> int:
                 raise SystemExit(f"no runtime serves task {info['task']!r}; nothing to load-test")
             if runtime.load_test_inputs and not args.inputs:
                 raise SystemExit(f"a {info['task']} bundle needs --inputs: {runtime.load_test_inputs}")
-            labels = tuple(c for c in info.get("labels") or [] if not c.startswith("<"))  # not the CFG null class
-            options = LoadTestOptions(phrase=args.phrase, steps=args.steps, labels=labels)
-            work = runtime.load_test_request(Path(args.inputs) if args.inputs else None, options)
+            inputs = Path(args.inputs) if args.inputs else None
+
+            def builder(labels: list[str]) -> LoadTestRequests:
+                labels = tuple(c for c in labels or [] if not c.startswith("<"))  # not the CFG null class
+                return runtime.load_test_request(
+                    inputs, LoadTestOptions(phrase=args.phrase, steps=args.steps, labels=labels)
+                )
+
+            spread = None
+            if args.adapters:
+                known = {a["name"]: a for a in info.get("adapters") or []}
+                if not info.get("pack"):
+                    raise SystemExit(f"--adapters: {args.bundle} is a merged bundle, not an adapter pack")
+                names = list(known) if args.adapters == "all" else args.adapters.split(",")
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise SystemExit(f"--adapters: {unknown} are not in the pack (it has {sorted(known)})")
+                spread = AdapterSpread({n: builder(known[n]["labels"]) for n in names})
+                work = spread
+            else:
+                work = builder(info.get("labels"))
             print(
                 f"bundle {args.bundle}: task {info['task']} → {work.route}, providers {info['providers']}, "
-                f"{args.requests} requests/level (≤ {args.seconds:.0f} s), every {args.bad_every}th request malformed",
+                f"{args.requests} requests/level (≤ {args.seconds:.0f} s), every {args.bad_every}th request malformed"
+                + (f", spread over adapters {spread.names}" if spread else ""),
                 flush=True,
             )
             rows = []
             for conc in args.levels:
                 rows.append(
-                    await level(client, base + work.route, work, conc, args.requests, args.seconds, args.bad_every)
-                )
+                    await level(client, base + work.route, work, conc, args.requests, args.seconds, args.bad_every,
+                                4 if spread else 3)
+                )  # fmt: skip
             health = (await client.get(f"{base}/health")).json()
+            memory = server_memory(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -136,8 +207,18 @@ async def main_async(args) -> int:
             f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
         )
     print(f"\nserver after load: {health}")
-    survived = health["status"] == "ok" and all(500 not in r["codes"] for r in rows)
+    if memory:
+        print(f"server memory after load: RSS {memory.get('VmRSS', 0) / 2**20:.1f} MiB, "
+              f"peak {memory.get('VmHWM', 0) / 2**20:.1f} MiB")  # fmt: skip
+    if spread:
+        print("requests per adapter:", json.dumps(spread.sent))
+    survived = health["status"] == "ok" and all(k < 500 for r in rows for k in r["codes"])
     print("server survived malformed requests mid-load:", survived)
+    if args.json_out:
+        out = {"bundle": str(args.bundle), "route": work.route, "levels": rows, "health": health,
+               "server_memory": memory, "adapters": spread.sent if spread else None, "survived": survived,
+               "threads": args.threads}  # fmt: skip
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0 if survived else 1
 
 
@@ -156,6 +237,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--bad-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--adapters", default=None,
+        help="an adapter pack: spread the requests over its adapters ('all' from /info, or a,b,c)",
+    )  # fmt: skip
+    ap.add_argument("--json-out", default=None, help="write the results (rows, server memory) to this JSON file")
     return asyncio.run(main_async(ap.parse_args()))
 
 

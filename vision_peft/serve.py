@@ -12,6 +12,21 @@ runtime declares; the bundle's own task answers, the others answer 409 naming th
 - ``POST /v1/generate``: JSON ``{"classes": [...], "n": 1, "steps": 25, "guidance": 2, "seed": 0}`` -> PNG grid
   (base64), one row per class.
 
+Adapter packs (``export <run> <run> … --pack``; :mod:`vision_peft.packfile`): every task endpoint takes the
+optional query parameter ``adapter`` (``POST /v1/classify?adapter=NAME``; the same rule for multipart and JSON
+endpoints), required when the pack holds more than one adapter; the answer then carries ``"adapter": NAME``.
+An unknown name is a 404 listing the known ones, a missing one a 422 saying to pass it, a name sent to a merged
+bundle a 400. ``/info`` lists the adapters (``GET /v1/adapters`` too). Adapters are added and removed without a
+restart:
+
+- ``POST /v1/adapters``: multipart ``file`` (the ``.onnx_adapter``) and ``meta`` (its ``.adapter.json``), optional
+  form field ``name`` -> 201 with the adapter's record; the upload is size-limited (``max_adapter_bytes``,
+  ``max_meta_bytes``), must be a readable onnxruntime adapter and a valid record (415 otherwise), and must fit the
+  pack's graph, task, adapter family and backbone hash (422, checked by ``Bundle.add_adapter``); the bytes are
+  kept under a server-owned temporary folder under a generated name, never a client-chosen path;
+- ``DELETE /v1/adapters/<name>`` -> 200 (404 unknown, 409 for the last adapter); requests already running with
+  it finish. Both answer 409 on a merged bundle. Nothing in the bundle folder is written.
+
 Inputs are validated before they reach the model: size limit per file, file-count limit, accepted types,
 decodability, step and image-count caps; every rejection is a 4xx JSON error naming the file, and the server
 keeps serving. Binds 127.0.0.1 unless told otherwise.
@@ -23,25 +38,31 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
+import shutil
 import tempfile
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from PIL import Image, UnidentifiedImageError
 from pydantic import create_model
 
 import vision_peft
+from vision_peft import packfile
 from vision_peft.deploy import Bundle, load_bundle
 from vision_peft.runtimes import RUNTIMES
 from vision_peft.runtimes.base import HttpError, HttpField, Runtime, runtime_for_task
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream"}
 UPLOAD_KINDS = ("files", "file")
+ADAPTER_FIELD = "adapter"  # the query parameter that picks a pack's adapter on every task endpoint
 
 
 @dataclass
@@ -53,6 +74,9 @@ class ServeLimits:
     max_pixels: int = 40_000_000  # decoded image size guard (decompression bombs)
     max_images: int = 16  # generating endpoints: images per request
     max_steps: int = 100  # generating endpoints: sampler steps per request
+    max_adapter_bytes: int = 64 * 2**20  # POST /v1/adapters: the .onnx_adapter upload
+    max_meta_bytes: int = 2 * 2**20  # POST /v1/adapters: the .adapter.json upload
+    max_adapters: int = 256  # adapters one pack server holds at most (uploads beyond are refused)
 
 
 def _decode(name: str, data: bytes, limits: ServeLimits) -> Image.Image:
@@ -155,43 +179,218 @@ def _parameters(fields: Sequence[HttpField]) -> list[inspect.Parameter]:
     return out
 
 
+def select_adapter(bundle: Bundle, adapter: str | None) -> Bundle:
+    """The bundle that answers a request: a merged bundle itself, or the view of the pack adapter ``adapter``
+    (the only one when None).
+
+    Raises:
+        HTTPException: 400 a name for a merged bundle, 422 no name for a pack of several adapters, 404 an unknown
+            name (the known ones listed).
+    """
+    if not bundle.is_pack:
+        if adapter is not None:
+            raise HTTPException(
+                400,
+                f"{ADAPTER_FIELD} {adapter!r}: this server's bundle is merged (its one adapter is folded into the "
+                f"graph) and has no adapters to choose from; omit the {ADAPTER_FIELD!r} query parameter",
+            )
+        return bundle
+    try:
+        return bundle.select(adapter)
+    except ValueError:
+        known = bundle.adapters
+        if adapter is None:
+            raise HTTPException(
+                422,
+                f"this server's pack holds {len(known)} adapters ({', '.join(known)}); pass one as the "
+                f"{ADAPTER_FIELD!r} query parameter, e.g. ?{ADAPTER_FIELD}={known[0] if known else 'NAME'}",
+            ) from None
+        raise HTTPException(
+            404, f"unknown {ADAPTER_FIELD} {adapter!r}; known adapters: {', '.join(known)} (GET /info lists them)"
+        ) from None
+
+
 def _endpoint(
     runtime: type[Runtime], bundle: Bundle, limits: ServeLimits, count: Callable[[bool], None]
 ) -> Callable[..., dict[str, Any]]:
-    """The endpoint function of one runtime: 409 on a bundle of another task, the file-count limit, then the
-    runtime's own handling; ValueError -> 422 (temporary paths renamed to the uploads); counted either way."""
+    """The endpoint function of one runtime: 409 on a bundle of another task, the adapter (:func:`select_adapter`),
+    the file-count limit, then the runtime's own handling; ValueError -> 422 (temporary paths renamed to the
+    uploads); counted either way."""
     served = runtime_for_task(bundle.task)
+    if any(f.name == ADAPTER_FIELD for f in runtime.http_fields):
+        raise ValueError(
+            f"runtime {runtime.__name__} declares a request field {ADAPTER_FIELD!r}, which the server owns"
+        )
 
     def endpoint(**params: Any) -> dict[str, Any]:
         ok = False
         try:
+            adapter = params.pop(ADAPTER_FIELD, None)
             if bundle.task != runtime.task:
                 raise HTTPException(
                     409,
                     f"this server's bundle is task {bundle.task!r}; use {served.endpoint if served else '/info'} "
                     f"(this endpoint serves {runtime.task!r} bundles)",
                 )
+            chosen = select_adapter(bundle, adapter)  # holds its adapter: a removal mid-request does not affect it
             uploads = [f.name for f in runtime.http_fields if f.kind in UPLOAD_KINDS]
             _count_files(sum(len(p) if isinstance(p, list) else 1 for p in (params[n] for n in uploads)), limits)
             with tempfile.TemporaryDirectory(prefix="vp-upload-") as td:
                 request = _Request(params, limits, Path(td))
                 try:
-                    out = bundle.runtime.http(request)
+                    out = chosen.runtime.http(request)
                 except ValueError as e:  # the runtime's own input checks (unknown class, bad point file …)
                     msg = str(e)
                     for tmp, name in request.renames.items():
                         msg = msg.replace(tmp, name)
                     raise HTTPException(422, msg) from None
             ok = True
-            return {**out, "providers": bundle.providers}
+            extra = {ADAPTER_FIELD: chosen.adapter_name} if bundle.is_pack else {}
+            return {**out, **extra, "providers": bundle.providers}
         except HttpError as e:
             raise HTTPException(e.status, e.detail) from None
         finally:
             count(ok)
 
     endpoint.__name__ = f"post_{runtime.endpoint.strip('/').replace('/', '_')}"
-    endpoint.__signature__ = inspect.Signature(_parameters(runtime.http_fields))  # type: ignore[attr-defined]
+    choose = inspect.Parameter(
+        ADAPTER_FIELD,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=Query(None, description="the pack adapter to run (required when the pack holds several)"),
+        annotation=str | None,
+    )
+    endpoint.__signature__ = inspect.Signature([*_parameters(runtime.http_fields), choose])  # type: ignore[attr-defined]
     return endpoint
+
+
+def _read_capped(f: UploadFile, cap: int, field: str) -> bytes:
+    """All bytes of one upload, 413 over ``cap`` and 400 when empty (naming the field and the file)."""
+    data = f.file.read(cap + 1)
+    name = f.filename or "upload"
+    if len(data) > cap:
+        raise HTTPException(413, f"{field} ({name}): larger than {cap} bytes (the server's limit)")
+    if not data:
+        raise HTTPException(400, f"{field} ({name}): empty file")
+    return data
+
+
+class AdapterStore:
+    """Adds and removes a pack's adapters at run time (``POST`` / ``DELETE /v1/adapters``): validates uploads,
+    keeps their bytes under a server-owned temporary folder (generated names; removed with the app) and
+    serialises changes. The bundle's own adapter dict is lock-protected (:class:`vision_peft.deploy.Bundle`)."""
+
+    def __init__(self, bundle: Bundle, limits: ServeLimits) -> None:
+        self.bundle, self.limits = bundle, limits
+        self.lock = threading.Lock()
+        self.folder: Path | None = None
+        self.uploaded: dict[str, Path] = {}  # adapter name -> its stored tensor file
+
+    def _folder(self) -> Path:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="vp-adapters-"))
+            weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        return self.folder
+
+    def _pack_only(self, verb: str) -> None:
+        if not self.bundle.is_pack:
+            raise HTTPException(
+                409,
+                f"this server's bundle is merged (one adapter folded into its graph); adapters cannot be {verb}. "
+                "Serve a pack (`python -m vision_peft export <run> <run> … --pack --bundle DIR`) to swap adapters",
+            )
+
+    def record(self, name: str) -> dict[str, Any]:
+        """What ``/info`` and the adapter endpoints say of one adapter."""
+        view = self.bundle.select(name)
+        meta = view.active.meta
+        parity = meta.get("parity") or {}
+        return {
+            "name": name,
+            "labels": list(meta.get("labels") or []),
+            "n_labels": len(meta.get("labels") or []),
+            "source_run": meta.get("source_run"),
+            "bytes": view.active.nbytes,
+            "origin": "uploaded" if name in self.uploaded else "bundle",
+            "parity_max_abs_diff": parity.get("max_abs_diff"),
+        }
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.bundle.adapters:
+            try:
+                out.append(self.record(name))
+            except ValueError:  # removed meanwhile
+                continue
+        return out
+
+    def add(self, file: UploadFile, meta: UploadFile, name: str | None) -> dict[str, Any]:
+        """Validates and adds one uploaded pair; returns its record (see the module docstring for the codes)."""
+        self._pack_only("added")
+        file_name, meta_name = file.filename or "upload", meta.filename or "upload"
+        if name is not None:
+            try:
+                packfile.check_name(name)
+            except packfile.AdapterFileError as e:
+                raise HTTPException(400, f"form field 'name': {e}") from None
+        raw = _read_capped(meta, self.limits.max_meta_bytes, "meta")
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HTTPException(
+                415, f"meta ({meta_name}): not a JSON adapter record ({type(e).__name__}); send the .adapter.json"
+            ) from None
+        try:
+            packfile.check_meta(record, f"meta ({meta_name})")
+        except packfile.AdapterFileError as e:
+            status = 400 if isinstance(record, dict) and record.get("format") == packfile.ADAPTER_FORMAT else 415
+            raise HTTPException(status, str(e)) from None
+        name = name or record["name"]
+        with self.lock:
+            known = self.bundle.adapters
+            if name in known:
+                raise HTTPException(409, f"adapter name {name!r} is in use; DELETE /v1/adapters/{name} first, or "
+                                         "send another name in the form field 'name'")  # fmt: skip
+            if len(known) >= self.limits.max_adapters:
+                raise HTTPException(409, f"this server holds {len(known)} adapters, its limit "
+                                         f"(max_adapters); DELETE one first")  # fmt: skip
+            data = _read_capped(file, self.limits.max_adapter_bytes, "file")
+            path = self._folder() / f"{uuid.uuid4().hex}{packfile.ADAPTER_SUFFIX}"  # never the client's name
+            path.write_bytes(data)
+            try:
+                try:
+                    packfile.read_tensors(path)
+                except packfile.AdapterFileError as e:
+                    raise HTTPException(415, str(e).replace(str(path), f"file ({file_name})")) from None
+                try:
+                    self.bundle.add_adapter(path, record, name=name)
+                except ValueError as e:
+                    raise HTTPException(422, str(e).replace(str(path), f"file ({file_name})")) from None
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            self.uploaded[name] = path
+        return self.record(name)
+
+    def remove(self, name: str) -> dict[str, Any]:
+        """Removes one adapter (404 unknown, 409 the last one); its uploaded file goes too (requests holding it
+        keep onnxruntime's mapping of it)."""
+        self._pack_only("removed")
+        with self.lock:
+            known = self.bundle.adapters
+            if name not in known:
+                raise HTTPException(404, f"unknown adapter {name!r}; known adapters: {', '.join(known)}")
+            if len(known) == 1:
+                raise HTTPException(
+                    409, f"{name!r} is the last adapter of this pack; add another one (POST /v1/adapters) first"
+                )
+            self.bundle.remove_adapter(name)
+            path = self.uploaded.pop(name, None)
+            if path is not None:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # a platform that cannot unlink a mapped file: removed with the folder
+                    pass
+        return {"removed": name, "adapters": self.bundle.adapters}
 
 
 def create_app(
@@ -203,6 +402,8 @@ def create_app(
     app = FastAPI(title="vision_peft", version=vision_peft.__version__)
     stats = {"requests": 0, "errors": 0, "started": time.time()}
     lock = threading.Lock()
+    store = AdapterStore(bundle, limits)
+    app.state.adapter_store = store  # keeps the uploaded files alive with the app
 
     def count(ok: bool) -> None:
         with lock:
@@ -216,11 +417,15 @@ def create_app(
     @app.get("/info")
     def info() -> dict[str, Any]:
         m = bundle.manifest
+        adapters = store.records() if bundle.is_pack else []
+        labels = bundle.labels if not bundle.is_pack else (adapters[0]["labels"] if len(adapters) == 1 else [])
         return {
             "task": m["task"],
             "backbone": m.get("backbone"),
             "adapter": m.get("adapter"),
-            "labels": bundle.labels,
+            "pack": bundle.is_pack,
+            "adapters": adapters,
+            "labels": labels,
             "graphs": m["graphs"],
             "preprocess": m.get("preprocess"),
             "providers": bundle.providers,
@@ -229,15 +434,49 @@ def create_app(
             "limits": limits.__dict__,
         }
 
+    @app.get("/v1/adapters")
+    def list_adapters() -> dict[str, Any]:
+        return {"pack": bundle.is_pack, "adapters": store.records() if bundle.is_pack else []}
+
+    @app.post("/v1/adapters", status_code=201)
+    def add_adapter(
+        file: UploadFile = File(..., description="the .onnx_adapter file"),  # noqa: B008 - FastAPI's idiom
+        meta: UploadFile = File(..., description="its .adapter.json record"),  # noqa: B008
+        name: str | None = Form(None, description="the name to serve it under (default: the record's)"),
+    ) -> dict[str, Any]:
+        ok = False
+        try:
+            out = store.add(file, meta, name)
+            ok = True
+            return out
+        finally:
+            count(ok)
+
+    @app.delete("/v1/adapters/{name}")
+    def remove_adapter(name: str) -> dict[str, Any]:
+        ok = False
+        try:
+            out = store.remove(name)
+            ok = True
+            return out
+        finally:
+            count(ok)
+
     for _, entry in RUNTIMES.items():
         app.post(entry.builder.endpoint)(_endpoint(entry.builder, bundle, limits, count))
     return app
 
 
 def serve(
-    bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", strict: bool = False
+    bundle_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    strict: bool = False,
+    limits: ServeLimits | None = None,
 ) -> None:
     """Run the server with uvicorn (blocking)."""
     import uvicorn
 
-    uvicorn.run(create_app(bundle_dir, device=device, strict=strict), host=host, port=port, log_level="warning")
+    app = create_app(bundle_dir, device=device, strict=strict, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
