@@ -213,7 +213,7 @@ class Bundle:
         record = meta if isinstance(meta, dict) else packfile.read_meta(meta)
         source = str(tensor_file)
         record = packfile.check_meta(record, str(meta) if not isinstance(meta, dict) else source)
-        name = packfile.check_name(name or record["name"])
+        name = packfile.check_name(record["name"] if name is None else name)
         loaded = _load_adapter(self.path, self.manifest, self.sessions, name, {**record, "name": name}, tensor_file)
         with self.pack.lock:
             if name in self.pack.adapters:

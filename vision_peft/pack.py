@@ -86,27 +86,60 @@ class PackGraph(nn.Module):
     """``forward(*data_inputs, *adapter_tensors)`` = ``module(*data_inputs)`` with the adapter tensors in place of
     the module's own (``torch.func.functional_call``), so an exporter turns them into graph inputs."""
 
-    def __init__(self, module: nn.Module, n_data: int, slots: list[str]) -> None:
+    def __init__(self, module: nn.Module, n_data: int, slots: list[str], scalars: set[str] | None = None) -> None:
         super().__init__()
         self.inner = module
         self.n_data = n_data
         self.slots = slots  # the module's own parameter/buffer names, in input order
+        self.scalars = set(scalars or ())  # 0-d slots: fed as one-element inputs (adapter files store them so)
 
     def forward(self, *args: torch.Tensor):
-        data, tensors = args[: self.n_data], args[self.n_data :]
-        return torch.func.functional_call(self.inner, dict(zip(self.slots, tensors, strict=True)), data, strict=False)
+        data = args[: self.n_data]
+        tensors = [t.reshape(()) if s in self.scalars else t for s, t in zip(self.slots, args[self.n_data :])]
+        if not torch.jit.is_tracing():
+            swap = dict(zip(self.slots, tensors, strict=True))
+            return torch.func.functional_call(self.inner, swap, data, strict=False)
+        # the TorchScript tracer refuses torch.func: put the inputs in the modules' slots by hand, then restore
+        saved = []
+        for slot, t in zip(self.slots, tensors, strict=True):
+            owner, _, attr = slot.rpartition(".")
+            mod = self.inner.get_submodule(owner) if owner else self.inner
+            table = mod._parameters if attr in mod._parameters else mod._buffers
+            saved.append((table, attr, table[attr]))
+            table[attr] = t
+        try:
+            return self.inner(*data)
+        finally:
+            for table, attr, old in saved:
+                table[attr] = old
 
 
-def _slots(module: nn.Module, model: nn.Module, names: list[str]) -> dict[str, str]:
-    """Adapter input name -> the graph module's own name of that tensor (matched by identity); inputs the module
-    does not use are left out."""
+def _slots(spec, model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Adapter input name -> the graph module's own name of that tensor: the model's adapter tensors the graph
+    reads (matched by identity; the ones it does not read are left out), and the buffers the export wrapper holds
+    itself (values derived from trained tensors at export time, e.g. PPT's prompt text features), named
+    ``graph.<graph>.<buffer>``."""
     sd = model.state_dict(keep_vars=True)
-    by_id = {id(sd[n]): n for n in names}
+    by_id = {id(sd[n]): n for n in names if n in sd}
+    model_ids = {id(t) for t in sd.values()}
+    module = spec.module
     found: dict[str, str] = {}
     for own, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         if id(t) in by_id:
             found.setdefault(by_id[id(t)], own)
+        elif id(t) not in model_ids and not isinstance(t, nn.Parameter):
+            found.setdefault(f"graph.{spec.graph_name}.{own}", own)
     return found
+
+
+def _wrapper_tensors(specs, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The export wrappers' own buffers of every graph (see :func:`_slots`), by adapter input name."""
+    out: dict[str, torch.Tensor] = {}
+    for s in specs:
+        own = dict(s.module.named_buffers(remove_duplicate=False))
+        for key, name in _slots(s, model, []).items():
+            out[key] = own[name]
+    return out
 
 
 def _head_ids(model: nn.Module) -> set[int]:
@@ -147,8 +180,9 @@ def _load(path: Path, name: str) -> tuple:
     specs = [spec, *(spec.extra_graphs or [])]
     for s in specs:
         s.module.eval()
-    tensors = {k: v.detach().cpu().numpy().astype(np.float32) if v.dtype.is_floating_point else v.detach().numpy()
-               for k, v in adapter_tensors(model).items()}  # fmt: skip
+    every = {**adapter_tensors(model), **_wrapper_tensors(specs, model)}
+    tensors = {k: (v.detach().cpu().float() if v.dtype.is_floating_point else v.detach().cpu()).reshape(v.shape or (1,))
+               .numpy() for k, v in every.items()}  # fmt: skip  (0-d as one element, as adapter files store it)
     run = _Run(path, name, info, tensors, list(spec.labels or []), spec.preprocess or {}, spec.task_info or {}, {})
     return run, cfg, model, specs
 
@@ -209,11 +243,9 @@ def _check_layout(runs: list[_Run], head_dims: dict[str, int | None]) -> None:
                     f"{r.path}: tensor {k!r} is {list(b.shape)} {b.dtype}, in {ref.path} it is {list(a.shape)} "
                     f"{a.dtype} (another rank or width); pack runs trained with the same adapter section"
                 )
-        if r.preprocess != ref.preprocess:
-            raise ExportError(
-                f"{r.path}: preprocess {json.dumps(r.preprocess)} differs from {ref.path}'s "
-                f"{json.dumps(ref.preprocess)} (input size or normalisation): one graph takes one input size"
-            )
+        problem = packfile.preprocess_conflict(ref.preprocess, r.preprocess)
+        if problem:
+            raise ExportError(f"{r.path} cannot share {ref.path}'s graph: its {problem}; one graph takes one input size")
 
 
 def _export_pack_graph(
@@ -224,13 +256,16 @@ def _export_pack_graph(
     import onnx
     from onnx import numpy_helper
 
-    slots = _slots(spec.module, model, list(run0.tensors))
+    slots = _slots(spec, model, list(run0.tensors))
     names = list(slots)
     data = list(spec.example_inputs)
     clash = sorted(set(names) & set(data))
     if clash:
         raise ExportError(f"graph {spec.graph_name!r} has data inputs named like adapter tensors {clash}")
-    wrapper = PackGraph(spec.module, len(data), [slots[n] for n in names]).eval()
+    own = {**dict(spec.module.named_parameters(remove_duplicate=False)),
+           **dict(spec.module.named_buffers(remove_duplicate=False))}  # fmt: skip
+    scalars = {slots[n] for n in names if own[slots[n]].ndim == 0}
+    wrapper = PackGraph(spec.module, len(data), [slots[n] for n in names], scalars).eval()
     args = tuple(spec.example_inputs[n] for n in data) + tuple(torch.from_numpy(run0.tensors[n]) for n in names)
     exporter = spec.exporter or exporter
     raw = folder / f".raw-{spec.graph_name}.onnx"
@@ -368,7 +403,8 @@ def export_pack(
     head = _head_ids(model)
     sd = model.state_dict(keep_vars=True)
     ncls = len(first.labels)
-    head_dims = {k: 0 for k in first.tensors if id(sd[k]) in head and ncls and sd[k].ndim and sd[k].shape[0] == ncls}
+    head_dims = {k: 0 for k, v in first.tensors.items() if ncls and v.ndim and v.shape[0] == ncls
+                 and (k.startswith("graph.") or (k in sd and id(sd[k]) in head))}  # fmt: skip
     runs = [first]
     for p, n in zip(paths[1:], names[1:]):
         run, _, _, run_specs = _load(p, n)  # only the record is kept: the model is freed here
@@ -386,7 +422,7 @@ def export_pack(
         graph_reports: dict[str, Any] = {}
         inputs_used: set[str] = set()
         for s in specs:
-            if _slots(s.module, model, list(first.tensors)):
+            if _slots(s, model, list(first.tensors)):
                 graphs[s.graph_name], used = _export_pack_graph(s, model, first, head_dims, tmp, paths[0], exporter)
                 inputs_used |= set(used)
             else:  # a frozen graph (e.g. the diffusion decoder): exported and checked like a merged one
@@ -400,7 +436,9 @@ def export_pack(
         adapters: dict[str, dict[str, Any]] = {}
         for r in runs:
             tensors = {k: v for k, v in r.tensors.items() if k in inputs_used}
-            meta = _write_adapter(tmp, r, tensors, pack, examples, atol, rtol)
+            baked = sorted(k for k, v in r.tensors.items() if k not in inputs_used and k in first.tensors
+                           and (v.shape != first.tensors[k].shape or not np.array_equal(v, first.tensors[k])))  # fmt: skip
+            meta = _write_adapter(tmp, r, tensors, pack, examples, atol, rtol, baked)
             adapters[r.name] = meta
         parity = {
             "adapters": {n: m["parity"] for n, m in adapters.items()},
@@ -431,7 +469,9 @@ def export_pack(
     return manifest
 
 
-def _write_adapter(folder: Path, run: _Run, tensors, pack: dict, examples, atol: float, rtol: float) -> dict:
+def _write_adapter(
+    folder: Path, run: _Run, tensors, pack: dict, examples, atol: float, rtol: float, baked: list[str] | None = None
+) -> dict:
     """Writes ``<name>.onnx_adapter`` + ``<name>.adapter.json`` into ``folder`` after checking the adapter against
     the pack (:func:`packfile.check_against_graph`) and its parity; returns the record."""
     tensor_file, meta_file = packfile.adapter_files(run.name)
@@ -448,7 +488,10 @@ def _write_adapter(folder: Path, run: _Run, tensors, pack: dict, examples, atol:
         raise ExportError(
             f"adapter {run.name!r} ({run.path}) through the pack graph differs from its own PyTorch model: max |Δ| "
             f"{meta['parity']['max_abs_diff']:.3g} > atol {atol} (+ rtol {rtol}·|ref|); its config changes the graph "
-            f"beyond its tensors, so it cannot share this pack; export it merged. Per batch: "
+            f"beyond its tensors, so it cannot share this pack; export it merged. "
+            + (f"Trained tensors this task's export bakes into the graph as constants, which differ from the first "
+               f"run's: {baked[:6]}. " if baked else "")
+            + "Per batch: "
             f"{json.dumps(meta['parity']['per_batch'])}"
         )
     packfile.write_meta(folder / meta_file, meta)

@@ -217,6 +217,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return check_meta(meta, str(path))
 
 
+SHAPE_FIELDS = ("size", "num_points")  # preprocess fields that fix a graph input's shape
+
+
+def preprocess_conflict(pack: dict[str, Any], adapter: dict[str, Any]) -> str:
+    """Why an adapter's preprocess cannot feed the pack's graph ("" when it can): the same inputs, and per input
+    the same shape-fixing fields (image size, number of points). The rest (resize rule, normalisation) is the
+    adapter's own: each adapter's runtime preprocesses with its own record."""
+    if sorted(pack) != sorted(adapter):
+        return f"preprocess covers inputs {sorted(adapter)}, the pack's graph takes {sorted(pack)}"
+    for name, spec in pack.items():
+        for key in SHAPE_FIELDS:
+            if isinstance(spec, dict) and spec.get(key) != (adapter.get(name) or {}).get(key):
+                return (
+                    f"preprocess[{name!r}].{key} is {(adapter.get(name) or {}).get(key)!r}, the pack's graph takes "
+                    f"{spec.get(key)!r}"
+                )
+    return ""
+
+
 def _dim_ok(want: Any, got: int, symbols: dict[str, int]) -> bool:
     if isinstance(want, int):
         return want == got
@@ -229,7 +248,7 @@ def check_against_graph(
     pack: dict[str, Any], meta: dict[str, Any], tensors: dict[str, np.ndarray], source: str
 ) -> None:
     """Refuses an adapter pair that this pack cannot run: another task, family or backbone hash, a preprocess
-    other than the graph's, or tensors whose names, shapes or dtypes differ from the graphs' adapter inputs
+    for another input shape (:func:`preprocess_conflict`), or tensors whose names, shapes or dtypes differ from the graphs' adapter inputs
     (symbolic dims such as ``classes`` are free but must agree across tensors, and ``classes`` must equal the
     number of labels when the adapter has labels).
 
@@ -249,11 +268,9 @@ def check_against_graph(
                 f"{source}: {key} {meta.get(key)!r} differs from this pack's {pack.get(key)!r}; an adapter joins a "
                 "pack only when it was trained for the same task, adapter family and backbone weights"
             )
-    if meta["preprocess"] != pack.get("preprocess", {}):
-        raise AdapterFileError(
-            f"{source}: preprocess {json.dumps(meta['preprocess'])} differs from this pack's "
-            f"{json.dumps(pack.get('preprocess', {}))} (input size or normalisation); train at the pack's input size"
-        )
+    problem = preprocess_conflict(pack.get("preprocess", {}), meta["preprocess"])
+    if problem:
+        raise AdapterFileError(f"{source}: {problem}; train at the pack's input size")
     expected: dict[str, dict[str, Any]] = {}
     for graph in pack["graphs"].values():
         expected.update(graph.get("adapter_inputs") or {})

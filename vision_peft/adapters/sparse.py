@@ -47,6 +47,14 @@ class SparseScatter(torch.autograd.Function):
         return grad_w.reshape(-1)[idx], None, None
 
 
+
+def scatter(p: torch.Tensor, w0: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:class:`SparseScatter` (W0 with ``idx`` replaced by ``p``); under the TorchScript tracer (an adapter pack
+    exports the unmerged graph with ``p`` as an input) the same value as a plain ``index_put``, which it can record."""
+    if torch.jit.is_tracing():
+        return w0.detach().reshape(-1).index_put((idx,), p.to(w0.dtype)).reshape(w0.shape)
+    return SparseScatter.apply(p, w0, idx)
+
 # -- the state every sparse holder carries (same keys for SparseLinear and SparseTensor) ------------------------
 def _init_sparse(holder: nn.Module, w0: torch.Tensor, idx: torch.Tensor) -> None:
     """``sparse_idx`` (sorted flat indices), trainable ``sparse_values`` = W0[idx], the fixed-capacity store of
@@ -125,7 +133,7 @@ class SparseLinear(nn.Linear):
         return _with_frozen(self, self.weight)
 
     def dense_weight(self) -> torch.Tensor:
-        return SparseScatter.apply(self.sparse_values, self.base_weight(), self.sparse_idx)
+        return scatter(self.sparse_values, self.base_weight(), self.sparse_idx)
 
     def delta(self) -> torch.Tensor:
         """ΔW = W − W0 as a dense matrix, differentiable w.r.t. ``sparse_values``."""
@@ -160,7 +168,7 @@ class SparseTensor(nn.Module):
         _init_sparse(self, w0, idx)
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
-        return SparseScatter.apply(self.sparse_values, _with_frozen(self, w0), self.sparse_idx)
+        return scatter(self.sparse_values, _with_frozen(self, w0), self.sparse_idx)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         _check_sparse_state(self, state_dict, prefix)
