@@ -80,6 +80,8 @@ def test_info_lists_adapters(pack) -> None:
         assert a["bytes"] == (pack_dir / f"{a['name']}.onnx_adapter").stat().st_size
         assert a["origin"] == "bundle"
     assert info["labels"] == []  # several adapters: no one label list for the server
+    listed = _client(pack_dir).get("/v1/adapters").json()
+    assert listed["pack"] is True and listed["adapters"] == info["adapters"]
 
 
 def test_each_adapter_answers_with_its_labels_and_probabilities(pack) -> None:
@@ -218,6 +220,15 @@ def test_bad_uploads_are_4xx_and_server_survives(pack, case, status, fragment) -
     assert client.post("/v1/classify", files=_files(images[:1]), params={"adapter": "a"}).status_code == 200
 
 
+def test_adapter_count_limit(pack) -> None:
+    pack_dir, _, _, (tensor_file, meta_file), _ = pack
+    client = _client(pack_dir, max_adapters=len(RUNS))
+    r = client.post("/v1/adapters", **_upload(tensor_file, json.loads(meta_file.read_text())))
+    assert r.status_code == 409 and "max_adapters" in r.json()["detail"], r.text
+    assert client.delete("/v1/adapters/a").status_code == 200
+    assert client.post("/v1/adapters", **_upload(tensor_file, json.loads(meta_file.read_text()))).status_code == 201
+
+
 def test_adapters_cannot_change_on_a_merged_bundle(pack) -> None:
     _, merged, _, (tensor_file, meta_file), _ = pack
     client = _client(merged)
@@ -300,3 +311,37 @@ def test_load_test_spreads_over_adapters(pack, tmp_path) -> None:
     assert per, res.stdout
     counts = json.loads(per[0].split(":", 1)[1])
     assert set(counts) == set(RUNS) and all(v > 0 for v in counts.values())
+
+
+def test_request_in_flight_finishes_after_its_adapter_is_removed(pack) -> None:
+    """A request already inside adapter b's runtime when b is removed still answers with b."""
+    pack_dir, _, _, _, images = pack
+    client = _client(pack_dir)
+    view = client.app.state.adapter_store.bundle.select("b")  # the view the endpoint will get (cached per adapter)
+    inside, release = threading.Event(), threading.Event()
+    original = view.runtime.http
+
+    def slow_http(request):
+        inside.set()
+        assert release.wait(60)
+        return original(request)
+
+    view.runtime.http = slow_http
+    answer: dict = {}
+
+    def request() -> None:
+        r = client.post("/v1/classify", files=_files(images[:1]), params={"adapter": "b", "top_k": 2})
+        answer.update(status=r.status_code, body=r.json())
+
+    t = threading.Thread(target=request)
+    t.start()
+    assert inside.wait(60)
+    assert client.delete("/v1/adapters/b").status_code == 200
+    release.set()
+    t.join(60)
+    assert answer["status"] == 200, answer
+    assert answer["body"]["adapter"] == "b" and {x["label"] for x in answer["body"]["results"][0]["top"]} == set(
+        RUNS["b"]
+    )
+    r = client.post("/v1/classify", files=_files(images[:1]), params={"adapter": "b"})
+    assert r.status_code == 404
