@@ -9,10 +9,13 @@ parity is never written: the bundle is assembled in a temporary folder and moved
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,28 @@ from vision_peft.predict import load_run
 
 class ExportError(RuntimeError):
     """The exported graph does not reproduce PyTorch (or could not be built); nothing was written."""
+
+
+@contextmanager
+def staged_folder(out_dir: Path, prefix: str = ".export-") -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to assemble a bundle in: when the block succeeds it takes
+    ``out_dir``'s place (a previous folder is moved aside first and deleted after, so the name never holds half a
+    bundle); when it raises, the temporary folder is removed and ``out_dir`` is left as it was."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _batched(example: dict[str, torch.Tensor], b: int, seed: int) -> dict[str, torch.Tensor]:
@@ -178,8 +203,7 @@ def export_run(
                 f"(max |Δ| {d:.3g}); not exporting"
             )
         merge_diff = max(merge_diff, d)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with staged_folder(out_dir) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         reports: dict[str, dict[str, Any]] = {}
         for s in specs:
@@ -216,14 +240,6 @@ def export_run(
             source_run=str(run_dir.resolve()),
         )
         bundle.write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

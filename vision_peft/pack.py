@@ -30,7 +30,7 @@ from torch import nn
 
 from vision_peft import bundle, packfile
 from vision_peft.bundle import dtype_name
-from vision_peft.export import ExportError, _batched, _export_graph, ort_session
+from vision_peft.export import ExportError, _batched, _export_graph, ort_session, staged_folder
 from vision_peft.predict import load_run
 from vision_peft.rundir import RunInfo
 
@@ -416,8 +416,7 @@ def export_pack(
             if r.tensors[k].shape[0] != len(r.labels):
                 raise ExportError(f"{r.path}: head tensor {k!r} has {r.tensors[k].shape[0]} rows for "
                                   f"{len(r.labels)} labels")  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix=".pack-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with staged_folder(out_dir, ".pack-") as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         graph_reports: dict[str, Any] = {}
         inputs_used: set[str] = set()
@@ -458,14 +457,6 @@ def export_pack(
                                for n, m in adapters.items()}},
         )  # fmt: skip
         bundle.write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
