@@ -138,7 +138,18 @@ def export_all(root: Path, layout: str, runs: list[dict], pack_sizes: list[int])
         adapter_bytes = [(out / f"{r['name']}.onnx_adapter").stat().st_size for r in runs[:n]]
         meta_bytes = [(out / f"{r['name']}.adapter.json").stat().st_size for r in runs[:n]]
         pack = folder_bytes(out)
+        graph0 = next(iter(man["graphs"].values()))
+        zero_defaults = sum(
+            int(np.prod([d if isinstance(d, int) else 1 for d in spec["shape"]])) * np.dtype(spec["dtype"]).itemsize
+            for g in man["graphs"].values() for spec in (g.get("adapter_inputs") or {}).values()
+        )  # fmt: skip
+        merged0 = root / "merged" / runs[0]["name"]
+        merged_graph = folder_bytes_file(merged0, json.loads((merged0 / "manifest.json").read_text())["graphs"]
+                                         ["model"]["file"])  # fmt: skip
         rows.append({
+            "base_graph_proto_bytes": (out / graph0["file"]).stat().st_size,
+            "zero_default_initializer_bytes": zero_defaults, "merged_graph_bytes": merged_graph,
+            "manifest_bytes": (out / "manifest.json").stat().st_size,
             "n": n, "pack_bytes": pack, "merged_bytes": sum(merged[:n]), "one_merged_bytes": merged[0],
             "pack_over_one_merged": pack / merged[0], "pack_over_n_merged": pack / sum(merged[:n]),
             "base_graph_bytes": graph_bytes, "adapter_file_bytes_mean": float(np.mean(adapter_bytes)),
@@ -171,15 +182,20 @@ def preprocessed(bundle, paths: list[str]) -> np.ndarray:
     return preprocess_batch(paths, image_spec(bundle, name))
 
 
-def latency(pack_dir: Path, merged_dir: Path, names: list[str], images: list[str], threads: int, rounds: int) -> dict:
-    """Graph latency (ms) per call: merged vs pack (same adapter) vs pack (switching), batch 1 and 8."""
+def latency(
+    pack_dir: Path, big_dir: Path, merged_dir: Path, names: list[str], images: list[str], threads: int, rounds: int
+) -> dict:
+    """Graph latency (ms) per call: merged vs pack (same adapter) vs pack (switching adapter on every call, over
+    the pack's adapters; and over the bigger pack's), batch 1 and 8."""
     from vision_peft.deploy import load_bundle
 
     pack = load_bundle(pack_dir, device="cpu", session_options=session_options(threads))
+    big = load_bundle(big_dir, device="cpu", session_options=session_options(threads))
     merged = load_bundle(merged_dir, device="cpu", session_options=session_options(threads))
     views = [pack.select(n) for n in names]
+    big_views = [big.select(n) for n in big.adapters]
     x_all = preprocessed(views[0], images[:8])
-    out: dict = {"threads": threads, "rounds": rounds}
+    out: dict = {"threads": threads, "rounds": rounds, "adapters": len(views), "adapters_big": len(big_views)}
     for batch in (1, 8):
         x = x_all[:batch]
         conds = {
@@ -187,6 +203,8 @@ def latency(pack_dir: Path, merged_dir: Path, names: list[str], images: list[str
             "pack_same_adapter": lambda i, x=x: views[0].run("model", image=x),
             "pack_switching": lambda i, x=x: views[i % len(views)].run("model", image=x),
             "pack_select_per_call": lambda i, x=x: pack.select(names[i % len(names)]).run("model", image=x),
+            "big_pack_same_adapter": lambda i, x=x: big_views[0].run("model", image=x),
+            "big_pack_switching": lambda i, x=x: big_views[i % len(big_views)].run("model", image=x),
         }
         times = {k: [] for k in conds}
         for f in conds.values():  # warm-up
@@ -204,6 +222,9 @@ def latency(pack_dir: Path, merged_dir: Path, names: list[str], images: list[str
                for k, v in times.items()}  # fmt: skip
         res["pack_over_merged_median"] = res["pack_same_adapter"]["median_ms"] / res["merged"]["median_ms"]
         res["switch_cost_median_ms"] = res["pack_switching"]["median_ms"] - res["pack_same_adapter"]["median_ms"]
+        res["big_switch_cost_median_ms"] = (
+            res["big_pack_switching"]["median_ms"] - res["big_pack_same_adapter"]["median_ms"]
+        )
         out[f"batch{batch}"] = res
         log(f"latency batch {batch}: " + ", ".join(f"{k} {v['median_ms']:.2f}/{v['p90_ms']:.2f} ms"
                                                    for k, v in res.items() if isinstance(v, dict)))  # fmt: skip
@@ -341,15 +362,20 @@ def markdown(res: dict) -> str:
     lat = res.get("latency")
     if lat:
         lines += ["", f"## Latency of the image → logits graph ({lat['threads']} intra-op thread(s), ms)", "",
-                  "| batch | merged median / p90 | pack, same adapter | pack, switching adapter each call | "
-                  "pack, select() per call | pack / merged (median) | switch cost (median) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  f"median / p90 over {lat['rounds']} calls per condition at batch 1 ({max(20, lat['rounds'] // 4)} at "
+                  "8), conditions interleaved in random order each round", "",
+                  f"| batch | merged | pack ({lat['adapters']}), same adapter | pack ({lat['adapters']}), switching "
+                  f"adapter each call | pack ({lat['adapters']}), select() per call | pack ({lat['adapters_big']}), "
+                  f"same adapter | pack ({lat['adapters_big']}), switching | pack / merged (median) | "
+                  f"switch cost ({lat['adapters']} / {lat['adapters_big']} adapters, median) |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for b in (1, 8):
             r = lat[f"batch{b}"]
             cell = lambda k, r=r: f"{r[k]['median_ms']:.2f} / {r[k]['p90_ms']:.2f}"  # noqa: E731
             lines.append(f"| {b} | {cell('merged')} | {cell('pack_same_adapter')} | {cell('pack_switching')} | "
-                         f"{cell('pack_select_per_call')} | {r['pack_over_merged_median']:.3f} | "
-                         f"{r['switch_cost_median_ms']:+.3f} |")  # fmt: skip
+                         f"{cell('pack_select_per_call')} | {cell('big_pack_same_adapter')} | "
+                         f"{cell('big_pack_switching')} | {r['pack_over_merged_median']:.3f} | "
+                         f"{r['switch_cost_median_ms']:+.3f} / {r['big_switch_cost_median_ms']:+.3f} ms |")  # fmt: skip
     par = res.get("parity")
     if par:
         lines += ["", "## Parity per adapter: pack vs that run's merged bundle, on the run's AID test split", "",
@@ -442,7 +468,7 @@ def main() -> int:
     pack_mid, pack_big = root / "packs" / f"lora_r8-n{n_mid}", root / "packs" / f"lora_r8-n{sizes[-1]}"
     test0 = [str(p) for p in json.loads((Path(main_runs[0]["dir"]) / "split.json").read_text())["test"]]
     if "latency" not in args.skip:
-        res["latency"] = latency(pack_mid, root / "merged" / main_runs[0]["name"],
+        res["latency"] = latency(pack_mid, pack_big, root / "merged" / main_runs[0]["name"],
                                  [r["name"] for r in main_runs[:n_mid]], test0, args.threads, args.rounds)  # fmt: skip
     if "parity" not in args.skip:
         res["parity"] = parity(pack_big, root, main_runs, args.threads)
@@ -451,14 +477,15 @@ def main() -> int:
     images = sorted(inputs.glob("*.jpg"))[:16]
     if "load" not in args.skip:
         res["load_test"] = {}
-        for name, bundle, spread in ((f"pack, {n_mid} adapters", pack_mid, True),
-                                     (f"pack, {sizes[-1]} adapters", pack_big, True),
-                                     ("merged bundle (run 0)", root / "merged" / main_runs[0]["name"], False)):  # fmt: skip
-            if name in res["load_test"]:
-                continue
-            log(f"load test: {name}")
-            res["load_test"][name] = load_test(bundle, inputs, args.threads, args.requests, spread,
-                                               root / f"load-{len(res['load_test'])}.json")  # fmt: skip
+        servers = [(f"pack, {n_mid} adapters", pack_mid, True), (f"pack, {sizes[-1]} adapters", pack_big, True),
+                   ("merged bundle (run 0)", root / "merged" / main_runs[0]["name"], False)]  # fmt: skip
+        servers = [s for i, s in enumerate(servers) if s[0] not in [t[0] for t in servers[:i]]]
+        for rep, order in enumerate((servers, servers[::-1])):  # twice, in opposite orders (machine noise)
+            for name, bundle, spread in order:
+                key = f"{name}, pass {rep + 1}"
+                log(f"load test: {key}")
+                res["load_test"][key] = load_test(bundle, inputs, args.threads, args.requests, spread,
+                                                  root / f"load-{len(res['load_test'])}.json")  # fmt: skip
         res["timing_s"]["load"] = round(time.perf_counter() - t0, 1)
     if "memory" not in args.skip:
         res["memory"] = memory(root, main_runs, sizes, images, args.threads)

@@ -61,7 +61,8 @@ def server_memory(pid: int) -> dict[str, int]:
 
 
 class AdapterSpread:
-    """The requests of a pack load test: request ``i`` goes to adapter ``i mod N`` (query parameter ``adapter``)."""
+    """The requests of a pack load test: the good requests go round-robin to the adapters (query parameter
+    ``adapter``), the malformed ones to adapter ``kind mod N``."""
 
     def __init__(self, works: dict[str, LoadTestRequests]) -> None:
         self.works, self.names = works, list(works)
@@ -73,7 +74,7 @@ class AdapterSpread:
         return {**req, "params": {**(req.get("params") or {}), "adapter": name}}
 
     def good(self, i: int) -> dict:
-        name = self.names[i % len(self.names)]
+        name = self.names[sum(self.sent.values()) % len(self.names)]  # round-robin over the good requests
         self.sent[name] += 1
         return self._with(self.works[name].good(i), name)
 
