@@ -1,0 +1,868 @@
+"""Hugging Face ``peft`` interop, both ways: a run's LoRA as a peft adapter folder, a peft LoRA folder as a run.
+
+:func:`export_peft` writes peft's two files, ``adapter_config.json`` + ``adapter_model.safetensors``, such that
+``peft.PeftModel.from_pretrained(model, folder)`` on the plain library model gives the run's outputs:
+
+- timm (``timm:<name>``): ``model = timm.create_model(<name>, num_classes=<the run's class count>, …)``; the run's
+  linear head is peft's ``modules_to_save`` on the model's own classifier (``pretrained_cfg["classifier"]``,
+  ``head`` for ViTs), so ``PeftModel(x)`` are the run's logits.
+- open_clip (``open_clip:<arch>@<tag>``): ``model = open_clip.create_model(<arch>, pretrained=<tag>)`` (the whole
+  CLIP model; only ``visual.*`` modules are adapted), ``peft_model.encode_image(x)`` equals the run's image
+  features. open_clip has no classifier module for ``modules_to_save``, so the head travels in a third file,
+  ``vision_peft_head.safetensors`` (``weight``/``bias``; peft ignores it): logits = features @ weightᵀ + bias.
+
+What maps to what (peft 0.21.2 ``LoraConfig``; ours keeps the same A (r × fan_in), B (fan_out × r) and scale):
+
+- ``lora`` on ``nn.Linear``: ``lora_A`` / ``lora_B`` as they are, ``r``, ``lora_alpha = alpha`` (scale alpha / r).
+  The asymmetric variant (``train_a: false``, A a frozen buffer) exports alike: peft stores A either way.
+- ``lora`` on open_clip's fused ``nn.MultiheadAttention`` (``in_proj_weight``, the ``qkv`` group): peft's LoRA
+  ``MultiheadAttention`` layer (target = the MHA module) adds s B A to ``in_proj_weight``, as ours does, and always
+  carries a second LoRA on ``out_proj``, written with B = 0 (exactly nothing). An ``out_proj`` update of our own
+  (``attn_out`` on open_clip) is refused both ways: peft 0.21.2 applies it twice (its forward merges B A into
+  ``out_proj.weight`` and then ``out_proj.merge()`` adds it again; ``merge_and_unload`` too — measured, see
+  ``MHA_OUT_PROJ_BUG``), so no faithful export exists.
+- ``dora`` (dynamic-rank DoRA of Mao et al.: a LoRA whose rank-one components are gated by c and pruned): each
+  layer's live components become a plain LoRA of that layer's rank (A rows of the live components, B columns
+  times c); peft's ``rank_pattern`` / ``alpha_pattern`` hold the per-layer ranks with alpha = scale × rank, so the
+  scale stays alpha / r. Layers pruned to rank 0 are left out (they change nothing). Not peft's ``use_dora``
+  (Liu et al.'s weight decomposition), which is another method.
+
+Refused, with the reason and the fix (the merged ONNX bundle, ``export <run>``): adapters peft has no equivalent
+of (vpt, prompt_map, pad_prompt, detris, sara, fish, kind, point adapters, full, linear, pvera — PVeRA's
+weight-space and 1×1-conv variants and its sampled latent are ours; peft 0.21.2's ``PveraConfig`` exists, but this
+exporter does not write it), tasks other than classification / multilabel, backbones other than timm / open_clip,
+convolution targets (peft's LoRA conv runs the update as an activation-path conv with the base's padding, which
+differs from timm's TF-"same" dynamic padding and grouped kernels), and Linear layers inside an MHA adapted
+without the MHA's own layout.
+
+:func:`import_peft` reverses it for peft LoRA folders on Linear and fused-MHA targets (``use_rslora`` maps
+exactly: our alpha = lora_alpha · √r), writing a run directory (config.json, adapter.safetensors, model card)
+that ``predict`` / ``eval`` / ``export`` load like any run. Both directions check themselves against
+``PeftModel`` on random inputs before anything is written (``parity`` in the summary; the folder is assembled in a
+temporary folder and renamed into place only when it passes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import vision_peft
+from vision_peft import checkpoint as ckpt
+from vision_peft import rundir
+from vision_peft.adapters.base import DeltaLinear, WeightDelta
+from vision_peft.config import ConfigError, RunConfig
+from vision_peft.export import staged_folder
+from vision_peft.predict import load_run
+from vision_peft.recipe import apply_overrides, build_run_config, find_recipe, parse_overrides
+from vision_peft.rundir import BackboneInfo, RunInfo, StepsInfo
+from vision_peft.tasks import TASKS
+
+CONFIG_NAME = "adapter_config.json"  # peft's file names
+WEIGHTS_NAME = "adapter_model.safetensors"
+HEAD_NAME = "vision_peft_head.safetensors"  # open_clip only: the linear head (peft ignores the file)
+PEFT_TASKS = ("classification", "multilabel")
+PEFT_ADAPTERS = ("lora", "dora")
+PEFT_FAMILIES = ("timm", "open_clip")
+PARITY_ATOL = 1e-4
+# LoraConfig options our LoRA does not reproduce: (field, value that is fine, why)
+_UNSUPPORTED_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("use_dora", False, "peft's DoRA (weight-decomposed LoRA of Liu et al.) is not our dora (dynamic rank)"),
+    ("bias", "none", "peft trained bias terms of the base layers"),
+    ("fan_in_fan_out", False, "transposed (Conv1D-style) base weights"),
+    ("lora_bias", False, "a bias on lora_B"),
+    ("layers_to_transform", None, "layer-index selection"),
+    ("layer_replication", None, "replicated layers"),
+    ("target_parameters", None, "LoRA on bare parameters"),
+    ("trainable_token_indices", None, "trainable token embeddings"),
+    ("use_qalora", False, "QA-LoRA pooling"),
+    ("alora_invocation_tokens", None, "activated LoRA"),
+    ("velora_config", None, "VeLoRA"),
+    ("kasa_config", None, "KaSA"),
+    ("monteclora_config", None, "MonteCLoRA"),
+    ("arrow_config", None, "Arrow routing"),
+    ("use_bdlora", None, "BD-LoRA"),
+)
+
+
+MHA_OUT_PROJ_BUG = (
+    "its LoRA MultiheadAttention layer adds the out_proj update twice (forward merges B A into out_proj's weight, "
+    "then out_proj.merge() adds it again; merge_and_unload does the same), so an out_proj update B A acts as 2 B A."
+)
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+class PeftInteropError(ValueError):
+    """A run or peft folder that cannot cross between the formats; the message names the file and the fix."""
+
+
+# -- the plain library model and where our modules sit in it ----------------------------------------------------
+@dataclass
+class _Layout:
+    """How our backbone wrapper maps onto the plain library model a peft user builds."""
+
+    family: str  # timm | open_clip
+    prefix: str  # our wrapper-relative name = prefix + library name ("model." for timm, "" for open_clip)
+    classifier: str | None  # timm: the model's classifier module (modules_to_save); open_clip: None
+
+
+def _layout(spec: str, where: str) -> _Layout:
+    family = spec.partition(":")[0]
+    if family == "timm":
+        return _Layout("timm", "model.", None)
+    if family == "open_clip":
+        return _Layout("open_clip", "", None)
+    raise PeftInteropError(
+        f"{where}: backbone {spec!r} is not a timm or open_clip model, which are the ones a peft adapter can be "
+        f"loaded onto here (timm:<name>, open_clip:<arch>@<tag>); deploy this run with the merged ONNX bundle "
+        "instead: `python -m vision_peft export <run>`"
+    )
+
+
+def _timm_classifier(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("classifier", "head") if isinstance(cfg, dict) else "head"
+    return name[0] if isinstance(name, (list, tuple)) else name
+
+
+def library_model(bb: nn.Module, cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The plain library model a peft user builds for our backbone ``bb``: timm's model with a ``num_classes``
+    classifier (``timm.create_model(name, num_classes=…)``), or the whole open_clip CLIP model. Its frozen weights
+    are the ones of ``cfg.backbone`` (our wrapper holds the same tensors)."""
+    family = bb.spec.partition(":")[0]
+    if family == "timm":
+        from vision_peft.backbones.timm_models import create_timm
+
+        model, _ = create_timm(bb.spec.partition(":")[2], cfg.backbone, num_classes=num_classes)
+        missing, _ = model.load_state_dict(_plain_state(bb, "model."), strict=False)
+        cls = _timm_classifier(model)
+        if any(not k.startswith(cls + ".") for k in missing):
+            raise PeftInteropError(f"{bb.spec}: the rebuilt timm model lacks tensors {missing[:4]}")
+        return model.eval()
+    from vision_peft.backbones.open_clip_models import create_clip
+
+    model, _, _ = create_clip(bb.spec.partition(":")[2], cfg.backbone)
+    model.visual.load_state_dict(_plain_state(bb, "visual."))
+    return model.eval()
+
+
+def _plain_state(bb: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The frozen weights of a backbone wrapper *without* an adapter (fresh from the builder), library names."""
+    return {k[len(prefix) :]: v for k, v in bb.state_dict().items() if k.startswith(prefix)}
+
+
+def _peft_features(pm: nn.Module, layout: _Layout, x: torch.Tensor) -> torch.Tensor:
+    """The PeftModel's output our run is compared with: timm logits, open_clip image features."""
+    if layout.family == "timm":
+        return pm(x)
+    return pm.encode_image(x)
+
+
+# -- ours → peft --------------------------------------------------------------------------------------------------
+@dataclass
+class _Update:
+    """One adapted library module in peft's terms: A (r × fan_in), B (fan_out × r), scale (peft: alpha / r)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+def _factors_update(factors: nn.Module, name: str, run: str) -> _Update | None:
+    """Our factors module → its LoRA update (None for a DoRA layer pruned to rank 0)."""
+    kind = type(factors).__name__
+    if kind == "LoRAFactors":
+        return _Update(factors.lora_A.detach().float(), factors.lora_B.detach().float(), float(factors.scale))
+    if kind == "DoRAComponents":
+        live = factors.mask.detach() > 0
+        if not bool(live.any()):
+            return None
+        c = factors.lora_c.detach().float()[live]
+        return _Update(
+            factors.lora_A.detach().float()[live], factors.lora_B.detach().float()[:, live] * c, float(factors.scale)
+        )
+    raise PeftInteropError(f"{run}: {name} holds {kind} factors, which have no peft LoRA equivalent")
+
+
+def _run_updates(model: nn.Module, layout: _Layout, run: str) -> dict[str, dict[str, _Update | None]]:
+    """Library module name → {"linear": …} | {"in_proj": …, "out_proj": …} (MHA) of every adapted module."""
+    bb = model.backbone
+    out: dict[str, dict[str, _Update | None]] = {}
+
+    def lib(name: str) -> str:
+        if not name.startswith(layout.prefix):
+            raise PeftInteropError(f"{run}: adapted module {name} lies outside the library model")
+        return name[len(layout.prefix) :]
+
+    for name, mod in bb.named_modules():
+        if isinstance(mod, DeltaLinear):
+            out[lib(name)] = {"linear": _factors_update(mod.factors, name, run)}
+            continue
+        if not parametrize.is_parametrized(mod):
+            continue
+        for tensor, plist in mod.parametrizations.items():
+            deltas = [p for p in plist if isinstance(p, WeightDelta)]
+            if not deltas:
+                continue
+            upd = _factors_update(getattr(deltas[0], deltas[0].factors_name), name, run)
+            parent_name = name.rpartition(".")[0]
+            parent = bb.get_submodule(parent_name) if "." in name else None
+            if isinstance(mod, nn.MultiheadAttention) and tensor == "in_proj_weight":
+                out.setdefault(lib(name), {})["in_proj"] = upd
+            elif isinstance(parent, nn.MultiheadAttention) and isinstance(mod, nn.Linear):
+                out.setdefault(lib(parent_name), {})["out_proj"] = upd
+            else:
+                raise PeftInteropError(
+                    f"{run}: {name} ({type(mod).__name__}.{tensor}) is adapted in weight space; peft's LoRA for "
+                    "convolutions runs the update as an activation-path conv with the base layer's padding, which "
+                    "does not reproduce it in general (timm's TF-'same' dynamic padding, grouped kernels). Export "
+                    "the merged ONNX bundle instead (`python -m vision_peft export <run>`), or train LoRA on Linear "
+                    "targets (adapter.targets=[qkv] …) to share it as a peft adapter"
+                )
+    for name, parts in out.items():  # a fused MHA: both parts of one peft layer share a rank and a scale
+        if "linear" in parts:
+            continue
+        if parts.get("out_proj") is not None and bool((parts["out_proj"].b != 0).any()):
+            raise PeftInteropError(
+                f"{run}: {layout.prefix}{name}.out_proj (attn_out) is adapted, and peft {_peft_version()} cannot "
+                f"represent that: {MHA_OUT_PROJ_BUG} Train with adapter.targets without attn_out (qkv, mlp: exported "
+                "exactly), or deploy the merged ONNX bundle (`python -m vision_peft export <run>`)"
+            )
+        present = [u for u in parts.values() if u is not None]
+        if not present:
+            parts.clear()
+            continue
+        rank, scale = max(u.rank for u in present), present[0].scale
+        for key in ("in_proj", "out_proj"):
+            u = parts.get(key)
+            fan_in, fan_out = _mha_shape(model.backbone, layout.prefix + name, key)
+            if u is None:
+                parts[key] = _Update(torch.zeros(rank, fan_in), torch.zeros(fan_out, rank), scale)
+            else:
+                b = u.b * (u.scale / scale)
+                pad = rank - u.rank
+                parts[key] = _Update(
+                    torch.cat([u.a, torch.zeros(pad, fan_in)]), torch.cat([b, torch.zeros(fan_out, pad)], 1), scale
+                )
+    return {k: v for k, v in out.items() if v and all(u is not None for u in v.values())}
+
+
+def _mha_shape(bb: nn.Module, name: str, part: str) -> tuple[int, int]:
+    mha = bb.get_submodule(name)
+    if part == "in_proj":
+        w = mha.in_proj_weight
+        return int(w.shape[1]), int(w.shape[0])
+    return int(mha.out_proj.in_features), int(mha.out_proj.out_features)
+
+
+def _peft_layer_tensors(pm: nn.Module, name: str) -> dict[str, tuple[nn.Module, Any]]:
+    """peft's LoRA layer of library module ``name`` inside PeftModel ``pm``: {"linear"|"in_proj"|"out_proj": layer}."""
+    layer = pm.base_model.model.get_submodule(name)
+    if hasattr(layer, "base_layer") and isinstance(layer.get_base_layer(), nn.MultiheadAttention):
+        return {"in_proj": layer, "out_proj": layer.base_layer.out_proj}
+    return {"linear": layer}
+
+
+def _peft_config(updates: dict[str, dict[str, _Update]], modules_to_save: list[str] | None):
+    """A LoraConfig holding ``updates``: the most common (rank, alpha) as r / lora_alpha, others as patterns."""
+    from peft import LoraConfig
+
+    ranks = {n: max(u.rank for u in parts.values()) for n, parts in updates.items()}
+    alphas = {n: next(iter(parts.values())).scale * ranks[n] for n, parts in updates.items()}
+    pairs = [(ranks[n], alphas[n]) for n in updates]
+    r, alpha = max(set(pairs), key=pairs.count)
+    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
+    rank_pattern = {re.escape(n): ranks[n] for n in updates if ranks[n] != r}
+    alpha_pattern = {re.escape(n): alphas[n] for n in updates if not math.isclose(alphas[n], alpha)}
+    return LoraConfig(
+        r=int(r), lora_alpha=alpha, target_modules=sorted(updates), lora_dropout=0.0, bias="none",
+        modules_to_save=modules_to_save, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        inference_mode=True,
+    )  # fmt: skip
+
+
+def _check_exportable(run_dir: Path, info: RunInfo) -> _Layout:
+    task, adapter = info.task_name, info.adapter_name
+    bundle = f"deploy it with the merged ONNX bundle instead: `python -m vision_peft export {run_dir}`"
+    if task not in PEFT_TASKS:
+        raise PeftInteropError(
+            f"{run_dir}: a {task} run has no peft counterpart (peft adapters here carry a backbone + a linear head: "
+            f"tasks {', '.join(PEFT_TASKS)}); {bundle}"
+        )
+    if adapter not in PEFT_ADAPTERS:
+        why = {
+            "pvera": "PVeRA's weight-space / 1×1-conv layers and its sampled latent have no peft equivalent, and "
+            "this exporter does not write peft's PveraConfig",
+            "full": "full fine-tuning changes every weight (no adapter to share)",
+            "linear": "a linear probe has no adapter (only a head)",
+        }.get(adapter, f"peft has no {adapter} method")
+        raise PeftInteropError(
+            f"{run_dir}: adapter {adapter!r} cannot be written as a peft adapter ({why}); peft export covers "
+            f"{', '.join(PEFT_ADAPTERS)}; {bundle}"
+        )
+    return _layout(info.backbone.spec, str(run_dir))
+
+
+def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_ATOL) -> dict[str, Any]:
+    """Write a LoRA-family classification / multilabel run on a timm or open_clip backbone as a peft adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``; open_clip also ``vision_peft_head.safetensors``).
+
+    The folder is loaded back with ``peft.PeftModel.from_pretrained`` on the plain library model and its outputs
+    compared with the run's on random inputs before it is moved into place. Returns the summary (files, ranks,
+    parity).
+
+    Raises:
+        PeftInteropError: the run's task, adapter, backbone or a layer layout has no peft form (the message names
+            the run and the fix), or the reloaded PeftModel does not reproduce the run (nothing is written).
+    """
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    layout = _check_exportable(run_dir, RunInfo.read(run_dir))
+    cfg, task, model, info = load_run(run_dir, "cpu")
+    updates = _run_updates(model, layout, str(run_dir))
+    if not updates:
+        raise PeftInteropError(f"{run_dir}: the adapter holds no non-zero-rank layer; nothing to export")
+    classes = list(task.classes)
+    from vision_peft.backbones import build_backbone
+
+    plain = build_backbone(cfg.backbone).eval()
+    base = library_model(plain, cfg, len(classes))
+    head = model.head
+    if layout.family == "timm":
+        layout.classifier = _timm_classifier(base)
+        clf = base.get_submodule(layout.classifier)
+        if not isinstance(clf, nn.Linear) or clf.in_features != head.in_features:
+            raise PeftInteropError(
+                f"{run_dir}: the timm model's classifier {layout.classifier!r} is not one Linear on the pooled "
+                f"features ({type(clf).__name__}), so the run's head cannot be peft's modules_to_save; "
+                f"use the merged ONNX bundle: `python -m vision_peft export {run_dir}`"
+            )
+    pcfg = _peft_config(updates, [layout.classifier] if layout.classifier else None)
+    pm = get_peft_model(copy.deepcopy(base), pcfg)
+    pcfg = pm.peft_config["default"]
+    filled = 0
+    with torch.no_grad():
+        for name, parts in updates.items():
+            layers = _peft_layer_tensors(pm, name)
+            for part, upd in parts.items():
+                layer = layers[part]
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                if tuple(a.shape) != tuple(upd.a.shape) or tuple(b.shape) != tuple(upd.b.shape):
+                    raise PeftInteropError(
+                        f"{run_dir}: {name} ({part}) has A{tuple(upd.a.shape)} B{tuple(upd.b.shape)}, peft built "
+                        f"A{tuple(a.shape)} B{tuple(b.shape)}"
+                    )
+                if not math.isclose(layer.scaling["default"], upd.scale, rel_tol=1e-9):
+                    raise PeftInteropError(f"{run_dir}: {name}: peft scale {layer.scaling['default']} != {upd.scale}")
+                a.copy_(upd.a)
+                b.copy_(upd.b)
+                filled += 2
+        if layout.classifier:
+            wrapped = pm.base_model.model.get_submodule(layout.classifier).modules_to_save["default"]
+            wrapped.weight.copy_(head.weight)
+            wrapped.bias.copy_(head.bias)
+            filled += 2
+    state = get_peft_model_state_dict(pm)
+    if len(state) != filled:
+        raise PeftInteropError(f"{run_dir}: peft's state dict has {len(state)} tensors, {filled} were filled")
+    meta = {
+        "format": "pt",
+        "vision_peft.source_run": str(run_dir),
+        "vision_peft.backbone": info.backbone.spec,
+        "vision_peft.weights_id": info.backbone.weights_id,
+        "vision_peft.task": cfg.task.name,
+        "vision_peft.adapter": cfg.adapter.name,
+        "vision_peft.classes": json.dumps(classes),
+    }
+    pcfg.base_model_name_or_path = info.backbone.spec  # get_peft_model set the library model's own (none)
+    with staged_folder(out_dir, prefix=".peft-") as tmp:
+        pcfg.save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
+        if layout.family == "open_clip":
+            save_file(
+                {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+                str(tmp / HEAD_NAME), metadata={"classes": json.dumps(classes), "applies_to": "encode_image"},
+            )  # fmt: skip
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp)).eval()
+        parity = compare(model, loaded, layout, atol, str(run_dir), plain=plain)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    ranks = sorted({max(u.rank for u in p.values()) for p in updates.values()})
+    return {
+        "peft_dir": str(out_dir),
+        "run": str(run_dir),
+        "base_model": info.backbone.spec,
+        "load_with": _load_hint(layout, info.backbone.spec, len(classes)),
+        "target_modules": len(updates),
+        "ranks": ranks,
+        "modules_to_save": [layout.classifier] if layout.classifier else [],
+        "classes": classes,
+        "parity": parity,
+        "files": files,
+    }
+
+
+def _load_hint(layout: _Layout, spec: str, n: int) -> str:
+    arg = spec.partition(":")[2]
+    if layout.family == "timm":
+        return f"PeftModel.from_pretrained(timm.create_model({arg!r}, pretrained=True, num_classes={n}), <dir>)(x)"
+    arch, _, tag = arg.partition("@")
+    return (
+        f"PeftModel.from_pretrained(open_clip.create_model({arch!r}, pretrained={tag or None!r}), <dir>)"
+        f".encode_image(x) @ head['weight'].T + head['bias'] (head = {HEAD_NAME})"
+    )
+
+
+@torch.no_grad()
+def compare(model: nn.Module, pm: nn.Module, layout: _Layout, atol: float, where: str, n: int = 4,
+            seed: int = 0, plain: nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
+    """Max |Δ| of our model's outputs (timm: logits; open_clip: image features) vs PeftModel ``pm``'s on ``n``
+    random inputs, and the top-1 agreement of the logits; with ``plain`` (the backbone without the adapter) also
+    ``adapter_effect``: max |Δ| of the same outputs with and without the adapter (0 would make any mapping "match").
+    Raises when max |Δ| > ``atol`` × max(1, max |ours|)."""
+    model.eval()
+    pm.eval()
+    h, w = model.backbone.input_size
+    x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    feats = model.backbone.forward_features(x)
+    logits = model.head(feats)
+    ours = logits if layout.family == "timm" else feats
+    theirs = _peft_features(pm, layout, x)
+    diff = float((ours - theirs).abs().max())
+    scale = max(1.0, float(ours.abs().max()))
+    their_logits = theirs if layout.family == "timm" else model.head(theirs)
+    out = {
+        "max_abs_diff": diff,
+        "compared": "logits" if layout.family == "timm" else "image features (encode_image)",
+        "max_abs_output": float(ours.abs().max()),
+        "top1_agreement": float((logits.argmax(1) == their_logits.argmax(1)).float().mean()),
+        "inputs": f"{n} random images {h}x{w} (seed {seed})",
+        "atol": atol,
+    }
+    if plain is not None:
+        pf = plain.eval().forward_features(x)
+        out["adapter_effect"] = float((ours - (model.head(pf) if layout.family == "timm" else pf)).abs().max())
+    if not diff <= atol * scale:
+        raise PeftInteropError(
+            f"{where}: peft.PeftModel does not reproduce the run (max |Δ| {diff:.3g} > {atol:g}); nothing was "
+            "written. This is a bug in the mapping: report it with the run's config.json"
+        )
+    return out
+
+
+# -- peft → ours ---------------------------------------------------------------------------------------------------
+def _read_config(peft_dir: Path) -> dict[str, Any]:
+    path = peft_dir / CONFIG_NAME
+    if not peft_dir.is_dir():
+        raise PeftInteropError(f"{peft_dir} is not a folder; give the folder peft's save_pretrained wrote")
+    if not path.is_file():
+        raise PeftInteropError(
+            f"{path} is missing: {peft_dir} is not a peft adapter folder (save one with "
+            "peft_model.save_pretrained(<dir>))"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftInteropError(f"{path} is not valid JSON ({e}); save the adapter again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise PeftInteropError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    ptype = str(data.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        raise PeftInteropError(
+            f"{path}: peft_type {data.get('peft_type')!r} is not LORA; import-peft reads LoRA adapters only "
+            "(other peft methods have no vision_peft counterpart to load into)"
+        )
+    for key, ok, why in _UNSUPPORTED_OPTIONS:
+        value = data.get(key, ok)
+        if value not in (ok, None, False, [], {}) or (ok is not None and value is None and key == "bias"):
+            raise PeftInteropError(
+                f"{path}: {key}={value!r} ({why}) is not reproduced by vision_peft's LoRA; save the adapter with "
+                f"{key}={ok!r} (re-train it in peft), or keep using it with peft"
+            )
+    if data.get("layers_pattern"):
+        raise PeftInteropError(f"{path}: layers_pattern={data['layers_pattern']!r} is not supported; list the modules")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(data.get(key), (int, float)) or isinstance(data.get(key), bool) or data[key] <= 0:
+            raise PeftInteropError(f"{path}: {key} must be a positive number, got {data.get(key)!r}")
+    return data
+
+
+def _read_tensors(peft_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = peft_dir / WEIGHTS_NAME
+    if not path.is_file():
+        bins = [p.name for p in peft_dir.glob("adapter_model.bin")]
+        hint = (
+            " (it holds adapter_model.bin, a pickle, which vision_peft never unpickles: save it again with "
+            "save_pretrained(<dir>, safe_serialization=True))"
+            if bins
+            else ""
+        )
+        raise PeftInteropError(f"{path} is missing{hint}; peft's save_pretrained writes it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    except Exception as e:
+        raise PeftInteropError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); save the adapter "
+            "again with save_pretrained"
+        ) from None
+    return tensors, meta
+
+
+def _base_matches(base: str | None, spec: str) -> bool:
+    """peft's base_model_name_or_path names our backbone spec (accepted spellings: the spec itself, the timm name
+    with or without ``timm/`` and a pretrained tag, the open_clip architecture)."""
+    if not base:
+        return True
+    family, _, arg = spec.partition(":")
+    b = base.strip()
+    if b == spec:
+        return True
+    if family == "timm":
+        bare = b.removeprefix("hf-hub:").removeprefix("timm/").removeprefix("timm:")
+        return bare == arg or bare.split(".")[0] == arg.split(".")[0]
+    if family == "open_clip":
+        arch = arg.partition("@")[0]
+        bare = b.removeprefix("open_clip:").partition("@")[0]
+        return bare == arch or bare == arg
+    return False
+
+
+def _run_config(task_or_recipe: str, backbone: str, overrides: list[str] | dict | None) -> RunConfig:
+    """The recipe (file or name in tasks/) or a bare task name, with ``--backbone`` and ``--set`` overrides."""
+    extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
+    if task_or_recipe in TASKS.names():
+        data: dict[str, Any] = {"task": {"name": task_or_recipe}, "adapter": {"name": "lora"}}
+    else:
+        import yaml
+
+        path = find_recipe(task_or_recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    bb = dict(data.get("backbone") or {}) if isinstance(data.get("backbone"), dict) else {}
+    if bb.get("name") != backbone:  # the recipe's other backbone fields belong to its own backbone
+        bb = {"name": backbone}
+    data["backbone"] = bb
+    data["adapter"] = {"name": "lora"}
+    return build_run_config(apply_overrides(data, extra))
+
+
+def _library_names(bb: nn.Module, layout: _Layout) -> dict[str, nn.Module]:
+    """Library module name → module of our (unadapted) wrapper's library part."""
+    out = {}
+    for name, mod in bb.named_modules():
+        if name and name.startswith(layout.prefix):
+            out[name[len(layout.prefix) :]] = mod
+    return out
+
+
+def import_peft(
+    peft_dir: str | Path, backbone: str, task_or_recipe: str, out_dir: str | Path,
+    classes: list[str] | None = None, overrides: list[str] | dict | None = None, atol: float = PARITY_ATOL,
+) -> dict[str, Any]:  # fmt: skip
+    """Build a run directory from a peft LoRA adapter folder for ``backbone`` (``timm:<name>`` or
+    ``open_clip:<arch>@<tag>``) and ``task_or_recipe`` (a recipe file / name, or a task name), predicting like
+    ``PeftModel.from_pretrained(<library model>, peft_dir)``. ``classes``: the class names in logit order (default:
+    the class list our own ``export --peft`` recorded in the weights' metadata, else the recipe's data folder). ``overrides``: dotted
+    ``section.key=value`` settings (e.g. ``backbone.pretrained=false``, ``task.data_root=…``).
+
+    Raises:
+        PeftInteropError: a missing/corrupt file, a non-LoRA or unsupported peft option, another base model,
+            targets that match nothing or non-Linear/MHA modules, shape or class-count mismatches — each naming
+            the file and the fix. FileExistsError: ``out_dir`` already holds a run.
+    """
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from vision_peft.engine import count_parameters
+
+    peft_dir, out_dir = Path(peft_dir), Path(out_dir)
+    cfg_path, w_path = peft_dir / CONFIG_NAME, peft_dir / WEIGHTS_NAME
+    data = _read_config(peft_dir)
+    tensors, meta = _read_tensors(peft_dir)
+    if (out_dir / rundir.CONFIG_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a run (config.json); pick another --out")
+    base_name = data.get("base_model_name_or_path")
+    layout = _layout(backbone, "--backbone")
+    if not _base_matches(base_name, backbone):
+        raise PeftInteropError(
+            f"{cfg_path}: base_model_name_or_path is {base_name!r}, but --backbone is {backbone!r}; the adapter was "
+            f"trained on another base model. Pass the backbone it was trained on (e.g. --backbone "
+            f"{'timm:' + str(base_name).removeprefix('timm/').split('.')[0] if layout.family == 'timm' else base_name})"
+        )
+    cfg = _run_config(task_or_recipe, backbone, overrides)
+    if cfg.task.name not in PEFT_TASKS:
+        raise PeftInteropError(
+            f"{task_or_recipe}: task {cfg.task.name!r} cannot be built from a peft adapter (a backbone + linear "
+            f"head); import-peft builds {', '.join(PEFT_TASKS)} runs"
+        )
+    task = TASKS.get(cfg.task.name).builder(cfg)
+    from vision_peft.backbones import build_backbone
+
+    plain = build_backbone(cfg.backbone)
+    weights_id = meta.get("vision_peft.weights_id")
+    if weights_id and weights_id != plain.weights_id:
+        raise PeftInteropError(
+            f"{w_path} was exported from a run on {meta.get('vision_peft.backbone')} with weights {weights_id[:12]}…, "
+            f"but {backbone} loads weights {plain.weights_id[:12]}… ({plain.weights_source}); point "
+            "backbone.weights at the original file (--set backbone.weights=<file>)"
+        )
+    # which library modules the adapter targets, by peft's own matching rules
+    pcfg = LoraConfig(
+        r=int(data["r"]), lora_alpha=data["lora_alpha"], target_modules=data.get("target_modules"),
+        exclude_modules=data.get("exclude_modules"), modules_to_save=data.get("modules_to_save"),
+    )  # fmt: skip
+    names = _library_names(plain, layout)
+    mha_children = {f"{n}.out_proj" for n, m in names.items() if isinstance(m, nn.MultiheadAttention)}
+    matched = [n for n in names if n not in mha_children and check_target_module_exists(pcfg, n)]
+    prefix = "base_model.model."
+    lib_tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    ignored: list[str] = []
+    if layout.family == "open_clip":  # the CLIP text tower's layers: encode_image never runs them
+        ignored = sorted({k.split(".lora_")[0] for k in lib_tensors if not k.startswith("visual.")})
+        lib_tensors = {k: v for k, v in lib_tensors.items() if k.startswith("visual.")}
+    if not matched:
+        raise PeftInteropError(
+            f"{cfg_path}: target_modules {data.get('target_modules')!r} match no module of {backbone}"
+            + (f"'s image tower (only text-tower modules {ignored[:3]})" if ignored else "")
+            + "; is --backbone the model the adapter was trained on?"
+        )
+    bad = [f"{n} ({type(names[n]).__name__})" for n in matched
+           if not isinstance(names[n], (nn.Linear, nn.MultiheadAttention))]  # fmt: skip
+    if bad:
+        raise PeftInteropError(
+            f"{cfg_path}: target_modules match {', '.join(bad[:4])}: vision_peft imports LoRA on nn.Linear and fused "
+            "nn.MultiheadAttention modules only; re-train the adapter with Linear / attention targets"
+        )
+    # the tensors, per module: peft saves <base_model.model.><name>.lora_A.weight (MHA: + base_layer.out_proj.…)
+    parts_of: dict[str, dict[str, str]] = {}
+    for n in matched:
+        if isinstance(names[n], nn.MultiheadAttention):
+            parts_of[n] = {"in_proj": n, "out_proj": f"{n}.base_layer.out_proj"}
+        else:
+            parts_of[n] = {"linear": n}
+    used: set[str] = set()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our wrapper-relative module name -> (A, B)
+    ranks: dict[str, int] = {}
+    for n, parts in parts_of.items():
+        for part, key in parts.items():
+            ka, kb = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+            missing = [k for k in (ka, kb) if k not in lib_tensors]
+            if missing:
+                raise PeftInteropError(
+                    f"{w_path} lacks {prefix}{missing[0]} for target {n}: the weights do not belong to "
+                    f"{cfg_path} (or to {backbone}); save config and weights together with save_pretrained"
+                )
+            a, b = lib_tensors[ka].float(), lib_tensors[kb].float()
+            used |= {ka, kb}
+            if part == "out_proj":
+                if bool((b != 0).any()):
+                    raise PeftInteropError(
+                        f"{w_path}: {n}.out_proj has a non-zero LoRA update; peft {_peft_version()} "
+                        f"{MHA_OUT_PROJ_BUG} vision_peft applies an update once, so it does not import this layout "
+                        "(an in_proj-only update, out_proj lora_B = 0, imports exactly)"
+                    )
+                continue  # B = 0: no update at all
+            ours = layout.prefix + (n if part in ("linear", "in_proj") else f"{n}.out_proj")
+            w = names[n].in_proj_weight if part == "in_proj" else (
+                names[n].out_proj.weight if part == "out_proj" else names[n].weight)  # fmt: skip
+            fan_out, fan_in = int(w.shape[0]), int(w.shape[1])
+            if (
+                a.dim() != 2
+                or b.dim() != 2
+                or a.shape[1] != fan_in
+                or b.shape[0] != fan_out
+                or b.shape[1] != a.shape[0]
+            ):
+                raise PeftInteropError(
+                    f"{w_path}: {n} ({part}) has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, but {backbone}'s "
+                    f"layer is {fan_out}×{fan_in} (expects A (r, {fan_in}), B ({fan_out}, r)); the adapter was "
+                    "trained on another model size"
+                )
+            factors[ours] = (a, b)
+            ranks[n] = int(a.shape[0])
+    # the rank and scale of each peft layer (patterns are regex suffixes, as peft reads them)
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern, alpha_pattern = data.get("rank_pattern") or {}, data.get("alpha_pattern") or {}
+    scales: dict[str, float] = {}
+    for n in parts_of:
+        r = rank_pattern.get(get_pattern_key(list(rank_pattern), n), data["r"])
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), n), data["lora_alpha"])
+        if ranks[n] != r:
+            raise PeftInteropError(
+                f"{w_path}: {n} has rank {ranks[n]} but {cfg_path} says r={r}; save config and weights together"
+            )
+        scales[n] = alpha / math.sqrt(r) if data.get("use_rslora") else alpha / r
+    if len(set(ranks.values())) > 1 or len({round(s, 12) for s in scales.values()}) > 1:
+        raise PeftInteropError(
+            f"{cfg_path}: the layers have different ranks or scales (rank_pattern / alpha_pattern: ranks "
+            f"{sorted(set(ranks.values()))}, scales {sorted(set(scales.values()))}); vision_peft's LoRA has one rank "
+            "and one alpha per adapter. Save the adapter with a single r and lora_alpha"
+        )
+    r = next(iter(ranks.values()))
+    scale = next(iter(scales.values()))
+    # the head: peft's modules_to_save on the timm classifier, or our own head file (open_clip)
+    mts = list(data.get("modules_to_save") or [])
+    head_w = head_b = None
+    classifier = _timm_classifier(plain.model) if layout.family == "timm" else None
+    if mts:
+        if layout.family != "timm" or mts not in ([classifier], [classifier.rpartition(".")[2]]):
+            raise PeftInteropError(
+                f"{cfg_path}: modules_to_save={mts} — vision_peft keeps a linear head only (timm's classifier "
+                f"{classifier!r}); other trained modules are not reproduced. Save the adapter with "
+                f"modules_to_save=[{classifier!r}] (or none and a {HEAD_NAME})"
+            )
+        kw, kb = f"{classifier}.weight", f"{classifier}.bias"
+        if kw not in lib_tensors:
+            raise PeftInteropError(f"{w_path} lacks {prefix}{kw} although {cfg_path} lists modules_to_save={mts}")
+        head_w, head_b = lib_tensors[kw].float(), lib_tensors.get(kb)
+        used |= {kw, kb}
+    elif (peft_dir / HEAD_NAME).is_file():
+        head = ckpt.load_tensors(peft_dir / HEAD_NAME)
+        head_w, head_b = head.get("weight"), head.get("bias")
+        if head_w is None:
+            raise PeftInteropError(f"{peft_dir / HEAD_NAME} holds no 'weight' tensor")
+    else:
+        raise PeftInteropError(
+            f"{cfg_path}: the adapter has no classification head (modules_to_save is empty and there is no "
+            f"{HEAD_NAME}); a run needs one. Save the peft model built with num_classes=<your classes> and "
+            f"modules_to_save=[{classifier or 'head'!r}], or train a run instead (`python -m vision_peft train`)"
+        )
+    extra = sorted(set(lib_tensors) - used)
+    if extra:
+        raise PeftInteropError(
+            f"{w_path} holds tensors no target of {cfg_path} explains: {extra[:4]}; save config and weights together"
+        )
+    # the class list
+    where = "--classes"
+    if classes is None and "vision_peft.classes" in meta:  # the run's own list, recorded by export --peft
+        classes, where = json.loads(meta["vision_peft.classes"]), f"{w_path} metadata"
+    if classes is None:
+        try:
+            classes, where = list(task.classes), f"task.data_root {cfg.task.data_root}"
+        except Exception as e:
+            raise PeftInteropError(
+                f"no class list for the imported run: the recipe's data is not readable ({e}) and {w_path} records "
+                "none; pass --classes a,b,c (in the head's logit order) or --set task.data_root=<folder>"
+            ) from None
+    task.set_classes(list(classes))
+    if head_w.dim() != 2 or head_w.shape[0] != len(classes) or head_w.shape[1] != plain.embed_dim:
+        raise PeftInteropError(
+            f"{w_path}: the head is {tuple(head_w.shape)}, but the run has {len(classes)} classes (from {where}) on "
+            f"{plain.embed_dim}-d features; give the classes the adapter was trained on (--classes, in logit order)"
+        )
+    # our run: the recipe with a LoRA of this rank/scale on exactly these modules
+    targets = sorted(factors)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["adapter"] = {"name": "lora", "r": r, "alpha": scale * r, "dropout": float(data.get("lora_dropout") or 0.0),
+                           "targets": targets, "train_a": True, "seed": 0}  # fmt: skip
+    cfg_dict["output"]["name"] = out_dir.name
+    cfg_dict["output"]["runs_root"] = str(out_dir.parent)
+    cfg = build_run_config(cfg_dict)
+    task = TASKS.get(cfg.task.name).builder(cfg)
+    task.set_classes(list(classes))
+    model = task.build_model()
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            mod = model.backbone.get_submodule(name)
+            if isinstance(mod, DeltaLinear):
+                f = mod.factors
+            else:
+                tensor = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
+                wd = getattr(mod.parametrizations, tensor)[0]
+                f = getattr(wd, wd.factors_name)
+            f.lora_A.copy_(a)
+            f.lora_B.copy_(b)
+        model.head.weight.copy_(head_w)
+        if head_b is not None:
+            model.head.bias.copy_(head_b.float())
+        else:
+            model.head.bias.zero_()
+    model.eval()
+    # check against peft itself, then write the run directory in one rename
+    base = library_model(plain, cfg, len(classes))
+    pm = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    parity = compare(model, pm, layout, atol, str(peft_dir), plain=plain)
+    counts = count_parameters(model)
+    bb = model.backbone
+    info = RunInfo(
+        vision_peft_version=vision_peft.__version__,
+        config=cfg.to_dict(),
+        backbone=BackboneInfo(bb.spec, bb.weights_id, bb.weights_source, bb.data_config, bb.embed_dim),
+        task_state=task.state_info(),
+        parameters=counts,
+        adapter_touched=list(model.adapter.touched[:50]),
+        device="cpu",
+        steps=StepsInfo(total=0, per_epoch=0),
+        torch=torch.__version__,
+    )
+    source = {"peft_dir": str(peft_dir.resolve()), "peft_version": data.get("peft_version"),
+              "base_model_name_or_path": base_name, "classes_from": where}  # fmt: skip
+    final = {"step": 0, "imported_from_peft": source, "parity_vs_peft": parity}
+    with staged_folder(out_dir, prefix=".import-peft-") as tmp:
+        info.write(tmp)
+        ckpt.save_tensors(
+            tmp / rundir.ADAPTER_FILE, model.adapter_state_dict(),
+            metadata={"backbone": bb.spec, "weights_id": bb.weights_id, "adapter": "lora", "task": cfg.task.name,
+                      "imported_from_peft": str(peft_dir.resolve())},
+        )  # fmt: skip
+        rundir.atomic_write_json(tmp / rundir.FINAL_FILE, final)
+        _write_card(tmp, out_dir.name, info, source, parity, len(targets), ignored)
+    return {
+        "run": str(out_dir),
+        "peft_dir": str(peft_dir),
+        "backbone": backbone,
+        "task": cfg.task.name,
+        "rank": r,
+        "alpha": scale * r,
+        "targets": len(targets),
+        "classes": list(classes),
+        "classes_from": where,
+        "ignored_text_tower_modules": ignored,
+        "parity": parity,
+    }
+
+
+def _write_card(d: Path, name: str, info: RunInfo, source: dict, parity: dict, n: int, ignored: list[str]) -> None:
+    lines = [
+        f"# {name}",
+        "",
+        f"Imported from the peft LoRA adapter folder `{source['peft_dir']}` (peft {source['peft_version']}, "
+        f"base model {source['base_model_name_or_path']!r}) with `python -m vision_peft import-peft`; not trained "
+        "here (no metrics, no split).",
+        "",
+        f"- task: `{info.task_name}`; backbone: `{info.backbone.spec}` ({info.backbone.weights_source}); adapter: "
+        f"`lora` r={info.config['adapter']['r']} alpha={info.config['adapter']['alpha']:g} on {n} modules",
+        f"- classes ({len(info.classes)}, from {source['classes_from']}): {', '.join(info.classes)}",
+        f"- parity vs peft.PeftModel ({parity['compared']}, {parity['inputs']}): max |Δ| "
+        f"{parity['max_abs_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.3f}",
+    ]
+    if ignored:
+        lines.append(f"- ignored {len(ignored)} text-tower module(s) the image tower never runs: {ignored[:4]}")
+    lines += ["", f"Predict: `python -m vision_peft predict {name} <images>`", ""]
+    rundir.atomic_write_text(d / rundir.CARD_FILE, "\n".join(lines))
