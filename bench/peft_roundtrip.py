@@ -1,0 +1,281 @@
+"""peft round-trip (issue 15 acceptance): max |Δ| of outputs, ours vs ``peft.PeftModel`` on the same inputs, both ways.
+
+Cases (each on real AID test images of the run's split, plus 4 random inputs):
+
+1. timm ViT, ours → peft: a short LoRA run (r=8, alpha=16, qkv + mlp) on 3 AID classes, its lora_B replaced by
+   seeded random values (std ``--b-std``; a 2-step B is tiny, and B = 0 would make any mapping match), exported
+   with ``export_peft``; ``PeftModel.from_pretrained(timm model with the run's weights and num_classes=3, dir)``
+   logits vs the run's logits (``load_run``). ``adapter_effect`` = max |Δ| of the run's logits with vs without
+   the adapter (the scale a mapping error would show at).
+2. timm ViT, peft → ours: a LoRA (r=8, alpha=16, use_rslora, qkv + fc1, modules_to_save=[head]) created by peft on
+   the same timm model, random B and head, ``save_pretrained``, ``import_peft``; the imported run's logits vs
+   PeftModel's.
+3. open_clip ViT fused MHA, both directions alike (qkv = the fused in_proj_weight, + mlp): image features
+   (``encode_image``) and logits through the head file. Plus the layout peft cannot represent: an ``out_proj``
+   update inside ``nn.MultiheadAttention`` — measured how peft applies it (vs W + BA and W + 2BA).
+
+Weights: ``vit_small_patch16_224`` and open_clip ``ViT-B-32`` weights are not available offline here
+(``$VISION_PEFT_WEIGHTS`` holds none, the HF cache is empty), so both run with random-init weights (seed 0) at 224²
+— the mapping does not depend on the weight values; the script says so in its output. With weights present, pass
+``--pretrained``.
+
+Run: ``nice -n 10 python bench/peft_roundtrip.py`` (CPU, ~2 min); writes ``bench/results/peft_roundtrip.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--timm", default="vit_small_patch16_224", help="timm model")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture")
+    p.add_argument("--clip-tag", default="openai", help="open_clip pretrained tag (with --pretrained)")
+    p.add_argument("--pretrained", action="store_true", help="use real weights (must be available offline)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--b-std", type=float, default=0.02, help="std of the random lora_B written into the run")
+    p.add_argument("--steps", type=int, default=2, help="training steps of the source runs")
+    p.add_argument("--out", default=str(REPO / "bench/results/peft_roundtrip.json"))
+    return p.parse_args(argv)
+
+
+def _aid_inputs(run_dir: Path, model, cfg) -> tuple[torch.Tensor, int]:
+    """The run's AID test images, preprocessed as predict does, plus 4 random images: (batch, n_real)."""
+    from vision_peft.preprocess import image_spec, preprocess_batch
+
+    split = json.loads((run_dir / "split.json").read_text())
+    files = list(split["test"])
+    spec = image_spec(model.backbone.data_config, resize=cfg.task.resize)
+    real = torch.from_numpy(preprocess_batch(files, spec))
+    h, w = model.backbone.input_size
+    rnd = torch.randn(4, 3, h, w, generator=torch.Generator().manual_seed(0))
+    return torch.cat([real, rnd]), len(files)
+
+
+def _train(root: Path, name: str, backbone: dict, adapter: dict, steps: int) -> Path:
+    from vision_peft.recipe import load_recipe
+    from vision_peft.train import run
+
+    over = {"backbone": backbone, "adapter": adapter,
+            "train": {"max_steps": steps, "batch_size": 4, "device": "cpu", "log_every": 1, "epochs": 1},
+            "output": {"runs_root": str(root), "name": name}}  # fmt: skip
+    with torch.enable_grad():  # the cases run under no_grad; training needs gradients
+        return Path(run(load_recipe("classification-tiny", over), progress=False))
+
+
+def _randomise_b(run_dir: Path, std: float, seed: int = 1) -> None:
+    from vision_peft import checkpoint as ckpt
+
+    sd = ckpt.load_tensors(run_dir / "adapter.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(v.shape, generator=g) * std if k.endswith("lora_B") else v for k, v in sd.items()}
+    ckpt.save_tensors(run_dir / "adapter.safetensors", sd)
+
+
+def _stats(ours: torch.Tensor, theirs: torch.Tensor, frozen: torch.Tensor, n_real: int) -> dict:
+    d = (ours - theirs).abs()
+    return {
+        "max_abs_diff": float(d.max()),
+        "max_abs_diff_aid_images": float(d[:n_real].max()),
+        "max_abs_diff_random_inputs": float(d[n_real:].max()),
+        "max_abs_output": float(ours.abs().max()),
+        "adapter_effect": float((ours - frozen).abs().max()),
+        "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).float().mean()),
+        "n_inputs": int(ours.shape[0]),
+        "n_aid_images": n_real,
+    }
+
+
+@torch.no_grad()
+def timm_case(args, root: Path, backbone: dict) -> dict:
+    import peft
+
+    from vision_peft.backbones import build_backbone
+    from vision_peft.config import BackboneConfig
+    from vision_peft.peft_interop import export_peft, import_peft, library_model
+    from vision_peft.predict import load_run
+
+    out: dict = {}
+    # ours -> peft
+    run_dir = _train(root, "timm-lora", backbone, {"name": "lora", "r": args.rank, "alpha": 16.0,
+                                                  "targets": ["qkv", "mlp"]}, args.steps)  # fmt: skip
+    _randomise_b(run_dir, args.b_std)
+    t0 = time.perf_counter()
+    summary = export_peft(run_dir, root / "timm-peft")
+    t_export = time.perf_counter() - t0
+    cfg, task, model, _ = load_run(run_dir)
+    x, n_real = _aid_inputs(run_dir, model, cfg)
+    plain = build_backbone(BackboneConfig(**backbone)).eval()
+    base = library_model(plain, cfg, len(task.classes))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / "timm-peft")).eval()
+    ours = model.logits(x)
+    out["ours_to_peft"] = {
+        **_stats(ours, pm(x), model.head(plain.forward_features(x)), n_real),
+        "compared": "logits: run (load_run) vs PeftModel.from_pretrained(timm model, dir)(x)",
+        "targets": summary["target_modules"], "rank": args.rank, "export_seconds": round(t_export, 2),
+        "files_bytes": summary["files"],
+    }  # fmt: skip
+    # peft -> ours
+    theirs_model = copy.deepcopy(base)
+    pcfg = peft.LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules=["qkv", "fc1"],
+                           modules_to_save=["head"])  # fmt: skip
+    pm2 = peft.get_peft_model(theirs_model, pcfg)
+    g = torch.Generator().manual_seed(2)
+    for n, p in pm2.named_parameters():
+        if "lora_B" in n:
+            p.copy_(torch.randn(p.shape, generator=g) * args.b_std)
+        elif "modules_to_save" in n:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm2.save_pretrained(str(root / "timm-hf"))
+    sets = [f"backbone.{k}={json.dumps(v) if v is not None else 'null'}" for k, v in backbone.items() if k != "name"]
+    t0 = time.perf_counter()
+    imp = import_peft(root / "timm-hf", backbone["name"], "classification-tiny", root / "timm-imported", overrides=sets)
+    t_import = time.perf_counter() - t0
+    _, _, model2, _ = load_run(root / "timm-imported")
+    pm2.eval()
+    theirs = pm2(x)
+    frozen = model2.head(plain.forward_features(x))
+    out["peft_to_ours"] = {
+        **_stats(model2.logits(x), theirs, frozen, n_real),
+        "compared": "logits: PeftModel (created by peft, use_rslora) vs the imported run (load_run)",
+        "targets": imp["targets"], "rank": imp["rank"], "our_alpha": imp["alpha"], "classes_from": imp["classes_from"],
+        "import_seconds": round(t_import, 2),
+    }  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def clip_case(args, root: Path, backbone: dict) -> dict:
+    import peft
+    from safetensors.torch import load_file
+
+    from vision_peft.backbones import build_backbone
+    from vision_peft.config import BackboneConfig
+    from vision_peft.peft_interop import HEAD_NAME, PeftInteropError, export_peft, import_peft, library_model
+    from vision_peft.predict import load_run
+
+    out: dict = {}
+    run_dir = _train(root, "clip-lora", backbone, {"name": "lora", "r": args.rank, "alpha": 16.0,
+                                                  "targets": ["qkv", "mlp"]}, args.steps)  # fmt: skip
+    _randomise_b(run_dir, args.b_std)
+    summary = export_peft(run_dir, root / "clip-peft")
+    cfg, task, model, _ = load_run(run_dir)
+    x, n_real = _aid_inputs(run_dir, model, cfg)
+    plain = build_backbone(BackboneConfig(**backbone)).eval()
+    base = library_model(plain, cfg, len(task.classes))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / "clip-peft")).eval()
+    head = load_file(str(root / "clip-peft" / HEAD_NAME))
+    feats, theirs = model.backbone.forward_features(x), pm.encode_image(x)
+    frozen = plain.forward_features(x)
+    out["ours_to_peft"] = {
+        "image_features": _stats(feats, theirs, frozen, n_real),
+        "logits": _stats(model.head(feats), theirs @ head["weight"].T + head["bias"], model.head(frozen), n_real),
+        "compared": "encode_image of PeftModel.from_pretrained(open_clip CLIP model, dir) vs the run's features; "
+        "logits through vision_peft_head.safetensors",
+        "targets": summary["target_modules"],
+        "files_bytes": summary["files"],
+    }
+    # peft -> ours: peft's LoRA on the image tower's fused MHA (out_proj B = 0) + MLP
+    pm2 = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=args.rank, lora_alpha=16, target_modules=r"visual\..*\.(attn|c_fc|c_proj)"))  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for n, p in pm2.named_parameters():
+        if "lora_B" in n and "out_proj" not in n:
+            p.copy_(torch.randn(p.shape, generator=g) * args.b_std)
+    pm2.save_pretrained(str(root / "clip-hf"))
+    shutil.copy(root / "clip-peft" / HEAD_NAME, root / "clip-hf" / HEAD_NAME)
+    sets = [f"backbone.{k}={json.dumps(v) if v is not None else 'null'}" for k, v in backbone.items() if k != "name"]
+    imp = import_peft(root / "clip-hf", backbone["name"], "classification-tiny", root / "clip-imported",
+                      classes=list(task.classes), overrides=sets)  # fmt: skip
+    _, _, model2, _ = load_run(root / "clip-imported")
+    pm2.eval()
+    out["peft_to_ours"] = {
+        "image_features": _stats(model2.backbone.forward_features(x), pm2.encode_image(x), frozen, n_real),
+        "compared": "encode_image: PeftModel (created by peft on the fused MHA + MLP) vs the imported run",
+        "targets": imp["targets"],
+    }
+    # the layout peft cannot represent: an out_proj update inside nn.MultiheadAttention
+    name = "visual.transformer.resblocks.0.attn"
+    pm3 = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                                                    target_modules=[name])).eval()  # fmt: skip
+    ob = pm3.base_model.model.get_submodule(name).base_layer.out_proj
+    ob.lora_B["default"].weight.copy_(torch.randn(ob.lora_B["default"].weight.shape, generator=g) * args.b_std)
+    delta = ob.lora_B["default"].weight @ ob.lora_A["default"].weight
+    got = pm3.encode_image(x)
+    res = {}
+    for k in (1, 2):
+        ref = copy.deepcopy(base)
+        ref.get_submodule(name).out_proj.weight += k * delta
+        res[f"max_abs_diff_vs_W_plus_{k}BA"] = float((got - ref.encode_image(x)).abs().max())
+    try:
+        bad_run = _train(root, "clip-attn-out", backbone, {"name": "lora", "r": args.rank,
+                                                          "targets": ["qkv", "attn_out"]}, 1)  # fmt: skip
+        _randomise_b(bad_run, args.b_std)
+        export_peft(bad_run, root / "never")
+        refused = "NOT refused"
+    except PeftInteropError as e:
+        refused = str(e)
+    out["mha_out_proj_not_representable"] = {**res, "export_refusal": refused}
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    import peft
+    import timm
+
+    from vision_peft.backbones.base import weights_status
+
+    timm_spec, clip_spec = f"timm:{args.timm}", f"open_clip:{args.clip}" + (f"@{args.clip_tag}" if args.pretrained
+                                                                            else "")  # fmt: skip
+    weights = {s: weights_status(s) for s in (timm_spec, f"open_clip:{args.clip}@{args.clip_tag}")}
+    root = Path(tempfile.mkdtemp(prefix="peft-roundtrip-"))
+    t0 = time.perf_counter()
+    try:
+        report = {
+            "versions": {"peft": peft.__version__, "timm": timm.__version__, "torch": torch.__version__},
+            "weights": "pretrained" if args.pretrained else (
+                "random init (seed 0): no offline weights for these models here "
+                f"({'; '.join(f'{k}: {v}' for k, v in weights.items())}); the mapping does not depend on weight values"),
+            "data": "AID (classification-tiny recipe: classes Beach, Forest, Port); inputs = the run's test split "
+            "images + 4 random images",
+            "lora_B": f"seeded random, std {args.b_std} (a 2-step B is ~0; B = 0 would make any mapping match)",
+            "threads": 1,
+        }  # fmt: skip
+        bb_timm = {"name": timm_spec, "pretrained": args.pretrained, "image_size": None}
+        report["timm_vit"] = {"backbone": timm_spec, **timm_case(args, root, bb_timm)}
+        bb_clip = {"name": clip_spec, "pretrained": args.pretrained, "image_size": None}
+        report["open_clip_fused_mha"] = {"backbone": clip_spec, **clip_case(args, root, bb_clip)}
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["command"] = "nice -n 10 python bench/peft_roundtrip.py " + " ".join(argv or sys.argv[1:])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    worst = max(
+        report["timm_vit"]["ours_to_peft"]["max_abs_diff"], report["timm_vit"]["peft_to_ours"]["max_abs_diff"],
+        report["open_clip_fused_mha"]["ours_to_peft"]["image_features"]["max_abs_diff"],
+        report["open_clip_fused_mha"]["peft_to_ours"]["image_features"]["max_abs_diff"],
+    )  # fmt: skip
+    print(f"worst max |Δ| over the four round-trips: {worst:.3g}", file=sys.stderr)
+    return 0 if worst < 1e-4 and np.isfinite(worst) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
