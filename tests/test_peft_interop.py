@@ -182,11 +182,34 @@ def test_export_open_clip_fused_mha_loads_in_peft(work, clip_export) -> None:
     assert float((logits - their_logits).abs().max()) < 1e-4
 
 
+def test_export_pvera_linear_loads_in_peft(work) -> None:
+    """PVeRA on Linear layers → peft's PveraConfig (shared projections saved, λ per layer), equal logits in eval."""
+    from vision_peft.peft_interop import export_peft
+
+    run_dir = _train(work, "pvera", adapter={"name": "pvera", "r": 4, "targets": ["qkv"]})
+
+    def edit(sd, g):
+        for k in sd:
+            if k.endswith("lambda_b") or k.endswith("lambda_d"):
+                sd[k] = torch.randn(sd[k].shape, generator=g) * 0.3
+
+    _randomise(run_dir, edit=edit)
+    out = work / "peft-pvera"
+    summary = export_peft(run_dir, out)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "PVERA" and conf["save_projection"] and summary["peft_type"] == "PVERA"
+    diff, effect = _ours_vs_peft_timm(run_dir, out, 3)
+    assert effect > 1e-2 and diff < 1e-5
+
+
 @pytest.mark.parametrize(
     ("sections", "needle"),
     [
         ({"adapter": {"name": "vpt", "num_tokens": 2}}, "adapter 'vpt' cannot be written as a peft adapter"),
-        ({"adapter": {"name": "pvera", "r": 2}}, "PVeRA"),
+        (
+            {"adapter": {"name": "pvera", "r": 2, "targets": ["model.patch_embed.proj"]}},
+            "peft's PVeRA adapts nn.Linear",
+        ),
         ({"adapter": {"name": "linear"}}, "linear probe"),
         ({"adapter": {"name": "lora", "r": 2, "targets": ["model.patch_embed.proj"]}}, "weight space"),
         ({"backbone": OC, "adapter": {"name": "lora", "r": 2, "targets": ["qkv", "attn_out"]}}, "twice"),
@@ -265,6 +288,22 @@ def test_import_peft_run_predicts_like_peftmodel_and_exports(work, rslora) -> No
 
     export_peft(run_dir, back)
     assert _ours_vs_peft_timm(run_dir, back, 3)[0] < 1e-5
+
+
+def test_imported_run_evaluates_and_exports_onnx(work, capsys) -> None:
+    """An imported run is a run: ``eval`` on the recipe's data and the merged ONNX ``export`` (parity-gated)."""
+    from vision_peft.cli import main
+    from vision_peft.export import export_run
+    from vision_peft.peft_interop import import_peft
+
+    src = _peft_folder(work, "hf-eval")
+    run_dir = work / "runs" / "imported-eval"
+    import_peft(src, "timm:test_vit", "classification", run_dir,
+                overrides=[*TIMM_SETS, f"task.data_root={work / 'data'}", "task.split={train: 2, val: 1, test: 1}"])  # fmt: skip
+    assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
+    assert "top1" in json.loads(capsys.readouterr().out)
+    man = export_run(run_dir, work / "imported-bundle")
+    assert man["parity"]["passed"] and man["labels"] == ["alpha", "beta", "gamma"]
 
 
 def test_import_open_clip_roundtrip(work, clip_export) -> None:

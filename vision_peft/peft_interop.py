@@ -27,13 +27,16 @@ What maps to what (peft 0.21.2 ``LoraConfig``; ours keeps the same A (r × fan_i
   scale stays alpha / r. Layers pruned to rank 0 are left out (they change nothing). Not peft's ``use_dora``
   (Liu et al.'s weight decomposition), which is another method.
 
+- ``pvera`` on ``nn.Linear`` layers: peft's ``PveraConfig`` with the same r, the shared frozen A (2r × max fan-in)
+  and B (max fan-out × r) saved as peft's projections (``save_projection``), λ_d / λ_b per layer; exact at
+  inference (both use z = μ; ``sample_at_inference`` false). PVeRA on 1×1 convs (hooked side path) or in weight
+  space (k×k convs, fused MHA) is refused: peft's PVeRA adapts Linear layers only.
+
 Refused, with the reason and the fix (the merged ONNX bundle, ``export <run>``): adapters peft has no equivalent
-of (vpt, prompt_map, pad_prompt, detris, sara, fish, kind, point adapters, full, linear, pvera — PVeRA's
-weight-space and 1×1-conv variants and its sampled latent are ours; peft 0.21.2's ``PveraConfig`` exists, but this
-exporter does not write it), tasks other than classification / multilabel, backbones other than timm / open_clip,
-convolution targets (peft's LoRA conv runs the update as an activation-path conv with the base's padding, which
-differs from timm's TF-"same" dynamic padding and grouped kernels), and Linear layers inside an MHA adapted
-without the MHA's own layout.
+of (vpt, prompt_map, pad_prompt, detris, sara, fish, kind, point adapters, full, linear), tasks other than
+classification / multilabel, backbones other than timm / open_clip, convolution targets (peft's LoRA conv runs the
+update as an activation-path conv with the base's padding, which differs from timm's TF-"same" dynamic padding and
+grouped kernels), and an ``out_proj`` update inside open_clip's MHA (above).
 
 :func:`import_peft` reverses it for peft LoRA folders on Linear and fused-MHA targets (``use_rslora`` maps
 exactly: our alpha = lora_alpha · √r), writing a run directory (config.json, adapter.safetensors, model card)
@@ -71,7 +74,7 @@ CONFIG_NAME = "adapter_config.json"  # peft's file names
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEAD_NAME = "vision_peft_head.safetensors"  # open_clip only: the linear head (peft ignores the file)
 PEFT_TASKS = ("classification", "multilabel")
-PEFT_ADAPTERS = ("lora", "dora")
+PEFT_ADAPTERS = ("lora", "dora", "pvera")
 PEFT_FAMILIES = ("timm", "open_clip")
 PARITY_ATOL = 1e-4
 # LoraConfig options our LoRA does not reproduce: (field, value that is fine, why)
@@ -96,7 +99,8 @@ _UNSUPPORTED_OPTIONS: tuple[tuple[str, Any, str], ...] = (
 
 MHA_OUT_PROJ_BUG = (
     "its LoRA MultiheadAttention layer adds the out_proj update twice (forward merges B A into out_proj's weight, "
-    "then out_proj.merge() adds it again; merge_and_unload does the same), so an out_proj update B A acts as 2 B A."
+    "then out_proj.merge() adds it again; merge_and_unload does the same), so an out_proj update B A acts as 2 B A "
+    "(huggingface/peft pull request #3774, open, fixes it)."
 )
 
 
@@ -309,8 +313,6 @@ def _check_exportable(run_dir: Path, info: RunInfo) -> _Layout:
         )
     if adapter not in PEFT_ADAPTERS:
         why = {
-            "pvera": "PVeRA's weight-space / 1×1-conv layers and its sampled latent have no peft equivalent, and "
-            "this exporter does not write peft's PveraConfig",
             "full": "full fine-tuning changes every weight (no adapter to share)",
             "linear": "a linear probe has no adapter (only a head)",
         }.get(adapter, f"peft has no {adapter} method")
@@ -339,8 +341,9 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     layout = _check_exportable(run_dir, RunInfo.read(run_dir))
     cfg, task, model, info = load_run(run_dir, "cpu")
-    updates = _run_updates(model, layout, str(run_dir))
-    if not updates:
+    pvera = cfg.adapter.name == "pvera"
+    updates = {} if pvera else _run_updates(model, layout, str(run_dir))
+    if not pvera and not updates:
         raise PeftInteropError(f"{run_dir}: the adapter holds no non-zero-rank layer; nothing to export")
     classes = list(task.classes)
     from vision_peft.backbones import build_backbone
@@ -357,26 +360,16 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
                 f"features ({type(clf).__name__}), so the run's head cannot be peft's modules_to_save; "
                 f"use the merged ONNX bundle: `python -m vision_peft export {run_dir}`"
             )
-    pcfg = _peft_config(updates, [layout.classifier] if layout.classifier else None)
-    pm = get_peft_model(copy.deepcopy(base), pcfg)
+    mts = [layout.classifier] if layout.classifier else None
+    if pvera:
+        pm, filled, summary_extra = _pvera_peft_model(model, base, layout, cfg, mts, str(run_dir))
+    else:
+        pm = get_peft_model(copy.deepcopy(base), _peft_config(updates, mts))
+        filled = _fill_lora(pm, updates, str(run_dir))
+        summary_extra = {"target_modules": len(updates),
+                         "ranks": sorted({max(u.rank for u in p.values()) for p in updates.values()})}  # fmt: skip
     pcfg = pm.peft_config["default"]
-    filled = 0
     with torch.no_grad():
-        for name, parts in updates.items():
-            layers = _peft_layer_tensors(pm, name)
-            for part, upd in parts.items():
-                layer = layers[part]
-                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                if tuple(a.shape) != tuple(upd.a.shape) or tuple(b.shape) != tuple(upd.b.shape):
-                    raise PeftInteropError(
-                        f"{run_dir}: {name} ({part}) has A{tuple(upd.a.shape)} B{tuple(upd.b.shape)}, peft built "
-                        f"A{tuple(a.shape)} B{tuple(b.shape)}"
-                    )
-                if not math.isclose(layer.scaling["default"], upd.scale, rel_tol=1e-9):
-                    raise PeftInteropError(f"{run_dir}: {name}: peft scale {layer.scaling['default']} != {upd.scale}")
-                a.copy_(upd.a)
-                b.copy_(upd.b)
-                filled += 2
         if layout.classifier:
             wrapped = pm.base_model.model.get_submodule(layout.classifier).modules_to_save["default"]
             wrapped.weight.copy_(head.weight)
@@ -406,19 +399,82 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp)).eval()
         parity = compare(model, loaded, layout, atol, str(run_dir), plain=plain)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    ranks = sorted({max(u.rank for u in p.values()) for p in updates.values()})
     return {
         "peft_dir": str(out_dir),
         "run": str(run_dir),
+        "peft_type": str(getattr(pcfg.peft_type, "value", pcfg.peft_type)),
         "base_model": info.backbone.spec,
         "load_with": _load_hint(layout, info.backbone.spec, len(classes)),
-        "target_modules": len(updates),
-        "ranks": ranks,
-        "modules_to_save": [layout.classifier] if layout.classifier else [],
+        **summary_extra,
+        "modules_to_save": mts or [],
         "classes": classes,
         "parity": parity,
         "files": files,
     }
+
+
+def _fill_lora(pm: nn.Module, updates: dict[str, dict[str, _Update]], run_dir: str) -> int:
+    """Copy every update into PeftModel ``pm``'s LoRA layers (shapes and scales checked); returns tensors filled."""
+    filled = 0
+    with torch.no_grad():
+        for name, parts in updates.items():
+            layers = _peft_layer_tensors(pm, name)
+            for part, upd in parts.items():
+                layer = layers[part]
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                if tuple(a.shape) != tuple(upd.a.shape) or tuple(b.shape) != tuple(upd.b.shape):
+                    raise PeftInteropError(
+                        f"{run_dir}: {name} ({part}) has A{tuple(upd.a.shape)} B{tuple(upd.b.shape)}, peft built "
+                        f"A{tuple(a.shape)} B{tuple(b.shape)}"
+                    )
+                if not math.isclose(layer.scaling["default"], upd.scale, rel_tol=1e-9):
+                    raise PeftInteropError(f"{run_dir}: {name}: peft scale {layer.scaling['default']} != {upd.scale}")
+                a.copy_(upd.a)
+                b.copy_(upd.b)
+                filled += 2
+    return filled
+
+
+def _pvera_peft_model(model, base, layout: _Layout, cfg, mts, run_dir: str) -> tuple[nn.Module, int, dict]:
+    """PVeRA → peft's PveraConfig: the shared A (2r × max fan-in) / B (max fan-out × r) as peft's saved projections
+    (``save_projection``), λ_d / λ_b per layer. Exact at inference (z = μ; peft's ``sample_at_inference`` false)
+    when every adapted layer is an ``nn.Linear`` on the activation path, which is all peft's PVeRA covers."""
+    from peft import PveraConfig, get_peft_model
+
+    bb = model.backbone
+    layers = {n: m for n, m in bb.named_modules() if isinstance(m, DeltaLinear) and m.factors_attr == "pvera"}
+    other = [n for n, m in bb.named_modules() if hasattr(m, "pvera") and n not in layers]
+    other += [n for n, m in bb.named_modules() if parametrize.is_parametrized(m) and n not in layers]
+    if other or not layers:
+        raise PeftInteropError(
+            f"{run_dir}: PVeRA on {other[:3] or 'no Linear layer'} (1×1 convs with a hooked side path, or weight-space "
+            "k×k convs / fused MHA) has no peft form: peft's PVeRA adapts nn.Linear only. Train PVeRA on Linear "
+            "targets (qkv, mlp on a timm ViT) to share it, or deploy the merged ONNX bundle "
+            f"(`python -m vision_peft export {run_dir}`)"
+        )
+    shared = bb.pvera_shared
+    names = sorted(n[len(layout.prefix) :] for n in layers)
+    pcfg = PveraConfig(r=cfg.adapter.r, target_modules=names, d_initial=cfg.adapter.lambda_d_init, pvera_dropout=0.0,
+                       projection_prng_key=cfg.adapter.seed, save_projection=True, modules_to_save=mts,
+                       sample_at_inference=False, inference_mode=True)  # fmt: skip
+    pm = get_peft_model(copy.deepcopy(base), pcfg)
+    filled = 0
+    with torch.no_grad():
+        a, b = pm.base_model.pvera_A["default"], pm.base_model.pvera_B["default"]
+        if a.shape != shared.A.shape or b.shape != shared.B.shape:
+            raise PeftInteropError(
+                f"{run_dir}: peft sized the shared PVeRA projections A{tuple(a.shape)} B{tuple(b.shape)}, the run has "
+                f"A{tuple(shared.A.shape)} B{tuple(shared.B.shape)}"
+            )
+        a.copy_(shared.A)
+        b.copy_(shared.B)
+        filled += 2
+        for n in names:
+            ours, theirs = layers[layout.prefix + n].factors, pm.base_model.model.get_submodule(n)
+            theirs.pvera_lambda_d["default"].copy_(ours.lambda_d)
+            theirs.pvera_lambda_b["default"].copy_(ours.lambda_b)
+            filled += 2
+    return pm, filled, {"target_modules": len(names), "ranks": [cfg.adapter.r]}
 
 
 def _load_hint(layout: _Layout, spec: str, n: int) -> str:
