@@ -182,6 +182,30 @@ def test_export_open_clip_fused_mha_loads_in_peft(work, clip_export) -> None:
     assert float((logits - their_logits).abs().max()) < 1e-4
 
 
+def test_multilabel_run_round_trips_with_its_threshold(work, data_root) -> None:
+    """A multilabel run (COCO128 categories): logits equal through PeftModel; the decision threshold, which peft has
+    no field for, travels in the weights' metadata and comes back on import."""
+    from vision_peft import checkpoint as ckpt
+    from vision_peft.peft_interop import export_peft, import_peft
+    from vision_peft.predict import load_run
+
+    task = {"name": "multilabel", "data_root": str(data_root / "coco128-seg"), "augment": "none"}
+    run_dir = _train(work, "ml", task=task, train={"max_steps": 1, "batch_size": 16})
+
+    def edit(sd, g):
+        sd["threshold"] = torch.tensor(0.37, dtype=torch.float64)
+
+    _randomise(run_dir, edit=edit)
+    n = len(load_run(run_dir)[1].classes)
+    summary = export_peft(run_dir, work / "peft-ml")
+    diff, effect = _ours_vs_peft_timm(run_dir, work / "peft-ml", n)
+    assert effect > 1e-2 and diff < 1e-5 and summary["parity"]["max_abs_diff"] < 1e-5
+    back = import_peft(work / "peft-ml", "timm:test_vit", "multilabel", work / "runs" / "ml-imported",
+                       overrides=[*TIMM_SETS, f"task.data_root={data_root / 'coco128-seg'}"])  # fmt: skip
+    assert back["threshold"] == pytest.approx(0.37)
+    assert float(ckpt.load_tensors(work / "runs" / "ml-imported" / "adapter.safetensors")["threshold"]) == 0.37
+
+
 def test_export_pvera_linear_loads_in_peft(work) -> None:
     """PVeRA on Linear layers → peft's PveraConfig (shared projections saved, λ per layer), equal logits in eval."""
     from vision_peft.peft_interop import export_peft

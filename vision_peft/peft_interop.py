@@ -387,6 +387,8 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
         "vision_peft.adapter": cfg.adapter.name,
         "vision_peft.classes": json.dumps(classes),
     }
+    if isinstance(getattr(model, "threshold", None), torch.Tensor):  # multilabel's decision threshold (not a peft idea)
+        meta["vision_peft.threshold"] = repr(float(model.threshold))
     pcfg.base_model_name_or_path = info.backbone.spec  # get_peft_model set the library model's own (none)
     with staged_folder(out_dir, prefix=".peft-") as tmp:
         pcfg.save_pretrained(str(tmp))
@@ -854,6 +856,10 @@ def import_peft(
                 f = getattr(wd, wd.factors_name)
             f.lora_A.copy_(a)
             f.lora_B.copy_(b)
+        threshold = None
+        if isinstance(getattr(model, "threshold", None), torch.Tensor) and "vision_peft.threshold" in meta:
+            threshold = float(meta["vision_peft.threshold"])  # recorded by our export --peft
+            model.threshold.fill_(threshold)
         model.head.weight.copy_(head_w)
         if head_b is not None:
             model.head.bias.copy_(head_b.float())
@@ -900,6 +906,7 @@ def import_peft(
         "classes": list(classes),
         "classes_from": where,
         "ignored_text_tower_modules": ignored,
+        **({"threshold": threshold} if threshold is not None else {}),
         "parity": parity,
     }
 
