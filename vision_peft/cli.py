@@ -1,4 +1,4 @@
-"""The command line: ``python -m vision_peft train|eval|predict|export|list|app``.
+"""The command line: ``python -m vision_peft train|eval|predict|export|import-peft|list|serve|app``.
 
 Only this module reads argv. Every command is a thin call into the library, so the CLI, the app and the
 Python API cannot drift apart. Errors that are the user's to fix print one line (no traceback) and exit 2.
@@ -58,17 +58,73 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vision_peft.predict import predict_files
+    from vision_peft.predict import RunSwitcher, is_run_dir, predict_files, predict_runs
 
-    for rec in predict_files(args.run, args.inputs, device=args.device, top_k=args.top_k, mc_samples=args.mc_samples):
+    runs, inputs = [args.run], list(args.inputs)
+    while inputs and is_run_dir(inputs[0]):  # leading directories holding config.json are further runs
+        runs.append(inputs.pop(0))
+    if not inputs:
+        raise ValueError(f"predict: no input files after the run directories {' '.join(runs)}; give images to predict")
+    if len(runs) == 1:
+        recs = predict_files(args.run, inputs, device=args.device, top_k=args.top_k, mc_samples=args.mc_samples)
+    else:
+        sw = RunSwitcher(args.device, max_layouts=1)
+        recs = predict_runs(runs, inputs, args.device, args.top_k, args.mc_samples, switcher=sw)
+        print(
+            f"predict: {len(runs)} runs, {sw.builds} model(s) built, {sw.switches} adapter switch(es)"
+            + "".join(f"; {r} loaded on its own: {why}" for r, why in sw.reasons.items()),
+            file=sys.stderr,
+        )
+    for rec in recs:
         print(json.dumps(rec))
     return 0
 
 
+def _export_pack(args: argparse.Namespace, out: str | None) -> int:
+    """``export <run> <run> … --pack --bundle DIR`` and ``export <run> --adapter-for <pack>``."""
+    from vision_peft.pack import export_adapter_for, export_pack
+
+    names = args.names.split(",") if args.names else None
+    if args.adapter_for:
+        if len(args.run) != 1:
+            raise SystemExit("--adapter-for takes one run directory")
+        meta = export_adapter_for(args.run[0], args.adapter_for, out, name=names[0] if names else None,
+                                  atol=args.atol)  # fmt: skip
+        print(json.dumps({"adapter": meta["name"], "out": str(Path(out) if out else Path(args.run[0]) / "adapter"),
+                          "parity": meta["parity"]["max_abs_diff"]}, indent=2))  # fmt: skip
+        return 0
+    if not out:
+        raise SystemExit("export --pack needs --bundle DIR (the pack folder)")
+    man = export_pack(args.run, out, names=names, exporter=args.exporter, atol=args.atol)
+    files = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir()) if p.is_file()}
+    summary = {
+        "bundle": out,
+        "format": man["format"],
+        "adapters": {n: {"source_run": a["source_run"], "max_abs_diff": a["parity"]["max_abs_diff"],
+                         "classes": len(a["labels"])} for n, a in man["adapters"].items()},
+        "bytes": sum(files.values()),
+        "files": files,
+    }  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
+    if getattr(args, "peft", None):  # export <run> --peft DIR: a peft adapter folder (vision_peft.peft_interop)
+        from vision_peft.peft_interop import export_peft
+
+        if len(args.run) != 1 or args.pack or args.adapter_for:
+            raise SystemExit("export --peft takes one run directory (no --pack / --adapter-for)")
+        print(json.dumps(export_peft(args.run[0], args.peft, atol=args.atol), indent=2))
+        return 0
     from vision_peft.export import export_run
 
     out = args.bundle or args.out
+    if args.pack or args.adapter_for:
+        return _export_pack(args, out)
+    if len(args.run) != 1:
+        raise SystemExit(f"{len(args.run)} runs given: export several runs as one pack with --pack --bundle DIR")
+    args.run = args.run[0]
     man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device, int8=args.int8)
     p = man["parity"]
     summary = {
@@ -86,6 +142,16 @@ def _export(args: argparse.Namespace) -> int:
     if "int8" in p:
         summary["int8"] = {k: v for k, v in p["int8"].items() if k not in ("fp32", "int8")}
         summary["int8"].update({f"{k}_top1": (p["int8"][k] or {}).get("top1") for k in ("fp32", "int8")})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from vision_peft.peft_interop import import_peft
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    summary = import_peft(args.peft_dir, args.backbone, args.task, args.out, classes=classes,
+                          overrides=list(args.set or []))  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -146,17 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--device", default="auto")
     e.add_argument("--full", action="store_true", help="include the confusion matrix")
-    pr = sub.add_parser("predict", help="predict with a finished run")
-    pr.add_argument("run")
-    pr.add_argument("inputs", nargs="+", help="input files, as the run's task reads them (images, point clouds …)")
+    pr = sub.add_parser("predict", help="predict with one or several finished runs")
+    pr.add_argument("run", help="run directory; further run directories may follow (one backbone load per layout)")
+    pr.add_argument(
+        "inputs", nargs="+",
+        help="[more run directories] then input files, as the run's task reads them (images, point clouds …)",
+    )  # fmt: skip
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument(
         "--mc-samples", type=int, default=0,
         help="PVeRA runs: average this many predictions with the latent sampled, and report their spread",
     )  # fmt: skip
-    x = sub.add_parser("export", help="export a run to an ONNX bundle with a parity check")
-    x.add_argument("run")
+    x = sub.add_parser("export", help="export a run to an ONNX bundle with a parity check (several runs: --pack)")
+    x.add_argument("run", nargs="+", help="run directory; several with --pack (one backbone, one adapter each)")
+    x.add_argument("--pack", action="store_true", help="one base graph + one .onnx_adapter per run (needs --bundle)")
+    x.add_argument("--names", help="adapter names for --pack / --adapter-for, comma-separated (default: run folders)")
+    x.add_argument("--adapter-for", metavar="PACK", help="write this run's adapter pair for an existing pack")
     x.add_argument("--out", help="bundle folder (default <run>/export)")
     x.add_argument("--bundle", help="same as --out")
     x.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
@@ -165,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--int8", action="store_true", help="also write a dynamic-int8 graph and report its task-metric change"
     )
+    x.add_argument("--peft", metavar="DIR", help="write a peft adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors) for PeftModel.from_pretrained instead of an ONNX bundle")  # fmt: skip
+    ip = sub.add_parser("import-peft", help="build a run directory from a peft LoRA adapter folder")
+    ip.add_argument("peft_dir", help="folder with adapter_config.json + adapter_model.safetensors")
+    ip.add_argument("--backbone", required=True, help="the base model: timm:<name> or open_clip:<arch>@<tag>")
+    ip.add_argument("--task", required=True, help="recipe (file or name in tasks/) or task name (classification …)")
+    ip.add_argument("--out", required=True, help="the run directory to write (e.g. runs/imported)")
+    ip.add_argument("--classes", help="class names in the head's logit order, comma-separated (default: the data)")
+    ip.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="recipe override, repeatable (e.g. --set task.data_root=data/aid)")  # fmt: skip
     ls = sub.add_parser("list", help="list backbones, adapters, tasks, datasets or recipes")
     ls.add_argument(
         "what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"]
@@ -195,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _eval,
         "predict": _predict,
         "export": _export,
+        "import-peft": _import_peft,
         "list": _list,
         "app": _app,
         "serve": _serve,
