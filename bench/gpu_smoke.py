@@ -117,6 +117,34 @@ def runtime_call(b) -> str:
     return "-"
 
 
+PACK_BUDGET_S = 200  # the pack row (a CPU export of ~20 s, then CUDA sessions) runs only when this much is left
+
+
+def pack_row(root: Path, device: str) -> dict:
+    """An adapter pack of the first LoRA run (twice, as adapters ``a`` and ``b``): exported, loaded on the CUDA
+    provider, both adapters run through ``RunOptions.add_active_adapter`` (issue 15)."""
+    from vision_peft.deploy import load_bundle
+    from vision_peft.pack import export_pack
+
+    row: dict = {"row": "pack (2 adapters) of the lora run"}
+    try:
+        run_dir = next(p for p in sorted(root.iterdir()) if (p / "config.json").is_file() and "lora" in p.name)
+        man = export_pack([run_dir, run_dir], root / "pack", names=["a", "b"])
+        row["parity_max_abs"] = f"{man['parity']['max_abs_diff']:.2e}"
+        b = load_bundle(root / "pack", device="auto")
+        row["deploy_providers"] = b.providers[0]
+        t1 = time.perf_counter()
+        labels = [runtime_call(b.select(n)) for n in b.adapters]
+        row["runtime"] = f"{'/'.join(labels)} {1000 * (time.perf_counter() - t1):.0f}ms"
+        if device == "cuda":
+            load_bundle(root / "pack", device="cuda", strict=True)
+            row["strict_cuda"] = "ok"
+    except Exception as e:
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return row
+
+
 def main() -> int:
     from vision_peft.deploy import load_bundle
     from vision_peft.export import export_run
@@ -132,6 +160,7 @@ def main() -> int:
 
     print(f"onnxruntime {ort.__version__}, available providers: {ort.get_available_providers()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    started = time.perf_counter()
     table = []
     from vision_peft.recipe import find_recipe
 
@@ -211,6 +240,11 @@ def main() -> int:
             row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
         table.append(row)
         print(json.dumps(row), flush=True)
+    if time.perf_counter() - started < PACK_BUDGET_S:
+        table.append(pack_row(root, device))
+        print(json.dumps(table[-1]), flush=True)
+    else:
+        table.append({"row": "pack (2 adapters) of the lora run", "error": "skipped: time budget"})
     cols = [
         "row",
         "steps",
