@@ -5,8 +5,9 @@ Trains short real runs of ``tasks/classification-aid.yaml`` (EfficientNet-Lite0 
 convs) in ``--runs-root`` (kept: a second call reuses finished runs): ``--runs`` runs (default 20), run ``i`` on a
 seeded random subset of 5–10 AID classes with train seed ``i``, ``--steps`` optimizer steps of batch 16 on the
 recipe's fixed split (60/10/30 per class, split seed 0), so every run has its own labels, head size and test
-split. ``--small-runs`` more runs of two smaller-footprint layouts on the same backbone (LoRA r=2 on the same
-convs; a linear probe = head only) give the bytes of those layouts too. Then:
+split. ``--small-runs`` more runs of each smaller-footprint layout give the bytes of those layouts too: LoRA r=2
+on the same convs, a linear probe (head only) and deep VPT on a ViT-Tiny (random init: no ViT weights are
+offline, so its runs say nothing about accuracy; the bytes depend only on the layout). Then:
 
 (a) bytes: one pack (``vision_peft.pack.export_pack``) of the first N runs vs the N runs' merged bundles
     (``vision_peft.export.export_run``), N = 1, 5, 20 (every file of each folder counted);
@@ -47,11 +48,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "tasks" / "classification-aid.yaml"
-LAYOUTS = {  # name -> (adapter section override or None for the recipe's, description)
-    "lora_r8": (None, "LoRA r=8, alpha 16 on every pointwise conv (the recipe)"),
-    "lora_r2": ({"name": "lora", "r": 2, "alpha": 4, "targets": ["conv_pw"]}, "LoRA r=2, alpha 4, same convs"),
-    "linear": ({"name": "linear"}, "linear probe (head only, backbone frozen)"),
-}
+TINY_VIT = {"name": "timm:vit_tiny_patch16_224", "pretrained": False, "image_size": 128}
+LAYOUTS = {  # name -> (adapter section or None for the recipe's, backbone section or None, fixed seed, description)
+    "lora_r8": (None, None, None, "EfficientNet-Lite0: LoRA r=8, alpha 16 on every pointwise conv (the recipe)"),
+    "lora_r2": ({"name": "lora", "r": 2, "alpha": 4, "targets": ["conv_pw"]}, None, None,
+                "EfficientNet-Lite0: LoRA r=2, alpha 4, same convs"),
+    "linear": ({"name": "linear"}, None, None, "EfficientNet-Lite0: linear probe (head only, backbone frozen)"),
+    "vpt_vit_tiny": ({"name": "vpt", "num_tokens": 10, "deep": True}, TINY_VIT, 0,
+                     "ViT-Tiny/16 at 128², RANDOM INIT (no ViT weights offline; bytes only, accuracy meaningless): "
+                     "deep VPT, 10 tokens per block; train seed 0 for every run so the random backbone (its "
+                     "weight hash) is shared"),
+}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -90,12 +97,15 @@ def train_runs(root: Path, layout: str, n: int, steps: int, all_classes: list[st
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             data = yaml.safe_load(RECIPE.read_text())
-            section, _ = LAYOUTS[layout]
+            section, backbone, seed, _ = LAYOUTS[layout]
             if section is not None:
                 data["adapter"] = dict(section)
+            if backbone is not None:
+                data["backbone"] = dict(backbone)
             data = apply_overrides(data, {
                 "task": {"classes": classes},
-                "train": {"max_steps": steps, "batch_size": 16, "seed": i, "device": "cpu", "amp": "none"},
+                "train": {"max_steps": steps, "batch_size": 16, "seed": i if seed is None else seed, "device": "cpu",
+                          "amp": "none"},
                 "output": {"runs_root": str(root / "runs"), "name": name},
             })  # fmt: skip
             run_dir = Path(run(build_run_config(data), progress=False))
@@ -103,7 +113,8 @@ def train_runs(root: Path, layout: str, n: int, steps: int, all_classes: list[st
 
             reset_vision_peft_logging()
         final = json.loads((run_dir / "final_metrics.json").read_text())
-        rec = {"name": name, "dir": str(run_dir), "classes": len(classes), "seed": i,
+        seed = LAYOUTS[layout][2]
+        rec = {"name": name, "dir": str(run_dir), "classes": len(classes), "seed": i if seed is None else seed,
                "test_top1": final.get("test", {}).get("top1"), "train_s": round(time.perf_counter() - t, 1)}  # fmt: skip
         log(f"run {name}: {len(classes)} classes, test top-1 {rec['test_top1']}, {rec['train_s']} s")
         out.append(rec)
@@ -156,7 +167,7 @@ def export_all(root: Path, layout: str, runs: list[dict], pack_sizes: list[int])
             "adapter_json_bytes_mean": float(np.mean(meta_bytes)), "export_s": round(secs, 1),
         })  # fmt: skip
         log(f"pack {layout} N={n}: {pack:,} B vs {sum(merged[:n]):,} B merged ({pack / merged[0]:.3f}× one merged)")
-    return {"layout": LAYOUTS[layout][1], "merged_bytes": merged, "rows": rows}
+    return {"layout": LAYOUTS[layout][3], "merged_bytes": merged, "rows": rows}
 
 
 def folder_bytes_file(folder: Path, name: str) -> int:
@@ -350,7 +361,7 @@ def markdown(res: dict) -> str:
     mib = 2**20
     lines = ["# Adapter packs vs merged bundles (AID, EfficientNet-Lite0 128²)", "",
              f"Command: `{res['command']}`; {res['machine']}; {res['setup']['threads']} thread(s).", ""]  # fmt: skip
-    lines += ["## Bytes on disk", "", "| layout | N | one pack (MB) | N merged bundles (MB) | pack / one merged | "
+    lines += ["## Bytes on disk", "", *[f"- {k}: {v['layout']}" for k, v in res["bytes"].items()], "", "| layout | N | one pack (MB) | N merged bundles (MB) | pack / one merged | "
               "pack / N merged | base graph (MB) | per adapter file + json (KB) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, b in res["bytes"].items():
         for r in b["rows"]:
@@ -456,7 +467,7 @@ def main() -> int:
     }
     runs = {"lora_r8": train_runs(root, "lora_r8", args.runs, args.steps, all_classes)}
     if args.small_runs:
-        for layout in ("lora_r2", "linear"):
+        for layout in ("lora_r2", "linear", "vpt_vit_tiny"):
             runs[layout] = train_runs(root, layout, args.small_runs, args.steps, all_classes)
     res["runs"] = runs
     res["timing_s"] = {"train": round(time.perf_counter() - t0, 1)}
