@@ -106,7 +106,8 @@ def timm_case(args, root: Path, backbone: dict) -> dict:
 
     from vision_peft.backbones import build_backbone
     from vision_peft.config import BackboneConfig
-    from vision_peft.peft_interop import export_peft, import_peft, library_model
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import export_peft, library_model
     from vision_peft.predict import load_run
 
     out: dict = {}
@@ -165,7 +166,8 @@ def clip_case(args, root: Path, backbone: dict) -> dict:
 
     from vision_peft.backbones import build_backbone
     from vision_peft.config import BackboneConfig
-    from vision_peft.peft_interop import HEAD_NAME, PeftInteropError, export_peft, import_peft, library_model
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import HEAD_NAME, PeftInteropError, export_peft, library_model
     from vision_peft.predict import load_run
 
     out: dict = {}

@@ -80,6 +80,12 @@ def _torch_probs(run_dir: Path, images: list[np.ndarray]) -> np.ndarray:
 
 
 def test_pack_layout_and_manifest(pack, runs):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in pack.iterdir()}
+    assert modes and all(m == 0o666 & ~umask for m in modes.values()), modes  # a server user must read every file
     man = json.loads((pack / "manifest.json").read_text())
     assert man["format"] == "vision_peft.bundle/2" and sorted(man["adapters"]) == ["a", "b"]
     graph = man["graphs"]["model"]

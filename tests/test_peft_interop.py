@@ -186,7 +186,8 @@ def test_multilabel_run_round_trips_with_its_threshold(work, data_root) -> None:
     """A multilabel run (COCO128 categories): logits equal through PeftModel; the decision threshold, which peft has
     no field for, travels in the weights' metadata and comes back on import."""
     from vision_peft import checkpoint as ckpt
-    from vision_peft.peft_interop import export_peft, import_peft
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import export_peft
     from vision_peft.predict import load_run
 
     task = {"name": "multilabel", "data_root": str(data_root / "coco128-seg"), "augment": "none"}
@@ -273,7 +274,7 @@ def _peft_folder(work: Path, name: str, n_classes: int = 3, **lora) -> Path:
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_import_peft_run_predicts_like_peftmodel_and_exports(work, rslora) -> None:
-    from vision_peft.peft_interop import import_peft
+    from vision_peft.peft_import import import_peft
     from vision_peft.predict import predict_files
 
     src = _peft_folder(work, f"hf-{int(rslora)}", use_rslora=rslora)
@@ -318,7 +319,7 @@ def test_imported_run_evaluates_and_exports_onnx(work, capsys) -> None:
     """An imported run is a run: ``eval`` on the recipe's data and the merged ONNX ``export`` (parity-gated)."""
     from vision_peft.cli import main
     from vision_peft.export import export_run
-    from vision_peft.peft_interop import import_peft
+    from vision_peft.peft_import import import_peft
 
     src = _peft_folder(work, "hf-eval")
     run_dir = work / "runs" / "imported-eval"
@@ -332,7 +333,7 @@ def test_imported_run_evaluates_and_exports_onnx(work, capsys) -> None:
 
 def test_import_open_clip_roundtrip(work, clip_export) -> None:
     """Our open_clip export imported again: the fused-MHA layout both ways, the head from vision_peft_head."""
-    from vision_peft.peft_interop import import_peft
+    from vision_peft.peft_import import import_peft
     from vision_peft.predict import load_run
 
     src = clip_export[1]
@@ -372,7 +373,8 @@ def _peft_clip_folder(work: Path, name: str, out_proj: bool) -> Path:
 
 
 def test_import_open_clip_mha_from_peft(work) -> None:
-    from vision_peft.peft_interop import PeftInteropError, import_peft
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import PeftInteropError
     from vision_peft.predict import load_run
 
     sets = ["backbone.pretrained=false", f"backbone.image_size={TINY_IMAGE_SIZE}"]
@@ -412,7 +414,7 @@ def test_cli_export_and_import_peft(work, lora_export, capsys) -> None:
 
 # -- bad input ---------------------------------------------------------------------------------------------------
 def _imp(src: Path, work: Path, backbone: str = "timm:test_vit", name: str = "bad", **kw):
-    from vision_peft.peft_interop import import_peft
+    from vision_peft.peft_import import import_peft
 
     kw.setdefault("classes", ["alpha", "beta", "gamma"])
     return import_peft(src, backbone, "classification", work / "runs" / name, overrides=TIMM_SETS, **kw)
@@ -479,7 +481,8 @@ def test_import_refuses_bad_files(work) -> None:
 
 def test_import_refuses_weights_of_another_backbone_hash(work, lora_export) -> None:
     """A folder our export wrote records the run's weight hash: other weights under the same name are refused."""
-    from vision_peft.peft_interop import PeftInteropError, import_peft
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import PeftInteropError
 
     src = lora_export[1]
     with pytest.raises(PeftInteropError, match="with weights .* but timm:test_vit loads weights"):

@@ -147,7 +147,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_peft(args: argparse.Namespace) -> int:
-    from vision_peft.peft_interop import import_peft
+    from vision_peft.peft_import import import_peft
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     summary = import_peft(args.peft_dir, args.backbone, args.task, args.out, classes=classes,

@@ -40,6 +40,11 @@ def staged_folder(out_dir: Path, prefix: str = ".export-") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.rglob("*"):  # some writers (mkstemp, onnx's external data) create 0600 files
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
         tmp.chmod(0o755)
         old = None
         if out_dir.exists():
