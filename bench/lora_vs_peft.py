@@ -27,18 +27,28 @@ What it measures, all in one run on one machine:
    CPU: bytes of tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``; deduplicated by
    storage, parameters excluded) + gradient bytes + optimizer-state bytes.
 
+4. Execution levers of ours (LoRA only; ``--no-levers`` skips them): "ours + recompute" (a copy of ours with
+   ``vision_peft.recompute.plan_auto``: the fewest blocks from the input side checkpointed so the saved activations
+   fall under ``--recompute-budget-mb``) and "ours + compile" (a copy under ``torch.compile``, inductor). Both start
+   from ours' weights: their train-mode outputs and LoRA gradients after one backward are checked against ours
+   (recompute: bit-exact expected; compile: within the gradient tolerance), then they join the interleaved timing
+   (the order of all variants rotates every step) and the memory accounting. Peak RSS is not reported: every
+   variant lives in one process, so it cannot be isolated per variant. ``--out PREFIX`` writes PREFIX.json/.md.
+
 Run (from the repository root, with the virtualenv active)::
 
     python bench/lora_vs_peft.py --model test_vit                     # quick check (seconds)
     python bench/lora_vs_peft.py                                      # vit_small_patch16_224, 224², batch 8
     python bench/lora_vs_peft.py --device cuda --amp --batch 64       # GPU, bf16 autocast
     python bench/lora_vs_peft.py --method pvera --rank 256            # PVeRA, the paper's r
+    OMP_NUM_THREADS=2 python bench/lora_vs_peft.py --threads 2 --out bench/results/lora_vs_peft_compute
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -54,6 +64,7 @@ from vision_peft.adapters.lora import LoRAConfig, apply_lora
 from vision_peft.adapters.pvera import PVeRAConfig, apply_pvera
 from vision_peft.backbones import build_backbone
 from vision_peft.config import BackboneConfig
+from vision_peft.recompute import find_units, plan_auto
 
 FORWARD_TOL = 1e-5  # eval-mode forward, equal weights
 AFTER_STEP_TOL = 1e-4  # eval-mode forward after one identical AdamW step
@@ -76,6 +87,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast in the timed/measured train steps")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and of the shared random lora_B")
+    p.add_argument("--recompute-budget-mb", type=float, default=150.0, help="ours + recompute: saved-activation budget")
+    p.add_argument("--no-levers", action="store_true", help="skip the ours + recompute / ours + compile rows")
+    p.add_argument("--out", default=None, help="write the results to OUT.json and OUT.md")
     return p.parse_args(argv)
 
 
@@ -280,6 +294,40 @@ def cuda_step_bytes(
 
 
 # -- report ------------------------------------------------------------------------------------------------
+def write_results(prefix: str, result: dict) -> None:
+    """PREFIX.json (everything) and PREFIX.md (the levers table), each written atomically."""
+    lines = [
+        f"# LoRA levers vs peft — {result['model']} {result['image_size']}², batch {result['batch']}, r={result['rank']}",
+        "",
+        f"device {result['device']}, {result['threads']} threads, torch {result['torch']}, peft {result['peft']}, "
+        f"{result['warmup']} warm-up + {result['steps']} timed steps per variant, interleaved (order rotates every "
+        f"step); memory: {result['memory_kind']}. Input: {result['input']}.",
+        "",
+        "| variant | ms/step | time / peft | MiB | memory / peft | output max Δ vs ours | grad max Δ vs ours |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        mem_s = f"{r['memory_mib']:.1f}" if r["memory_mib"] is not None else "n/a"
+        mr = f"{r['memory_vs_peft']:.3f}" if r["memory_vs_peft"] is not None else "n/a"
+        od = f"{r['output_max_abs_diff']:.3g}" if "output_max_abs_diff" in r else "-"
+        gd = f"{r['grad_max_abs_diff']:.3g}" if "grad_max_abs_diff" in r else "-"
+        lines.append(
+            f"| {r['variant']} | {r['step_ms']:.1f} | {r['time_vs_peft']:.3f} | {mem_s} | {mr} | {od} | {gd} |"
+        )
+    rc = result.get("recompute")
+    if rc:
+        lines += ["", f"recompute: checkpointed {', '.join(rc['checkpointed']) or 'nothing'} (budget "
+                  f"{rc['budget_mb']:g} MiB; saved activations {rc['saved_mb_without']:.1f} MiB -> estimated "
+                  f"{rc['saved_mb_estimated']:.1f}, measured {rc['saved_mb_measured']:.1f} MiB)."]  # fmt: skip
+    lines += ["", "Failures: " + ("; ".join(result["failures"]) if result["failures"] else "none") + "."]
+    for suffix, text in ((".json", json.dumps(result, indent=2, default=str)), (".md", "\n".join(lines) + "\n")):
+        path = prefix + suffix
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
 def fmt_row(label: str, ours: str, theirs: str, ratio: str) -> str:
     return f"| {label:<58} | {ours:>12} | {theirs:>12} | {ratio:>10} |"
 
@@ -328,9 +376,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not fwd_diff < FORWARD_TOL:
         failures.append(f"forward max |Δ| {fwd_diff:.3g} >= {FORWARD_TOL}")
 
+    # 4 (set-up). the execution levers start from ours' weights, before the AdamW step below changes them
+    levers: dict[str, nn.Module] = {}
+    lever_facts: dict[str, object] = {}
+    if args.method == "lora" and not args.no_levers:
+        rc = copy.deepcopy(ours).train()
+        lever_facts["recompute"] = plan_auto(
+            rc, lambda: rc(x), find_units(rc), int(args.recompute_budget_mb * 2**20), device
+        )
+        levers["ours + recompute"] = rc
+        levers["ours + compile"] = torch.compile(copy.deepcopy(ours).train())
+
     # 1b. gradients and one identical AdamW step, fp32, train mode (test_vit/vit_small have no dropout by default).
     ours.train()
     theirs.train()
+    with torch.no_grad():
+        train_out = ours(x)  # ours' train-mode output at the weights the levers copied (before the step below)
     opt_ours = torch.optim.AdamW([p for _, p in trainable(ours)], lr=args.lr)
     opt_peft = torch.optim.AdamW([p for _, p in trainable(theirs)], lr=args.lr)
     torch.manual_seed(args.seed + 3)  # PVeRA samples ε in training: the same draws for both
@@ -343,6 +404,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     grad_scale = max(float(b.abs().max()) for b in g_peft)
     if not grad_diff <= GRAD_RTOL * grad_scale:
         failures.append(f"{label} gradient max |Δ| {grad_diff:.3g} > {GRAD_RTOL:g} x max |grad| {grad_scale:.3g}")
+    lever_opts: dict[str, torch.optim.Optimizer] = {}
+    lever_parity: dict[str, dict[str, float]] = {}
+    for key, mod in levers.items():
+        lever_opts[key] = torch.optim.AdamW([p for _, p in trainable(mod)], lr=args.lr)
+        lever_opts[key].zero_grad(set_to_none=True)
+        out = mod(x)
+        F.mse_loss(out.float(), target).backward()
+        grads = adapter_grads(getattr(mod, "_orig_mod", mod), names, True)
+        d_out = float((out.detach() - train_out).abs().max())
+        d_grad = max(float((a - b).abs().max()) for a, b in zip(grads, g_ours))
+        lever_parity[key] = {"output_max_abs_diff": d_out, "grad_max_abs_diff": d_grad}
+        tol = 0.0 if key == "ours + recompute" else GRAD_RTOL * grad_scale
+        if not d_grad <= tol:
+            failures.append(f"{key}: LoRA gradient max |Δ| vs ours {d_grad:.3g} > {tol:.3g}")
+        if not d_out <= (0.0 if key == "ours + recompute" else FORWARD_TOL * 10):
+            failures.append(f"{key}: train-mode output max |Δ| vs ours {d_out:.3g}")
     ours.eval()
     theirs.eval()
     with torch.no_grad():
@@ -356,10 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = {
         "ours": make_step(ours, opt_ours, x, target, args.amp),
         "peft": make_step(theirs, opt_peft, x, target, args.amp),
+        **{key: make_step(mod, lever_opts[key], x, target, args.amp) for key, mod in levers.items()},
     }
-    times: dict[str, list[float]] = {"ours": [], "peft": []}
+    keys = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(args.warmup + args.steps):
-        order = ["ours", "peft"] if i % 2 == 0 else ["peft", "ours"]
+        order = keys[i % len(keys) :] + keys[: i % len(keys)]  # rotate: contention hits every variant alike
+        if len(keys) == 2 and i % 2:
+            order = ["peft", "ours"]
         for key in order:
             sync(device)
             t0 = time.perf_counter()
@@ -382,6 +463,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "peft": cpu_step_bytes(theirs, opt_peft, steps["peft"]),
         }
         mem_label = "CPU: saved-activation + grad + optimizer bytes (MiB)"
+    for key, mod in levers.items():
+        try:
+            if device.type == "cuda":
+                mem[key] = cuda_step_bytes(mod, lever_opts[key], steps[key], device)
+            else:
+                mem[key] = cpu_step_bytes(mod, lever_opts[key], steps[key])
+        except Exception as e:  # noqa: BLE001 - e.g. saved-tensor hooks refused inside a compiled graph
+            mem[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
 
     mib = 2.0**20
     h, w = ours.input_size
@@ -446,6 +535,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     print(fmt_row(f"trainable params (of {n_total:,})", f"{n_ours:,}", f"{n_peft:,}", f"{n_ours / n_peft:.3f}"))
+    lever_rows = []
+    if levers:
+        print()
+        print(fmt_row("execution lever (LoRA), vs peft default", "ms/step", "MiB", "time, mem/peft"))
+        print(f"|{'-' * 60}|{'-' * 14}|{'-' * 14}|{'-' * 12}|")
+        for key in ["peft", "ours", *levers]:
+            m = mem[key]
+            tot = m.get("total")
+            t_ratio = med[key] / med["peft"]
+            m_ratio = tot / mem["peft"]["total"] if tot is not None else None
+            lever_rows.append(
+                {"variant": key, "step_ms": med[key], "time_vs_peft": t_ratio, "memory_mib": tot / mib if tot else None,
+                 "memory_vs_peft": m_ratio, "memory": m, **lever_parity.get(key, {})}
+            )  # fmt: skip
+            mem_s = f"{tot / mib:.1f}" if tot is not None else "n/a"
+            ratio_s = f"{t_ratio:.3f}, {m_ratio:.3f}" if m_ratio is not None else f"{t_ratio:.3f}, n/a"
+            print(fmt_row(key, f"{med[key]:.1f}", mem_s, ratio_s))
+        rc = lever_facts["recompute"]
+        print(
+            f"# recompute: {len(rc['checkpointed'])} of {len(find_units(levers['ours + recompute']))} blocks "
+            f"checkpointed (budget {rc['budget_mb']:g} MiB; saved {rc['saved_mb_without']:.1f} -> estimated "
+            f"{rc['saved_mb_estimated']:.1f}, measured {rc['saved_mb_measured']:.1f} MiB)"
+        )
+        for key, par in lever_parity.items():
+            print(f"# {key}: train-mode output max |Δ| vs ours {par['output_max_abs_diff']:.3g}, "
+                  f"LoRA grad max |Δ| {par['grad_max_abs_diff']:.3g}")  # fmt: skip
+    if args.out:
+        result = {
+            "bench": "lora_vs_peft", "method": args.method, "model": f"timm:{args.model}", "image_size": h,
+            "batch": args.batch, "rank": args.rank, "alpha": args.alpha, "device": str(device),
+            "threads": torch.get_num_threads(), "amp": args.amp, "torch": torch.__version__,
+            "peft": peft.__version__, "timm": timm.__version__, "warmup": args.warmup, "steps": args.steps,
+            "seed": args.seed, "input": "fixed random batch (seed + 1), MSE to a fixed random target (seed + 2)",
+            "memory_kind": mem_label, "step_ms": med, "memory": mem, "parity": {
+                "forward_max_abs_diff": fwd_diff, "grad_max_abs_diff": grad_diff, "after_step_max_abs_diff": step_diff,
+                "levers": lever_parity},
+            "recompute": lever_facts.get("recompute"), "rows": lever_rows, "failures": failures,
+        }  # fmt: skip
+        write_results(args.out, result)
     if failures:
         print("\nFAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
