@@ -312,7 +312,8 @@ def apply(model: nn.Module, task: Any, t: TrainConfig, device: torch.device, amp
         report = {"mode": "blocks", "unit_kind": kinds, "units": len(units), "checkpointed": [n for n, _ in units]}
         log.info("recompute: %d %s checkpointed (%s)", len(units), "/".join(kinds), spec)
         return report
-    batch = {k: v.to(device) for k, v in task.synthetic_batch(model, t.batch_size).items()}
+    with torch.random.fork_rng(devices=[]):  # the probe batch must not draw from the run's RNG stream
+        batch = {k: v.to(device) for k, v in task.synthetic_batch(model, t.batch_size).items()}
 
     def forward() -> Any:
         model.set_train_mode() if hasattr(model, "set_train_mode") else model.train()
