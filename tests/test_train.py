@@ -125,6 +125,28 @@ def test_resume_refuses_changed_config(tmp_path: Path, aid_root: Path) -> None:
         run(changed, resume=d, progress=False)
 
 
+def test_resume_accepts_old_configs_and_changed_execution_keys(tmp_path: Path, aid_root: Path) -> None:
+    """A run written before the execution keys existed (its config.json lacks train.recompute, compile …)
+    resumes, and a resume may change how the run executes (recompute) but not what it computes."""
+    from vision_peft.checkpoint import CheckpointError
+    from vision_peft.config import EXECUTION_KEYS
+
+    recipe = tiny_recipe(tmp_path, "old", epochs=2, ckpt_every=0)
+    d = run(build_run_config(recipe), progress=False)
+    cfg_file = d / "config.json"
+    info = json.loads(cfg_file.read_text())
+    for key in EXECUTION_KEYS:
+        if key != "num_workers":
+            info["config"]["train"].pop(key)
+    cfg_file.write_text(json.dumps(info))
+    (d / "adapter.safetensors").unlink()
+    resumed = run(build_run_config(tiny_recipe(tmp_path, "old", epochs=2, ckpt_every=0, recompute="blocks")), resume=d,
+                  progress=False)  # fmt: skip
+    assert (resumed / "adapter.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=r"section\(s\) \['train'\]"):
+        run(build_run_config(tiny_recipe(tmp_path, "old", epochs=2, ckpt_every=0, lr=1e-2)), resume=d, progress=False)
+
+
 def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ddp", epochs=2, ckpt_every=0)))

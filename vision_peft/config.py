@@ -19,6 +19,9 @@ from typing import Any, Literal
 from vision_peft.paths import REPO_ROOT, data_root, resolve_data_path, weights_root  # noqa: F401  (re-exported)
 
 AmpMode = Literal["auto", "none", "bf16", "fp16"]  # train.amp choices
+RecomputeMode = Literal["none", "blocks", "auto"]  # train.recompute choices
+# train keys that choose how a run executes, not what it computes: a resumed run may change them
+EXECUTION_KEYS = ("recompute", "recompute_budget_mb", "compile", "num_workers")
 
 
 class ConfigError(ValueError):
@@ -64,13 +67,18 @@ class TrainConfig:
     ckpt_every: int = 0  # write checkpoint/ every N optimizer steps; 0 = at the end of each epoch
     log_every: int = 10  # write a metrics.jsonl line every N optimizer steps
     num_workers: int = 0  # DataLoader worker processes
+    # -- compute only what can change (execution choices: results equal within float noise; not compared on resume)
+    recompute: RecomputeMode = "none"  # activation recomputation: none | blocks (checkpoint every block/stage) | auto
+    recompute_budget_mb: int = 1024  # auto: checkpoint the fewest blocks that bring estimated activations under this
+    compile: bool = False  # wrap the adapted model with torch.compile (falls back, with a warning, where it cannot)
 
     def __post_init__(self) -> None:
         check_choices(self, "train")
         for key in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "ckpt_every", "num_workers"):
+        nonneg = ("warmup_steps", "eval_every", "ckpt_every", "num_workers", "recompute_budget_mb")
+        for key in nonneg:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -201,6 +209,11 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
 def _check_choice(value: Any, choices: tuple[Any, ...], where: str) -> Any:
     if any(value == c and type(value) is type(c) for c in choices):
         return value
+    if isinstance(value, bool):  # YAML 1.1 reads off/no/on/yes as booleans: map them back onto a string choice
+        words = ("on", "yes", "true") if value else ("off", "no", "false")
+        spelled = [c for c in choices if isinstance(c, str) and c in words]
+        if len(spelled) == 1:
+            return spelled[0]
     raise ConfigError(f"{where} must be one of {', '.join(str(c) for c in choices)}, got {value!r}")
 
 

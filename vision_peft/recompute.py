@@ -8,7 +8,7 @@ normalise the recomputation with the same batch statistics while their running s
 so they are updated once per step as without recomputation.
 
 ``blocks`` checkpoints every unit. ``auto`` runs one probe forward of ``task.synthetic_batch(model, batch_size)``
-(the training micro-batch size, in training mode, under the run's autocast, without the prefix cache) with
+(the training micro-batch size, in training mode, under the run's autocast) with
 ``torch.autograd.graph.saved_tensors_hooks``, attributes the bytes saved for backward (deduplicated by storage,
 parameters and buffers excluded) to the unit running when they were saved, and checkpoints the fewest units, from
 the input side, whose estimate falls under ``train.recompute_budget_mb``; a second probe with the choice installed
@@ -20,7 +20,7 @@ towers), ``adapters.prompt_map.cnn_stages`` (timm EfficientNet / MobileNet stage
 ``stages`` / ``layer1..4`` (ConvNeXt, ResNet), ``TextBackbone.blocks()`` (open_clip text towers, MiniLM) and a
 ``blocks`` ModuleList (DiT, PointBERT). We patch the units' ``forward`` instead of switching on timm's or
 open_clip's own ``set_grad_checkpointing``: those cover only their ``forward_features`` path (our
-``forward_from_grid``, the prefix cache's suffix and some intermediates paths call the blocks directly) and are
+``forward_from_grid`` and some intermediates paths call the blocks directly) and are
 all-or-nothing, while ``auto`` needs single units. Forward hooks (VPT, prompt maps) keep running outside the
 checkpoint, and state-dict names do not change. Not covered: PointNet (a shared per-point MLP and a max-pool, no
 repeated blocks) and the TAEF2 autoencoder (always frozen, no backward through it).

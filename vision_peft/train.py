@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 import vision_peft
 from vision_peft import checkpoint as ckpt
-from vision_peft import rundir
-from vision_peft.config import RunConfig
+from vision_peft import recompute, rundir
+from vision_peft.config import EXECUTION_KEYS, RunConfig
 from vision_peft.engine import (
     EpochSampler,
     Schedule,
@@ -77,6 +77,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     if "train" not in data:
         raise RuntimeError(f"task {cfg.task.name} produced no training split")
     t = cfg.train
+    # compute only what can change: activation recomputation, compile
+    recompute_report = recompute.apply(model, task, t, device, amp_dtype)
     train_ds = data["train"]
     sampler = EpochSampler(len(train_ds), t.seed, rank, world, shuffle=True)
     plan = Schedule.of(t, len(sampler))
@@ -93,6 +95,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    train_model, compile_report = recompute.maybe_compile(train_model, t, device)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, t, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -173,6 +176,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             final[split] = res
             log_metrics({"step": step, "split": split, **_scalars(res)})
             log.info("final %s %s", split, _fmt(res))
+    final["compute"] = {"recompute": recompute_report, "compile": compile_report}
     if rank == 0:
         _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
     if distributed:
@@ -202,9 +206,8 @@ def _open_run_dir(cfg: RunConfig, resume: str | Path | None, rank: int, distribu
             run_dir = Path(resume)
             if not (run_dir / rundir.CONFIG_FILE).exists():
                 raise CheckpointError(f"--resume {run_dir}: not a run directory (config.json missing)")
-            saved = RunInfo.read(run_dir).config
-            if saved != cfg.to_dict():
-                diff = [k for k in cfg.to_dict() if cfg.to_dict()[k] != saved.get(k)]
+            diff = _config_diff(RunInfo.read(run_dir).config, cfg)
+            if diff:
                 raise CheckpointError(f"--resume {run_dir}: the config differs from the run's in section(s) {diff}")
         else:
             run_dir = new_run_dir(cfg)
@@ -213,6 +216,22 @@ def _open_run_dir(cfg: RunConfig, resume: str | Path | None, rank: int, distribu
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
     return run_dir
+
+
+def _config_diff(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Sections in which ``cfg`` differs from a run's saved config. The saved config is read through today's
+    dataclasses first (a run written before a key existed has that key's default), and the execution choices
+    (``EXECUTION_KEYS``: recompute, compile, workers) may differ: they do not change what is computed."""
+    from vision_peft.recipe import build_run_config
+
+    try:
+        old = build_run_config(saved).to_dict()
+    except Exception:  # a config today's code cannot read: compare as stored
+        old = saved
+    new = cfg.to_dict()
+    for d in (old, new):
+        d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k not in EXECUTION_KEYS}
+    return [k for k in new if new[k] != old.get(k)]
 
 
 def _setup_logging(run_dir: Path | None, rank: int) -> None:
