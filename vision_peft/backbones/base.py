@@ -7,6 +7,13 @@ dense tasks (and :meth:`ImageBackbone.default_feature_indices` for them), ``forw
 on that grid), and ``target_groups`` mapping portable names (``qkv``, ``attn_out``, ``mlp``, ``conv_pw`` …)
 to the family's own module-name patterns (``fnmatch`` style, relative to the backbone).
 
+Image backbones also name the places they can be cut for a frozen-prefix cache (:class:`SplitPoint`, from
+:meth:`ImageBackbone.split_points`, deepest first): the pooled features (the whole backbone), a CNN stage's
+output, a ViT's patch tokens — each with the modules that compute it. :func:`prefix_blockers` says why a
+point's prefix is not a frozen, deterministic function of the image; :meth:`ImageBackbone.forward_prefix`
+computes it, and inside :meth:`ImageBackbone.cached_input` ``forward_features`` takes that output instead of
+pixels (``vision_peft.prefix_cache`` builds on these).
+
 :func:`weights_status` tells (without building the model) whether a spec's weights are found and, if not,
 how to provide them; each family registers its check with :func:`register_weights_status`.
 """
@@ -16,13 +23,15 @@ from __future__ import annotations
 import abc
 import fnmatch
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -97,6 +106,90 @@ class GridInfo:
     stages: int = 0  # cnn: number of stages (a grid stage lies in [0, stages - 2])
 
 
+@dataclass(frozen=True)
+class SplitPoint:
+    """A place where an image backbone can be cut: the modules before it (``prefix``) map an image to an activation
+    that the rest of the network (``forward_features`` inside :meth:`ImageBackbone.cached_input`) consumes."""
+
+    kind: str  # features: the pooled embedding (the whole backbone is the prefix) | grid: forward_grid's output
+    layout: str = "features"  # features | cnn (a stage's map (B, C, h, w)) | tokens (patch embeddings) | pixels
+    stage: int | None = None  # cnn: the stage whose output it is
+    prefix: tuple[str, ...] = ("",)  # module names (relative to the backbone; "" = the whole backbone) computing it
+
+    @property
+    def name(self) -> str:
+        """``features``, ``stage 4``, ``tokens`` or ``pixels`` (logs, reports, cache keys)."""
+        if self.kind == "features":
+            return "features"
+        return f"stage {self.stage}" if self.layout == "cnn" else self.layout
+
+
+def _stochastic(m: nn.Module) -> str | None:
+    """What makes ``m`` random in train mode (dropout of any kind with a positive rate), or None."""
+    if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+        return f"{type(m).__name__}(p={m.p})"
+    for attr in ("drop_prob", "prob", "drop_rate"):  # timm DropPath, PatchDropout, a model's functional dropout
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return f"{type(m).__name__}.{attr}={v}"
+    return None
+
+
+def prefix_blockers(backbone: nn.Module, point: SplitPoint) -> list[str]:
+    """Why the prefix of ``point`` is not a frozen, deterministic function of its input (empty: it is one).
+
+    Checked on every module of the prefix (and hooks also on the backbone itself): a parameter that trains, a
+    forward (pre-)hook (adapters such as prompt_map and VPT change activations through hooks), a parametrized
+    tensor (LoRA on convolutions), and a layer that is random in train mode (Dropout, DropPath, PatchDropout or
+    a ``drop_rate`` with a positive rate: training sees another activation than the cache would). BatchNorm
+    layers without trainable parameters stay in eval mode during training (``TaskModel.set_train_mode``), so
+    they are deterministic; ones that train are caught by their parameters. Global module hooks block too.
+    One line per kind of blocker, naming the first module and how many more there are.
+    """
+    found: dict[str, list[str]] = {"trains": [], "hook": [], "param": [], "random": []}
+    if backbone._forward_hooks or backbone._forward_pre_hooks:
+        found["hook"].append("the backbone itself")
+    for root_name in point.prefix:
+        root = backbone.get_submodule(root_name) if root_name else backbone
+        for name, m in root.named_modules(prefix=root_name):
+            where = name or "the backbone"
+            trainable = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if trainable:
+                found["trains"].append(f"{where}.{trainable[0]}")
+            if m is not backbone and (m._forward_hooks or m._forward_pre_hooks):
+                found["hook"].append(where)
+            if parametrize.is_parametrized(m):
+                found["param"].append(where)
+            random_layer = _stochastic(m)
+            if random_layer:
+                found["random"].append(f"{where} ({random_layer})")
+    what = {
+        "trains": "trains (a trainable tensor inside the prefix)",
+        "hook": "has a forward hook (an adapter changes its activations)",
+        "param": "has a re-parameterised weight (an adapter's weight delta)",
+        "random": "is random in train mode",
+    }
+    reasons = []
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        reasons.append("global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
+    for kind, items in found.items():
+        if items:
+            more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+            reasons.append(f"{items[0]}{more} {what[kind]}")
+    return reasons
+
+
+def prefix_state_hash(backbone: nn.Module, point: SplitPoint) -> str:
+    """sha256 over the names, shapes and bytes of every tensor of ``point``'s prefix modules: the exact function
+    the prefix computes (adapter changes inside it included)."""
+    h = hashlib.sha256()
+    for root_name in point.prefix:
+        root = backbone.get_submodule(root_name) if root_name else backbone
+        h.update(f"[{root_name}]".encode())
+        h.update(state_hash(root).encode())
+    return h.hexdigest()
+
+
 class _AbstractModuleMeta(abc.ABCMeta, type(nn.Module)):
     """Lets nn.Module subclasses declare abstract methods."""
 
@@ -137,6 +230,7 @@ class ImageBackbone(Backbone):
     def __init__(self) -> None:
         super().__init__()
         self.input_prompts = nn.ModuleList()  # pixel-space prompts applied before the network
+        self._cached_point: SplitPoint | None = None  # set inside cached_input(): inputs are that point's output
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         for prompt in self.input_prompts:
@@ -144,11 +238,20 @@ class ImageBackbone(Backbone):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding (B, embed_dim)."""
+        """Pooled embedding (B, embed_dim). Inside :meth:`cached_input`, ``x`` is the output of that split point
+        (the features themselves, or a grid) and only the rest of the network runs."""
+        point = self._cached_point
+        if point is not None:
+            return x if point.kind == "features" else self.forward_from_grid(x, point.stage)
         return self._features(self.prepare(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """Feature maps (B, C_i, H_i, W_i) at the given block/stage indices (negative counts from the end)."""
+        if self._cached_point is not None:
+            raise RuntimeError(
+                f"forward_intermediates needs images, but {self.spec!r} is consuming cached activations "
+                f"({self._cached_point.name}); call it outside cached_input()"
+            )
         return self._intermediates(self.prepare(x), indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +286,37 @@ class ImageBackbone(Backbone):
         """The rest of the network: a :meth:`forward_grid` output (same ``stage``) → pooled features (B, embed_dim);
         ``forward_from_grid(forward_grid(x))`` equals ``forward_features(x)``."""
         return self._features(grid)
+
+    # -- split points for a frozen-prefix cache ----------------------------------------------------------------
+    def features_point(self) -> SplitPoint:
+        """The pooled features: the whole backbone is the prefix (linear probes, heads-only runs)."""
+        return SplitPoint("features")
+
+    def grid_point(self, stage: int | None = None) -> SplitPoint:
+        """The split point of :meth:`forward_grid` (``stage`` for CNNs) with the modules computing it; the base
+        has no grid, so its point is the prepared pixels (prefix: the pixel prompts)."""
+        return SplitPoint("grid", "pixels", None, ("input_prompts",))
+
+    def split_points(self) -> list[SplitPoint]:
+        """Where this backbone can be cut, deepest first: the features, then grids (CNN stages from the last,
+        or ViT patch tokens). The pixels are no point: caching them saves nothing but the decoding."""
+        return [self.features_point()]
+
+    def forward_prefix(self, x: torch.Tensor, point: SplitPoint) -> torch.Tensor:
+        """What ``point``'s prefix computes from images ``x`` (B, 3, H, W): the features or the grid."""
+        return self.forward_features(x) if point.kind == "features" else self.forward_grid(x, point.stage)
+
+    @contextmanager
+    def cached_input(self, point: SplitPoint) -> Iterator[None]:
+        """Inside this block, :meth:`forward_features` takes ``point``'s output (e.g. from a cache) instead of
+        images and runs only the rest of the network."""
+        if point not in self.split_points():
+            raise ValueError(f"{point.name} is not a split point of {self.spec!r}")
+        before, self._cached_point = self._cached_point, point
+        try:
+            yield
+        finally:
+            self._cached_point = before
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from vision_peft.backbones import BACKBONES
 from vision_peft.backbones.base import (
     GridInfo,
     ImageBackbone,
+    SplitPoint,
     WeightsNotFoundError,
     explicit_weights_file,
     register_weights_status,
@@ -115,6 +116,29 @@ class TimmBackbone(ImageBackbone):
                 x = block(x)
             return m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
         return self._features(grid)
+
+    def grid_point(self, stage: int | None = None) -> SplitPoint:
+        """CNNs: stage ``stage``'s output (prefix: stem + stages 0..stage); ViTs: the patch tokens (prefix: the
+        patch embedding); both after the pixel prompts."""
+        info = self.grid_info()
+        if info.layout == "cnn":
+            s = self._stage(stage)
+            if not 0 <= s < info.stages:
+                raise ValueError(f"stage {s} outside [0, {info.stages - 1}] for {self.spec!r}")
+            blocks = tuple(f"model.blocks.{i}" for i in range(s + 1))
+            return SplitPoint("grid", "cnn", s, ("input_prompts", "model.conv_stem", "model.bn1", *blocks))
+        if info.layout == "tokens":
+            return SplitPoint("grid", "tokens", None, ("input_prompts", "model.patch_embed"))
+        return super().grid_point(stage)
+
+    def split_points(self) -> list[SplitPoint]:
+        info = self.grid_info()
+        points = [self.features_point()]
+        if info.layout == "cnn":
+            points += [self.grid_point(s) for s in range(info.stages - 1, -1, -1)]
+        elif info.layout == "tokens":
+            points.append(self.grid_point())
+        return points
 
     @staticmethod
     def _stage(stage: int | None) -> int:

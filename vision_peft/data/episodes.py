@@ -156,9 +156,14 @@ class ImageCache:
 class EpisodeDataset(torch.utils.data.Dataset):
     """Episodes as tensors, one per item: support (N·K, 3, H, W), support_label (N·K,), query (N·Q, 3, H, W),
     query_label (N·Q,), way (). ``augment`` (a callable on (B, …) tensors with a generator) is applied to
-    support and query of training episodes, seeded by (seed, epoch, episode). With ``grid_fn`` (the frozen
-    layers before the first prompt) items hold ``grid_support`` / ``grid_query`` instead, each image's grid
-    computed once and kept (the frozen part never changes), and ``augment`` acts on grids."""
+    support and query of training episodes, seeded by (seed, epoch, episode).
+
+    With ``grid_fn`` (the frozen layers before the first prompt: image batch → grids) items hold
+    ``grid_support`` / ``grid_query`` instead and ``augment`` acts on grids. Each episode's grids come from the
+    installed grid store (:meth:`use_grid_store`: a mapping path → grid, e.g. the run's prefix cache), else from
+    grids kept from earlier episodes (``keep_grids``), and the rest are computed in one ``grid_fn`` call; with
+    ``keep_grids=False`` and no store every episode recomputes its grids (``train.cache: off``), which gives the
+    same tensors as a store."""
 
     def __init__(
         self,
@@ -169,19 +174,44 @@ class EpisodeDataset(torch.utils.data.Dataset):
         augment=None,
         seed: int = 0,
         grid_fn=None,
+        keep_grids: bool = True,
+        grid_point=None,
     ) -> None:
         self.sampler, self.num_episodes, self.cache, self.split = sampler, num_episodes, cache, split
         self.augment, self.seed, self.epoch = augment, seed, 0
-        self.grid_fn = grid_fn  # optional frozen image -> grid function: items then hold grids, computed once
+        self.grid_fn = grid_fn  # optional frozen image batch -> grid batch function: items then hold grids
+        self.keep_grids = keep_grids  # keep computed grids for later episodes (False: recompute every episode)
+        self.grid_point = grid_point  # the backbone split point the grids come from (cache keys), when grid_fn
+        self.grid_blocker: str | None = None  # why items hold images instead of grids (set by the task), if so
         self._grids: dict[str, torch.Tensor] = {}
+        self._store = None
 
-    def load(self, path: str) -> torch.Tensor:
+    def files(self) -> list[str]:
+        """Every image an episode of this dataset can draw (the sampler's classes), in class order."""
+        return [p for c in self.sampler.classes for p in self.sampler.files[c]]
+
+    def use_grid_store(self, store) -> None:
+        """Read grids from ``store`` (a mapping image path -> grid tensor) before computing any."""
         if self.grid_fn is None:
-            return self.cache(path)
-        g = self._grids.get(path)
-        if g is None:
-            g = self._grids[path] = self.grid_fn(self.cache(path)[None])[0]
-        return g
+            raise ValueError(f"the {self.split} episodes hold images, not grids ({self.grid_blocker}); no grid store")
+        self._store = store
+
+    def grids(self, paths: list[str]) -> torch.Tensor:
+        """(len(paths), *grid): from the store, kept grids, and one ``grid_fn`` call for the rest."""
+        out: list[torch.Tensor | None] = [None] * len(paths)
+        todo = []
+        for j, p in enumerate(paths):
+            g = self._store[p] if self._store is not None and p in self._store else self._grids.get(p)
+            if g is None:
+                todo.append(j)
+            out[j] = g
+        if todo:
+            new = self.grid_fn(torch.stack([self.cache(paths[j]) for j in todo]))  # (n, 3, H, W) -> (n, *grid)
+            for j, g in zip(todo, new):
+                out[j] = g
+                if self.keep_grids:
+                    self._grids[paths[j]] = g
+        return torch.stack(out)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -189,24 +219,18 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_episodes
 
-    def warm(self, batch_size: int = 64) -> None:
-        """Compute the grids of every image of the sampler's classes now, in batches (faster than one by one)."""
-        if self.grid_fn is None:
-            return
-        paths = [p for c in self.sampler.classes for p in self.sampler.files[c] if p not in self._grids]
-        for i in range(0, len(paths), batch_size):
-            chunk = paths[i : i + batch_size]
-            grids = self.grid_fn(torch.stack([self.cache(p) for p in chunk]))  # (b, *grid)
-            self._grids.update(zip(chunk, grids))
-
     def episode_index(self, i: int) -> int:
         # training draws fresh episodes every epoch; evaluation episodes are fixed
         return i + self.epoch * self.num_episodes if self.split == "train" else i
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ep = self.sampler.episode(self.episode_index(i))
-        support = torch.stack([self.load(p) for p, _ in ep.support])  # (N·K, 3, H, W) or (N·K, *grid)
-        query = torch.stack([self.load(p) for p, _ in ep.query])  # (N·Q, 3, H, W) or (N·Q, *grid)
+        paths = [p for p, _ in ep.support] + [p for p, _ in ep.query]
+        if self.grid_fn is not None:
+            x = self.grids(paths)  # (N·K + N·Q, *grid)
+        else:
+            x = torch.stack([self.cache(p) for p in paths])  # (N·K + N·Q, 3, H, W)
+        support, query = x[: len(ep.support)], x[len(ep.support) :]
         if self.augment is not None:
             g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * 1_000_003 + i)
             support, query = self.augment(support, g), self.augment(query, g)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,19 @@ def stratified_split(
     return out
 
 
+@dataclass
+class CacheSource:
+    """What a frozen-prefix cache (``vision_peft.prefix_cache``) needs to know about a dataset of image files: item
+    ``i`` is ``{input_key: network input of files[i], **fields(i)}``."""
+
+    files: list[str]  # the image file of every item, in item order
+    input_key: str  # the item key holding the network input (B, 3, H, W after collation)
+    spec: dict  # the preprocess spec that turns a file into that input
+    load: Callable[[int], torch.Tensor]  # item i's input without augmentation (decodes the file)
+    fields: Callable[[int], dict[str, torch.Tensor]]  # item i's other fields (label …), without decoding
+    augment: str | None  # the random augmentation applied to the input before the network (None: deterministic)
+
+
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """(image tensor (3, H, W), label) pairs; train mode augments with a per-sample, per-epoch seed."""
 
@@ -136,18 +150,32 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from vision_peft.augment import normalize
+    def fields(self, i: int) -> dict[str, torch.Tensor]:
+        """Item ``i`` without its image: label and index."""
+        return {"label": torch.tensor(self.samples[i][1], dtype=torch.long), "index": torch.tensor(i)}
+
+    def load_plain(self, i: int) -> torch.Tensor:
+        """Item ``i``'s image preprocessed by the spec alone (no augmentation): (3, H, W) float32."""
         from vision_peft.preprocess import load_image, preprocess_image
 
-        path, label = self.samples[i]
-        img = load_image(path)
-        if self.augment is not None:
-            arr, _ = self.augment(np.asarray(img), seed=(self.seed * 7919 + self.epoch) * 1_000_003 + i)
-            x = normalize(arr, self.spec["mean"], self.spec["std"])
-        else:
-            x = preprocess_image(img, self.spec)
-        return {"image": torch.from_numpy(x), "label": torch.tensor(label, dtype=torch.long), "index": torch.tensor(i)}
+        return torch.from_numpy(preprocess_image(load_image(self.samples[i][0]), self.spec))
+
+    def cache_source(self) -> CacheSource:
+        """The items as a frozen-prefix cache sees them (``augment`` names the random augmentation, if any)."""
+        aug = None if self.augment is None else str(getattr(self.augment, "preset", type(self.augment).__name__))
+        files = [p for p, _ in self.samples]
+        return CacheSource(files, "image", self.spec, self.load_plain, self.fields, aug)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from vision_peft.augment import normalize
+        from vision_peft.preprocess import load_image
+
+        if self.augment is None:
+            return {"image": self.load_plain(i), **self.fields(i)}
+        img = load_image(self.samples[i][0])
+        arr, _ = self.augment(np.asarray(img), seed=(self.seed * 7919 + self.epoch) * 1_000_003 + i)
+        x = normalize(arr, self.spec["mean"], self.spec["std"])
+        return {"image": torch.from_numpy(x), **self.fields(i)}
 
 
 @DATASETS.register("image_folder", help="folder-per-class images: root/<Class>/*.jpg", provides=("image", "classes"))

@@ -87,6 +87,9 @@ class ClassificationTask(ClassFolderTask):
     preview = "class_folders"
     has_classes = True
     predict_options = ("top_k", "mc_samples")
+    # the batch key that reaches the model only through backbone.forward_features (LinearHeadModel.logits), so a
+    # frozen prefix of the backbone can be computed once per image (vision_peft.prefix_cache)
+    prefix_input = "image"
 
     # -- data -------------------------------------------------------------------------------------------
     def read_scan(self, root: Path, classes: list[str] | None) -> Any:

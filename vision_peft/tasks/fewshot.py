@@ -67,9 +67,7 @@ class FewShotConfig:
     resize: str = "squash"  # resize to the input size: squash | shorter_then_center_crop | letterbox
     bad_files: Literal["skip", "fail"] = "skip"  # corrupt / non-image files: skip (with a warning) | fail
     cache_images: int = 4096  # decoded images kept in memory
-    cache_grids: bool = (
-        True  # compute each image's frozen grid once (not with pad_prompt); augmentation then acts on grids
-    )
+    cache_grids: bool = True  # episodes hold frozen grids, augmented as grids (stored per train.cache); false: images
 
     def __post_init__(self) -> None:
         self.augment = self.augment or "none"  # a CLI override "none" arrives as None
@@ -182,6 +180,10 @@ class FewShotTask(Task):
         return out
 
     def datasets(self, model: TaskModel) -> dict[str, torch.utils.data.Dataset]:
+        """Episodes of the base (train), val and novel (test) classes. When the layers before the grid are frozen
+        and deterministic (:meth:`grid_plan`), items hold grids and augmentation acts on them; the grids are kept
+        once computed (``train.run`` installs the run's prefix cache as their store, see
+        ``vision_peft.prefix_cache``), or recomputed every episode with ``train.cache: off``."""
         from vision_peft.data.episodes import EpisodeDataset, ImageCache, dihedral_augment
 
         t = self.cfg.task
@@ -189,18 +191,46 @@ class FewShotTask(Task):
         samplers = self.samplers()
         base = samplers["base"]
         base.seed = self.cfg.train.seed * 1_000_003 + 17  # meta-training episodes never equal eval episodes
-        grid_fn = self.grid_fn(model) if t.cache_grids and model.grid_is_frozen else None
+        point, blocker = self.grid_plan(model)
+        grid_fn = self.grid_fn(model) if blocker is None else None
+        keep = self.cfg.train.cache != "off"
         aug = None
         if t.augment == "dihedral":
             aug = model.augment_grid if grid_fn is not None else dihedral_augment
-        out = {"train": EpisodeDataset(base, t.train_episodes, cache, "train", aug, self.cfg.train.seed, grid_fn)}
+
+        def episodes(split: str, sampler, n: int, augment=None, seed: int = 0) -> EpisodeDataset:
+            ds = EpisodeDataset(sampler, n, cache, split, augment, seed, grid_fn, keep, point)
+            ds.grid_blocker = blocker
+            return ds
+
+        out = {"train": episodes("train", base, t.train_episodes, aug, self.cfg.train.seed)}
         if "val" in samplers:
-            out["val"] = EpisodeDataset(samplers["val"], t.val_episodes, cache, "val", grid_fn=grid_fn)
+            out["val"] = episodes("val", samplers["val"], t.val_episodes)
         if "novel" in samplers and t.test_episodes:
-            out["test"] = EpisodeDataset(samplers["novel"], t.test_episodes, cache, "test", grid_fn=grid_fn)
-        for ds in out.values():
-            ds.warm()  # grids in batches of 64 now: much faster than one image at a time during the first epoch
+            out["test"] = episodes("test", samplers["novel"], t.test_episodes)
         return out
+
+    def grid_plan(self, model: FewShotModel) -> tuple[Any, str | None]:
+        """(the backbone split point of the model's grid, why episodes cannot hold grids computed once per image —
+        None when they can: ``task.cache_grids`` is on and the layers before the grid are frozen and deterministic)."""
+        from vision_peft.backbones.base import prefix_blockers
+
+        point = model.backbone.grid_point(model.grid_stage)
+        if not self.cfg.task.cache_grids:
+            why = (
+                "task.cache_grids=false: episodes hold images, augmented as images, and every forward computes the "
+                "grid; set task.cache_grids=true to compute each image's grid once"
+            )
+            return point, why
+        reasons = prefix_blockers(model.backbone, point)
+        if model.adapter.condition_fn is not None:
+            reasons.append(f"adapter {model.adapter.name} conditions the backbone on the class")
+        if reasons:
+            return (
+                point,
+                f"the layers before the grid ({point.name}) are not frozen and deterministic: {'; '.join(reasons)}",
+            )
+        return point, None
 
     @staticmethod
     def grid_fn(model: FewShotModel):

@@ -254,6 +254,9 @@ class MultiLabelTask(Task):
     preview = "none"
     has_classes = True
     predict_options = ("top_k",)
+    # the batch key that reaches the model only through backbone.forward_features (LinearHeadModel.logits), so a
+    # frozen prefix of the backbone can be computed once per image (vision_peft.prefix_cache)
+    prefix_input = "image"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
