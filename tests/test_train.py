@@ -126,8 +126,8 @@ def test_resume_refuses_changed_config(tmp_path: Path, aid_root: Path) -> None:
 
 
 def test_resume_accepts_old_configs_and_changed_execution_keys(tmp_path: Path, aid_root: Path) -> None:
-    """A run written before the execution keys existed (its config.json lacks train.recompute, compile …)
-    resumes, and a resume may change how the run executes (recompute) but not what it computes."""
+    """A run written before the execution keys existed (its config.json lacks train.cache, recompute, compile …)
+    resumes, and a resume may change how the run executes (cache, recompute) but not what it computes."""
     from vision_peft.checkpoint import CheckpointError
     from vision_peft.config import EXECUTION_KEYS
 
@@ -140,7 +140,7 @@ def test_resume_accepts_old_configs_and_changed_execution_keys(tmp_path: Path, a
             info["config"]["train"].pop(key)
     cfg_file.write_text(json.dumps(info))
     (d / "adapter.safetensors").unlink()
-    resumed = run(build_run_config(tiny_recipe(tmp_path, "old", epochs=2, ckpt_every=0, recompute="blocks")), resume=d,
+    resumed = run(build_run_config(tiny_recipe(tmp_path, "old", epochs=2, ckpt_every=0, cache="off")), resume=d,
                   progress=False)  # fmt: skip
     assert (resumed / "adapter.safetensors").is_file()
     with pytest.raises(CheckpointError, match=r"section\(s\) \['train'\]"):

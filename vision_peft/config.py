@@ -19,9 +19,10 @@ from typing import Any, Literal
 from vision_peft.paths import REPO_ROOT, data_root, resolve_data_path, weights_root  # noqa: F401  (re-exported)
 
 AmpMode = Literal["auto", "none", "bf16", "fp16"]  # train.amp choices
+CacheMode = Literal["auto", "off", "memory", "disk"]  # train.cache choices
 RecomputeMode = Literal["none", "blocks", "auto"]  # train.recompute choices
 # train keys that choose how a run executes, not what it computes: a resumed run may change them
-EXECUTION_KEYS = ("recompute", "recompute_budget_mb", "compile", "num_workers")
+EXECUTION_KEYS = ("cache", "cache_dir", "cache_memory_mb", "recompute", "recompute_budget_mb", "compile", "num_workers")
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,9 @@ class TrainConfig:
     log_every: int = 10  # write a metrics.jsonl line every N optimizer steps
     num_workers: int = 0  # DataLoader worker processes
     # -- compute only what can change (execution choices: results equal within float noise; not compared on resume)
+    cache: CacheMode = "auto"  # frozen-prefix cache: auto (memory if small, else disk) | off | memory | disk
+    cache_dir: str | None = None  # disk cache folder; None = <output.runs_root>/.prefix_cache
+    cache_memory_mb: int = 4096  # auto: the largest in-memory cache before it goes to disk
     recompute: RecomputeMode = "none"  # activation recomputation: none | blocks (checkpoint every block/stage) | auto
     recompute_budget_mb: int = 1024  # auto: checkpoint the fewest blocks that bring estimated activations under this
     compile: bool = False  # wrap the adapted model with torch.compile (falls back, with a warning, where it cannot)
@@ -77,7 +81,7 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
-        nonneg = ("warmup_steps", "eval_every", "ckpt_every", "num_workers", "recompute_budget_mb")
+        nonneg = ("warmup_steps", "eval_every", "ckpt_every", "num_workers", "cache_memory_mb", "recompute_budget_mb")
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import vision_peft
 from vision_peft import checkpoint as ckpt
-from vision_peft import recompute, rundir
+from vision_peft import prefix_cache, recompute, rundir
 from vision_peft.config import EXECUTION_KEYS, RunConfig
 from vision_peft.engine import (
     EpochSampler,
@@ -77,7 +77,9 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     if "train" not in data:
         raise RuntimeError(f"task {cfg.task.name} produced no training split")
     t = cfg.train
-    # compute only what can change: activation recomputation, compile
+    # compute only what can change: the frozen prefix once per image, recomputation, compile
+    cache = prefix_cache.prepare(cfg, task, model, data, device, amp_dtype, rank, world)
+    data = cache.datasets
     recompute_report = recompute.apply(model, task, t, device, amp_dtype)
     train_ds = data["train"]
     sampler = EpochSampler(len(train_ds), t.seed, rank, world, shuffle=True)
@@ -111,7 +113,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     def evaluate(split: str) -> dict[str, Any] | None:
         if split not in data or rank != 0:
             return None
-        res = task.evaluate(model, eval_loader(task, data[split], t, device, t.num_workers), device, amp_dtype)
+        with cache.active(model):
+            res = task.evaluate(model, eval_loader(task, data[split], t, device, t.num_workers), device, amp_dtype)
         model.set_train_mode()
         return res
 
@@ -128,9 +131,10 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
         batches = iter(make_loader(task, train_ds, t.batch_size, sampler, t.num_workers, plan.drop_last, device))
         for _ in range(in_epoch, plan.steps_per_epoch):
             t0 = time.perf_counter()
-            losses = train_step(
-                model, train_model, batches, opt, sched, scaler, t, device, amp_dtype, distributed, step
-            )
+            with cache.active(model):
+                losses = train_step(
+                    model, train_model, batches, opt, sched, scaler, t, device, amp_dtype, distributed, step
+                )
             step += 1
             adapter_log = model.adapter.step_fn(step, total) if model.adapter.step_fn is not None else None
             if step_delay:
@@ -176,7 +180,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             final[split] = res
             log_metrics({"step": step, "split": split, **_scalars(res)})
             log.info("final %s %s", split, _fmt(res))
-    final["compute"] = {"recompute": recompute_report, "compile": compile_report}
+    final["compute"] = {"cache": cache.report, "recompute": recompute_report, "compile": compile_report}
     if rank == 0:
         _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
     if distributed:
@@ -221,7 +225,7 @@ def _open_run_dir(cfg: RunConfig, resume: str | Path | None, rank: int, distribu
 def _config_diff(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Sections in which ``cfg`` differs from a run's saved config. The saved config is read through today's
     dataclasses first (a run written before a key existed has that key's default), and the execution choices
-    (``EXECUTION_KEYS``: recompute, compile, workers) may differ: they do not change what is computed."""
+    (``EXECUTION_KEYS``: cache, recompute, compile, workers) may differ: they do not change what is computed."""
     from vision_peft.recipe import build_run_config
 
     try:
