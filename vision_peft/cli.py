@@ -125,7 +125,8 @@ def _export(args: argparse.Namespace) -> int:
     if len(args.run) != 1:
         raise SystemExit(f"{len(args.run)} runs given: export several runs as one pack with --pack --bundle DIR")
     args.run = args.run[0]
-    man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device, int8=args.int8)
+    man = export_run(args.run, out, exporter=args.exporter, atol=args.atol, device=args.device, int8=args.int8,
+                     fp16=args.fp16, calib=args.calib, calib_method=args.calib_method)  # fmt: skip
     p = man["parity"]
     summary = {
         "bundle": str(Path(out) if out else Path(args.run) / "export"),
@@ -139,9 +140,10 @@ def _export(args: argparse.Namespace) -> int:
         }
     else:
         summary.update(per_batch=p["per_batch"], providers=p["providers"])
-    if "int8" in p:
-        summary["int8"] = {k: v for k, v in p["int8"].items() if k not in ("fp32", "int8")}
-        summary["int8"].update({f"{k}_top1": (p["int8"][k] or {}).get("top1") for k in ("fp32", "int8")})
+    for key in ("int8", "int8_static", "fp16"):  # the variants' reports, their two metric blocks as top-1s
+        if key in p:
+            summary[key] = {k: v for k, v in p[key].items() if k not in ("fp32", key)}
+            summary[key].update({f"{k}_top1": (p[key][k] or {}).get("top1") for k in ("fp32", key)})
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -235,8 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--atol", type=float, default=1e-4)
     x.add_argument("--device", default="cpu", help="onnxruntime device for the parity check (cpu|cuda)")
     x.add_argument(
-        "--int8", action="store_true", help="also write a dynamic-int8 graph and report its task-metric change"
-    )
+        "--int8", nargs="?", const="dynamic", default=None, metavar="dynamic|static",
+        help="also write an int8 graph (bare --int8 = dynamic; static = QDQ calibrated on --calib train images) "
+        "and report its latency vs fp32 and task-metric change",
+    )  # fmt: skip
+    x.add_argument("--fp16", action="store_true", help="also write an fp16 graph for the CUDA provider (fp32 I/O)")
+    x.add_argument("--calib", type=int, default=256, help="train images calibrating --int8 static (default 256)")
+    x.add_argument("--calib-method", default="minmax", help="--int8 static calibration: minmax|entropy|percentile")
     x.add_argument("--peft", metavar="DIR", help="write a peft adapter folder (adapter_config.json + "
                    "adapter_model.safetensors) for PeftModel.from_pretrained instead of an ONNX bundle")  # fmt: skip
     ip = sub.add_parser("import-peft", help="build a run directory from a peft LoRA adapter folder")

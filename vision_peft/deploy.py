@@ -15,7 +15,7 @@ The runtime's methods are the bundle's: ``classify`` (images), ``fewshot`` / ``p
 + query images), ``classify_points`` (point files), ``segment`` / ``tokenize`` (image + phrase), ``generate`` (class
 names -> images); calling another task's method raises an error naming the right one.
 
-Command line: ``python -m vision_peft.deploy <bundle> <input> [<input> ...] [--device cpu|cuda|auto] [--strict]``
+Command line: ``python -m vision_peft.deploy <bundle> <input> [<input> ...] [--device cpu|cuda|auto] [--strict] [--graph NAME]``
 prints one JSON line per input (see :func:`main`; ranked tasks print :func:`~vision_peft.runtimes.base.ranked_record`).
 """
 
@@ -173,6 +173,26 @@ class Bundle(PackMixin):
             )
 
         return refuse
+
+    def use_graph(self, name: str) -> None:
+        """Runs the reduced-precision variant ``name`` (e.g. ``model_int8_static``, ``model_fp16``; its manifest
+        entry names the graph it stands for in ``variant_of``) wherever the runtime runs that base graph.
+
+        Raises:
+            ValueError: No such graph, or the graph is not a variant of another.
+        """
+        graphs = self.manifest["graphs"]
+        if name not in graphs:
+            raise ValueError(f"--graph {name!r}: bundle {self.path} has graphs {', '.join(graphs)}; pick one of them")
+        base = graphs[name].get("variant_of")
+        if base is None:
+            if name in self.sessions:
+                return  # a base graph: nothing to swap
+            raise ValueError(f"--graph {name!r}: not loaded from bundle {self.path}")
+        if base not in self.sessions:
+            raise ValueError(f"--graph {name!r} stands for graph {base!r}, which bundle {self.path} lacks; re-export")
+        self.sessions[base] = self.sessions[name]
+        self.graph_providers[base] = self.graph_providers[name]
 
     def graph_inputs(self, graph: str) -> list[str]:
         """Input names of one graph, in the graph's order."""
@@ -420,6 +440,10 @@ def cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="inputs per onnxruntime call (default: 16)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     parser.add_argument("--adapter", help="the pack adapter to run (required when a pack holds several)")
+    parser.add_argument(
+        "--graph",
+        help="run this graph variant instead of its fp32 base (e.g. model_int8, model_int8_static, model_fp16)",
+    )
     options: dict[tuple[str, ...], tuple[dict[str, Any], list[str]]] = {}
     for name, entry in RUNTIMES.items():
         for arg in entry.builder.cli_args:
@@ -449,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, device=args.device, strict=args.strict, verify=not args.no_verify)
         if bundle.runtime is None:
             raise ValueError(f"bundle task {bundle.task!r} has no command-line prediction; use Bundle.run()")
+        if args.graph:
+            bundle.use_graph(args.graph)
         chosen = bundle.select(args.adapter)
         records = chosen.runtime.predict_cli(args.inputs, args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -175,16 +175,26 @@ def export_run(
     rtol: float = 1e-4,
     device: str = "cpu",
     opset: int | None = None,
-    int8: bool = False,
+    int8: bool | str | None = None,
+    fp16: bool = False,
+    calib: int = 256,
+    calib_method: str = "minmax",
+    calib_seed: int = 0,
 ) -> dict[str, Any]:
     """Export a run to a bundle folder (default ``<run>/export``); returns the manifest.
 
-    With ``int8``, the bundle also holds ``<graph>_int8`` (onnxruntime dynamic int8 quantisation of the
-    MatMul/Gemm/Conv weights) and the parity report states the task-metric change on the run's test split.
+    ``int8="dynamic"`` (or ``True``, as before) adds ``<graph>_int8`` (onnxruntime dynamic int8 quantisation of
+    the MatMul/Gemm/Conv weights); ``int8="static"`` adds ``<graph>_int8_static`` (QDQ, per-channel weights,
+    activations calibrated on ``calib`` seeded train images preprocessed as at deploy, ``calib_method``);
+    ``fp16`` adds ``<graph>_fp16`` (for CUDA). Each variant's report (``parity["int8"]``, ``["int8_static"]``,
+    ``["fp16"]``) holds its latency vs fp32 at batch 1 and 8 and the task-metric change on the test split.
 
     Raises:
         ExportError: merging changed the outputs or onnxruntime disagrees with PyTorch beyond tolerance.
     """
+    from vision_peft.quantize import check_options
+
+    int8 = check_options(int8, fp16, calib, calib_method)
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
     cfg, task, model, info = load_run(run_dir, "cpu")
@@ -226,10 +236,17 @@ def export_run(
             if not Path(src).is_file():
                 raise ExportError(f"{src} (bundle file {name!r}) does not exist; it is needed at deploy time")
             shutil.copyfile(src, tmp / name)
-        if int8:
-            graphs[f"{spec.graph_name}_int8"], report["int8"] = _quantize(
-                tmp, tmp / graphs[spec.graph_name]["file"], graphs[spec.graph_name], task, model, spec
-            )
+        from vision_peft.quantize import SUFFIX
+
+        base = graphs[spec.graph_name]
+        for kind, key in (
+            (int8, {"dynamic": "int8", "static": "int8_static"}.get(int8)),
+            ("fp16" if fp16 else None, "fp16"),
+        ):
+            if kind:
+                graphs[spec.graph_name + SUFFIX[kind]], report[key] = _variant(
+                    kind, tmp, base, task, model, spec, calib, calib_method, calib_seed
+                )
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "preprocess.json").write_text(json.dumps(spec.preprocess or {}, indent=2) + "\n")
         manifest = bundle.build_manifest(
@@ -302,40 +319,48 @@ def _export_graph(spec, folder: Path, run_dir: Path, exporter: str, batch_sizes,
     return graph, report
 
 
-def _quantize(folder: Path, onnx_path: Path, graph: dict, task, model, spec) -> tuple[dict, dict]:
-    """Dynamic int8 quantisation; returns (graph entry, report with the task-metric change)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _variant(kind: str, folder: Path, graph: dict, task, model, spec, calib: int, calib_method: str, seed: int):
+    """One reduced-precision variant of the base graph (vision_peft.quantize); returns (graph entry, report).
 
-    q_path = folder / f"{onnx_path.stem}_int8.onnx"
+    The dynamic int8 report keeps the field names bundles have always had (``bytes_int8``, ``int8`` …); the
+    others name their own (``bytes_int8_static`` / ``int8_static``, ``bytes_fp16`` / ``fp16``)."""
+    from vision_peft import quantize as q
+
+    onnx_path = folder / graph["file"]
+    key = {"dynamic": "int8", "static": "int8_static", "fp16": "fp16"}[kind]
+    out = folder / f"{onnx_path.stem}{q.SUFFIX[kind]}.onnx"
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as td:
-        # the dynamo exporter's value_info can disagree with onnx's shape inference; the quantiser re-infers
-        m = onnx.load(str(onnx_path))
-        del m.graph.value_info[:]
-        clean = Path(td) / "clean.onnx"
-        onnx.save(m, str(clean), save_as_external_data=True, location="clean.onnx.data")
-        quantize_dynamic(str(clean), str(q_path), weight_type=QuantType.QInt8)
+    names = list(spec.example_inputs)
+    if kind == "dynamic":
+        facts = q.quantize_dynamic_graph(onnx_path, out)
+        note = "dynamic int8 (weights), fp32 activations"
+    elif kind == "static":
+        if len(names) != 1 or spec.preprocess is None or "image" not in (spec.preprocess or {}):
+            raise q.QuantizeError(
+                f"--int8 static calibrates one image input from the train split; graph {spec.graph_name!r} of task "
+                f"{task.name!r} takes {names}: use --int8 dynamic"
+            )
+        x, files = q.calibration_images(task, model, calib, seed)
+        facts = q.quantize_static_graph(onnx_path, out, names[0], x, calib_method)
+        facts["calibration"].update(seed=seed, first_files=[Path(f).name for f in files[:5]])
+        note = "static int8 QDQ (per-channel weights, calibrated activations), fp32 inputs/outputs"
+    else:
+        facts = q.fp16_graph(onnx_path, out)
+        note = "fp16 weights and activations, fp32 inputs/outputs (for the CUDA provider)"
     rep: dict[str, Any] = {
         "quantize_seconds": time.perf_counter() - t0,
-        "method": "onnxruntime quantize_dynamic QInt8",
+        **facts,
         "bytes_fp32": sum(p.stat().st_size for p in folder.glob(f"{onnx_path.stem}.onnx*")),
-        "bytes_int8": q_path.stat().st_size,
+        f"bytes_{key}": out.stat().st_size,
     }
-    sessions = {"fp32": ort_session(onnx_path), "int8": ort_session(q_path)}
-    names = list(spec.example_inputs)
-    for key, sess in sessions.items():
-
-        def run_fn(inputs: dict[str, np.ndarray], sess=sess) -> np.ndarray:
-            return sess.run([spec.output_names[0]], {n: inputs[n] for n in names})[0]
-
-        rep[key] = task.evaluate_onnx(run_fn, model)
-    if rep["fp32"] and rep["int8"]:
-        p32, p8 = rep["fp32"].pop("predictions", None), rep["int8"].pop("predictions", None)
-        if p32 is not None and p8 is not None:
-            rep["prediction_agreement"] = float(np.mean(np.asarray(p32) == np.asarray(p8)))
-        rep["metric_change"] = {
-            k: rep["int8"][k] - rep["fp32"][k] for k in rep["fp32"] if isinstance(rep["fp32"][k], float)
-        }
-    entry = {**graph, "file": q_path.name, "quantization": "dynamic int8 (weights), fp32 activations"}
+    if kind == "fp16" and len(names) == 1:
+        x = _batched(spec.example_inputs, 4, seed=4321)[names[0]].numpy()
+        rep["parity"] = q.fp16_parity(onnx_path, out, names[0], x)
+        if not rep["parity"]["passed"]:
+            raise ExportError(
+                f"the fp16 graph of {spec.graph_name!r} disagrees with fp32 beyond max |Δ| <= {q.FP16_ATOL} + "
+                f"{q.FP16_RTOL}·|ref| on the CPU provider ({rep['parity']}); export without --fp16"
+            )
+    rep.update(q.compare(task, model, spec, onnx_path, out, key))
+    entry = {**graph, "file": out.name, "quantization": note, "variant_of": spec.graph_name}
     return entry, rep
