@@ -118,3 +118,33 @@ def test_mvp_cached_equals_recomputed(tmp_path, vp_logging_reset):
     assert not off["compute"]["cache"]["cached"]
     assert on["val"]["acc"] == off["val"]["acc"]
     assert torch.allclose(a["backbone.prompt_map.prompt"], b["backbone.prompt_map.prompt"], atol=1e-5)
+
+
+def test_resume_of_a_cached_run(data, tmp_path, vp_logging_reset, monkeypatch):
+    """A cached run interrupted after its step-2 checkpoint and resumed equals the uninterrupted cached run."""
+    import vision_peft.train as train_mod
+
+    lin = {"name": "linear"}
+    ref, a = _cls_run(data, tmp_path / "runs", "whole", "memory", lin, epochs=4, ckpt_every=2)
+    real, calls = train_mod.train_step, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _cls_run(data, tmp_path / "runs", "cut", "memory", lin, epochs=4, ckpt_every=2)
+    monkeypatch.setattr(train_mod, "train_step", real)
+    d = run(make_run_cfg(
+        data, tmp_path / "runs", "output.name=cut", "backbone.name=effnet_lite0", "train.max_steps=null",
+        "task.split.train=3", "task.split.val=1", "task.split.test=1",
+        train={"epochs": 4, "batch_size": 3, "cache": "disk", "ckpt_every": 2}, adapter=lin,
+    ), resume=tmp_path / "runs" / "cut", progress=False)  # fmt: skip
+    final = json.loads((d / "final_metrics.json").read_text())
+    assert final["compute"]["cache"]["cached"] and final["compute"]["cache"]["mode"] == "disk"
+    b = load_tensors(d / "adapter.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert final["val"]["top1"] == ref["val"]["top1"]
