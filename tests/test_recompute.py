@@ -178,7 +178,8 @@ def test_compile_resume_and_export(tmp_path, tiny_image_folder, monkeypatch) -> 
 
     folder = tiny_image_folder(per_class=6)
     common = ("train.max_steps=4", "train.epochs=4", "train.ckpt_every=2", "train.batch_size=2")
-    eager = train.run(make_run_cfg(folder, tmp_path / "runs", *common, output={"name": "eager"}), progress=False)
+    eager = train.run(make_run_cfg(folder, tmp_path / "runs", *common, output={"runs_root": str(tmp_path / "runs"), "name": "eager"}),
+                      progress=False)  # fmt: skip
     cfg = make_run_cfg(folder, tmp_path / "runs", *common, "train.compile=true", "train.recompute=blocks")
     save = train._save_checkpoint
 
