@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench_prefix_cache"))
     ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument(
+        "--override", action="append", default=[], help="CASE:key=value, e.g. mvp_1shot:task.train_episodes=60"
+    )
     args = ap.parse_args(argv)
     import shutil
 
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"threads": __import__("torch").get_num_threads(), "cases": {}}
     for case in args.cases:
         recipe, overrides, metric = CASES[case]
+        overrides = [*overrides, *(o.split(":", 1)[1] for o in args.override if o.startswith(f"{case}:"))]
         off = one(recipe, overrides, "off", runs, f"{case}-off")
         on = one(recipe, overrides, "memory", runs, f"{case}-memory")
         out["cases"][case] = {
