@@ -336,3 +336,28 @@ def torch_free() -> Callable[[str], str]:
         return proc.stdout
 
     return run
+
+
+# --- property-based fuzzing (issue 18) --------------------------------------------------------------------------
+# Fuzz tests run in every suite with bounded example counts (`fuzz_examples(n)`); `pytest --fuzz-long` multiplies
+# them by 50 for longer runs outside CI. Every fuzz test also carries a wall-clock deadline per example.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        default=False,
+        help="run the hypothesis fuzz tests with 50x their CI example counts (minutes to hours)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # an environment variable, so that the value reaches test modules whichever way they import this file
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["VISION_PEFT_FUZZ_LONG"] = "1"
+
+
+def fuzz_examples(n: int) -> int:
+    """The example count for a fuzz test: ``n`` in CI, ``50 * n`` under ``--fuzz-long``."""
+    return n * 50 if os.environ.get("VISION_PEFT_FUZZ_LONG") == "1" else n
