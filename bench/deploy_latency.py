@@ -7,8 +7,9 @@ static int8 variant (``quantize_static`` QDQ, per-channel, ``--calib`` seeded tr
 deploy) — all on the CPU with ``--threads`` intra-op threads, timed in interleaved blocks (rotating order), medians.
 Top-1 on the run's test split (the recipe's split: 30 per class, 900 images) with Wilson 95 % intervals.
 FLOPs: 2·MACs of every Conv, Gemm and MatMul node of the fp32 graph after onnx shape inference (per image; BN is
-folded into the convs, activations/pooling/adds are not counted). Peak: the median time of a 2048×2048 fp32
-``torch.matmul`` at the same thread count (2·2048³ FLOPs).
+folded into the convs, activations/pooling/adds are not counted). Peak: the fastest of 10 calls (before and after the
+latency blocks) of a 2048×2048 fp32 matmul in torch and in onnxruntime (MLAS), the faster of the two,
+at the same thread count (2·2048³ FLOPs).
 
     OMP_NUM_THREADS=2 python -m vision_peft train classification-aid --output.runs_root=runs/int8 --output.name=aid_lora
     OMP_NUM_THREADS=2 python bench/deploy_latency.py --run runs/int8/aid_lora --threads 2
@@ -22,6 +23,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def graph_flops(path: Path) -> dict[str, float]:
 
 
 def matmul_peak(threads: int, iters: int = 10) -> float:
-    """GFLOP/s of a 2048×2048 fp32 torch.matmul (median of ``iters``)."""
+    """GFLOP/s of a 2048×2048 fp32 torch.matmul: the fastest of ``iters`` (a ceiling, so the best, not the median,
+    call on a shared machine)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     for _ in range(2):
@@ -76,7 +79,39 @@ def matmul_peak(threads: int, iters: int = 10) -> float:
         t0 = time.perf_counter()
         a @ b
         ts.append(time.perf_counter() - t0)
-    return 2 * 2048**3 / statistics.median(ts) / 1e9
+    return 2 * 2048**3 / min(ts) / 1e9
+
+
+def ort_matmul_peak(threads: int, iters: int = 10) -> float:
+    """GFLOP/s of a 2048×2048 fp32 MatMul in onnxruntime (MLAS, the kernels the deployed graph runs on), best of
+    ``iters``; torch's BLAS may take another code path on this CPU, so the ceiling is the faster of the two."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vision_peft import quantize as q
+
+    n = 2048
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with tempfile.TemporaryDirectory() as td:
+        path = Path(td) / "mm.onnx"
+        onnx.save(m, str(path))
+        s = q.session(path, threads)
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    for _ in range(2):
+        s.run(None, feed)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(ts) / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return model.logits(torch.from_numpy(x)).numpy()
 
+    peak_before = {"torch": matmul_peak(args.threads), "onnxruntime": ort_matmul_peak(args.threads)}
     rng = np.random.default_rng(0)
     lat: dict[str, dict[str, float]] = {}
     for b in (1, 8):
@@ -123,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         fns = {"torch_eager": lambda x=x: torch_call(x)}
         fns.update({k: (lambda s=s, x=x: s.run(None, {"image": x})[0]) for k, s in sess.items()})
         keys, times = list(fns), {k: [] for k in fns}
-        rounds = 3
+        rounds = max(3, args.iters // 10)  # many short interleaved blocks: a burst of load hits every variant
         for r in range(rounds):
             for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 for _ in range(3):
@@ -144,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         acc[k]["change_points"] = 100 * (acc[k]["top1"] - acc["fp32"]["top1"])
         acc[k]["agreement"] = float((preds[k] == preds["fp32"]).mean())
     flops = graph_flops(fp32)
-    peak = matmul_peak(args.threads)
+    peaks = {
+        "torch": max(peak_before["torch"], matmul_peak(args.threads)),
+        "onnxruntime": max(peak_before["onnxruntime"], ort_matmul_peak(args.threads)),
+    }  # before and after
+    peak = max(peaks.values())
     ceiling = {b: flops["total"] * int(b[5:]) / (lat[b]["fp32"] / 1e3) / 1e9 for b in lat}
     res = {
         "run": str(args.run), "backbone": cfg.backbone.name, "image_size": [h, w], "adapter": cfg.adapter.name,
@@ -154,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {b: {"ort_fp32/torch_eager": v["fp32"] / v["torch_eager"],
                        "int8_dynamic/fp32": v["int8_dynamic"] / v["fp32"],
                        "int8_static/fp32": v["int8_static"] / v["fp32"]} for b, v in lat.items()},
-        "top1": acc, "flops_per_image": flops, "matmul_peak_gflops": peak, "peak_source": "torch.matmul 2048x2048 fp32",
+        "top1": acc, "flops_per_image": flops, "matmul_peak_gflops": peak, "matmul_peaks_gflops": peaks,
+        "peak_source": "2048x2048 fp32 matmul, torch.matmul and onnxruntime MatMul, the fastest of 10 calls each, "
+        "before and after the latency blocks; the faster of the two",
         "achieved_gflops_fp32": ceiling, "fraction_of_peak": {b: v / peak for b, v in ceiling.items()},
         "targets": {"ort/torch": 0.15, "int8/fp32": 0.5, "top1_loss_points": 1.0},
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -180,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {k} | {a['top1']:.4f} ({a['correct']}/{a['n']}) | [{lo:.3f}, {hi:.3f}] | "
                      f"{a.get('change_points', 0):+.2f} | {a.get('agreement', 1.0):.4f} |")  # fmt: skip
     lines += ["", f"FLOPs/image (2·MACs Conv+Gemm+MatMul): {flops['total'] / 1e9:.3f} G; matmul peak {peak:.1f} GFLOP/s "
-              f"(torch 2048² fp32, {args.threads} threads); fp32 graph achieves "
+              f"(2048² fp32, best call, {args.threads} threads; torch {peaks['torch']:.1f}, onnxruntime "
+              f"{peaks['onnxruntime']:.1f}); fp32 graph achieves "
               + ", ".join(f"{ceiling[b]:.1f} GFLOP/s ({ceiling[b] / peak:.1%}) at batch {b[5:]}" for b in ceiling)]  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,8 +5,13 @@
 - **dynamic int8** (``<graph>_int8``, the name bundles have always used): onnxruntime ``quantize_dynamic``,
   int8 weights of MatMul/Gemm/Conv, activations quantised on the fly per call.
 - **static int8** (``<graph>_int8_static``): onnxruntime ``quantize_static`` in the QDQ format, per-channel int8
-  weights, int8 activations with ranges calibrated on a seeded subset of the run's *train* images, each
+  weights, uint8 activations with ranges calibrated on a seeded subset of the run's *train* images, each
   preprocessed exactly as at deploy (``vision_peft.preprocess`` with the manifest's spec: no augmentation).
+  uint8 activations × int8 weights (U8S8) is the x86 fast path of onnxruntime's integer kernels: on this
+  project's CPU (AMD EPYC, AVX-512 VNNI) the int8-activation (S8S8) QDQ graph of an EfficientNet-Lite0 ran at
+  1.34-1.40x the fp32 latency at batch 1, the U8S8 one at 0.49-0.71x (bench/results/deploy_latency.md). On
+  AVX2/AVX-512 CPUs *without* VNNI, U8S8 can saturate (onnxruntime's docs advise ``reduce_range`` there): check
+  the test-split metric in the report on the machine that deploys.
 - **fp16** (``<graph>_fp16``): every float tensor in fp16 (onnxruntime's ``convert_float_to_float16``) with
   fp32 graph inputs and outputs (``keep_io_types``), meant for the CUDA provider. Parity against fp32 is checked
   on the CPU provider (which runs fp16 Conv/MatMul, slowly): max |Δ| ≤ ``FP16_ATOL + FP16_RTOL·max|ref|``.
@@ -132,7 +137,7 @@ class _Reader:
 def quantize_static_graph(
     onnx_path: Path, out_path: Path, input_name: str, calib_x: np.ndarray, method: str = "minmax"
 ) -> dict[str, Any]:
-    """Static int8 in the QDQ format: per-channel QInt8 weights, QInt8 activations calibrated on ``calib_x``."""
+    """Static int8 in the QDQ format: per-channel QInt8 weights, QUInt8 activations calibrated on ``calib_x``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -154,10 +159,10 @@ def quantize_static_graph(
         quant_pre_process(str(clean), str(pre), skip_symbolic_shape=True)  # folds BN/constants, infers shapes
         quantize_static(
             str(pre), str(out_path), Reader(input_name, calib_x), quant_format=QuantFormat.QDQ, per_channel=True,
-            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, calibrate_method=cm,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=cm,
         )  # fmt: skip
     return {
-        "method": "onnxruntime quantize_static QDQ, per-channel QInt8 weights, QInt8 activations",
+        "method": "onnxruntime quantize_static QDQ, per-channel QInt8 weights, QUInt8 activations (U8S8)",
         "calibration": {"method": method, "images": int(len(calib_x)), "split": "train"},
     }
 
