@@ -173,6 +173,30 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
+def test_torchrun_with_compile_and_recompute(tmp_path: Path, aid_root: Path) -> None:
+    """DDP (2 gloo ranks) with train.compile and train.recompute=blocks: both ranks compile the DDP-wrapped module,
+    the run finishes, its checkpoint and adapter carry plain parameter names (no ``_orig_mod.`` / ``module.``) and it
+    exports."""
+    recipe = tmp_path / "ddpc.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ddpc", epochs=1, ckpt_every=2, compile=True,
+                                                 recompute="blocks")))  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+           "vision_peft", "train", str(recipe), "--no-progress"]  # fmt: skip
+    _check_run(cmd)
+    d = tmp_path / "ddpc"
+    assert json.loads((d / "config.json").read_text())["world_size"] == 2
+    final = json.loads((d / "final_metrics.json").read_text())
+    assert final["compute"]["compile"]["status"] == "compiled", final["compute"]["compile"]
+    assert final["compute"]["recompute"]["mode"] == "blocks"
+    state = torch.load(d / "checkpoint" / "state.pt", weights_only=True)
+    adapter = load_tensors(d / "adapter.safetensors")
+    for names in (list(state["model"]), list(adapter)):
+        assert names and not any("_orig_mod" in k or k.startswith("module.") for k in names), names[:5]
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    _check_run([sys.executable, "-m", "vision_peft", "export", str(d), "--out", str(tmp_path / "bundle")])
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+
+
 def test_grad_accumulation_matches_big_batch(tmp_path: Path, aid_root: Path) -> None:
     """batch 4 × accumulation 2 takes the same optimizer steps as batch 8 when nothing random intervenes."""
     common = {"epochs": 1, "max_steps": 2, "warmup_steps": 0, "grad_clip": None}
