@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = Path(args.runs)
     shutil.rmtree(runs, ignore_errors=True)
+    res = ROOT / "bench" / "results"
     out: dict = {"threads": __import__("torch").get_num_threads(), "cases": {}}
+    if (res / "prefix_cache.json").is_file():  # cases not run this time keep their last measured rows
+        out["cases"] = {k: v for k, v in json.loads((res / "prefix_cache.json").read_text())["cases"].items()
+                        if k in CASES and k not in args.cases}  # fmt: skip
     for case in args.cases:
         recipe, overrides, metric = CASES[case]
         overrides = [*overrides, *(o.split(":", 1)[1] for o in args.override if o.startswith(f"{case}:"))]
@@ -73,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             "val_off": off["val"][metric], "val_memory": on["val"][metric],
         }  # fmt: skip
         print(json.dumps({k: v for k, v in out["cases"][case].items() if k not in ("off", "memory")}), flush=True)
-    res = ROOT / "bench" / "results"
     atomic_write_json(res / "prefix_cache.json", out)
     lines = [f"# Frozen-prefix cache (train.cache), CPU, {out['threads']} threads (shared machine)", "",
              "| case | loop off s | loop cached s | speedup loop | loop+eval speedup | build s | wall speedup (incl. build) "
