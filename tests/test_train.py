@@ -175,8 +175,8 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, aid_root: Path) -> None:
 
 def test_torchrun_with_compile_and_recompute(tmp_path: Path, aid_root: Path) -> None:
     """DDP (2 gloo ranks) with train.compile and train.recompute=blocks: both ranks compile the DDP-wrapped module,
-    the run finishes, its checkpoint and adapter carry plain parameter names (no ``_orig_mod.`` / ``module.``) and it
-    exports."""
+    the run finishes, and its checkpoint and adapter carry plain parameter names (no ``_orig_mod.`` / ``module.``), so
+    resume and export read them as any run's (both tested for a single-process compiled run in test_recompute)."""
     recipe = tmp_path / "ddpc.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, "ddpc", epochs=1, ckpt_every=2, compile=True,
                                                  recompute="blocks")))  # fmt: skip
@@ -193,8 +193,6 @@ def test_torchrun_with_compile_and_recompute(tmp_path: Path, aid_root: Path) -> 
     for names in (list(state["model"]), list(adapter)):
         assert names and not any("_orig_mod" in k or k.startswith("module.") for k in names), names[:5]
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
-    _check_run([sys.executable, "-m", "vision_peft", "export", str(d), "--out", str(tmp_path / "bundle")])
-    assert (tmp_path / "bundle" / "manifest.json").is_file()
 
 
 def test_grad_accumulation_matches_big_batch(tmp_path: Path, aid_root: Path) -> None:
