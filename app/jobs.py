@@ -95,6 +95,18 @@ def _children_of(root: Path) -> dict[str, list[int]]:
     return found
 
 
+def _runs(job: Job) -> bool:
+    """Whether ``job.pid`` is alive and still runs this job's command (its recipe or run directory is in the
+    command line): how jobs recorded by an app version without the environment marker are recognised."""
+    if not _alive(job.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.decode(errors="replace") in (job.recipe, job.run_dir) for arg in cmdline)
+
+
 def _kill_group(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM to the process group led by ``pid``, SIGKILL after ``timeout`` seconds if it is still there."""
     try:
@@ -147,8 +159,9 @@ class JobManager:
             known = {f.name for f in dataclasses.fields(Job)}
             for d in json.loads(self.state.read_text()):
                 self.jobs[d["id"]] = Job(**{k: v for k, v in d.items() if k in known})
-        for n, job in enumerate(sorted(self.jobs.values(), key=lambda j: (j.seq, j.created)), 1):
-            job.seq = n  # state files written before ``seq`` existed: their creation order
+        if any(j.seq == 0 for j in self.jobs.values()):  # a job recorded before ``seq`` existed: creation order
+            for n, job in enumerate(sorted(self.jobs.values(), key=lambda j: j.created), 1):
+                job.seq = n
         self._reattach()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, args=(poll_s,), daemon=True)
@@ -290,6 +303,8 @@ class JobManager:
             if job.pid in pids and (job.pid_start is None or job.pid_start == _start_time(job.pid)):
                 job.status, job.message = "running", "re-attached after an app restart"
                 pids.remove(job.pid)
+            elif job.pid and job.pid_start is None and _runs(job):  # started by an app that set no env marker
+                job.status, job.message = "running", "re-attached after an app restart"
             elif pids:  # the app died before it recorded this child
                 job.pid, job.pid_start = pids[0], _start_time(pids[0])
                 job.status, job.message = "running", "re-attached after an app restart (its start was not recorded)"

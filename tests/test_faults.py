@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -90,6 +91,16 @@ def on_call(obj: object, name: str, before: Callable[[int], None]) -> None:
     setattr(obj, name, wrapped)
 
 
+def report(fault: str, **facts: object) -> None:
+    """One line per fact for the closing note (shown with ``pytest -s``): what the user saw, what was on disk."""
+    for k, v in facts.items():
+        print(f"[fault] {fault} | {k}: {v}")
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(f"{p.relative_to(folder)} ({p.stat().st_size} B)" for p in folder.rglob("*") if p.is_file())
+
+
 def no_temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".export-" in p.name or ".old-" in p.name]
 
@@ -148,9 +159,11 @@ def test_disk_full_at_checkpoint_and_final_adapter_then_resume(data, reference, 
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert line and "Traceback" not in err, err[-3000:]
     msg = line[-1]
-    assert f"could not write {run_dir / 'checkpoint'}" in msg and "EFBIG" in msg and "ulimit -f" in msg, msg
+    assert f"could not write {run_dir / 'checkpoint' / 'state.pt'}:" in msg, msg
+    assert "EFBIG" in msg and "ulimit -f" in msg, msg
     assert "stopped at step 4" in msg and "last intact checkpoint is step 2" in msg, msg
     assert f"--resume {run_dir}" in msg, msg
+    report("checkpoint EFBIG", user_saw=msg, exit_code=code, on_disk=listing(run_dir / "checkpoint"))
     # on disk: the step-2 checkpoint, intact and loadable; no adapter, no temp file
     state, meta = ckpt.load_checkpoint(run_dir)
     assert meta["step"] == 2 and set(state["model"]) == set(reference)
@@ -166,6 +179,7 @@ def test_disk_full_at_checkpoint_and_final_adapter_then_resume(data, reference, 
     msg = [ln for ln in err.splitlines() if ln.startswith("error: ")][-1]
     assert f"could not write {run_dir / rundir.ADAPTER_FILE}" in msg and "EFBIG" in msg, msg
     assert "last intact checkpoint is step 6" in msg, msg
+    report("final adapter EFBIG", user_saw=msg, exit_code=code, on_disk=listing(run_dir))
     assert not (run_dir / rundir.ADAPTER_FILE).exists() and no_temp_files(run_dir) == []
     assert ckpt.load_checkpoint(run_dir)[1]["step"] == 6
     prev = json.loads((run_dir / "checkpoint" / "previous" / "meta.json").read_text())
@@ -174,6 +188,7 @@ def test_disk_full_at_checkpoint_and_final_adapter_then_resume(data, reference, 
     # space is back: the resume finishes with the uninterrupted run's tensors, every step logged once
     run(cfg, resume=run_dir, progress=False)
     assert_same(load_tensors(run_dir / rundir.ADAPTER_FILE), reference)
+    report("checkpoint+adapter EFBIG", resumed="yes: adapter equal to the uninterrupted run's (atol 1e-6)")
     assert train_steps(run_dir) == [6]  # log_every=100: only the last step is logged
     assert rundir.is_finished(run_dir)
 
@@ -197,6 +212,7 @@ def test_disk_full_during_export_keeps_the_previous_bundle(tmp_path: Path, tiny_
     assert {p.name: bundle.sha256_file(p) for p in out.iterdir()} == before
     bundle.verify_files(out, bundle.read_manifest(out))
     assert no_temp_files(tmp_path) == []
+    report("export EFBIG", user_saw=err.split("RAISED ", 1)[1].splitlines()[0], on_disk=listing(tmp_path))
     export_run(tiny_run, out, exporter="torchscript", batch_sizes=(1,))  # space is back
     bundle.verify_files(out, bundle.read_manifest(out))
 
@@ -217,6 +233,7 @@ def test_disk_full_during_upload_extraction_leaves_nothing(tmp_path: Path) -> No
     code, err = in_child(lambda: (limit_file_size(100_000), extract_zip(archive, "classification", uploads))[1] and 0)
     assert code == 1 and "errno=27" in err, err[-2000:]
     assert list(uploads.iterdir()) == [], "a partial upload folder was left behind"
+    report("upload EFBIG", user_saw=err.split("RAISED ", 1)[1].splitlines()[0], on_disk=listing(uploads))
     root = extract_zip(archive, "classification", uploads)
     assert sorted(p.stat().st_size for p in root.rglob("*.png")) == [150_000] * 6
 
@@ -253,6 +270,7 @@ def test_sigkill_during_export_leaves_no_partial_bundle(tmp_path: Path, tiny_run
     assert code == -signal.SIGKILL
     assert not (tmp_path / "new").exists()
     assert [p.name.startswith(".export-new-") for p in tmp_path.iterdir() if p.name.startswith(".")] == [True]
+    report("export SIGKILL before the move", on_disk=sorted(p.name for p in tmp_path.iterdir()))
 
     def killed_between_renames() -> None:
         orig = Path.rename
@@ -271,6 +289,7 @@ def test_sigkill_during_export_leaves_no_partial_bundle(tmp_path: Path, tiny_run
     assert not out.exists()  # the name is empty for a moment, never half a bundle
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.old-")]
     assert len(aside) == 1 and {p.name: bundle.sha256_file(p) for p in aside[0].iterdir()} == before
+    report("export SIGKILL between renames", on_disk=sorted(p.name for p in tmp_path.iterdir()))
 
     with caplog.at_level("WARNING", logger="vision_peft"), pytest.raises(RuntimeError, match="boom"):
         with ex.staged_folder(out):  # the next export (here: one that fails) first restores the previous bundle
@@ -334,6 +353,7 @@ def test_damaged_last_checkpoint_resumes_from_the_previous(
     log = (run_dir / rundir.LOG_FILE).read_text()  # what the user sees (also on stderr)
     warning = [ln for ln in log.splitlines() if "WARNING cannot resume from the latest checkpoint" in ln]
     assert warning and str(run_dir / "checkpoint") in warning[0] and "(step 2)" in warning[0], warning
+    report("damaged checkpoint", user_saw=warning[0].split(" WARNING ", 1)[1])
     assert_same(load_tensors(run_dir / rundir.ADAPTER_FILE), reference)  # steps 3-4 recomputed, nothing lost
 
 
@@ -346,6 +366,7 @@ def test_both_checkpoints_damaged_is_a_clear_error(data, tmp_path, monkeypatch, 
     with pytest.raises(CheckpointError) as e:
         run(cfg, resume=run_dir, progress=False)
     msg = str(e.value)
+    report("both checkpoints damaged", user_saw=msg)
     assert "no intact checkpoint" in msg and "truncated" in msg and "corrupted" in msg, msg
     assert str(run_dir / "checkpoint" / "previous" / "state.pt") in msg and "without --resume" in msg, msg
 
@@ -456,6 +477,7 @@ def test_app_server_sigkill_with_running_and_queued_jobs(data, tmp_path) -> None
         assert a.status == "failed" and a.message.startswith("killed:") and "Resume continues" in a.message
         log = m.progress("A")["log"]
         assert a.message in log and "trainable" in log, log  # what the user sees: why, and the job's own log
+        report("app SIGKILL", killed_job_saw=a.message, reattached_job_saw=b.message, log_tail=log[-300:])
         assert b.status == "running" and b.pid and "re-attached" in b.message and os.getpgid(b.pid) == b.pid
         _wait_for(lambda: m.get("C").status in ("running", "done"), 30, "C to start")
         m.resume("A")
@@ -469,9 +491,12 @@ def test_app_server_sigkill_with_running_and_queued_jobs(data, tmp_path) -> None
 
 
 def test_restart_kills_orphans_and_reattaches_by_recorded_pid(data, tmp_path) -> None:
-    """A job whose recorded child still runs is re-attached by pid (+ start time); a child whose job is no longer
-    active (here: marked stopped in the state file) is killed with its whole process group."""
-    from app.jobs import JobManager, _alive
+    """A job whose recorded child still runs is re-attached by pid (+ start time); a job recorded by an app version
+    that wrote neither the env marker nor the new state keys is re-attached by its command line; a child whose job
+    is no longer active (here: marked stopped in the state file) is killed with its whole process group."""
+    import subprocess
+
+    from app.jobs import JobManager, _alive, _kill_group
 
     root = tmp_path / "runs"
     m1 = JobManager(root, env=_app_env("0.5"), poll_s=0.1)
@@ -480,22 +505,49 @@ def test_restart_kills_orphans_and_reattaches_by_recorded_pid(data, tmp_path) ->
     m1.close()  # the first server "dies": its poller stops, the children run on
     keep, orphan = m1.get("keep"), m1.get("orphan")
     assert keep.status == orphan.status == "running"
+    recipe = root / ".app_recipes" / "legacy.yaml"
+    recipe.write_text(yaml.safe_dump({**_job_recipe(data), "output": {"runs_root": str(root), "name": "legacy"}}))
+    cmd = [sys.executable, "-m", "vision_peft", "train", str(recipe), "--no-progress"]
+    env = {**os.environ, **_app_env("0.5")}
+    legacy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
     state = json.loads((root / ".app_jobs.json").read_text())
     for j in state:
         if j["id"] == "orphan":
             j["status"] = "stopped"  # as if the user stopped it but the kill never reached the child
+    state.append(
+        {
+            "id": "legacy",
+            "task": "classification",
+            "device": "cpu:2",
+            "recipe": str(recipe),
+            "run_dir": str(root / "legacy"),
+            "cmd": cmd,
+            "status": "running",
+            "pid": legacy.pid,
+            "created": time.time(),
+            "started": time.time(),
+            "ended": None,
+            "returncode": None,
+            "resume": False,
+        }
+    )  # fmt: skip  (the keys an app before this change wrote)
     (root / ".app_jobs.json").write_text(json.dumps(state))
 
     m2 = JobManager(root, env=_app_env("0"), poll_s=0.1)
     try:
         assert m2.get("keep").status == "running" and m2.get("keep").pid == keep.pid
         assert m2.get("keep").message == "re-attached after an app restart"
+        assert m2.get("legacy").status == "running" and m2.get("legacy").pid == legacy.pid
+        assert [j.id for j in m2.list()] == ["keep", "orphan", "legacy"]
         assert not _alive(orphan.pid), "the orphaned training process still runs"
-        m2.stop("keep", timeout=5)
-        assert not _alive(keep.pid)
+        for name in ("keep", "legacy"):
+            m2.stop(name, timeout=5)
+        assert not _alive(keep.pid) and legacy.wait(timeout=10) is not None
     finally:
         m2.close()
-        for p in m1.procs.values():
+        for p in [*m1.procs.values(), legacy]:
+            _kill_group(p.pid, timeout=0)  # whatever an assertion left running
             p.wait(timeout=10)  # reap them in this process (they were its children)
     assert _processes_of(root) == []
 

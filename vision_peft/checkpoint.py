@@ -109,22 +109,26 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) 
     """Write a new latest checkpoint (``checkpoint/state.pt`` + ``meta.json``, each atomically), keeping the
     current latest as ``checkpoint/previous/`` when it is intact.
 
-    Order: (1) the intact latest is copied into a fresh ``previous/`` (a copy, not a hard link: damage to one
-    file must not reach the other); (2) ``state.pt`` is replaced; (3) ``meta.json`` (step, RNG, sha256 and size of
-    ``state.pt``) is replaced. A crash or a full disk at any point leaves at least one complete, verifiable
-    checkpoint.
+    Order: (1) the new ``state.pt`` is written in full to a temp file beside it (the big write: a full disk
+    fails here, naming ``state.pt``); (2) the intact latest is copied into a fresh ``previous/`` (a copy, not a hard
+    link: damage to one file must not reach the other); (3) the temp file replaces ``state.pt``; (4) ``meta.json``
+    (step, RNG, sha256 and size of ``state.pt``) is replaced. A crash or a full disk at any point leaves at least
+    one complete, verifiable checkpoint.
 
     Raises:
         WriteError: the disk is full or a size limit was hit; names the file and the fix. The checkpoints already
             on disk are untouched.
     """
     d = Path(run_dir) / CKPT_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    if _check(d) is None:  # an intact latest becomes the previous one; a corrupt one is never kept
-        _keep_as_previous(d)
     buf = io.BytesIO()  # serialised in memory: torch's zip writer hides the OS error (ENOSPC, EFBIG) of a file
     torch.save(state, buf)
-    atomic_write(d / "state.pt", lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
+
+    def write_state(tmp: str) -> None:
+        Path(tmp).write_bytes(buf.getbuffer())
+        if _check(d) is None:  # an intact latest becomes the previous one; a corrupt one is never kept
+            _keep_as_previous(d)
+
+    atomic_write(d / "state.pt", write_state)
     meta = {**meta, "state_sha256": _sha256(d / "state.pt"), "state_bytes": (d / "state.pt").stat().st_size}
     atomic_write_json(d / "meta.json", meta)
 
