@@ -79,6 +79,8 @@ def _children_of(root: Path) -> dict[str, list[int]]:
     """Live process-group leaders started for ``root``'s jobs: job id -> pids (from each process's environment)."""
     found: dict[str, list[int]] = {}
     want = f"{ENV_ROOT}={root}".encode()
+    if not Path("/proc").is_dir():  # no procfs (macOS): only recorded pids can be re-attached
+        return found
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -100,6 +102,8 @@ def _runs(job: Job) -> bool:
     command line): how jobs recorded by an app version without the environment marker are recognised."""
     if not _alive(job.pid):
         return False
+    if not Path("/proc").is_dir():
+        return True  # no procfs: a live recorded pid is all there is to go by
     try:
         cmdline = Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -303,7 +307,7 @@ class JobManager:
             if job.pid in pids and (job.pid_start is None or job.pid_start == _start_time(job.pid)):
                 job.status, job.message = "running", "re-attached after an app restart"
                 pids.remove(job.pid)
-            elif job.pid and job.pid_start is None and _runs(job):  # started by an app that set no env marker
+            elif job.pid and job.pid_start is None and _runs(job):  # an older app's job (no env marker, no start time)
                 job.status, job.message = "running", "re-attached after an app restart"
             elif pids:  # the app died before it recorded this child
                 job.pid, job.pid_start = pids[0], _start_time(pids[0])

@@ -9,6 +9,7 @@ final name, an error naming the path and the cause, and the work continuing once
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -236,6 +237,88 @@ def test_disk_full_during_upload_extraction_leaves_nothing(tmp_path: Path) -> No
     report("upload EFBIG", user_saw=err.split("RAISED ", 1)[1].splitlines()[0], on_disk=listing(uploads))
     root = extract_zip(archive, "classification", uploads)
     assert sorted(p.stat().st_size for p in root.rglob("*.png")) == [150_000] * 6
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A real 8 MiB tmpfs mounted for the test (needs root and CAP_SYS_ADMIN; unmounted afterwards). Where it
+    cannot be mounted the test is skipped: the RLIMIT_FSIZE tests above cover the same save sites everywhere."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the RLIMIT_FSIZE tests cover the same save sites")
+    d = tmp_path / "fs"
+    d.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the RLIMIT_FSIZE tests cover the save sites")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill ``folder``'s filesystem to the last byte with a ballast file (another program filling the disk)."""
+    ballast = folder / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        chunk = 1 << 16
+        while chunk:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                chunk //= 2  # down to the last byte
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_enospc_on_a_full_filesystem_then_resume(small_fs, data, reference, tiny_run, monkeypatch, vp_logging_reset):
+    """A real full disk (a tmpfs filled by a ballast file at the 2nd checkpoint, and before a re-export): WriteError
+    with ENOSPC, the path and `df -h`; the step-2 checkpoint and the previous bundle intact; once the ballast is
+    deleted the run resumes to the uninterrupted run's adapter and the export succeeds."""
+    from vision_peft.export import export_run
+    from vision_peft.rundir import WriteError
+    from vision_peft.train import run
+
+    runs = small_fs / "runs"
+    cfg = cfg_for(data, runs, "enospc")
+    ballast: list[Path] = []
+    orig, calls = ckpt.save_checkpoint, []
+
+    def hooked(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the disk fills up just before the step-4 checkpoint
+            ballast.append(fill(small_fs))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", hooked)
+    with pytest.raises(WriteError) as e:
+        run(cfg, progress=False)
+    msg = str(e.value)
+    assert e.value.errno == errno.ENOSPC and f"could not write {runs / 'enospc' / 'checkpoint' / 'state.pt'}" in msg
+    assert "(ENOSPC)" in msg and f"df -h {runs / 'enospc' / 'checkpoint'}" in msg and "--resume" in msg, msg
+    assert ckpt.load_checkpoint(runs / "enospc")[1]["step"] == 2 and no_temp_files(runs) == []
+    report("checkpoint ENOSPC (tmpfs)", user_saw=msg, on_disk=listing(runs / "enospc" / "checkpoint"))
+    ballast.pop().unlink()  # space is back
+    monkeypatch.setattr(ckpt, "save_checkpoint", orig)
+    run(cfg, resume=runs / "enospc", progress=False)
+    assert_same(load_tensors(runs / "enospc" / rundir.ADAPTER_FILE), reference)
+
+    out = small_fs / "bundle"
+    export_run(tiny_run, out, exporter="torchscript", batch_sizes=(1,))
+    before = {p.name: bundle.sha256_file(p) for p in out.iterdir()}
+    ballast_file = fill(small_fs)
+    with pytest.raises(WriteError) as e:
+        export_run(tiny_run, out, exporter="torchscript", batch_sizes=(1,))
+    assert e.value.errno == errno.ENOSPC and f"could not write {out}" in str(e.value), str(e.value)
+    assert {p.name: bundle.sha256_file(p) for p in out.iterdir()} == before and no_temp_files(small_fs) == []
+    report("export ENOSPC (tmpfs)", user_saw=str(e.value))
+    ballast_file.unlink()
+    export_run(tiny_run, out, exporter="torchscript", batch_sizes=(1,))
+    bundle.verify_files(out, bundle.read_manifest(out))
 
 
 @pytest.mark.xfail(strict=True, reason="app/uploads.py (surfaces helper) re-raises the bare OSError; fix in note")
