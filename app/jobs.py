@@ -76,24 +76,38 @@ def _start_time(pid: int) -> int | None:
 
 
 def _children_of(root: Path) -> dict[str, list[int]]:
-    """Live process-group leaders started for ``root``'s jobs: job id -> pids (from each process's environment)."""
+    """Live process-group leaders started for ``root``'s jobs: job id -> pids (from each process's environment).
+
+    Processes of such a group whose leader is gone (e.g. data-loader workers of a killed trainer) are killed here:
+    nothing could re-attach to them."""
     found: dict[str, list[int]] = {}
     want = f"{ENV_ROOT}={root}".encode()
     if not Path("/proc").is_dir():  # no procfs (macOS): only recorded pids can be re-attached
         return found
+    leaderless: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
         try:
             env = (entry / "environ").read_bytes().split(b"\0")
-            if want not in env or os.getpgid(pid) != pid or not _alive(pid):
+            if want not in env or not _alive(pid):
                 continue
+            pgid = os.getpgid(pid)
         except (OSError, ProcessLookupError):
+            continue
+        if pgid != pid:
+            if not _alive(pgid):
+                leaderless.add(pgid)
             continue
         for item in env:
             if item.startswith(f"{ENV_JOB}=".encode()):
                 found.setdefault(item.split(b"=", 1)[1].decode(errors="replace"), []).append(pid)
+    for pgid in leaderless:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return found
 
 

@@ -616,6 +616,15 @@ def test_restart_kills_orphans_and_reattaches_by_recorded_pid(data, tmp_path) ->
         }
     )  # fmt: skip  (the keys an app before this change wrote)
     (root / ".app_jobs.json").write_text(json.dumps(state))
+    # a trainer killed alone leaves its worker processes (same group, leader gone): they must go too
+    from app.jobs import ENV_JOB, ENV_ROOT
+
+    spawn_worker = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"  # noqa: E501
+    leader = subprocess.Popen([sys.executable, "-c", spawn_worker], env={**env, ENV_ROOT: str(root), ENV_JOB: "gone"},
+                              start_new_session=True)  # fmt: skip
+    _wait_for(lambda: len([p for p in _processes_of(root) if os.getpgid(p) == leader.pid]) == 2, 30, "a worker")
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait()
 
     m2 = JobManager(root, env=_app_env("0"), poll_s=0.1)
     try:
@@ -624,6 +633,7 @@ def test_restart_kills_orphans_and_reattaches_by_recorded_pid(data, tmp_path) ->
         assert m2.get("legacy").status == "running" and m2.get("legacy").pid == legacy.pid
         assert [j.id for j in m2.list()] == ["keep", "orphan", "legacy"]
         assert not _alive(orphan.pid), "the orphaned training process still runs"
+        assert [p for p in _processes_of(root) if os.getpgid(p) == leader.pid] == [], "a leaderless worker survived"
         for name in ("keep", "legacy"):
             m2.stop(name, timeout=5)
         assert not _alive(keep.pid) and legacy.wait(timeout=10) is not None
