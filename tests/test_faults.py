@@ -239,6 +239,25 @@ def test_disk_full_during_upload_extraction_leaves_nothing(tmp_path: Path) -> No
     assert sorted(p.stat().st_size for p in root.rglob("*.png")) == [150_000] * 6
 
 
+def test_disk_full_while_appending_metrics_then_resume_rewrites_them(tmp_path: Path) -> None:
+    """metrics.jsonl appends past RLIMIT_FSIZE: a WriteError naming the file (a cut line may remain); the resume's
+    truncation skips the cut line instead of failing on it."""
+    rundir.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
+
+    def limited() -> None:
+        limit_file_size((tmp_path / rundir.METRICS_FILE).stat().st_size + 10)
+        rundir.append_metrics(tmp_path, {"step": 2, "loss": 0.5, "pad": "x" * 100})
+
+    code, err = in_child(limited)
+    assert code == 1 and "RAISED WriteError errno=27" in err and str(tmp_path / rundir.METRICS_FILE) in err, err
+    lines = (tmp_path / rundir.METRICS_FILE).read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == '{"step": 1, "loss": 1.0}'  # the second is cut short
+    rundir.truncate_metrics(tmp_path, 1)
+    assert rundir.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+    rundir.append_metrics(tmp_path, {"step": 2, "loss": 0.5})
+    assert [r["step"] for r in rundir.read_metrics(tmp_path)] == [1, 2]
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A real 8 MiB tmpfs mounted for the test (needs root and CAP_SYS_ADMIN; unmounted afterwards). Where it
