@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vision_peft.rundir import CONFIG_FILE, CheckpointError
+from vision_peft.rundir import CONFIG_FILE, CheckpointError, WriteError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.cmd](args)
-    except (*USER_ERRORS, CheckpointError) as e:
+    except (*USER_ERRORS, CheckpointError, WriteError) as e:  # a full disk is the user's to fix, too
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,8 +8,11 @@ parity is never written: the bundle is assembled in a temporary folder and moved
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -22,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vision_peft import bundle
+from vision_peft import bundle, rundir
 from vision_peft.bundle import BUNDLE_FORMAT, dtype_name  # noqa: F401  (BUNDLE_FORMAT: re-exported)
 from vision_peft.predict import load_run
+
+log = logging.getLogger("vision_peft")
 
 
 class ExportError(RuntimeError):
@@ -35,27 +40,107 @@ class ExportError(RuntimeError):
 def staged_folder(out_dir: Path, prefix: str = ".export-") -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` to assemble a bundle in: when the block succeeds it takes
     ``out_dir``'s place (a previous folder is moved aside first and deleted after, so the name never holds half a
-    bundle); when it raises, the temporary folder is removed and ``out_dir`` is left as it was."""
+    bundle); when it raises, the temporary folder is removed and ``out_dir`` is left as it was.
+
+    A process killed part-way (SIGKILL, power loss) leaves only dot-folders beside ``out_dir``; the next staging
+    for the same ``out_dir`` removes them, and puts a previous bundle that was moved aside back in place when the
+    kill fell between the two renames.
+
+    Raises:
+        WriteError: the disk is full or a file-size limit was hit while writing the bundle; names ``out_dir``,
+            the cause and the fix.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    _recover(out_dir, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{out_dir.name}-{os.getpid()}-", dir=out_dir.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            err = _write_failure(e, tmp)
+            if err is None:
+                raise
+            raise rundir.write_error(
+                out_dir, err, f"nothing was written under {out_dir}" + (" (its previous bundle is intact)"
+                                                                        if out_dir.exists() else "")
+            ) from e  # fmt: skip
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.rglob("*"):  # some writers (mkstemp, onnx's external data) create 0600 files
             if f.is_file():
                 f.chmod(0o666 & ~umask)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         tmp.chmod(0o755)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if old is not None:
+                old.rename(out_dir)  # the previous bundle goes back under its name
+            raise
+        rundir.fsync_dir(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out_dir: Path, prefix: str) -> None:
+    """Clean up after a staging process that was killed: its temp folder goes; a previous bundle it had moved
+    aside comes back when nothing took its place."""
+    for d in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        if not out_dir.exists():
+            d.rename(out_dir)
+            log.warning("restored %s: an export was killed while replacing it", out_dir)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in out_dir.parent.glob(f"{prefix}{out_dir.name}-*-*"):
+        pid = d.name[len(f"{prefix}{out_dir.name}-") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_failure(e: BaseException, folder: Path) -> OSError | None:
+    """The OS write error behind ``e`` (onnx and numpy may drop the errno: then it is worked out from the
+    file-size limit and the free space), or None when ``e`` is not a write failure."""
+    err = rundir.os_error_in(e)
+    if err is not None:
+        return err
+    cur: BaseException | None = e
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            break
+        cur = cur.__cause__ or cur.__context__
+    else:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    biggest = max((f.stat().st_size for f in folder.rglob("*") if f.is_file()), default=0)
+    if soft != resource.RLIM_INFINITY and biggest >= soft:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    st = os.statvfs(folder)
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, f"{cur} (the write failed)")
 
 
 def _batched(example: dict[str, torch.Tensor], b: int, seed: int) -> dict[str, torch.Tensor]:
@@ -281,6 +366,8 @@ def _export_graph(spec, folder: Path, run_dir: Path, exporter: str, batch_sizes,
     try:
         onnx_export(spec.module, spec.example_inputs, spec.output_names, onnx_path, exporter, spec.dynamic_batch, opset)
     except Exception as e:
+        if _write_failure(e, folder) is not None:
+            raise  # a full disk or a size limit: staged_folder names the bundle, the cause and the fix
         raise ExportError(
             f"the {exporter} exporter failed on graph {spec.graph_name!r} of {run_dir}: {type(e).__name__}: {e}"
             + (" (try --exporter torchscript)" if exporter == "dynamo" else "")

@@ -8,7 +8,9 @@ A run directory (written by :func:`vision_peft.train.run`) holds::
     adapter.safetensors   only what was trained (adapter tensors + head); written at the end
     metrics.jsonl         one JSON object per logged step and per evaluation (``"split"`` key)
     train.log             the engine's log
-    checkpoint/           state.pt + meta.json for ``--resume`` (see :mod:`vision_peft.checkpoint`)
+    checkpoint/           state.pt + meta.json of the latest checkpoint for ``--resume``, and previous/ holding the
+                          one before it (a run directory with only the latest still resumes; see
+                          :mod:`vision_peft.checkpoint`)
     split.json            the data split, when the task has one
     final_metrics.json    final val/test metrics and timing
     README.md             a short model card
@@ -20,6 +22,7 @@ format 1, as written by every vision_peft before this module existed; its keys a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -35,6 +38,7 @@ ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 CKPT_DIR = "checkpoint"
+PREV_CKPT_DIR = "previous"  # checkpoint/previous/: the checkpoint before the latest one
 CARD_FILE = "README.md"
 SPLIT_FILE = "split.json"
 FINAL_FILE = "final_metrics.json"
@@ -48,22 +52,112 @@ class CheckpointError(ValueError):
 
 
 # -- atomic writes ------------------------------------------------------------------------------------------
+class WriteError(OSError):
+    """A file could not be written (disk full, file-size limit, read-only or missing folder …). The message names
+    the file, the cause and the fix; the file's previous version, if any, is untouched (writes are atomic).
+    ``errno`` is the OS error's (ENOSPC, EFBIG …) and ``filename`` the path."""
+
+    def __init__(self, message: str, code: int, path: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = code
+        self.filename = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space on that filesystem (see `df -h {folder}`)",
+    errno.EDQUOT: "the disk quota is exhausted: free space or raise the quota",
+    errno.EFBIG: "the file is larger than this process may write (the shell's `ulimit -f` or the filesystem's "
+    "maximum file size): raise the limit or write to another filesystem",
+    errno.EROFS: "the filesystem is read-only: write to another folder",
+    errno.EACCES: "permission denied: make {folder} writable",
+}
+
+
+def write_error(path: str | Path, e: OSError, then: str = "") -> WriteError:
+    """A :class:`WriteError` for ``e`` raised while writing ``path``: names the path, the errno and the fix;
+    ``then`` is appended (e.g. how to resume)."""
+    if isinstance(e, WriteError):
+        return WriteError(f"{e.message}; {then}" if then else e.message, e.errno, e.filename)
+    code = e.errno or 0
+    name = errno.errorcode.get(code, "error")
+    fix = _WRITE_FIXES.get(code, "check the folder exists and is writable").format(folder=Path(path).parent)
+    msg = f"could not write {path}: {e.strerror or e} ({name}); {fix}. Its previous version is untouched"
+    return WriteError(msg + (f"; {then}" if then else ""), code, str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it into place (never a half-written file)."""
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then rename it into place (never a
+    half-written file under ``path``; the rename is made durable by an fsync of the folder).
+
+    Raises:
+        WriteError: the disk is full, a size limit was hit, … (an ``OSError`` naming ``path``, the cause and the
+            fix); the temp file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise write_error(path, e) from e
     try:
         write(tmp)
+        _fsync_file(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        err = os_error_in(e)
+        if err is not None:
+            raise write_error(path, err) from e
         raise
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``e`` (itself, or along its ``__cause__`` / ``__context__`` chain: writers such as
+    torch.save or safetensors wrap the OS error in their own exception), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # an errno only reported in a wrapped message
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (best effort: some filesystems cannot fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -72,10 +166,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     def w(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
-    atomic_write(path, w)
+    atomic_write(path, w)  # fsyncs the temp file before the rename
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -194,9 +286,18 @@ def is_finished(run_dir: str | Path) -> bool:
 
 # -- metrics.jsonl ------------------------------------------------------------------------------------------
 def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append one record (a training step, or an evaluation with a ``"split"`` key) to ``metrics.jsonl``."""
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record (a training step, or an evaluation with a ``"split"`` key) to ``metrics.jsonl``.
+
+    Raises:
+        WriteError: the disk is full or a size limit was hit (a partial line may remain: readers skip it and a
+            resume rewrites the file).
+    """
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise write_error(path, e) from e
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -218,7 +319,14 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -18,6 +18,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from vision_peft.engine import (
     seed_everything,
     train_step,
 )
-from vision_peft.rundir import BackboneInfo, CheckpointError, RunInfo, StepsInfo
+from vision_peft.rundir import BackboneInfo, CheckpointError, RunInfo, StepsInfo, WriteError, write_error
 from vision_peft.tasks import TASKS, Task, TaskModel
 
 log = logging.getLogger("vision_peft")
@@ -108,7 +110,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
 
     def log_metrics(rec: dict[str, Any]) -> None:
         if rank == 0:
-            rundir.append_metrics(run_dir, rec)
+            with _stop_on_write_error(run_dir, step):
+                rundir.append_metrics(run_dir, rec)
 
     def evaluate(split: str) -> dict[str, Any] | None:
         if split not in data or rank != 0:
@@ -165,7 +168,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
                     log.info("step %d val %s", step, _fmt(res))
             if step % plan.ckpt_every == 0 or step == total:
                 if rank == 0:
-                    _save_checkpoint(run_dir, model, opt, sched, scaler, step, total, device)
+                    with _stop_on_write_error(run_dir, step):
+                        _save_checkpoint(run_dir, model, opt, sched, scaler, step, total, device)
             if step >= total:
                 break
         del batches
@@ -182,7 +186,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
             log.info("final %s %s", split, _fmt(res))
     final["compute"] = {"cache": cache.report, "recompute": recompute_report, "compile": compile_report}
     if rank == 0:
-        _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
+        with _stop_on_write_error(run_dir, step):
+            _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
     if distributed:
         dist.barrier()
     return run_dir
@@ -296,12 +301,13 @@ def _restore(
     distributed: bool,
 ) -> int:
     """Load checkpoint/ into the model, optimizer, scheduler, scaler and RNGs; returns the step it was taken at."""
-    state, meta = ckpt.load_checkpoint(run_dir) if rank == 0 else (None, None)
+    point = ckpt.load_resume_checkpoint(run_dir) if rank == 0 else None  # the previous one if the latest is bad
+    state, meta = (point.state, point.meta) if point is not None else (None, None)
     if distributed:
         box = [state, meta]
         dist.broadcast_object_list(box, src=0)
         state, meta = box
-    ckpt.load_adapter_into(model, state["model"], f"{run_dir}/{rundir.CKPT_DIR}/state.pt")
+    ckpt.load_adapter_into(model, state["model"], str(point.path) if point else f"{run_dir}/{rundir.CKPT_DIR}")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -310,6 +316,24 @@ def _restore(
     if rank == 0:
         rundir.truncate_metrics(run_dir, step)
     return step
+
+
+@contextmanager
+def _stop_on_write_error(run_dir: Path, step: int) -> Iterator[None]:
+    """A write that fails (full disk, size limit) stops the run with a :class:`WriteError` naming the file, the
+    cause, the step reached, the last intact checkpoint and how to resume once there is space again."""
+    try:
+        yield
+    except WriteError as e:
+        at = ckpt.checkpoint_step(run_dir)
+        where = f"the last intact checkpoint is step {at}" if at is not None else "no checkpoint was written yet"
+        how = (
+            f"`python -m vision_peft train --resume {run_dir}`"
+            if at is not None
+            else "the same `python -m vision_peft train` command with another output.name"
+        )
+        raise write_error(e.filename, e, f"the run stopped at step {step} ({where}); once there is space, continue "
+                          f"with {how}") from e  # fmt: skip
 
 
 def _progress_bar(cfg: RunConfig, total: int, step: int):
