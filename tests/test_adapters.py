@@ -213,7 +213,9 @@ def test_only_adapter_tensors_train(name: str, spec: str) -> None:
     for n, p in trainable.items():
         if handle.mergeable:  # a re-parameterisation never trains a pretrained tensor
             assert id(p) not in bb._orig_ids, f"{name} left the pretrained tensor {n} trainable"
-        assert _under(n, handle.touched), f"trainable {n} is not under a module the handle reports as touched ({handle.touched})"
+        assert _under(n, handle.touched), (
+            f"trainable {n} is not under a module the handle reports as touched ({handle.touched})"
+        )
     for n, p in bb.named_parameters():
         if id(p) in bb._orig_ids and not _under(n, handle.touched):
             assert not p.requires_grad, f"{name}: pretrained {n} is trainable"
@@ -713,7 +715,9 @@ def test_dora_run_prunes_to_the_budget_reloads_and_exports(run_cfg) -> None:
     live = [m["dora_components"] for m in logged if "dora_components" in m]
     _, _, model, _ = load_run(run_dir)
     comps = [m for m in model.modules() if isinstance(m, DoRAComponents)]
-    assert len(live) == cfg.train.max_steps and live[0] == 3 * len(comps)  # log_every=1: one per step and live[-1] == 2 * len(comps)
+    assert len(live) == cfg.train.max_steps and live[0] == 3 * len(
+        comps
+    )  # log_every=1: one per step and live[-1] == 2 * len(comps)
     assert all(a >= b for a, b in zip(live, live[1:]))
     assert sum(c.rank for c in comps) == 2 * len(comps), "the saved masks must hold the final budget"
     manifest = export_run(run_dir, batch_sizes=(1, 2))

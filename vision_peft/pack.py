@@ -181,8 +181,12 @@ def _load(path: Path, name: str) -> tuple:
     for s in specs:
         s.module.eval()
     every = {**adapter_tensors(model), **_wrapper_tensors(specs, model)}
-    tensors = {k: (v.detach().cpu().float() if v.dtype.is_floating_point else v.detach().cpu()).reshape(v.shape or (1,))
-               .numpy() for k, v in every.items()}  # fmt: skip  (0-d as one element, as adapter files store it)
+    tensors = {
+        k: (v.detach().cpu().float() if v.dtype.is_floating_point else v.detach().cpu())
+        .reshape(v.shape or (1,))
+        .numpy()
+        for k, v in every.items()
+    }  # fmt: skip  (0-d as one element, as adapter files store it)
     run = _Run(path, name, info, tensors, list(spec.labels or []), spec.preprocess or {}, spec.task_info or {}, {})
     return run, cfg, model, specs
 
@@ -245,7 +249,9 @@ def _check_layout(runs: list[_Run], head_dims: dict[str, int | None]) -> None:
                 )
         problem = packfile.preprocess_conflict(ref.preprocess, r.preprocess)
         if problem:
-            raise ExportError(f"{r.path} cannot share {ref.path}'s graph: its {problem}; one graph takes one input size")
+            raise ExportError(
+                f"{r.path} cannot share {ref.path}'s graph: its {problem}; one graph takes one input size"
+            )
 
 
 def _export_pack_graph(
@@ -480,8 +486,12 @@ def _write_adapter(
             f"adapter {run.name!r} ({run.path}) through the pack graph differs from its own PyTorch model: max |Δ| "
             f"{meta['parity']['max_abs_diff']:.3g} > atol {atol} (+ rtol {rtol}·|ref|); its config changes the graph "
             f"beyond its tensors, so it cannot share this pack; export it merged. "
-            + (f"Trained tensors this task's export bakes into the graph as constants, which differ from the first "
-               f"run's: {baked[:6]}. " if baked else "")
+            + (
+                f"Trained tensors this task's export bakes into the graph as constants, which differ from the first "
+                f"run's: {baked[:6]}. "
+                if baked
+                else ""
+            )
             + "Per batch: "
             f"{json.dumps(meta['parity']['per_batch'])}"
         )
@@ -519,7 +529,9 @@ def export_adapter_for(
                              manifest["adapter"]), ("backbone weights_id", info.backbone.weights_id,
                              manifest.get("backbone_weights_id"))):  # fmt: skip
         if got != want:
-            raise ExportError(f"{run_dir} does not fit the pack {pack_dir}: its {field} is {got!r}, the pack's {want!r}")
+            raise ExportError(
+                f"{run_dir} does not fit the pack {pack_dir}: its {field} is {got!r}, the pack's {want!r}"
+            )
     run, _, _, specs = _load(run_dir, name)
     adapted = [s for s in specs if graphs.get(s.graph_name, {}).get("adapter_inputs")]
     examples = _examples(adapted, (1, 3))

@@ -142,6 +142,7 @@ def _run_config(task_or_recipe: str, backbone: str, overrides: list[str] | dict 
     data["adapter"] = {"name": "lora"}
     return build_run_config(apply_overrides(data, extra))
 
+
 # LoraConfig options our LoRA does not reproduce: (field, value that is fine, why)
 _UNSUPPORTED_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("use_dora", False, "peft's DoRA (weight-decomposed LoRA of Liu et al.) is not our dora (dynamic rank)"),

@@ -80,9 +80,7 @@ class LoRAFactors(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale  # (fan_out, fan_in)
 
 
-@ADAPTERS.register(
-    "lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections", spec={"r": 2}
-)
+@ADAPTERS.register("lora", config_cls=LoRAConfig, help="LoRA on Linear, Conv and fused MHA projections", spec={"r": 2})
 def apply_lora(backbone: nn.Module, cfg: LoRAConfig) -> AdapterHandle:
     """Wrap every targeted module with a low-rank update (B = 0, so outputs are unchanged at step 0)."""
     targets = inject_seeded(backbone, cfg, "lora", "LoRA", LoRAFactors)

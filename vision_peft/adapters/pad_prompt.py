@@ -56,8 +56,11 @@ class PadPrompt(nn.Module):
 
 
 @ADAPTERS.register(
-    "pad_prompt", config_cls=PadPromptConfig, help="learnable input-border pixel prompts (any image backbone)",
-    requires=("image",), spec={"pad": 4},
+    "pad_prompt",
+    config_cls=PadPromptConfig,
+    help="learnable input-border pixel prompts (any image backbone)",
+    requires=("image",),
+    spec={"pad": 4},
 )
 def apply_pad_prompt(backbone: nn.Module, cfg: PadPromptConfig) -> AdapterHandle:
     """Add a learnable pixel frame in front of any image backbone."""

@@ -47,13 +47,13 @@ class SparseScatter(torch.autograd.Function):
         return grad_w.reshape(-1)[idx], None, None
 
 
-
 def scatter(p: torch.Tensor, w0: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """:class:`SparseScatter` (W0 with ``idx`` replaced by ``p``); under the TorchScript tracer (an adapter pack
     exports the unmerged graph with ``p`` as an input) the same value as a plain ``index_put``, which it can record."""
     if torch.jit.is_tracing():
         return w0.detach().reshape(-1).index_put((idx,), p.to(w0.dtype)).reshape(w0.shape)
     return SparseScatter.apply(p, w0, idx)
+
 
 # -- the state every sparse holder carries (same keys for SparseLinear and SparseTensor) ------------------------
 def _init_sparse(holder: nn.Module, w0: torch.Tensor, idx: torch.Tensor) -> None:
