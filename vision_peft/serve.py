@@ -335,7 +335,7 @@ class AdapterStore:
         raw = _read_capped(meta, self.limits.max_meta_bytes, "meta")
         try:
             record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: nested too deep
             raise HTTPException(
                 415, f"meta ({meta_name}): not a JSON adapter record ({type(e).__name__}); send the .adapter.json"
             ) from None

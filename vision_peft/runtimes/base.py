@@ -139,9 +139,18 @@ def image_spec(bundle: BundleLike, input_name: str) -> dict[str, Any]:
             f"(found {list(specs)}); re-export the bundle"
         )
     try:
-        return validate_spec(specs[input_name])
-    except ValueError as e:
-        raise ValueError(f"manifest.json of {bundle.path}: preprocess[{input_name!r}]: {e}") from e
+        spec = validate_spec(specs[input_name])
+    except (ValueError, TypeError) as e:  # TypeError: a value of another JSON type (validate_spec assumes the types)
+        raise ValueError(f"manifest.json of {bundle.path}: preprocess[{input_name!r}]: {e}") from None
+    if max(spec["size"]) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"manifest.json of {bundle.path}: preprocess[{input_name!r}].size {spec['size']} exceeds "
+            f"{MAX_IMAGE_SIDE} pixels per side; the manifest is damaged, re-export the bundle"
+        )
+    return spec
+
+
+MAX_IMAGE_SIDE = 16_384  # a preprocess size beyond this is a damaged manifest, not a model input (memory guard)
 
 
 def logits_graph(bundle: BundleLike) -> tuple[str, str, str]:
