@@ -626,6 +626,8 @@ def _edit_json(path: Path, edit) -> None:
         ("merged", "manifest.json", lambda m: m["preprocess"]["image"].update(mean=None), "preprocess['image']"),
         # a size that validates but would allocate terabytes at resize
         ("merged", "manifest.json", lambda m: m["preprocess"]["image"].update(size=[2**40, 2]), "exceeds"),
+        # found by test_fuzz_manifest (--fuzz-long): a label removed -> the width error did not name the bundle
+        ("merged", "manifest.json", lambda m: m.update(labels=["alpha"]), "but the manifest lists 1 labels"),
         # found by test_fuzz_pack_files: the record's name retyped -> AdapterFileError without the file's name
         ("pack", "b.adapter.json", lambda m: m.update(name="tensor(float)"), "b.adapter.json: field 'name'"),
     ],
@@ -825,6 +827,8 @@ def requests_(draw, artifacts) -> dict:
         body = "classify_form"  # the endpoint's own field with mostly real images: reaches the runtime
     elif path == "/v1/adapters" and draw(st.booleans()):
         body = "adapter_form"  # the upload's own fields: a real or damaged pair
+    if body in ("classify_form", "adapter_form"):
+        method = "POST"
     req = {"method": method, "path": path, "params": params, "body": body}
     if body == "classify_form":
         parts = []
@@ -834,8 +838,9 @@ def requests_(draw, artifacts) -> dict:
                 if draw(st.integers(0, 2))
                 else draw(payloads(artifacts))
             )
-            fname = draw(st.sampled_from(["x.jpg", "x.png", "", "../x.jpg", "é.png"]) | st.text(max_size=20))
-            parts.append(("files", (fname, payload, draw(st.sampled_from(["image/jpeg", "image/png", "text/plain"])))))
+            names = st.sampled_from(["x.jpg"] * 4 + ["x.png", "", "../x.jpg", "é.png"]) | st.text(max_size=20)
+            ctype = draw(st.sampled_from(["image/jpeg"] * 4 + ["image/png", "text/plain"]))
+            parts.append(("files", (draw(names), payload, ctype)))
         req["files"], req["data"], req["body"] = parts, {}, "multipart"
         if draw(st.integers(0, 3)):
             params["adapter"] = draw(st.sampled_from(sorted(RUNS)))
@@ -957,6 +962,23 @@ def test_http_adapter_meta_nested_too_deep(artifacts, server) -> None:
              "meta": ("deep.adapter.json", DEEP, "application/json")}  # fmt: skip
     r = server["client"].post("/v1/adapters", files=files)
     assert r.status_code == 415 and "meta (deep.adapter.json): not a JSON adapter record" in r.json()["detail"], r.text
+    _server_alive(server)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (b"image/jpeg", b"\x08\x00\x00\x00TORT\xb8\xc7\xff\xff"),  # non-UTF-8 bytes echoed in the 422 -> 500
+        (b"text/plain", b"\xb8\xc7"),
+        (b"application/json", b"NaN"),  # a NaN echoed in the 422 -> 'Out of range float values' -> 500
+        (b"application/json", b'{"classes": ["a"], "n": 1e400}'),  # infinity, the same
+    ],
+)
+def test_http_validation_errors_with_unencodable_input(server, content_type, body) -> None:
+    """Found by test_fuzz_http: FastAPI's own validation handler answered 500 (and logged a traceback) when the
+    rejected body could not be encoded back into its JSON error (POST /v1/generate, the JSON endpoint)."""
+    r = server["client"].post("/v1/generate", content=body, headers={"content-type": content_type})
+    assert r.status_code == 422 and isinstance(r.json()["detail"], list), r.text
     _server_alive(server)
 
 
