@@ -29,7 +29,9 @@ import numpy as np
 from vision_peft import __version__
 
 BUNDLE_FORMAT = "vision_peft.bundle/1"
-PACK_FORMAT = "vision_peft.bundle/2"  # a pack: base graph(s) once + adapters (vision_peft.packfile); /1 readers refuse it
+PACK_FORMAT = (
+    "vision_peft.bundle/2"  # a pack: base graph(s) once + adapters (vision_peft.packfile); /1 readers refuse it
+)
 SUPPORTED_FORMATS = (BUNDLE_FORMAT, PACK_FORMAT)  # every format this version reads (old bundles keep loading)
 MANIFEST = "manifest.json"
 RESERVED_FILES = (MANIFEST, "parity.json", "preprocess.json")  # written by export itself, never an extra file
@@ -197,9 +199,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             "pass the folder that `python -m vision_peft export` wrote"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path} is not valid JSON ({e}); re-export the bundle") from e
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{manifest_path} is not UTF-8 text ({e}); re-export the bundle") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
+        raise ValueError(f"{manifest_path} is not valid JSON ({str(e)[:200]}); re-export the bundle") from None
     if not isinstance(manifest, dict) or "format" not in manifest:
         raise ValueError(f"{manifest_path} has no 'format' field; it is not a vision_peft bundle manifest")
     fmt = manifest["format"]
@@ -214,6 +218,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{manifest_path}: field {key!r} must be a {kind.__name__}; re-export the bundle")
     if not manifest["graphs"]:
         raise ValueError(f"{manifest_path} lists no graphs; re-export the bundle")
+    for key, kind in (("preprocess", dict), ("labels", list), ("task_info", dict)):  # optional, but typed
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise ValueError(f"{manifest_path}: field {key!r} must be a {kind.__name__}; re-export the bundle")
+    bad = sorted(str(k) for k, v in (manifest.get("preprocess") or {}).items() if not isinstance(v, dict))
+    if bad:
+        raise ValueError(f"{manifest_path}: 'preprocess' must map each input to a spec object ({bad} do not)")
     if is_pack(manifest):
         if not isinstance(manifest.get("adapters"), dict) or not isinstance(manifest.get("backbone_weights_id"), str):
             raise ValueError(f"{manifest_path}: a pack needs 'adapters' and 'backbone_weights_id'; re-export it")

@@ -114,9 +114,7 @@ class PackMixin:
                 self.pack.views[adapter] = view
         return view
 
-    def add_adapter(
-        self, tensor_file: str | Path, meta: str | Path | dict[str, Any], name: str | None = None
-    ) -> str:
+    def add_adapter(self, tensor_file: str | Path, meta: str | Path | dict[str, Any], name: str | None = None) -> str:
         """Adds an adapter pair to a loaded pack (checked against the graphs as at load; nothing is written).
 
         Args:
@@ -133,9 +131,10 @@ class PackMixin:
         """
         if self.pack is None:
             self._adapter("")  # the merged-bundle error
-        record = meta if isinstance(meta, dict) else packfile.read_meta(meta)
+        is_file = isinstance(meta, (str, Path))
+        record = packfile.read_meta(meta) if is_file else meta  # a record that is no dict: check_meta refuses it
         source = str(tensor_file)
-        record = packfile.check_meta(record, str(meta) if not isinstance(meta, dict) else source)
+        record = packfile.check_meta(record, str(meta) if is_file else source)
         name = packfile.check_name(record["name"] if name is None else name)
         loaded = _load_adapter(self.path, self.manifest, self.sessions, name, {**record, "name": name}, tensor_file)
         with self.pack.lock:

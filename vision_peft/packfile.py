@@ -195,7 +195,13 @@ def check_meta(meta: Any, source: str) -> dict[str, Any]:
     for key, kind in REQUIRED_META.items():
         if not isinstance(meta.get(key), kind):
             raise AdapterFileError(f"{source}: field {key!r} must be a {kind.__name__}; re-export the adapter")
-    check_name(meta["name"])
+    try:
+        check_name(meta["name"])
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{source}: field 'name': {e}") from None
+    bad = sorted(str(k) for k, v in meta["preprocess"].items() if not isinstance(v, dict))
+    if bad:
+        raise AdapterFileError(f"{source}: 'preprocess' must map each input to a spec object ({bad} do not)")
     if not all(isinstance(x, str) for x in meta["labels"]) or len(set(meta["labels"])) != len(meta["labels"]):
         raise AdapterFileError(f"{source}: 'labels' must be unique class-name strings")
     return meta
@@ -212,8 +218,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"adapter record {path} does not exist")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON ({e}); re-export the adapter") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # Recursion: nested too deep to parse
+        raise AdapterFileError(f"{path} is not valid JSON ({str(e)[:200]}); re-export the adapter") from None
     return check_meta(meta, str(path))
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import math
 import shutil
 import tempfile
 import threading
@@ -50,7 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import create_model
 
@@ -263,6 +266,32 @@ def _endpoint(
     return endpoint
 
 
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """A value FastAPI's validation errors echo back, made JSON-safe: bytes decoded with replacement, NaN and
+    infinities as strings, long strings cut, nesting bounded (the echo of a hostile body must not fail the answer)."""
+    if depth > 8:
+        return "…"
+    if isinstance(value, bytes):
+        return value[:200].decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value[:200]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k)[:100]: _json_safe(v, depth + 1) for k, v in list(value.items())[:20]}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, depth + 1) for v in list(value)[:20]]
+    return str(value)[:200]
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's usual ``detail`` list, its echoed inputs made JSON-safe: FastAPI's own handler answered 500
+    to a body of non-UTF-8 bytes or a JSON NaN (it could not encode its own error message)."""
+    return JSONResponse(status_code=422, content={"detail": _json_safe(list(exc.errors()))})
+
+
 def _read_capped(f: UploadFile, cap: int, field: str) -> bytes:
     """All bytes of one upload, 413 over ``cap`` and 400 when empty (naming the field and the file)."""
     data = f.file.read(cap + 1)
@@ -335,7 +364,7 @@ class AdapterStore:
         raw = _read_capped(meta, self.limits.max_meta_bytes, "meta")
         try:
             record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: nested too deep
             raise HTTPException(
                 415, f"meta ({meta_name}): not a JSON adapter record ({type(e).__name__}); send the .adapter.json"
             ) from None
@@ -400,6 +429,7 @@ def create_app(
     limits = limits or ServeLimits()
     bundle = load_bundle(bundle_dir, device=device, strict=strict)
     app = FastAPI(title="vision_peft", version=vision_peft.__version__)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     stats = {"requests": 0, "errors": 0, "started": time.time()}
     lock = threading.Lock()
     store = AdapterStore(bundle, limits)

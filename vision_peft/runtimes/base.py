@@ -139,9 +139,18 @@ def image_spec(bundle: BundleLike, input_name: str) -> dict[str, Any]:
             f"(found {list(specs)}); re-export the bundle"
         )
     try:
-        return validate_spec(specs[input_name])
-    except ValueError as e:
-        raise ValueError(f"manifest.json of {bundle.path}: preprocess[{input_name!r}]: {e}") from e
+        spec = validate_spec(specs[input_name])
+    except (ValueError, TypeError) as e:  # TypeError: a value of another JSON type (validate_spec assumes the types)
+        raise ValueError(f"manifest.json of {bundle.path}: preprocess[{input_name!r}]: {e}") from None
+    if max(spec["size"]) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"manifest.json of {bundle.path}: preprocess[{input_name!r}].size {spec['size']} exceeds "
+            f"{MAX_IMAGE_SIDE} pixels per side; the manifest is damaged, re-export the bundle"
+        )
+    return spec
+
+
+MAX_IMAGE_SIDE = 16_384  # a preprocess size beyond this is a damaged manifest, not a model input (memory guard)
 
 
 def logits_graph(bundle: BundleLike) -> tuple[str, str, str]:
@@ -152,16 +161,20 @@ def logits_graph(bundle: BundleLike) -> tuple[str, str, str]:
     elif len(graphs) == 1:
         graph = next(iter(graphs))
     else:
-        raise ValueError(f"classification bundle must have a graph named 'model', found {list(graphs)}")
+        raise ValueError(f"classification bundle {bundle.path} must have a graph named 'model', found {list(graphs)}")
     inputs, outputs = bundle.graph_inputs(graph), bundle.graph_outputs(graph)
     if len(inputs) != 1:
-        raise ValueError(f"classification graph {graph!r} must take one image input, it takes {inputs}")
+        raise ValueError(
+            f"bundle {bundle.path}: classification graph {graph!r} must take one image input, it takes {inputs}"
+        )
     if "logits" in outputs:
         output = "logits"
     elif len(outputs) == 1:
         output = outputs[0]
     else:
-        raise ValueError(f"classification graph {graph!r} must have an output named 'logits', found {outputs}")
+        raise ValueError(
+            f"bundle {bundle.path}: classification graph {graph!r} must have an output named 'logits', found {outputs}"
+        )
     return graph, inputs[0], output
 
 
@@ -169,8 +182,8 @@ def checked_logits(bundle: BundleLike, graph: str, output: str, logits: np.ndarr
     """``logits`` when they are (B, classes) with one column per manifest label; else the bundle is refused."""
     if logits.ndim != 2 or logits.shape[1] != len(bundle.labels):
         raise ValueError(
-            f"graph {graph!r} output {output!r} has shape {list(logits.shape)} but the manifest lists "
-            f"{len(bundle.labels)} labels; the bundle is inconsistent, re-export it"
+            f"bundle {bundle.path}: graph {graph!r} output {output!r} has shape {list(logits.shape)} but the "
+            f"manifest lists {len(bundle.labels)} labels; the bundle is inconsistent, re-export it"
         )
     return logits
 
