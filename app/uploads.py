@@ -7,6 +7,7 @@ or when the archive holds more files or more uncompressed bytes than configured 
 
 from __future__ import annotations
 
+import errno
 import lzma
 import os
 import shutil
@@ -151,6 +152,7 @@ def extract_zip(path: str | Path, task: str, uploads_root: str | Path, limits: U
     dest.mkdir(parents=True)
     limits = limits or UploadLimits()
     written = 0
+    info: zipfile.ZipInfo | None = None
     try:
         with zipfile.ZipFile(path) as zf:
             for info in entries:
@@ -176,8 +178,16 @@ def extract_zip(path: str | Path, task: str, uploads_root: str | Path, limits: U
                                 f"{archive}: the archive unpacks to more than {limits.max_total_bytes} bytes"
                             )
                         out.write(chunk)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(e, OSError):  # writing failed (disk full, file-size limit, read-only folder): reading is DAMAGED
+            entry = f"entry {info.filename!r} of " if info is not None else ""
+            code = errno.errorcode.get(e.errno or 0, str(e.errno))
+            raise UploadError(
+                f"could not extract {entry}{archive} into {dest.parent}: {e.strerror or e} ({code}); nothing of it "
+                f"was kept. Free space on that disk (df -h {dest.parent}) or raise the file-size limit (ulimit -f), "
+                "then upload again"
+            ) from None
         raise
     tops = [p for p in dest.iterdir() if not _ignored((p.name,))]
     return tops[0] if len(tops) == 1 and tops[0].is_dir() else dest
