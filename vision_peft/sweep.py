@@ -49,6 +49,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -75,7 +76,6 @@ HEARTBEAT_S = 10  # seconds between heartbeats of a RUNNING trial; a trial silen
 POLL_S = 0.5  # how often a worker reads its trial's metrics.jsonl
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, fail_stale_trials
 
 
 class SweepError(ValueError):
@@ -96,10 +96,12 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.RD
     """
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=_on_stale_trial,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=_on_stale_trial,
+            )  # fmt: skip
     except Exception as e:  # sqlalchemy raises many kinds (ArgumentError, OperationalError, ImportError of a driver)
         raise SweepError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from None
 
@@ -109,7 +111,10 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     run_dir = trial.user_attrs.get("run_dir")
     if run_dir and Path(run_dir).is_dir():
         write_state(Path(run_dir), "failed", "its worker died (no heartbeat); retried once as a new trial")
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    retry(study, trial)
 
 
 def write_state(run_dir: Path, state: str, reason: str = "", **extra: Any) -> None:
@@ -299,7 +304,9 @@ def run_worker(ctx: Context, progress: Any = None) -> int:
     number of trials this worker ran."""
     ran = 0
     while True:
-        optuna.storages.fail_stale_trials(ctx.study)  # a dead worker's trial → FAIL + one retry queued
+        with warnings.catch_warnings():  # optuna marks the heartbeat API experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(ctx.study)  # a dead worker's trial → FAIL + one retry queued
         if ctx.deadline is not None and time.time() > ctx.deadline:
             break
         trial_id = _pop_waiting(ctx.study)
@@ -371,7 +378,7 @@ def run_trial(ctx: Context, trial_id: int) -> TrialState:
     run_dir = ctx.trials_dir / str(number)
     params = space.suggest(trial)
     ov = _overrides(ctx, params, number)
-    for k, v in {"run_dir": str(run_dir.resolve()), "method": params["adapter.name"], "host": socket.gethostname(),
+    for k, v in {"run_dir": str(run_dir.resolve()), "method": params["adapter.name"], "host": socket.gethostname(), "worker_pid": os.getpid(),
                  "train_seed": ctx.seed, "overrides": json.dumps(ov)}.items():  # fmt: skip
         trial.set_user_attr(k, v)
     if (run_dir / rundir.CONFIG_FILE).exists():
@@ -419,8 +426,8 @@ def _follow(ctx: Context, trial: optuna.Trial, proc: subprocess.Popen, run_dir: 
         recs = rundir.read_metrics(run_dir)
         new, seen = recs[seen:], len(recs)
         step_times = [r["step_time"] for r in recs if "step_time" in r]
-        if "max_step_time" in limits and len(step_times) >= 3:
-            med = sorted(step_times)[len(step_times) // 2]
+        if "max_step_time" in limits and len(step_times) >= 2:
+            med = statistics.median(step_times)
             if med > limits["max_step_time"]:
                 stop_group(proc)
                 return "stopped", f"constraint max_step_time={limits['max_step_time']:g} s: median step {med:.3f} s"
@@ -448,12 +455,11 @@ def _finish_trial(
     final = _read_json(run_dir / rundir.FINAL_FILE)
     info = rundir.RunInfo.read(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
     recs = rundir.read_metrics(run_dir)
-    step_times = sorted(r["step_time"] for r in recs if "step_time" in r)
+    step_times = [r["step_time"] for r in recs if "step_time" in r]
     timing = final.get("timing") or {}
     attrs = {
         "parameters": info.parameters if info else {},
-        "step_time_median": timing.get("step_time_median")
-        or (step_times[len(step_times) // 2] if step_times else None),
+        "step_time_median": timing.get("step_time_median") or (statistics.median(step_times) if step_times else None),
         "peak_memory_mb": timing.get("peak_memory_mb"),
         "train_seconds": timing.get("train_seconds"),
     }
@@ -641,6 +647,7 @@ def run_sweep(
     posthoc: bool = True,
     progress: bool = True,
     select: bool = True,
+    heartbeat_s: int = HEARTBEAT_S,
 ) -> dict[str, Any]:
     """Run (or continue) a sweep to ``trials`` trials in total, then select on val and write the leaderboard.
 
@@ -658,6 +665,7 @@ def run_sweep(
         posthoc: also evaluate test for each method's best (labelled post hoc).
         progress: a tqdm bar over trials on stderr.
         select: select the best and write the leaderboard at the end.
+        heartbeat_s: seconds between heartbeats; a trial silent for 3× this counts as its worker's death.
 
     Returns:
         {"sweep_dir", "storage", "study", "best" (best.json's content or None), "leaderboard" (csv path or None)}.
@@ -668,13 +676,13 @@ def run_sweep(
     deadline = time.time() + 60 * timeout_min if timeout_min else None
     bar = _bar(trials) if progress else None
     if workers == 1:
-        ctx = make_context(url, name, sweep_dir, device, deadline)
+        ctx = make_context(url, name, sweep_dir, device, deadline, heartbeat_s)
         if bar is not None:
             bar.n = budget_done(ctx.study)[0]
             bar.refresh()
         run_worker(ctx, bar)
     else:
-        _run_workers(url, name, sweep_dir, workers, device, deadline, bar)
+        _run_workers(url, name, sweep_dir, workers, device, deadline, bar, heartbeat_s)
     if bar is not None:
         bar.close()
     result: dict[str, Any] = {"sweep_dir": str(sweep_dir), "storage": url, "study": name, "best": None,
@@ -697,9 +705,12 @@ def _bar(total: int):
     return tqdm(total=total, desc="sweep", unit="trial", file=sys.stderr, dynamic_ncols=True)
 
 
-def worker_command(url: str, name: str, sweep_dir: Path, device: str | None, deadline: float | None) -> list[str]:
+def worker_command(
+    url: str, name: str, sweep_dir: Path, device: str | None, deadline: float | None, heartbeat_s: int = HEARTBEAT_S
+) -> list[str]:
     """The argv of one extra worker process (``python -m vision_peft.sweep --join URL --study NAME``)."""
     cmd = [sys.executable, "-m", "vision_peft.sweep", "--join", url, "--study", name, "--out", str(sweep_dir)]
+    cmd += ["--heartbeat", str(heartbeat_s)]
     if device:
         cmd += ["--device", device]
     if deadline:
@@ -708,9 +719,9 @@ def worker_command(url: str, name: str, sweep_dir: Path, device: str | None, dea
 
 
 def _run_workers(url: str, name: str, sweep_dir: Path, k: int, device: str | None, deadline: float | None,
-                 bar: Any) -> None:  # fmt: skip
+                 bar: Any, heartbeat_s: int = HEARTBEAT_S) -> None:  # fmt: skip
     """Start ``k`` worker processes on the storage and wait for them (the bar follows the study)."""
-    procs = [subprocess.Popen(worker_command(url, name, sweep_dir, device, deadline), env=_child_env(),
+    procs = [subprocess.Popen(worker_command(url, name, sweep_dir, device, deadline, heartbeat_s), env=_child_env(),
                               preexec_fn=_die_with_parent) for _ in range(k)]  # fmt: skip
     st = load_study(url, name)
     try:
@@ -751,6 +762,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="train.device of the trials (default: the recipe's)")
     p.add_argument("--join", metavar="URL", help="be an extra worker of the study --study in this storage")
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # epoch seconds (workers started by a sweep)
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a worker's heartbeats")
     p.add_argument("--no-posthoc", action="store_true", help="evaluate test for the selected best only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -760,7 +772,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.join:
         if not args.study:
             raise SweepError("--join URL needs --study NAME (the study to work on)")
-        ctx = make_context(args.join, args.study, args.out, args.device, args.deadline)
+        ctx = make_context(args.join, args.study, args.out, args.device, args.deadline, args.heartbeat)
         n = run_worker(ctx, None if args.no_progress else _bar(budget_done(ctx.study)[1]))
         print(json.dumps({"study": args.study, "trials_run": n}))
         return 0
