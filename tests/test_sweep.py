@@ -243,3 +243,42 @@ def test_pareto_front() -> None:
     assert pareto_front(pts) == [4, 0, 1]
     assert pareto_front([(1, 0.1), (2, 0.3)], maximize=False) == [0]
     assert pareto_front([(1, 0.3), (2, 0.1)], maximize=False) == [0, 1]
+
+
+def _sample_all(tmp: Path, recipe: Path, space: Path, seed: int) -> list[dict]:
+    """Claim and tell every queued trial of a fresh study without training (value: a function of the params)."""
+    from vision_peft.sweep import _pop_waiting
+
+    url, name, out = prepare_study(recipe, space, trials=6, sweep_dir=tmp, seed=seed)
+    ctx = make_context(url, name)
+    got = []
+    while (tid := _pop_waiting(ctx.study)) is not None:
+        trial = optuna.Trial(ctx.study, tid)
+        params = ctx.space.suggest(trial)
+        got.append(params)
+        ctx.study.tell(trial, float(params.get("train.lr", 0.0)) + float(params.get("adapter.r", 0)))
+    return got
+
+
+def test_same_seed_reproduces_the_trials(tmp_path: Path, aid_root: Path) -> None:
+    recipe, space = _recipe(tmp_path), _space(tmp_path, TWO_METHODS)
+    a = _sample_all(tmp_path / "a", recipe, space, seed=7)
+    b = _sample_all(tmp_path / "b", recipe, space, seed=7)
+    c = _sample_all(tmp_path / "c", recipe, space, seed=8)
+    assert a == b and a != c
+    assert [p["adapter.name"] for p in a] == ["linear", "lora"] * 3  # round robin
+
+
+def test_add_cli_gives_the_two_sub_commands() -> None:
+    import argparse
+
+    from vision_peft import leaderboard, sweep
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sweep.add_cli(sub)
+    leaderboard.add_cli(sub)
+    a = p.parse_args(["sweep", "classification-aid", "--space", "s.yaml", "--trials", "3", "--workers", "2"])
+    assert (a.func, a.recipe, a.trials, a.workers) == (sweep.cli_main, "classification-aid", 3, 2)
+    b = p.parse_args(["leaderboard", "--storage", "sqlite:///x.db", "--study", "s"])
+    assert (b.func, b.storage, b.study) == (leaderboard.cli_main, "sqlite:///x.db", "s")

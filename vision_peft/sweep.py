@@ -111,6 +111,11 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     run_dir = trial.user_attrs.get("run_dir")
     if run_dir and Path(run_dir).is_dir():
         write_state(Path(run_dir), "failed", "its worker died (no heartbeat); retried once as a new trial")
+    _retry_once(study, trial)
+
+
+def _retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a copy of a FAIL trial (same parameters) unless it is itself a retry (optuna's retry callback)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -396,10 +401,11 @@ def run_trial(ctx: Context, trial_id: int) -> TrialState:
     trial.set_user_attr("pid", proc.pid)
     try:
         state, reason = _follow(ctx, trial, proc, run_dir)
-    except BaseException:
+    except BaseException:  # Ctrl-C / SIGTERM (cli_main turns it into KeyboardInterrupt): same policy as a death
         stop_group(proc)
-        write_state(run_dir, "failed", "the worker was interrupted")
+        write_state(run_dir, "failed", "the worker was interrupted; retried once as a new trial")
         study.tell(trial, state=TrialState.FAIL)
+        _retry_once(study, study._storage.get_trial(trial._trial_id))
         raise
     return _finish_trial(ctx, trial, proc, run_dir, state, reason, log_path)
 
@@ -787,11 +793,16 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m vision_peft.sweep …`` until the command is wired into vision_peft.cli."""
     p = argparse.ArgumentParser(prog="python -m vision_peft.sweep", description=__doc__.splitlines()[0])
     _arguments(p)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped sweep stops its trial's process group and fails it
     try:
         return cli_main(args)
     except (SweepError, SpaceError, ConfigError, LookupError, FileNotFoundError) as e:
