@@ -298,10 +298,25 @@ def _pop_waiting(study: optuna.Study) -> int | None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                storage.record_heartbeat(t._trial_id)  # from now on a dead worker shows as a stale trial
                 return t._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """RUNNING trials claimed by a worker that died before its first heartbeat (no ``worker_pid`` recorded after a
+    grace period): optuna never sees them as stale, so they are failed and retried here."""
+    grace = 3 * (study._storage.get_heartbeat_interval() or HEARTBEAT_S)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+        if "worker_pid" not in t.user_attrs and time.time() - started > grace:
+            try:
+                if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    _retry_once(study, study._storage.get_trial(t._trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
 
 
 def run_worker(ctx: Context, progress: Any = None) -> int:
@@ -312,6 +327,7 @@ def run_worker(ctx: Context, progress: Any = None) -> int:
         with warnings.catch_warnings():  # optuna marks the heartbeat API experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(ctx.study)  # a dead worker's trial → FAIL + one retry queued
+        _fail_orphans(ctx.study)
         if ctx.deadline is not None and time.time() > ctx.deadline:
             break
         trial_id = _pop_waiting(ctx.study)
@@ -383,8 +399,9 @@ def run_trial(ctx: Context, trial_id: int) -> TrialState:
     run_dir = ctx.trials_dir / str(number)
     params = space.suggest(trial)
     ov = _overrides(ctx, params, number)
-    for k, v in {"run_dir": str(run_dir.resolve()), "method": params["adapter.name"], "host": socket.gethostname(), "worker_pid": os.getpid(),
-                 "train_seed": ctx.seed, "overrides": json.dumps(ov)}.items():  # fmt: skip
+    attrs = {"run_dir": str(run_dir.resolve()), "method": params["adapter.name"], "host": socket.gethostname(),
+             "worker_pid": os.getpid(), "train_seed": ctx.seed, "overrides": json.dumps(ov)}  # fmt: skip
+    for k, v in attrs.items():
         trial.set_user_attr(k, v)
     if (run_dir / rundir.CONFIG_FILE).exists():
         reason = f"{run_dir} already holds a run (a sweep folder reused with a fresh storage?); move it away"
