@@ -825,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, SpaceError, ConfigError, LookupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
