@@ -64,7 +64,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         if ua.get("run_dir") and Path(ua["run_dir"]).is_dir() and not note:
             note = read_state(Path(ua["run_dir"])).get("reason", "")
         rows.append({
-            "trial": t.number, "method": ua.get("method") or t.params.get("adapter.name"),
+            "trial": t.number, "method": ua.get("method") or t.params.get("adapter.name")
+            or (t.system_attrs.get("fixed_params") or {}).get("adapter.name", ""),
             "hyperparameters": " ".join(f"{k}={_fmt(v)}" for k, v in sorted(hp.items())), "state": _state(t),
             "metric": metric, "val": value, "val_ci_low": lo, "val_ci_high": hi, "val_n": val.get("n"),
             "trainable": counts.get("trainable"), "trainable_no_head": counts.get("trainable_no_head"),
