@@ -819,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vision_peft.sweep", description=__doc__.splitlines()[0])
     _arguments(p)
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # a stopped sweep stops its trial's process group and fails it
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped sweep stops its trial's group and fails it
     try:
         return cli_main(args)
     except (SweepError, SpaceError, ConfigError, LookupError, FileNotFoundError) as e:
@@ -828,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
