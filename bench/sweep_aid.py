@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from vision_peft import rundir
-from vision_peft.leaderboard import write_leaderboard
-from vision_peft.sweep import load_study, run_sweep, select_best, storage_url
+from vision_peft.leaderboard import select_best, write_leaderboard
+from vision_peft.sweep import load_study, run_sweep, storage_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_DIR = ROOT / "runs" / "sweeps" / "aid-methods"

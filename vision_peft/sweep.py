@@ -33,11 +33,11 @@ methods). One worker, the same seed, a fresh storage: the same trials. The same 
 and the sweep continues up to ``trials``. With several workers the order of completion changes what TPE sees, so
 only the first (random) trials are reproduced exactly.
 
-Selection without peeking. Trials are ranked on the validation metric only. When the recipe's task has a
-``task.split`` whose last entry is ``test``, trials train with ``task.split.test=0`` (train and val are the very same
-images, checked against ``split.json``) so no trial ever sees the test images; the test split is evaluated once,
-for the selected best, and — labelled post hoc — for each method's best. Other tasks' ``train`` evaluates test at
-the end of every run; the sweep never reads those numbers.
+Selection without peeking (:func:`vision_peft.leaderboard.select_best`). Trials are ranked on the validation metric
+only. When the recipe's task has a ``task.split`` whose last entry is ``test``, trials train with
+``task.split.test=0`` (train and val are the very same images, checked against ``split.json``) so no trial ever sees
+the test images; the test split is evaluated once, for the selected best, and — labelled post hoc — for each
+method's best. Other tasks' ``train`` evaluates test at the end of every run; the sweep never reads those numbers.
 """
 
 from __future__ import annotations
@@ -475,7 +475,7 @@ def _finish_trial(
 ) -> TrialState:
     """Record what the run measured on the trial, write its state file, tell the study."""
     study = ctx.study
-    final = _read_json(run_dir / rundir.FINAL_FILE)
+    final = read_json(run_dir / rundir.FINAL_FILE)
     info = rundir.RunInfo.read(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
     recs = rundir.read_metrics(run_dir)
     step_times = [r["step_time"] for r in recs if "step_time" in r]
@@ -518,141 +518,11 @@ def _finish_trial(
     return TrialState.COMPLETE
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-# -- selection: val only; test once for the best ------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def evaluate_test(run_dir: str | Path, hidden_test: int | None, device: str = "cpu") -> dict[str, Any]:
-    """The test split of a trial's run (what ``python -m vision_peft eval <run> --split test`` computes); a trial
-    that trained without its test split gets the recipe's test count back, with train/val checked unchanged.
-
-    Raises:
-        SweepError: the restored split's train/val differ from the run's ``split.json`` (the test count cannot be
-            restored without moving images between splits).
-    """
-    from vision_peft.engine import eval_loader, resolve_device
-    from vision_peft.predict import load_run
-    from vision_peft.recipe import build_run_config, deep_merge
-    from vision_peft.tasks import TASKS
-
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    cfg, task, model, info = load_run(run_dir, dev)
-    if hidden_test is not None:
-        cfg = build_run_config(deep_merge(info.config, {"task": {"split": {"test": hidden_test}}}))
-        task = TASKS.get(cfg.task.name).builder(cfg)
-        if task.has_classes and info.classes:
-            task.set_classes(info.classes)
-        saved = _read_json(run_dir / rundir.SPLIT_FILE)
-        now = {k: [p for p, _ in v] for k, v in task.splits().items()}
-        for k in ("train", "val"):
-            if k in saved and saved[k] != now.get(k):
-                raise SweepError(f"{run_dir}: restoring task.split.test={hidden_test} changes the {k} split")
-    data = task.datasets(model)
-    if "test" not in data:
-        raise SweepError(f"{run_dir}: the recipe has no test split to evaluate")
-    res = task.evaluate(model, eval_loader(task, data["test"], cfg.train, dev), dev)
-    out = {k: v for k, v in res.items() if isinstance(v, (int, float))}
-    if "top1" in out and "n" in out:
-        out["top1_ci95"] = list(wilson(round(out["top1"] * out["n"]), int(out["n"])))
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman rank correlation (average ranks for ties); None with fewer than 3 pairs."""
-    if len(a) < 3:
-        return None
-
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
-    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
-    return cov / (va * vb) if va and vb else None
-
-
-def _rank_key(t: optuna.trial.FrozenTrial, maximize: bool) -> tuple:
-    params = (t.user_attrs.get("parameters") or {}).get("trainable", 0)
-    return (-t.value if maximize else t.value, params, t.number)  # ties: fewer trainable parameters, then earlier
-
-
-def select_best(study: optuna.Study, sweep_dir: Path, posthoc: bool = True, device: str = "cpu") -> dict[str, Any]:
-    """Pick the best COMPLETE trial on val, evaluate test once for it (and, post hoc, for each method's best);
-    writes ``best.json``. A best already evaluated (same trial) is not evaluated again.
-
-    Raises:
-        SweepError: no trial completed.
-    """
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: _rank_key(t, maximize))
-    if not done:
-        raise SweepError(
-            f"study {study.study_name!r}: no trial completed; see {sweep_dir / TRIALS_DIR}/*/sweep_trial.json"
-        )
-    hidden = study.user_attrs.get("hidden_test")
-    old = _read_json(sweep_dir / BEST_FILE)
-    cache = {int(k): v for k, v in (old.get("test_by_trial") or {}).items()}
-    evaluations = list(old.get("test_evaluations") or [])
-
-    def test_of(t: optuna.trial.FrozenTrial, why: str) -> dict[str, Any]:
-        if t.number not in cache:
-            cache[t.number] = evaluate_test(t.user_attrs["run_dir"], hidden, device)
-            evaluations.append({"trial": t.number, "why": why, "time": time.time()})
-        return cache[t.number]
-
-    def row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-        return {"trial": t.number, "method": t.user_attrs.get("method"), "val": t.value,
-                "metric": t.user_attrs.get("metric"), "params": t.params, "run_dir": t.user_attrs.get("run_dir"),
-                "trainable": (t.user_attrs.get("parameters") or {}).get("trainable")}  # fmt: skip
-
-    best = done[0]
-    out: dict[str, Any] = {"selected": {**row(best), "test": test_of(best, "selected best (on val)")}}
-    if posthoc:
-        per: dict[str, optuna.trial.FrozenTrial] = {}
-        for t in done:
-            per.setdefault(t.user_attrs.get("method"), t)
-        rows = {m: {**row(t), "test": test_of(t, f"post hoc: best {m}")} for m, t in per.items()}
-        metric = best.user_attrs.get("metric")
-        vals = [r["val"] for r in rows.values()]
-        tests = [r["test"].get(metric) for r in rows.values()]
-        out["post_hoc"] = {
-            "note": "post hoc: test of each method's best, NOT used for selection",
-            "per_method": rows,
-            "val_test_spearman": spearman(vals, tests) if None not in tests else None,
-        }
-    out["test_by_trial"] = {str(k): v for k, v in cache.items()}
-    out["test_evaluations"] = evaluations
-    out["hidden_test_split"] = hidden
-    rundir.atomic_write_json(sweep_dir / BEST_FILE, out)
-    return out
 
 
 # -- the sweep ---------------------------------------------------------------------------------------------------
@@ -711,7 +581,7 @@ def run_sweep(
     result: dict[str, Any] = {"sweep_dir": str(sweep_dir), "storage": url, "study": name, "best": None,
                               "leaderboard": None}  # fmt: skip
     if select:
-        from vision_peft.leaderboard import write_leaderboard
+        from vision_peft.leaderboard import select_best, write_leaderboard
 
         st = load_study(url, name)
         try:
