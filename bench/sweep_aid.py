@@ -4,8 +4,8 @@ Recipe ``tasks/classification-aid.yaml`` (all 30 classes, the issue-2 split: 60 
 seed 0, 128² input), space ``sweeps/aid-methods.yaml`` (seven methods from the adapter registry, each with its own
 small search, one epoch per trial). Two phases, so a CPU budget can bound each with ``timeout``:
 
-    OMP_NUM_THREADS=1 timeout 55m python bench/sweep_aid.py run --trials 14 --timeout-min 45
-    OMP_NUM_THREADS=1 timeout 15m python bench/sweep_aid.py report
+    OMP_NUM_THREADS=1 timeout 62m python bench/sweep_aid.py run --trials 14 --timeout-min 52   # took 29 min
+    OMP_NUM_THREADS=1 timeout 10m python bench/sweep_aid.py report                             # took 2 min
 
 ``run`` trains the trials (their run directories under ``runs/sweeps/aid-methods/trials/``; they never see the
 test split: trials train with ``task.split.test=0``); ``report`` selects the best on val, evaluates the test split
