@@ -56,15 +56,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from vision_peft import rundir
-from vision_peft.config import ConfigError
 from vision_peft.paths import REPO_ROOT
-from vision_peft.sweep_space import Space, SpaceError, load_space, recipe_data
+
+if TYPE_CHECKING:  # the space module imports the registries (torch): only where a space is read
+    from vision_peft.sweep_space import Space
 
 STATE_FILE = "sweep_trial.json"  # in a trial's run directory: complete | pruned | stopped | failed, and why
 DB_FILE = "study.db"
@@ -170,6 +171,8 @@ def _stored_space(attrs: dict[str, Any]) -> Space:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / RECIPE_FILE).write_text(attrs["recipe_text"])
         (Path(d) / SPACE_FILE).write_text(attrs["space_text"])
+        from vision_peft.sweep_space import load_space
+
         return load_space(Path(d) / SPACE_FILE, Path(d) / RECIPE_FILE, preflight=False)
 
 
@@ -219,6 +222,8 @@ def prepare_study(
     """
     if trials < 1:
         raise SweepError(f"--trials must be positive, got {trials}")
+    from vision_peft.sweep_space import load_space, recipe_data
+
     recipe_path, rdata = recipe_data(recipe)
     space = load_space(space_file, recipe_path)
     name = study or f"{recipe_path.stem}-{Path(space_file).stem}"
@@ -286,6 +291,8 @@ def make_context(url: str, name: str, sweep_dir: str | Path | None = None, devic
     for f, text in ((recipe_file, attrs["recipe_text"]), (space_file, attrs["space_text"])):
         if not f.is_file() or f.read_text() != text:
             rundir.atomic_write_text(f, text)
+    from vision_peft.sweep_space import load_space
+
     space = load_space(space_file, recipe_file, preflight=False)
     return Context(study, sdir, recipe_file, space, int(attrs.get("seed", 0)), attrs.get("hidden_test"), device,
                    deadline)  # fmt: skip
@@ -692,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped sweep stops its trial's group and fails it
     try:
         return cli_main(args)
-    except (SweepError, SpaceError, ConfigError, LookupError, FileNotFoundError) as e:
+    except (ValueError, LookupError, FileNotFoundError) as e:  # SweepError, SpaceError, ConfigError: user errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
