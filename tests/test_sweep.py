@@ -287,3 +287,26 @@ def test_add_cli_gives_the_two_sub_commands() -> None:
     assert (a.func, a.recipe, a.trials, a.workers) == (sweep.cli_main, "classification-aid", 3, 2)
     b = p.parse_args(["leaderboard", "--storage", "sqlite:///x.db", "--study", "s"])
     assert (b.func, b.storage, b.study) == (leaderboard.cli_main, "sqlite:///x.db", "s")
+
+
+def test_stopped_worker_stops_its_trial_and_queues_a_retry(tmp_path: Path, aid_root: Path) -> None:
+    recipe = _recipe(tmp_path, log_every=1)
+    space = _space(tmp_path, "adapter.name: [lora]\nfixed: {train.epochs: 1, train.ckpt_every: 100}\npruner: none\n")
+    url, name, out = prepare_study(recipe, space, trials=1, sweep_dir=tmp_path / "sweep")
+    cmd = [sys.executable, "-m", "vision_peft.sweep", "--join", url, "--study", name, "--no-progress"]
+    worker = subprocess.Popen(cmd, env=_env(VISION_PEFT_STEP_DELAY="1.5"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "trials" / "0" / rundir.METRICS_FILE
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        assert worker.poll() is None, "the worker ended before its trial started"
+        time.sleep(0.3)
+    worker.send_signal(signal.SIGTERM)  # e.g. `timeout` ending a sweep
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130 and "interrupted" in err, err[-2000:]
+    trials = load_study(url, name).get_trials()
+    with pytest.raises(ProcessLookupError):  # its training process group was stopped
+        os.kill(trials[0].user_attrs["pid"], 0)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+    assert json.loads((out / "trials" / "0" / STATE_FILE).read_text())["state"] == "failed"
