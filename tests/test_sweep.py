@@ -296,9 +296,8 @@ def test_stopped_worker_stops_its_trial_and_queues_a_retry(tmp_path: Path, aid_r
     cmd = [sys.executable, "-m", "vision_peft.sweep", "--join", url, "--study", name, "--no-progress"]
     worker = subprocess.Popen(cmd, env=_env(VISION_PEFT_STEP_DELAY="1.5"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    metrics = out / "trials" / "0" / rundir.METRICS_FILE
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+    study, deadline = load_study(url, name), time.time() + 120
+    while "pid" not in study.get_trials()[0].user_attrs and time.time() < deadline:  # its child has started
         assert worker.poll() is None, "the worker ended before its trial started"
         time.sleep(0.3)
     worker.send_signal(signal.SIGTERM)  # e.g. `timeout` ending a sweep
