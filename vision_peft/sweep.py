@@ -668,7 +668,19 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run the ``sweep`` command; prints the selection as JSON."""
+    """Run the ``sweep`` command (prints the selection as JSON). SIGTERM and Ctrl-C stop the running trial's process
+    group, fail it and queue one retry, then exit 130; user errors propagate (the caller prints them)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _command(args)
+    except KeyboardInterrupt as e:
+        print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.join:
         if not args.study:
             raise SweepError("--join URL needs --study NAME (the study to work on)")
@@ -696,17 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vision_peft.sweep", description=__doc__.splitlines()[0])
     _arguments(p)
     args = p.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped sweep stops its trial's group and fails it
     try:
         return cli_main(args)
     except (ValueError, LookupError, FileNotFoundError) as e:  # SweepError, SpaceError, ConfigError: user errors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
