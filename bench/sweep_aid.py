@@ -1,0 +1,105 @@
+"""A real sweep on AID (issue 19): which PEFT method for a frozen EfficientNet-Lite0, chosen on val only.
+
+Recipe ``tasks/classification-aid.yaml`` (all 30 classes, the issue-2 split: 60 train / 10 val / 30 test per class,
+seed 0, 128² input), space ``sweeps/aid-methods.yaml`` (seven methods from the adapter registry, each with its own
+small search, one epoch per trial). Two phases, so a CPU budget can bound each with ``timeout``:
+
+    OMP_NUM_THREADS=1 timeout 62m python bench/sweep_aid.py run --trials 14 --timeout-min 52   # took 29 min
+    OMP_NUM_THREADS=1 timeout 10m python bench/sweep_aid.py report                             # took 2 min
+
+``run`` trains the trials (their run directories under ``runs/sweeps/aid-methods/trials/``; they never see the
+test split: trials train with ``task.split.test=0``); ``report`` selects the best on val, evaluates the test split
+once for it and — post hoc, not used for selection — for each method's best, and writes
+``bench/results/sweep_aid.{json,md,png}``: the leaderboard, the selected best's test top-1 with a 95 % Wilson
+interval, and the Spearman correlation of val rank vs test rank over the per-method bests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from vision_peft import rundir
+from vision_peft.leaderboard import select_best, write_leaderboard
+from vision_peft.sweep import load_study, run_sweep, storage_url
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP_DIR = ROOT / "runs" / "sweeps" / "aid-methods"
+RESULTS = ROOT / "bench" / "results"
+
+
+def _ranks(values: list[float]) -> list[int]:
+    """1 = best (highest); ties share the better rank."""
+    return [1 + sum(1 for w in values if w > v) for v in values]
+
+
+def report(sweep_dir: Path, study: str) -> dict:
+    st = load_study(storage_url(sweep_dir, None), study)
+    best = select_best(st, sweep_dir, posthoc=True)
+    lb = write_leaderboard(st, sweep_dir)
+    shutil.copyfile(lb["png"], RESULTS / "sweep_aid.png")
+    sel = best["selected"]
+    per = best["post_hoc"]["per_method"]
+    methods = sorted(per, key=lambda m: -per[m]["val"])
+    vals = [per[m]["val"] for m in methods]
+    tests = [per[m]["test"]["top1"] for m in methods]
+    vr, tr = _ranks(vals), _ranks(tests)
+    states: dict[str, int] = {}
+    for r in lb["rows"]:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    out = {
+        "recipe": "tasks/classification-aid.yaml", "space": "sweeps/aid-methods.yaml", "study": study,
+        "trials": len(lb["rows"]), "states": states,
+        "selected": sel, "post_hoc": best["post_hoc"], "test_evaluations": best["test_evaluations"],
+        "val_rank": dict(zip(methods, vr, strict=True)), "test_rank": dict(zip(methods, tr, strict=True)),
+        "leaderboard": lb["rows"], "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }  # fmt: skip
+    rundir.atomic_write_json(RESULTS / "sweep_aid.json", out)
+    t = sel["test"]
+    lo, hi = t["top1_ci95"]
+    lines = [
+        "# Sweep on AID: EfficientNet-Lite0, seven methods, selection on val (bench/sweep_aid.py)", "",
+        f"Trials: {len(lb['rows'])} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); "
+        "one epoch each, CPU, OMP_NUM_THREADS=1.", "",
+        f"**Selected on val:** trial {sel['trial']} ({sel['method']}, {sel['params']}), val top-1 {sel['val']:.4f}; "
+        f"**test top-1 {t['top1']:.4f}** (95 % Wilson [{lo:.4f}, {hi:.4f}], n = {t['n']}), evaluated once.", "",
+        "## Leaderboard (ranked on val top-1)", "", lb["table"], "",
+        "## Per-method bests — post hoc (test NOT used for selection)", "",
+        "| method | trial | val top-1 | val rank | test top-1 (95 % Wilson) | test rank |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for m, a, b in zip(methods, vr, tr, strict=True):
+        p = per[m]
+        c = p["test"]["top1_ci95"]
+        lines.append(f"| {m} | {p['trial']} | {p['val']:.4f} | {a} | {p['test']['top1']:.4f} [{c[0]:.3f}, {c[1]:.3f}]"
+                     f" | {b} |")  # fmt: skip
+    rho = best["post_hoc"]["val_test_spearman"]
+    lines += ["", f"Spearman(val rank, test rank) over the {len(methods)} per-method bests: "
+              + (f"{rho:.3f}" if rho is not None else "n/a"), ""]  # fmt: skip
+    rundir.atomic_write_text(RESULTS / "sweep_aid.md", "\n".join(lines))
+    print("\n".join(lines))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=["run", "report"])
+    p.add_argument("--trials", type=int, default=14)
+    p.add_argument("--timeout-min", type=float, default=None, help="no new trial after this many minutes")
+    p.add_argument("--out", default=str(SWEEP_DIR))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.phase == "run":
+        res = run_sweep("classification-aid", ROOT / "sweeps" / "aid-methods.yaml", args.trials, out=out,
+                        timeout_min=args.timeout_min, device="cpu", select=False)  # fmt: skip
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        report(out, "classification-aid-aid-methods")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,719 @@
+"""Sweeps on Optuna: which method, at which settings, for this recipe — every trial an ordinary run directory.
+
+``run_sweep(recipe, space, trials)`` makes a sweep folder::
+
+    <sweep dir>/
+      study.db            the Optuna study (SQLite) unless another storage URL is given
+      recipe.yaml         the recipe as it was when the study was made (every trial trains this file)
+      space.yaml          the space file (vision_peft.sweep_space)
+      trials/<n>/         trial n: a run directory made by `python -m vision_peft train recipe.yaml --k=v …`,
+                          plus sweep_trial.json (its state: complete | pruned | stopped | failed, and why)
+      best.json           the selected best (on val) with its one test evaluation; per-method bests, post hoc
+      leaderboard.csv  leaderboard.png  (vision_peft.leaderboard)
+
+How it runs. The budget is a queue: the study holds ``trials`` trials in total, created as WAITING trials (each
+method in turn with ``methods: round_robin``, so a small budget still covers every method; TPE, seeded, samples
+the rest of each trial's parameters from the history). A worker pops a WAITING trial atomically (the storage's
+WAITING → RUNNING update), starts the child ``train`` process in its own session (a process group it can stop),
+follows its ``metrics.jsonl``: every validation record is reported to Optuna (``trial.report``) and the pruner
+(median or successive halving) may stop it; ``config.json`` gives the trainable-parameter counts, the step records
+the step time, so a trial that breaks a constraint is stopped too. A stopped trial's run directory stays, with its
+state in ``sweep_trial.json``. ``--workers K`` starts K worker processes on the same storage; ``--join URL --study
+NAME`` adds a worker from anywhere that reaches the storage (it reads the recipe and the space from the study).
+
+Failure policy. Workers record a heartbeat on their RUNNING trial (RDB storage ``heartbeat_interval``). When a worker
+dies, the next worker that looks at the queue (every worker, before each trial and while it waits) marks that trial
+FAIL and puts one retry in the queue with the same parameters (``RetryHeartbeatStaleTrialCallback(max_retry=1)``);
+the retry trains afresh in its own ``trials/<m>``, the dead one's folder stays marked failed. A trial whose child
+exits with an error is FAIL and is not retried (the same config would fail again). The child dies with its worker
+(Linux ``PR_SET_PDEATHSIG``), so a killed worker leaves no orphan training.
+
+Seeds. TPE is seeded with ``seed``; every trial trains with ``train.seed = seed`` (common random numbers across
+methods). One worker, the same seed, a fresh storage: the same trials. The same storage: the finished trials stay
+and the sweep continues up to ``trials``. With several workers the order of completion changes what TPE sees, so
+only the first (random) trials are reproduced exactly.
+
+Selection without peeking (:func:`vision_peft.leaderboard.select_best`). Trials are ranked on the validation metric
+only. When the recipe's task has a ``task.split`` whose last entry is ``test``, trials train with
+``task.split.test=0`` (train and val are the very same images, checked against ``split.json``) so no trial ever sees
+the test images; the test split is evaluated once, for the selected best, and — labelled post hoc — for each
+method's best. Other tasks' ``train`` evaluates test at the end of every run; the sweep never reads those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from vision_peft import rundir
+from vision_peft.paths import REPO_ROOT
+
+if TYPE_CHECKING:  # the space module imports the registries (torch): only where a space is read
+    from vision_peft.sweep_space import Space
+
+STATE_FILE = "sweep_trial.json"  # in a trial's run directory: complete | pruned | stopped | failed, and why
+DB_FILE = "study.db"
+RECIPE_FILE = "recipe.yaml"
+SPACE_FILE = "space.yaml"
+BEST_FILE = "best.json"
+TRIALS_DIR = "trials"
+HEARTBEAT_S = 10  # seconds between heartbeats of a RUNNING trial; a trial silent for 3× this is stale
+POLL_S = 0.5  # how often a worker reads its trial's metrics.jsonl
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked; the message says why and what to do."""
+
+
+# -- storage and study -------------------------------------------------------------------------------------------
+def storage_url(sweep_dir: Path, storage: str | None) -> str:
+    """The given SQLAlchemy URL, or the embedded default: ``sqlite:///<sweep dir>/study.db``."""
+    return storage or f"sqlite:///{(sweep_dir / DB_FILE).resolve()}"
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats and the retry-once policy for trials whose worker died.
+
+    Raises:
+        SweepError: the URL cannot be reached or is not a database URL (the message names it).
+    """
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=_on_stale_trial,
+            )  # fmt: skip
+    except Exception as e:  # sqlalchemy raises many kinds (ArgumentError, OperationalError, ImportError of a driver)
+        raise SweepError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from None
+
+
+def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker stopped beating: mark its run directory failed, queue one retry."""
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir and Path(run_dir).is_dir():
+        write_state(Path(run_dir), "failed", "its worker died (no heartbeat); retried once as a new trial")
+    _retry_once(study, trial)
+
+
+def _retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a copy of a FAIL trial (same parameters) unless it is itself a retry (optuna's retry callback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    retry(study, trial)
+
+
+def write_state(run_dir: Path, state: str, reason: str = "", **extra: Any) -> None:
+    """``sweep_trial.json`` in a trial's run directory (atomic)."""
+    rundir.atomic_write_json(run_dir / STATE_FILE, {"state": state, "reason": reason, "time": time.time(), **extra})
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """A trial run directory's ``sweep_trial.json`` ({} when absent or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _pruner(space: Space) -> optuna.pruners.BasePruner:
+    if space.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup, n_warmup_steps=space.pruner_warmup)
+    if space.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def load_study(url: str, name: str, seed: int = 0, heartbeat_s: int = HEARTBEAT_S) -> optuna.Study:
+    """An existing study (for ``--join`` and the leaderboard), with the sampler and pruner its space names.
+
+    Raises:
+        SweepError: no such study in the storage (the message lists the studies it holds).
+    """
+    storage = open_storage(url, heartbeat_s)
+    names = [s.study_name for s in storage.get_all_studies()]
+    if name not in names:
+        raise SweepError(f"storage {url!r} holds no study {name!r}; studies there: {', '.join(names) or 'none'}")
+    attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+    pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    if "space_text" in attrs and "recipe_text" in attrs:
+        pruner = _pruner(_stored_space(attrs))
+    return optuna.load_study(
+        study_name=name, storage=storage, sampler=optuna.samplers.TPESampler(seed=attrs.get("seed", seed)),
+        pruner=pruner,
+    )  # fmt: skip
+
+
+def _stored_space(attrs: dict[str, Any]) -> Space:
+    """The space a study was made with, parsed against its stored recipe (from temp copies: nothing else is read)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / RECIPE_FILE).write_text(attrs["recipe_text"])
+        (Path(d) / SPACE_FILE).write_text(attrs["space_text"])
+        from vision_peft.sweep_space import load_space
+
+        return load_space(Path(d) / SPACE_FILE, Path(d) / RECIPE_FILE, preflight=False)
+
+
+@dataclass
+class Context:
+    """What a worker needs to run trials of one study."""
+
+    study: optuna.Study
+    sweep_dir: Path
+    recipe_file: Path
+    space: Space
+    seed: int
+    hidden_test: int | None  # the recipe's test count when trials train without the test split
+    device: str | None  # train.device override for the trials (None: the recipe's)
+    deadline: float | None  # no new trial after this time (epoch seconds)
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.sweep_dir / TRIALS_DIR
+
+
+def _hidden_test(rdata: dict[str, Any]) -> int | None:
+    """The recipe's test count when ``task.split`` ends with ``test`` (trials then train with test=0)."""
+    split = (rdata.get("task") or {}).get("split") if isinstance(rdata.get("task"), dict) else None
+    if isinstance(split, dict) and split and list(split)[-1] == "test" and split["test"] != 0:
+        return int(split["test"])
+    return None
+
+
+def prepare_study(
+    recipe: str | Path,
+    space_file: str | Path,
+    trials: int,
+    sweep_dir: str | Path | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    seed: int = 0,
+) -> tuple[str, str, Path]:
+    """Validate, create or load the study, check it belongs to this recipe and space, fill the queue to ``trials``.
+
+    Returns:
+        (storage URL, study name, sweep dir).
+
+    Raises:
+        SpaceError: the space file is bad (before anything is written).
+        SweepError: the study belongs to another recipe or space, or the storage cannot be reached.
+    """
+    if trials < 1:
+        raise SweepError(f"--trials must be positive, got {trials}")
+    from vision_peft.sweep_space import load_space, recipe_data
+
+    recipe_path, rdata = recipe_data(recipe)
+    space = load_space(space_file, recipe_path)
+    name = study or f"{recipe_path.stem}-{Path(space_file).stem}"
+    sweep_dir = Path(sweep_dir) if sweep_dir else Path("runs") / "sweeps" / name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(sweep_dir, storage)
+    rtext = recipe_path.read_text()
+    want = {"recipe": str(recipe_path), "recipe_text": rtext, "space_text": space.text, "seed": seed}
+    st = optuna.create_study(
+        study_name=name, storage=open_storage(url), direction=space.direction, load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(space),
+    )  # fmt: skip
+    attrs = st.user_attrs
+    if "recipe_text" not in attrs:
+        for k, v in {**want, "sweep_dir": str(sweep_dir.resolve()), "hidden_test": _hidden_test(rdata)}.items():
+            st.set_user_attr(k, v)
+    else:
+        if attrs["recipe_text"] != rtext:
+            raise SweepError(
+                f"study {name!r} in {url} belongs to recipe {attrs['recipe']!r} (stored with the study), not "
+                f"{str(recipe_path)!r} as it is now; give another --study name, or sweep the stored recipe "
+                f"({sweep_dir / RECIPE_FILE})"
+            )
+        if attrs["space_text"] != space.text:
+            raise SweepError(
+                f"study {name!r} in {url} was made with another space file (stored: {sweep_dir / SPACE_FILE}); "
+                "give another --study name to sweep this space"
+            )
+    rundir.atomic_write_text(sweep_dir / RECIPE_FILE, rtext)
+    rundir.atomic_write_text(sweep_dir / SPACE_FILE, space.text)
+    _fill_queue(st, space, trials)
+    return url, name, sweep_dir
+
+
+def _fill_queue(study: optuna.Study, space: Space, trials: int) -> None:
+    """Queue WAITING trials until the study holds ``trials`` (a FAIL trial that was retried does not count)."""
+    all_trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in all_trials if "failed_trial" in t.system_attrs}
+    used = sum(1 for t in all_trials if not (t.state == TrialState.FAIL and t.number in retried))
+    for slot in range(used, trials):
+        params = (
+            {"adapter.name": space.methods[slot % len(space.methods)]} if space.method_order == "round_robin" else {}
+        )
+        study.enqueue_trial(params, user_attrs={"slot": slot})
+
+
+def budget_done(study: optuna.Study) -> tuple[int, int]:
+    """(finished trials that count against the budget, budget) of a study."""
+    ts = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in ts if "failed_trial" in t.system_attrs}
+    counted = [t for t in ts if not (t.state == TrialState.FAIL and t.number in retried)]
+    return sum(1 for t in counted if t.state.is_finished()), len(counted)
+
+
+def make_context(url: str, name: str, sweep_dir: str | Path | None = None, device: str | None = None,
+                 deadline: float | None = None, heartbeat_s: int = HEARTBEAT_S) -> Context:  # fmt: skip
+    """A worker's view of a study: the recipe and space come from the study itself (written into the sweep dir)."""
+    study = load_study(url, name, heartbeat_s=heartbeat_s)
+    attrs = study.user_attrs
+    if "recipe_text" not in attrs:
+        raise SweepError(f"study {name!r} in {url} was not made by vision_peft sweep (no recipe stored)")
+    sdir = Path(sweep_dir) if sweep_dir else Path(attrs["sweep_dir"])
+    sdir.mkdir(parents=True, exist_ok=True)
+    recipe_file, space_file = sdir / RECIPE_FILE, sdir / SPACE_FILE
+    for f, text in ((recipe_file, attrs["recipe_text"]), (space_file, attrs["space_text"])):
+        if not f.is_file() or f.read_text() != text:
+            rundir.atomic_write_text(f, text)
+    from vision_peft.sweep_space import load_space
+
+    space = load_space(space_file, recipe_file, preflight=False)
+    return Context(study, sdir, recipe_file, space, int(attrs.get("seed", 0)), attrs.get("hidden_test"), device,
+                   deadline)  # fmt: skip
+
+
+# -- one worker --------------------------------------------------------------------------------------------------
+def _pop_waiting(study: optuna.Study) -> int | None:
+    """Claim a WAITING trial (WAITING → RUNNING is atomic in the storage); its id, or None."""
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                storage.record_heartbeat(t._trial_id)  # from now on a dead worker shows as a stale trial
+                return t._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """RUNNING trials claimed by a worker that died before its first heartbeat (no ``worker_pid`` recorded after a
+    grace period): optuna never sees them as stale, so they are failed and retried here."""
+    grace = 3 * (study._storage.get_heartbeat_interval() or HEARTBEAT_S)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+        if "worker_pid" not in t.user_attrs and time.time() - started > grace:
+            try:
+                if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    _retry_once(study, study._storage.get_trial(t._trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+
+
+def run_worker(ctx: Context, progress: Any = None) -> int:
+    """Run trials from the queue until it is empty and no other worker's trial can still come back; returns the
+    number of trials this worker ran."""
+    ran = 0
+    while True:
+        with warnings.catch_warnings():  # optuna marks the heartbeat API experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(ctx.study)  # a dead worker's trial → FAIL + one retry queued
+        _fail_orphans(ctx.study)
+        if ctx.deadline is not None and time.time() > ctx.deadline:
+            break
+        trial_id = _pop_waiting(ctx.study)
+        if trial_id is None:
+            if not ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                break
+            time.sleep(POLL_S * 4)  # another worker's trial may still go stale and come back as a retry
+            continue
+        run_trial(ctx, trial_id)
+        ran += 1
+        if progress is not None:
+            done, total = budget_done(ctx.study)
+            progress.total = total
+            progress.n = done
+            progress.refresh()
+    return ran
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the worker dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:  # not Linux: the heartbeat still fails the trial; the child finishes on its own
+        pass
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the child's whole process group: SIGTERM, then SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _overrides(ctx: Context, params: dict[str, Any], number: int) -> dict[str, Any]:
+    out = dict(params)
+    out.update({"train.seed": ctx.seed, "output.runs_root": str(ctx.trials_dir.resolve()), "output.name": str(number)})
+    if ctx.hidden_test is not None:
+        out["task.split.test"] = 0
+    if ctx.device:
+        out["train.device"] = ctx.device
+    return out
+
+
+def headline(record: dict[str, Any], metric: str | None) -> str | None:
+    """The metric ranked on: the space's, else the first scalar of a val record (the task's headline)."""
+    if metric is not None:
+        return metric if metric in record else None
+    return next((k for k, v in record.items() if k not in ("step", "split") and isinstance(v, (int, float))), None)
+
+
+def run_trial(ctx: Context, trial_id: int) -> TrialState:
+    """Train one claimed trial in a child process, following and pruning it; tell the study how it ended."""
+    study, space = ctx.study, ctx.space
+    trial = optuna.Trial(study, trial_id)
+    number = trial.number
+    run_dir = ctx.trials_dir / str(number)
+    params = space.suggest(trial)
+    ov = _overrides(ctx, params, number)
+    attrs = {"run_dir": str(run_dir.resolve()), "method": params["adapter.name"], "host": socket.gethostname(),
+             "worker_pid": os.getpid(), "train_seed": ctx.seed, "overrides": json.dumps(ov)}  # fmt: skip
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    if (run_dir / rundir.CONFIG_FILE).exists():
+        reason = f"{run_dir} already holds a run (a sweep folder reused with a fresh storage?); move it away"
+        trial.set_user_attr("reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vision_peft", "train", str(ctx.recipe_file.resolve()), "--no-progress"]
+    cmd += [f"--{k}={json.dumps(v)}" for k, v in ov.items()]
+    log_path = run_dir / "sweep_stdout.log"
+    with open(log_path, "w") as log_f:
+        proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=_child_env(),
+                                start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+    trial.set_user_attr("pid", proc.pid)
+    try:
+        state, reason = _follow(ctx, trial, proc, run_dir)
+    except BaseException:  # Ctrl-C / SIGTERM (cli_main turns it into KeyboardInterrupt): same policy as a death
+        stop_group(proc)
+        write_state(run_dir, "failed", "the worker was interrupted; retried once as a new trial")
+        study.tell(trial, state=TrialState.FAIL)
+        _retry_once(study, study._storage.get_trial(trial._trial_id))
+        raise
+    return _finish_trial(ctx, trial, proc, run_dir, state, reason, log_path)
+
+
+def _follow(ctx: Context, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path) -> tuple[str, str]:
+    """Follow the child until it exits or is stopped: ("ran", "") or ("pruned" | "stopped", why)."""
+    storage, limits = ctx.study._storage, ctx.space.constraints
+    reported: set[int] = set()
+    seen, last_beat = 0, 0.0
+    params_checked = False
+    while True:
+        exited = proc.poll() is not None
+        if time.time() - last_beat >= storage.get_heartbeat_interval() / 2:
+            storage.record_heartbeat(trial._trial_id)
+            last_beat = time.time()
+        if not params_checked and (run_dir / rundir.CONFIG_FILE).is_file():
+            params_checked = True
+            counts = rundir.RunInfo.read(run_dir).parameters
+            for name, key in (("max_trainable_params", "trainable"), ("max_trainable_params_no_head",
+                                                                       "trainable_no_head")):  # fmt: skip
+                if name in limits and counts.get(key, 0) > limits[name]:
+                    stop_group(proc)
+                    return "stopped", f"constraint {name}={limits[name]:g}: the run trains {counts[key]:,}"
+        recs = rundir.read_metrics(run_dir)
+        new, seen = recs[seen:], len(recs)
+        step_times = [r["step_time"] for r in recs if "step_time" in r]
+        if "max_step_time" in limits and len(step_times) >= 2:
+            med = statistics.median(step_times)
+            if med > limits["max_step_time"]:
+                stop_group(proc)
+                return "stopped", f"constraint max_step_time={limits['max_step_time']:g} s: median step {med:.3f} s"
+        for r in new:
+            if r.get("split") != "val":
+                continue
+            metric = headline(r, ctx.space.metric)
+            if metric is None or r["step"] in reported or not isinstance(r[metric], (int, float)):
+                continue
+            reported.add(r["step"])
+            trial.report(float(r[metric]), int(r["step"]))
+            if not exited and trial.should_prune():
+                stop_group(proc)
+                return "pruned", f"pruner: val {metric}={r[metric]:.4f} at step {r['step']}"
+        if exited:
+            return "ran", ""
+        time.sleep(POLL_S)
+
+
+def _finish_trial(
+    ctx: Context, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path, state: str, reason: str, log_path: Path
+) -> TrialState:
+    """Record what the run measured on the trial, write its state file, tell the study."""
+    study = ctx.study
+    final = read_json(run_dir / rundir.FINAL_FILE)
+    info = rundir.RunInfo.read(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
+    recs = rundir.read_metrics(run_dir)
+    step_times = [r["step_time"] for r in recs if "step_time" in r]
+    timing = final.get("timing") or {}
+    attrs = {
+        "parameters": info.parameters if info else {},
+        "step_time_median": timing.get("step_time_median") or (statistics.median(step_times) if step_times else None),
+        "peak_memory_mb": timing.get("peak_memory_mb"),
+        "train_seconds": timing.get("train_seconds"),
+    }
+    vals = [r for r in recs if r.get("split") == "val"]
+    val = final.get("val") or (vals[-1] if vals else {})
+    metric = headline(val, ctx.space.metric) if val else None
+    if metric:
+        attrs["metric"] = metric
+        attrs["val"] = {k: v for k, v in val.items() if isinstance(v, (int, float)) and k not in ("step",)}
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    if state in ("pruned", "stopped"):
+        trial.set_user_attr("reason", reason)
+        write_state(run_dir, state, reason, trial=trial.number)
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    if proc.returncode != 0 or not final:
+        tail = log_path.read_text()[-1500:] if log_path.is_file() else ""
+        reason = f"train exited with code {proc.returncode}: …{tail.strip()[-600:]}"
+        trial.set_user_attr("reason", reason)
+        write_state(run_dir, "failed", reason, trial=trial.number)
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    if metric is None or not isinstance(val.get(metric), (int, float)) or not math.isfinite(val[metric]):
+        want = ctx.space.metric or "a headline metric"
+        reason = f"the run wrote no val {want} (sweeps rank on the val split: give the recipe one)"
+        trial.set_user_attr("reason", reason)
+        write_state(run_dir, "failed", reason, trial=trial.number)
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    write_state(run_dir, "complete", "", trial=trial.number, value=val[metric], metric=metric)
+    study.tell(trial, float(val[metric]))
+    return TrialState.COMPLETE
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# -- the sweep ---------------------------------------------------------------------------------------------------
+def run_sweep(
+    recipe: str | Path,
+    space: str | Path,
+    trials: int,
+    storage: str | None = None,
+    study: str | None = None,
+    workers: int = 1,
+    timeout_min: float | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str | None = None,
+    posthoc: bool = True,
+    progress: bool = True,
+    select: bool = True,
+    heartbeat_s: int = HEARTBEAT_S,
+) -> dict[str, Any]:
+    """Run (or continue) a sweep to ``trials`` trials in total, then select on val and write the leaderboard.
+
+    Args:
+        recipe: recipe path or name in tasks/.
+        space: the space file (vision_peft.sweep_space).
+        trials: the study's trial budget (finished trials of an existing study count).
+        storage: a SQLAlchemy URL; None = SQLite in the sweep folder.
+        study: study name; None = ``<recipe>-<space>``.
+        workers: worker processes sharing the storage (1 = this process).
+        timeout_min: no new trial starts after this many minutes (running ones finish).
+        seed: TPE's seed and every trial's ``train.seed``.
+        out: the sweep folder; None = ``runs/sweeps/<study>``.
+        device: ``train.device`` of the trials (None: the recipe's).
+        posthoc: also evaluate test for each method's best (labelled post hoc).
+        progress: a tqdm bar over trials on stderr.
+        select: select the best and write the leaderboard at the end.
+        heartbeat_s: seconds between heartbeats; a trial silent for 3× this counts as its worker's death.
+
+    Returns:
+        {"sweep_dir", "storage", "study", "best" (best.json's content or None), "leaderboard" (csv path or None)}.
+    """
+    if workers < 1:
+        raise SweepError(f"--workers must be positive, got {workers}")
+    url, name, sweep_dir = prepare_study(recipe, space, trials, out, storage, study, seed)
+    deadline = time.time() + 60 * timeout_min if timeout_min else None
+    bar = _bar(trials) if progress else None
+    if workers == 1:
+        ctx = make_context(url, name, sweep_dir, device, deadline, heartbeat_s)
+        if bar is not None:
+            bar.n = budget_done(ctx.study)[0]
+            bar.refresh()
+        run_worker(ctx, bar)
+    else:
+        _run_workers(url, name, sweep_dir, workers, device, deadline, bar, heartbeat_s)
+    if bar is not None:
+        bar.close()
+    result: dict[str, Any] = {"sweep_dir": str(sweep_dir), "storage": url, "study": name, "best": None,
+                              "leaderboard": None}  # fmt: skip
+    if select:
+        from vision_peft.leaderboard import select_best, write_leaderboard
+
+        st = load_study(url, name)
+        try:
+            result["best"] = select_best(st, sweep_dir, posthoc, device or "cpu")
+        except SweepError as e:
+            print(f"warning: {e}", file=sys.stderr)
+        result["leaderboard"] = str(write_leaderboard(st, sweep_dir)["csv"])
+    return result
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+
+def worker_command(
+    url: str, name: str, sweep_dir: Path, device: str | None, deadline: float | None, heartbeat_s: int = HEARTBEAT_S
+) -> list[str]:
+    """The argv of one extra worker process (``python -m vision_peft.sweep --join URL --study NAME``)."""
+    cmd = [sys.executable, "-m", "vision_peft.sweep", "--join", url, "--study", name, "--out", str(sweep_dir)]
+    cmd += ["--heartbeat", str(heartbeat_s)]
+    if device:
+        cmd += ["--device", device]
+    if deadline:
+        cmd += ["--deadline", str(deadline)]
+    return cmd + ["--no-progress"]
+
+
+def _run_workers(url: str, name: str, sweep_dir: Path, k: int, device: str | None, deadline: float | None,
+                 bar: Any, heartbeat_s: int = HEARTBEAT_S) -> None:  # fmt: skip
+    """Start ``k`` worker processes on the storage and wait for them (the bar follows the study)."""
+    procs = [subprocess.Popen(worker_command(url, name, sweep_dir, device, deadline, heartbeat_s), env=_child_env(),
+                              preexec_fn=_die_with_parent) for _ in range(k)]  # fmt: skip
+    st = load_study(url, name)
+    try:
+        while any(p.poll() is None for p in procs):
+            if bar is not None:
+                done, total = budget_done(st)
+                bar.total, bar.n = total, done
+                bar.refresh()
+            time.sleep(1.0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    bad = [p.returncode for p in procs if p.returncode != 0]
+    if bad:
+        print(f"warning: {len(bad)} of {k} workers exited with codes {bad}", file=sys.stderr)
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``sweep`` for ``python -m vision_peft``; the handler is :func:`cli_main` (set as ``func``)."""
+    p = subparsers.add_parser("sweep", help="search methods and hyperparameters with Optuna; one run dir per trial")
+    _arguments(p)
+    p.set_defaults(func=cli_main)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML recipe path or name in tasks/")
+    p.add_argument("--space", help="space file (YAML): keys, choices/ranges, per-method sub-spaces, constraints")
+    p.add_argument("--trials", type=int, help="trials in the study in total (an existing study continues)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite in the sweep folder)")
+    p.add_argument("--study", help="study name (default <recipe>-<space>)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the storage")
+    p.add_argument("--timeout", type=float, help="minutes after which no new trial starts")
+    p.add_argument("--seed", type=int, default=0, help="TPE seed and every trial's train.seed")
+    p.add_argument("--out", help="sweep folder (default runs/sweeps/<study>)")
+    p.add_argument("--device", help="train.device of the trials (default: the recipe's)")
+    p.add_argument("--join", metavar="URL", help="be an extra worker of the study --study in this storage")
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # epoch seconds (workers started by a sweep)
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a worker's heartbeats")
+    p.add_argument("--no-posthoc", action="store_true", help="evaluate test for the selected best only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run the ``sweep`` command (prints the selection as JSON). SIGTERM and Ctrl-C stop the running trial's process
+    group, fail it and queue one retry, then exit 130; user errors propagate (the caller prints them)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _command(args)
+    except KeyboardInterrupt as e:
+        print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.join:
+        if not args.study:
+            raise SweepError("--join URL needs --study NAME (the study to work on)")
+        ctx = make_context(args.join, args.study, args.out, args.device, args.deadline, args.heartbeat)
+        n = run_worker(ctx, None if args.no_progress else _bar(budget_done(ctx.study)[1]))
+        print(json.dumps({"study": args.study, "trials_run": n}))
+        return 0
+    if not (args.recipe and args.space and args.trials):
+        raise SweepError("sweep needs <recipe> --space FILE --trials N (or --join URL --study NAME)")
+    res = run_sweep(args.recipe, args.space, args.trials, args.storage, args.study, args.workers, args.timeout,
+                    args.seed, args.out, args.device, not args.no_posthoc, not args.no_progress)  # fmt: skip
+    sel = (res["best"] or {}).get("selected")
+    print(
+        json.dumps({k: res[k] for k in ("sweep_dir", "storage", "study", "leaderboard")} | {"selected": sel}, indent=2)
+    )
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vision_peft.sweep …`` until the command is wired into vision_peft.cli."""
+    p = argparse.ArgumentParser(prog="python -m vision_peft.sweep", description=__doc__.splitlines()[0])
+    _arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return cli_main(args)
+    except (ValueError, LookupError, FileNotFoundError) as e:  # SweepError, SpaceError, ConfigError: user errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
