@@ -1,4 +1,4 @@
-"""The command line: ``python -m vision_peft train|eval|predict|export|import-peft|list|serve|app``.
+"""The command line: ``python -m vision_peft train|eval|predict|export|import-peft|list|serve|app|sweep|leaderboard``.
 
 Only this module reads argv. Every command is a thin call into the library, so the CLI, the app and the
 Python API cannot drift apart. Errors that are the user's to fix print one line (no traceback) and exit 2.
@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vision_peft import leaderboard, sweep
 from vision_peft.rundir import CONFIG_FILE, CheckpointError, WriteError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=7860)
     a.add_argument("--auth", help="user:password (required when binding beyond localhost)")
+    sweep.add_cli(sub)
+    leaderboard.add_cli(sub)
     return p
 
 
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "list": _list,
         "app": _app,
         "serve": _serve,
+        "sweep": sweep.cli_main,
+        "leaderboard": leaderboard.cli_main,
     }
     try:
         return handlers[args.cmd](args)
