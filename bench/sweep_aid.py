@@ -1,7 +1,7 @@
 """A real sweep on AID (issue 19): which PEFT method for a frozen EfficientNet-Lite0, chosen on val only.
 
 Recipe ``tasks/classification-aid.yaml`` (all 30 classes, the issue-2 split: 60 train / 10 val / 30 test per class,
-seed 0, 128² input), space ``sweeps/aid-methods.yaml`` (seven methods from the adapter registry, each with its own
+seed 0, 128² input), space ``tasks/sweeps/aid-methods.yaml`` (seven methods from the adapter registry, each with its own
 small search, one epoch per trial). Two phases, so a CPU budget can bound each with ``timeout``:
 
     OMP_NUM_THREADS=1 timeout 62m python bench/sweep_aid.py run --trials 14 --timeout-min 52   # took 29 min
@@ -52,7 +52,7 @@ def report(sweep_dir: Path, study: str) -> dict:
     for r in lb["rows"]:
         states[r["state"]] = states.get(r["state"], 0) + 1
     out = {
-        "recipe": "tasks/classification-aid.yaml", "space": "sweeps/aid-methods.yaml", "study": study,
+        "recipe": "tasks/classification-aid.yaml", "space": "tasks/sweeps/aid-methods.yaml", "study": study,
         "trials": len(lb["rows"]), "states": states,
         "selected": sel, "post_hoc": best["post_hoc"], "test_evaluations": best["test_evaluations"],
         "val_rank": dict(zip(methods, vr, strict=True)), "test_rank": dict(zip(methods, tr, strict=True)),

@@ -243,7 +243,7 @@ def load_space(space_file: str | Path, recipe: str | Path, preflight: bool = Tru
     """
     path = Path(space_file)
     if not path.is_file():
-        raise SpaceError(f"space file {path} not found; write one like sweeps/aid-methods.yaml")
+        raise SpaceError(f"space file {path} not found; write one like tasks/sweeps/aid-methods.yaml")
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
