@@ -56,38 +56,54 @@ ImageInput = Image.Image | np.ndarray | str | Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # image file types read everywhere
 
 
-def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+class ImageFileError(ValueError):
+    """An image file that does not decode; the message names the file, ``reason`` says why (without the path)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"image file {path} is unreadable: {reason}; remove or replace the file")
+        self.path, self.reason = str(path), reason
+
+
+def load_image(path: str | Path, exif_transpose: bool = True, draft: tuple[int, int] | None = None) -> Image.Image:
     """Reads an image file fully into memory as RGB.
 
     Grayscale, 16-bit, RGBA/LA (alpha dropped), palette and CMYK images are converted to 8-bit RGB. The file is
-    decoded completely (``Image.load``) so a truncated file fails here, not later inside a data loader.
+    decoded completely (``Image.load``) so a truncated file fails here, not later inside a data loader. Images
+    above Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2) are refused from the header,
+    before any pixel is allocated.
 
     Args:
         path: Image file.
         exif_transpose: Apply the EXIF orientation tag (photos from phones), so the pixels are upright.
+        draft: Decode JPEGs at a reduced scale close to this (W, H) (for validating many files quickly).
 
     Returns:
         An RGB image that no longer holds the file open.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: The file is not a readable image (unknown format, truncated or corrupt data).
+        ImageFileError: (a ValueError) The file is not a readable image (unknown format, truncated or corrupt
+            data, a decompression bomb); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist; check the path")
     try:
         with Image.open(path) as im:
+            if draft is not None:
+                im.draft("RGB", draft)
             im.load()
             img = _to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im)
     except UnidentifiedImageError as e:
-        raise ValueError(
-            f"image file {path} is unreadable: cannot identify image file ({e}); remove or replace the file"
+        raise ImageFileError(path, f"cannot identify image file ({e})") from e
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(
+            path, f"{e} (a decompression bomb, or a huge image: raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
         ) from e
     except (OSError, SyntaxError, EOFError) as e:  # Pillow raises these for truncated/corrupt data
-        raise ValueError(
-            f"image file {path} is unreadable: truncated or corrupt data ({e}); remove or replace the file"
-        ) from e
+        raise ImageFileError(path, f"truncated or corrupt data ({e})") from e
+    except Exception as e:  # Pillow's decoders and EXIF parser raise many other types for corrupt data
+        raise ImageFileError(path, f"corrupt data ({type(e).__name__}: {e})") from e
     return img
 
 
