@@ -51,8 +51,10 @@ from vision_peft.recipe import POLYMORPHIC, build_run_config, load_recipe, parse
 
 pytestmark = pytest.mark.fuzz
 
-HARD_LIMIT_S = 20  # SIGALRM watchdog per example: a reader still busy after this is a hang
-FUZZ = dict(database=None, deadline=5000, suppress_health_check=[HealthCheck.too_slow])  # deadline in ms
+HARD_LIMIT_S = 30  # SIGALRM watchdog per example: a reader still busy after this is a hang
+# deadline in ms; too_slow is suppressed because drawing whole image files and dataset trees is slow by design on the
+# shared CI CPU (the watchdog and the deadline still bound each example)
+FUZZ = dict(database=None, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Hang(Exception):
@@ -642,6 +644,7 @@ def test_scan_image_folder(tree: dict[str, list[tuple[str, str, bytes]]], policy
 @settings(max_examples=fuzz_examples(150), **FUZZ)
 @given(raw=st.binary(max_size=300) | st.builds(lambda b: b"\x80\x04" + b, st.binary(max_size=200)))
 @example(raw=b"cos\nsystem\n(S'true'\ntR.").via("a protocol-0 os.system call is refused")
+@example(raw=b"\x95\x00\x00\x00\x00\x00\x00\x00\x80").via("regression: FRAME length 2**63 -> OverflowError")
 def test_refs_pickle_random_bytes(raw: bytes) -> None:
     with scratch() as d:
         path = d / "refs(unc).p"

@@ -9,7 +9,11 @@ holding ``data`` (S, N, C) and ``label`` (S,) or (S, 1) arrays (the ModelNet40 `
 
 Every reader returns an (N, 3) float32 array of xyz. Bad input raises :class:`PointFileError` naming the file and
 the fix: empty files, NaN/inf coordinates, wrong column counts (xyzrgb / xyz+normals → the first three columns are
-taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD.
+taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD,
+non-numeric dtypes, truncated or corrupt files. No other exception type leaves a reader (``tests/test_fuzz_inputs.py``
+fuzzes them). A header that claims more data than the file holds fails before anything is allocated; NPY data is
+memory-mapped; NPZ members and HDF5 datasets above ``MAX_ARRAY_BYTES`` are refused unread, and ``read_points`` reads
+one shape of an HDF5 file, not the whole dataset.
 
 Preprocessing (the order every path uses — training, eval, predict and the ONNX manifest):
 1. up-axis conversion ``swap_yz`` (z-up files → the y-up convention of the PointNet weights: swap columns 1 and 2);
@@ -246,24 +250,9 @@ def read_off(path: Path, extra_columns: str = "take_xyz", surface_points: int = 
     return _xyz(a + u * (b - a) + v * (c - a), path, "take_xyz")
 
 
-_PLY_TYPES = {
-    "char": "i1",
-    "int8": "i1",
-    "uchar": "u1",
-    "uint8": "u1",
-    "short": "i2",
-    "int16": "i2",
-    "ushort": "u2",
-    "uint16": "u2",
-    "int": "i4",
-    "int32": "i4",
-    "uint": "u4",
-    "uint32": "u4",
-    "float": "f4",
-    "float32": "f4",
-    "double": "f8",
-    "float64": "f8",
-}
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}  # fmt: skip
 
 
 def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:

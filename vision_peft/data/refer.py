@@ -144,7 +144,8 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
     data = Path(path).read_bytes()
     try:
         refs = _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError, ArithmeticError,
+            MemoryError, RecursionError) as e:  # fmt: skip  # what a corrupt stream makes the unpickler raise
         raise DatasetError(f"{path} is not a plain-data refs pickle: {e}") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise DatasetError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
