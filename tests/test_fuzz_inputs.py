@@ -36,8 +36,9 @@ import numpy as np
 import pytest
 import yaml
 from conftest import fuzz_examples, tiny_recipe
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from vision_peft import pointio
@@ -84,6 +85,12 @@ def scratch() -> Iterator[Path]:
         yield Path(d)
 
 
+def outcome(what: str) -> None:
+    """Count an outcome in hypothesis' statistics (``--hypothesis-show-statistics``); a no-op in plain tests."""
+    if currently_in_test_context():
+        event(what)
+
+
 def names_input(message: str, path: Path) -> bool:
     return str(path) in message or path.name in message
 
@@ -98,7 +105,9 @@ def expect_points(path: Path, **kw: Any) -> np.ndarray | None:
             arr = read_points(path, **kw)
     except PointFileError as e:
         assert names_input(str(e), path), f"error does not name {path}: {e}"
+        outcome("point file refused (PointFileError)")
         return None
+    outcome("point file read")
     assert isinstance(arr, np.ndarray) and arr.dtype == np.float32, type(arr)
     assert arr.ndim == 2 and arr.shape[1] == 3 and len(arr) >= 1, arr.shape
     assert np.isfinite(arr).all()
@@ -480,7 +489,9 @@ def expect_image(path: Path) -> Image.Image | None:
             img = load_image(path)
     except ValueError as e:
         assert names_input(str(e), path), f"error does not name {path}: {e}"
+        outcome("image refused (ValueError)")
         return None
+    outcome("image read")
     assert img.mode == "RGB" and img.size[0] >= 1 and img.size[1] >= 1
     spec = {"size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "resize": "letterbox"}
     x = preprocess_image(img, spec)
@@ -625,7 +636,9 @@ def test_scan_image_folder(tree: dict[str, list[tuple[str, str, bytes]]], policy
                 scan = scan_image_folder(root, bad_files=policy)
         except DatasetError as e:
             assert str(root) in str(e), e
+            outcome("dataset refused (DatasetError)")
             return
+        outcome(f"dataset scanned ({policy})")
         visible = [c for c in tree if not c.startswith(".")]
         assert len(visible) >= 2 and scan.classes == sorted(visible)
         got = {p for p, _ in scan.samples}
@@ -750,7 +763,9 @@ def expect_config(fn: Callable[[], Any], names: str | None = None) -> Any:
     except ConfigError as e:
         if names is not None:
             assert names in str(e), f"error does not name {names}: {e}"
+        outcome("config refused (ConfigError)")
         return None
+    outcome("config built")
     assert isinstance(cfg, RunConfig)
     again = build_run_config(json.loads(json.dumps(cfg.to_dict(), allow_nan=False)))
     assert again == cfg
@@ -1087,3 +1102,73 @@ def test_override_regressions(override: str, tmp_path: Path) -> None:
     key = override.split("=", 1)[0].rsplit(".", 1)[-1]
     assert key in str(e.value), e.value
     assert not MARKER.exists()
+
+
+# -- the preprocess spec (it travels in a bundle's manifest.json, so deploy reads it from a file) ----------------
+spec_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.lists(st.one_of(st.integers(-3, 40), st.floats(-2, 300), st.text(max_size=3), st.none()), max_size=4),
+    st.sampled_from(["squash", "letterbox", "shorter_then_center_crop", "bicubic", "nearest", "BGR", "HWC"]),
+)  # fmt: skip
+
+
+@pytest.mark.fuzz
+@settings(max_examples=fuzz_examples(200), **FUZZ)
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(
+            (
+                "size",
+                "mean",
+                "std",
+                "resize",
+                "interpolation",
+                "scale",
+                "channel_order",
+                "layout",
+                "pad_value",
+                "crop_pct",
+                "extra",
+            )
+        ),  # fmt: skip
+        spec_values,
+        max_size=4,
+    ),
+    drop=st.sets(st.sampled_from(("size", "mean", "std"))),
+)
+def test_preprocess_spec(changes: dict[str, Any], drop: set[str]) -> None:
+    """validate_spec → a spec that preprocesses an image to finite float32 of its size, or a ValueError naming
+    the key; never another exception."""
+    from vision_peft.preprocess import validate_spec
+
+    spec: dict[str, Any] = {"size": [6, 5], "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], **changes}
+    for k in drop:
+        spec.pop(k, None)
+    try:
+        with watchdog():
+            full = validate_spec(spec)
+    except ValueError as e:
+        assert any(k in str(e) for k in (*changes, *drop)), f"error names no key: {e}"
+        outcome("spec refused (ValueError)")
+        return
+    outcome("spec accepted")
+    json.dumps(full, allow_nan=False)  # it must fit a manifest
+    x = preprocess_image(np.full((7, 9, 3), 100, np.uint8), full)
+    h, w = full["size"]
+    assert x.shape == ((3, h, w) if full["layout"] == "CHW" else (h, w, 3)) and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"size": None}, {"mean": None}, {"pad_value": None}, {"crop_pct": None}, {"interpolation": ["a"]},
+     {"mean": [math.nan] * 3}, {"scale": math.inf}, {"size": [True, True]}],
+    ids=["size_none", "mean_none", "pad_none", "crop_none", "interp_list", "mean_nan", "scale_inf", "size_bool"],
+)  # fmt: skip
+def test_preprocess_spec_regressions(change: dict[str, Any]) -> None:
+    """TypeError (None / a list where a number or name belongs: found by test_preprocess_spec), and specs that were
+    accepted and produced NaN/inf inputs (mean NaN, scale inf) or a 1x1 input from booleans."""
+    from vision_peft.preprocess import validate_spec
+
+    (key,) = change
+    with pytest.raises(ValueError, match=key):
+        validate_spec({"size": [6, 5], "mean": [0.5] * 3, "std": [0.2] * 3, **change})

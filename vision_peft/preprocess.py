@@ -145,39 +145,36 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out = {**SPEC_DEFAULTS, **spec}
 
     size = out["size"]
-    if isinstance(size, int):
+    if _is_int(size):
         size = [size, size]
-    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
         raise ValueError(f"preprocess 'size' must be [H, W] with positive integers, got {out['size']!r}")
     out["size"] = [int(s) for s in size]
-    if out["resize"] not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {out['resize']!r}; valid: {', '.join(RESIZE_MODES)}")
-    if out["interpolation"] not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {out['interpolation']!r}; valid: {', '.join(INTERPOLATIONS)}")
-    if out["channel_order"] not in CHANNEL_ORDERS:
-        raise ValueError(f"unknown channel_order {out['channel_order']!r}; valid: {', '.join(CHANNEL_ORDERS)}")
-    if out["layout"] not in LAYOUTS:
-        raise ValueError(f"unknown layout {out['layout']!r}; valid: {', '.join(LAYOUTS)}")
+    for key, valid in (("resize", RESIZE_MODES), ("interpolation", INTERPOLATIONS), ("channel_order", CHANNEL_ORDERS),
+                       ("layout", LAYOUTS)):  # fmt: skip
+        if not isinstance(out[key], str) or out[key] not in valid:
+            word = "mode" if key == "resize" else ""
+            raise ValueError(f"unknown {key} {word + ' ' if word else ''}{out[key]!r}; valid: {', '.join(valid)}")
     for key in ("mean", "std"):
         vals = out[key]
-        if isinstance(vals, (int, float)):
+        if _is_number(vals):
             vals = [vals] * 3
-        if len(vals) != 3:
+        if not (isinstance(vals, (list, tuple)) and len(vals) == 3):
             raise ValueError(f"preprocess {key!r} needs 3 values (one per channel), got {out[key]!r}")
-        out[key] = [float(v) for v in vals]
+        out[key] = [_finite(v, key) for v in vals]
     if any(s == 0 for s in out["std"]):
         raise ValueError(f"preprocess 'std' must be non-zero, got {out['std']}")
-    out["scale"] = float(out["scale"])
+    out["scale"] = _finite(out["scale"], "scale")
     if out["scale"] <= 0:
         raise ValueError(f"preprocess 'scale' must be positive (e.g. 1/255), got {out['scale']}")
     pad = out["pad_value"]
     if isinstance(pad, (list, tuple)):
         if len(pad) != 3:
             raise ValueError(f"preprocess 'pad_value' must be one number or 3 (pixel units 0-255), got {pad!r}")
-        out["pad_value"] = [_plain_number(p) for p in pad]
+        out["pad_value"] = [_plain_number(_finite(p, "pad_value")) for p in pad]
     else:
-        out["pad_value"] = _plain_number(pad)
-    crop_pct = float(out["crop_pct"])
+        out["pad_value"] = _plain_number(_finite(pad, "pad_value"))
+    crop_pct = _finite(out["crop_pct"], "crop_pct")
     if not 0 < crop_pct <= 1:
         raise ValueError(f"preprocess 'crop_pct' must be in (0, 1], got {crop_pct}")
     if crop_pct != 1.0 and out["resize"] != "shorter_then_center_crop":
@@ -187,6 +184,21 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         )
     out["crop_pct"] = crop_pct
     return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _finite(v: Any, key: str) -> float:
+    """``v`` as a float when it is a finite number, else a ValueError naming the spec key."""
+    if not _is_number(v) or not np.isfinite(float(v)):
+        raise ValueError(f"preprocess {key!r} must hold finite numbers, got {v!r}")
+    return float(v)
 
 
 def _plain_number(v: Any) -> int | float:
