@@ -339,6 +339,8 @@ def _npy_header(fp, path: Path, available: int) -> tuple[tuple[int, ...], np.dty
         raise PointFileError(f"{path} is not a readable numpy file ({e}); re-save it with numpy.save") from None
     if dtype.hasobject:
         raise PointFileError(f"{path} holds Python objects ({dtype}); point files must hold plain numbers")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise PointFileError(f"{path}: the NPY header gives the shape {shape}; dimensions must be non-negative")
     need = math.prod(shape) * dtype.itemsize
     if need > available - fp.tell():
         raise PointFileError(

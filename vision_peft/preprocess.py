@@ -90,10 +90,13 @@ def load_image(path: str | Path, exif_transpose: bool = True, draft: tuple[int, 
         raise FileNotFoundError(f"image file {path} does not exist; check the path")
     try:
         with Image.open(path) as im:
+            _check_png_size(im, path)
             if draft is not None:
                 im.draft("RGB", draft)
             im.load()
             img = _to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im)
+    except ImageFileError:
+        raise
     except UnidentifiedImageError as e:
         raise ImageFileError(path, f"cannot identify image file ({e})") from e
     except Image.DecompressionBombError as e:
@@ -105,6 +108,27 @@ def load_image(path: str | Path, exif_transpose: bool = True, draft: tuple[int, 
     except Exception as e:  # Pillow's decoders and EXIF parser raise many other types for corrupt data
         raise ImageFileError(path, f"corrupt data ({type(e).__name__}: {e})") from e
     return img
+
+
+PNG_MAX_DEFLATE_RATIO = 1032  # deflate (zlib) never expands data by more than this factor
+
+
+def _check_png_size(im: Image.Image, path: Path) -> None:
+    """Refuse a PNG whose header claims more pixels than its bytes can encode (checked before decoding).
+
+    Every PNG row holds at least a filter byte and one bit per pixel, and deflate expands at most
+    ``PNG_MAX_DEFLATE_RATIO``:1, so a file smaller than that bound is certainly truncated or a decompression bomb
+    (Pillow would otherwise decode a 100-byte file into a 116 x 554296 image of zeros).
+    """
+    if im.format != "PNG":
+        return
+    w, h = im.size
+    size = path.stat().st_size
+    if h * (1 + (w + 7) // 8) > size * PNG_MAX_DEFLATE_RATIO + 1024:
+        raise ImageFileError(
+            path, f"its header claims {w}x{h} pixels, more than its {size} bytes can encode (truncated, or a "
+            "decompression bomb)"
+        )  # fmt: skip
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
