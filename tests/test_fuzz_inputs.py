@@ -1175,8 +1175,10 @@ def test_preprocess_spec(changes: dict[str, Any], drop: set[str]) -> None:
 @pytest.mark.parametrize(
     "change",
     [{"size": None}, {"mean": None}, {"pad_value": None}, {"crop_pct": None}, {"interpolation": ["a"]},
-     {"mean": [math.nan] * 3}, {"scale": math.inf}, {"size": [True, True]}],
-    ids=["size_none", "mean_none", "pad_none", "crop_none", "interp_list", "mean_nan", "scale_inf", "size_bool"],
+     {"mean": [math.nan] * 3}, {"scale": math.inf}, {"size": [True, True]}, {"crop_pct": 6.270090596256277e-135},
+     {"size": [10**6, 10**6]}],
+    ids=["size_none", "mean_none", "pad_none", "crop_none", "interp_list", "mean_nan", "scale_inf", "size_bool",
+         "crop_tiny", "size_huge"],
 )  # fmt: skip
 def test_preprocess_spec_regressions(change: dict[str, Any]) -> None:
     """TypeError (None / a list where a number or name belongs: found by test_preprocess_spec), and specs that were

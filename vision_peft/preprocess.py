@@ -50,6 +50,8 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "crop_pct": 1.0,
 }
 SPEC_REQUIRED = ("size", "mean", "std")
+MAX_SIDE = 8192  # the largest network input side a spec may ask for
+MIN_CROP_PCT = 0.1  # the smallest crop_pct (timm's models use 0.875 - 1.0)
 SPEC_KEYS = SPEC_REQUIRED + tuple(SPEC_DEFAULTS)
 
 ImageInput = Image.Image | np.ndarray | str | Path
@@ -173,6 +175,8 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         size = [size, size]
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
         raise ValueError(f"preprocess 'size' must be [H, W] with positive integers, got {out['size']!r}")
+    if max(size) > MAX_SIDE:
+        raise ValueError(f"preprocess 'size' {list(size)} exceeds {MAX_SIDE} pixels per side")
     out["size"] = [int(s) for s in size]
     for key, valid in (("resize", RESIZE_MODES), ("interpolation", INTERPOLATIONS), ("channel_order", CHANNEL_ORDERS),
                        ("layout", LAYOUTS)):  # fmt: skip
@@ -199,8 +203,8 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         out["pad_value"] = _plain_number(_finite(pad, "pad_value"))
     crop_pct = _finite(out["crop_pct"], "crop_pct")
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"preprocess 'crop_pct' must be in (0, 1], got {crop_pct}")
+    if not MIN_CROP_PCT <= crop_pct <= 1:  # a tiny crop_pct would scale the image up without bound first
+        raise ValueError(f"preprocess 'crop_pct' must be in [{MIN_CROP_PCT}, 1], got {crop_pct}")
     if crop_pct != 1.0 and out["resize"] != "shorter_then_center_crop":
         raise ValueError(
             f"preprocess 'crop_pct'={crop_pct} only applies to resize='shorter_then_center_crop', "
