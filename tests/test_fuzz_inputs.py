@@ -1176,9 +1176,9 @@ def test_preprocess_spec(changes: dict[str, Any], drop: set[str]) -> None:
     "change",
     [{"size": None}, {"mean": None}, {"pad_value": None}, {"crop_pct": None}, {"interpolation": ["a"]},
      {"mean": [math.nan] * 3}, {"scale": math.inf}, {"size": [True, True]}, {"crop_pct": 6.270090596256277e-135},
-     {"size": [10**6, 10**6]}],
+     {"size": [10**6, 10**6]}, {"mean": 6.805647186300698e37}, {"std": 1e-46}],
     ids=["size_none", "mean_none", "pad_none", "crop_none", "interp_list", "mean_nan", "scale_inf", "size_bool",
-         "crop_tiny", "size_huge"],
+         "crop_tiny", "size_huge", "mean_overflows_f32", "std_zero_in_f32"],
 )  # fmt: skip
 def test_preprocess_spec_regressions(change: dict[str, Any]) -> None:
     """TypeError (None / a list where a number or name belongs: found by test_preprocess_spec), and specs that were

@@ -202,6 +202,14 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         out["pad_value"] = [_plain_number(_finite(p, "pad_value")) for p in pad]
     else:
         out["pad_value"] = _plain_number(_finite(pad, "pad_value"))
+    pixels = np.asarray([0.0, 255.0, *np.ravel(out["pad_value"])], dtype=np.float64)[:, None]  # (P, 1)
+    with np.errstate(over="ignore"):
+        normed = (pixels * out["scale"] - np.asarray(out["mean"])) / np.asarray(out["std"])  # (P, 3)
+    if not (np.abs(normed) < np.finfo(np.float32).max).all() or (np.float32(out["std"]) == 0).any():
+        raise ValueError(
+            f"preprocess 'scale', 'mean', 'std' and 'pad_value' ({out['scale']}, {out['mean']}, {out['std']}, "
+            f"{out['pad_value']}) overflow float32 for pixel values 0-255"
+        )
     crop_pct = _finite(out["crop_pct"], "crop_pct")
     if not MIN_CROP_PCT <= crop_pct <= 1:  # a tiny crop_pct would scale the image up without bound first
         raise ValueError(f"preprocess 'crop_pct' must be in [{MIN_CROP_PCT}, 1], got {crop_pct}")
