@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return plain_data(value, where)
     if origin is Literal:
         return _check_choice(value, typing.get_args(tp), where)
     if origin in (typing.Union, types.UnionType):
@@ -162,7 +163,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
+        return dict(plain_data(value, where))
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, where)
     if tp is bool:
@@ -176,19 +177,62 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond the float range
+                raise ConfigError(f"{where} must be a finite number, got {value!r}") from None
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):  # nan/inf pass every `> 0` check and are not valid JSON in config.json
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
-            return value
+            return _unicode(value, where)
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return value
+
+
+def _unicode(value: str, where: str) -> str:
+    """``value`` when it is valid Unicode; a YAML escape like "\\ud800" gives a lone surrogate, which no file name,
+    log line or ``config.json`` can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{where} holds a character that is not valid Unicode (a lone surrogate): {value!r}"
+        ) from None
+    return value
+
+
+def plain_data(value: Any, where: str, _depth: int = 0) -> Any:
+    """``value`` when it is plain JSON data (None, bool, int, finite float, str, lists, str-keyed mappings, at most
+    32 levels deep), else a ConfigError naming ``where``: a config must survive ``config.json`` unchanged."""
+    if _depth > 32:
+        raise ConfigError(f"{where} nests deeper than 32 levels (or refers to itself)")
+    if isinstance(value, str):
+        return _unicode(value, where)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]", _depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where} has a key {bad[0]!r} that is not a string")
+        return {k: plain_data(v, f"{where}.{k}", _depth + 1) for k, v in value.items()}
+    raise ConfigError(f"{where} must be plain data (numbers, strings, lists, mappings), got {type(value).__name__}")
 
 
 def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
@@ -206,7 +250,7 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, where: str) -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as e:  # a __post_init__ check
         raise ConfigError(f"{where}: {e}") from None
 
 

@@ -9,7 +9,11 @@ holding ``data`` (S, N, C) and ``label`` (S,) or (S, 1) arrays (the ModelNet40 `
 
 Every reader returns an (N, 3) float32 array of xyz. Bad input raises :class:`PointFileError` naming the file and
 the fix: empty files, NaN/inf coordinates, wrong column counts (xyzrgb / xyz+normals → the first three columns are
-taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD.
+taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD,
+non-numeric dtypes, truncated or corrupt files. No other exception type leaves a reader (``tests/test_fuzz_inputs.py``
+fuzzes them). A header that claims more data than the file holds fails before anything is allocated; NPY data is
+memory-mapped; NPZ members and HDF5 datasets above ``MAX_ARRAY_BYTES`` are refused unread, and ``read_points`` reads
+one shape of an HDF5 file, not the whole dataset.
 
 Preprocessing (the order every path uses — training, eval, predict and the ONNX manifest):
 1. up-axis conversion ``swap_yz`` (z-up files → the y-up convention of the PointNet weights: swap columns 1 and 2);
@@ -22,8 +26,10 @@ Preprocessing (the order every path uses — training, eval, predict and the ONN
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +42,22 @@ UP_AXIS_RULES = ("none", "swap_yz")
 SAMPLING_RULES = ("random", "fps")
 
 
+MAX_ARRAY_BYTES = 2 * 2**30  # an NPZ member or HDF5 dataset larger than this (uncompressed) is refused unread
+MAX_PCD_COUNT = 4096  # the largest COUNT (values per field) a PCD header may give
+
+
 class PointFileError(ValueError):
     """A point file that cannot be used as given; the message names the file and the fix."""
 
 
 # -- readers --------------------------------------------------------------------------------------------------
 def _xyz(arr: np.ndarray, path: Path, extra_columns: str, names: list[str] | None = None) -> np.ndarray:
-    """Validate an (N, C) array and keep x, y, z."""
+    """Validate an (N, C) numeric array and keep x, y, z."""
     arr = np.asarray(arr)
+    if arr.dtype.kind not in "iuf":
+        raise PointFileError(
+            f"{path} holds a {arr.dtype} array; point coordinates must be integers or floats (re-export the file)"
+        )
     if arr.size == 0:
         raise PointFileError(f"{path} holds no points (empty file); re-export it or remove it from the dataset")
     if arr.ndim != 2:
@@ -61,12 +75,13 @@ def _xyz(arr: np.ndarray, path: Path, extra_columns: str, names: list[str] | Non
             )
         log.warning("%s has %d columns per point (%s): using the first three as x, y, z", path, arr.shape[1], cols)
         arr = arr[:, :3]
-    arr = arr.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: reported below
+        arr = np.array(arr, dtype=np.float32)  # a copy: never a view into a memory-mapped file
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
         raise PointFileError(
-            f"{path} has {int(bad.sum())} point(s) with NaN/inf coordinates (first at row {int(np.argmax(bad))}); "
-            "remove those points from the file (or re-export it)"
+            f"{path} has {int(bad.sum())} point(s) with NaN/inf coordinates (first at row {int(np.argmax(bad))}), "
+            "values beyond the float32 range included; remove those points from the file (or re-export it)"
         )
     return arr
 
@@ -76,6 +91,32 @@ def _read_text_lines(path: Path) -> list[str]:
     if not text.strip():
         raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
     return text.splitlines()
+
+
+def _count(value: str, what: str, path: Path) -> int:
+    """A non-negative integer header field, or a PointFileError naming the field."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise PointFileError(f"{path}: {what} is {value[:40]!r}, not a whole number; the header is corrupt") from None
+    if n < 0:
+        raise PointFileError(f"{path}: {what} is negative ({n}); the header is corrupt")
+    return n
+
+
+def _numeric_table(rows: list[list[str]], width: int, path: Path, what: str) -> np.ndarray:
+    """(len(rows), width) float64 from text rows that each hold exactly ``width`` values."""
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise PointFileError(f"{path}: {what} row {i} has {len(r)} values, expected {width}")
+    try:
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
+    except ValueError:
+        raise PointFileError(f"{path}: a {what} row holds a value that is not a number") from None
+
+
+_PCD_TYPES = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8",
+              ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"}  # fmt: skip
 
 
 def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
@@ -97,17 +138,22 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         header[key.upper()] = vals
         if key.upper() == "DATA":
             break
-    try:
-        fields = header["FIELDS"]
-        sizes = [int(s) for s in header["SIZE"]]
-        types = header["TYPE"]
-        counts = [int(c) for c in header.get("COUNT", ["1"] * len(fields))]
-        n = int(header.get("POINTS", header.get("WIDTH", ["0"]))[0])
-    except (KeyError, ValueError) as e:
-        raise PointFileError(f"{path}: malformed PCD header ({e}); the file is not a valid PCD file") from None
+    for key in ("FIELDS", "SIZE", "TYPE", "DATA"):
+        if not header.get(key):
+            raise PointFileError(f"{path}: PCD header has no {key} values; the file is not a valid PCD file")
+    fields, types, mode = header["FIELDS"], header["TYPE"], header["DATA"][0].lower()
+    sizes = [_count(s, "a PCD SIZE", path) for s in header["SIZE"]]
+    counts = [_count(c, "a PCD COUNT", path) for c in header.get("COUNT") or ["1"] * len(fields)]
+    n = _count((header.get("POINTS") or header.get("WIDTH") or ["0"])[0], "PCD POINTS", path)
+    if not len(fields) == len(sizes) == len(types) == len(counts):
+        raise PointFileError(
+            f"{path}: PCD header gives {len(fields)} FIELDS but {len(sizes)} SIZE, {len(types)} TYPE and "
+            f"{len(counts)} COUNT values; they must match one to one"
+        )
+    if not all(1 <= c <= MAX_PCD_COUNT for c in counts):
+        raise PointFileError(f"{path}: PCD COUNT values {counts} must lie in 1…{MAX_PCD_COUNT}")
     if not all(f in fields for f in ("x", "y", "z")):
         raise PointFileError(f"{path}: PCD fields are {fields}; x, y and z are required")
-    mode = header["DATA"][0].lower()
     if n == 0:
         raise PointFileError(f"{path} holds no points (POINTS 0); re-export it or remove it from the dataset")
     extra = [f for f, c in zip(fields, counts) for _ in range(c) if f not in ("x", "y", "z")]
@@ -117,18 +163,15 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         log.warning("%s has fields %s: using x, y, z", path, " ".join(fields))
     if mode == "ascii":
         rows = [ln.split() for ln in raw[pos:].decode("ascii", errors="replace").splitlines() if ln.strip()]
-        width = sum(counts)
-        if any(len(r) != width for r in rows):
-            raise PointFileError(f"{path}: an ascii PCD row does not have {width} values (FIELDS {' '.join(fields)})")
-        table = np.asarray(rows, dtype=np.float64).reshape(-1, width)
+        if len(rows) != n:
+            raise PointFileError(f"{path}: PCD header says POINTS {n}, the ascii data has {len(rows)} rows")
+        table = _numeric_table(rows, sum(counts), path, "ascii PCD")
         offs = np.cumsum([0] + counts)
         cols = [table[:, offs[fields.index(a)]] for a in ("x", "y", "z")]
     elif mode == "binary":
-        code = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8"}
-        code.update({("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"})
         try:
             dt = np.dtype(
-                [(f"f{i}", "<" + code[(t, s)], (c,)) for i, (t, s, c) in enumerate(zip(types, sizes, counts))]
+                [(f"f{i}", "<" + _PCD_TYPES[(t, s)], (c,)) for i, (t, s, c) in enumerate(zip(types, sizes, counts))]
             )
         except KeyError:
             raise PointFileError(f"{path}: unsupported PCD TYPE/SIZE {types}/{sizes}") from None
@@ -137,7 +180,7 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
                 f"{path}: binary PCD data is truncated ({len(raw) - pos} bytes for {n} points of {dt.itemsize} bytes)"
             )
         rec = np.frombuffer(raw, dtype=dt, count=n, offset=pos)
-        cols = [rec[f"f{fields.index(a)}"][:, 0] for a in ("x", "y", "z")]
+        cols = [rec[f"f{fields.index(a)}"][:, 0].astype(np.float64) for a in ("x", "y", "z")]
     else:
         raise PointFileError(
             f"{path}: PCD 'DATA {mode}' is not supported (ascii and binary are); re-save it uncompressed, e.g. "
@@ -146,63 +189,70 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
     return _xyz(np.stack(cols, axis=1), path, "take_xyz")
 
 
+def _off_faces(body: list[str], nf: int, nv: int, path: Path) -> np.ndarray:
+    """(T, 3) vertex indices of the fan-triangulated faces."""
+    if len(body) < nf:
+        raise PointFileError(f"{path}: header says {nf} faces, the file has {len(body)} face rows")
+    tris: list[tuple[int, int, int]] = []
+    for i, ln in enumerate(body[:nf]):
+        try:
+            idx = [int(v) for v in ln.split()]
+        except ValueError:
+            raise PointFileError(f"{path}: face {i} holds a value that is not a vertex index") from None
+        k = idx[0] if idx else 0
+        if k < 3 or len(idx) < k + 1:
+            raise PointFileError(f"{path}: face {i} is {ln[:40]!r}; a face is 'k i1 … ik' with k >= 3")
+        if not all(0 <= v < nv for v in idx[1 : k + 1]):
+            raise PointFileError(f"{path}: face {i} names a vertex outside 0…{nv - 1}")
+        tris += [(idx[1], idx[1 + j], idx[2 + j]) for j in range(1, k - 1)]  # fan-triangulate polygons
+    return np.asarray(tris, dtype=np.int64).reshape(-1, 3)
+
+
 def read_off(path: Path, extra_columns: str = "take_xyz", surface_points: int = 0) -> np.ndarray:
     """OFF mesh: the vertices, or ``surface_points`` points sampled uniformly on the triangles (seed 0)."""
     lines = [ln.split("#")[0].strip() for ln in _read_text_lines(path)]
     lines = [ln for ln in lines if ln]
+    if not lines:
+        raise PointFileError(f"{path} holds only comments; an OFF file starts with 'OFF'")
     head = lines[0]
     if not head.upper().startswith("OFF") and not head.upper().startswith("COFF"):
         raise PointFileError(f"{path}: first line is {head[:40]!r}, an OFF file starts with 'OFF'")
     rest = head[head.upper().index("OFF") + 3 :].split()  # ModelNet's 'OFF1234 5678 0' quirk
     body = lines[1:]
-    if not rest:
+    if not rest and body:
         rest, body = body[0].split(), body[1:]
-    try:
-        nv, nf = int(rest[0]), int(rest[1])
-        verts = np.asarray([ln.split() for ln in body[:nv]], dtype=np.float64)
-    except (ValueError, IndexError):
-        raise PointFileError(f"{path}: malformed OFF vertex block; expected 'nv nf ne' then nv rows of x y z") from None
+    if len(rest) < 2:
+        raise PointFileError(f"{path}: malformed OFF header; expected 'OFF' then 'nv nf ne'")
+    nv, nf = _count(rest[0], "the OFF vertex count", path), _count(rest[1], "the OFF face count", path)
     if nv == 0:
         raise PointFileError(f"{path} has no vertices; re-export it or remove it from the dataset")
-    if len(verts) != nv:
-        raise PointFileError(f"{path}: header says {nv} vertices, the file has {len(verts)}")
-    verts = _xyz(verts, path, extra_columns)
+    if len(body) < nv:
+        raise PointFileError(f"{path}: header says {nv} vertices, the file has {len(body)}")
+    rows = [ln.split() for ln in body[:nv]]
+    verts = _xyz(_numeric_table(rows, len(rows[0]), path, "OFF vertex"), path, extra_columns)
     if surface_points <= 0 or nf == 0:
         return verts
-    tris = []
-    for ln in body[nv : nv + nf]:
-        idx = [int(v) for v in ln.split()]
-        k = idx[0]
-        tris += [(idx[1], idx[1 + j], idx[2 + j]) for j in range(1, k - 1)]  # fan-triangulate polygons
-    t = verts[np.asarray(tris)]  # (T, 3 corners, 3)
+    tris = _off_faces(body[nv:], nf, nv, path)
+    t = verts[tris].astype(np.float64)  # (T, 3 corners, 3)
     area = 0.5 * np.linalg.norm(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]), axis=1)
+    total = float(area.sum())
+    if not np.isfinite(total) or total <= 0:
+        raise PointFileError(
+            f"{path}: its faces have no area (total {total}) to sample {surface_points} points on; "
+            "set task.off_points=0 to use the vertices"
+        )
     rng = np.random.default_rng(0)
-    pick = rng.choice(len(t), size=surface_points, p=area / area.sum())
+    pick = rng.choice(len(t), size=surface_points, p=area / total)
     u, v = rng.random((2, surface_points, 1))
     flip = (u + v) > 1
     u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
     a, b, c = t[pick, 0], t[pick, 1], t[pick, 2]
-    return (a + u * (b - a) + v * (c - a)).astype(np.float32)
+    return _xyz(a + u * (b - a) + v * (c - a), path, "take_xyz")
 
 
-_PLY_TYPES = {
-    "char": "i1",
-    "int8": "i1",
-    "uchar": "u1",
-    "uint8": "u1",
-    "short": "i2",
-    "int16": "i2",
-    "ushort": "u2",
-    "uint16": "u2",
-    "int": "i4",
-    "int32": "i4",
-    "uint": "u4",
-    "uint32": "u4",
-    "float": "f4",
-    "float32": "f4",
-    "double": "f8",
-    "float64": "f8",
-}
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}  # fmt: skip
 
 
 def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
@@ -211,23 +261,25 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
     if not raw.strip():
         raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
     end = raw.find(b"end_header")
-    if not raw.startswith(b"ply") or end < 0:
-        raise PointFileError(f"{path}: not a PLY file (it must start with 'ply' and have 'end_header')")
-    body_start = raw.index(b"\n", end) + 1
+    body_start = raw.find(b"\n", end) + 1 if end >= 0 else 0
+    if not raw.startswith(b"ply") or end < 0 or body_start == 0:
+        raise PointFileError(f"{path}: not a PLY file (it must start with 'ply' and have an 'end_header' line)")
     fmt, elements = "", []  # elements: [name, count, [(prop, type)]]
     for line in raw[:end].decode("ascii", errors="replace").splitlines()[1:]:
         parts = line.split()
-        if not parts:
+        if not parts or parts[0] in ("comment", "obj_info"):
             continue
-        if parts[0] == "format":
+        if parts[0] == "format" and len(parts) >= 2:
             fmt = parts[1]
-        elif parts[0] == "element":
-            elements.append([parts[1], int(parts[2]), []])
-        elif parts[0] == "property" and elements:
+        elif parts[0] == "element" and len(parts) >= 3:
+            elements.append([parts[1], _count(parts[2], f"the PLY {parts[1]!r} count", path), []])
+        elif parts[0] == "property" and elements and len(parts) >= 3:
             if parts[1] == "list":
-                elements[-1][2].append((parts[4], "list"))
+                elements[-1][2].append((parts[-1], "list"))
             else:
                 elements[-1][2].append((parts[2], parts[1]))
+        elif parts[0] in ("format", "element", "property"):
+            raise PointFileError(f"{path}: malformed PLY header line {line[:60]!r}")
     if not elements or elements[0][0] != "vertex":
         raise PointFileError(f"{path}: the first PLY element must be 'vertex', got {[e[0] for e in elements]}")
     _, nv, props = elements[0]
@@ -236,6 +288,8 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         raise PointFileError(f"{path} has 0 vertices; re-export it or remove it from the dataset")
     if not all(a in names for a in ("x", "y", "z")):
         raise PointFileError(f"{path}: PLY vertex properties are {names}; x, y and z are required")
+    if len(set(names)) != len(names):
+        raise PointFileError(f"{path}: PLY vertex properties {names} repeat a name")
     if any(t == "list" for _, t in props):
         raise PointFileError(f"{path}: list properties inside 'vertex' are not supported")
     if len(names) > 3:
@@ -243,13 +297,10 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
             _xyz(np.zeros((1, len(names))), path, "error", names)
         log.warning("%s has vertex properties %s: using x, y, z", path, " ".join(names))
     if fmt == "ascii":
-        rows = raw[body_start:].decode("ascii", errors="replace").splitlines()[:nv]
-        try:
-            table = np.asarray([r.split()[: len(names)] for r in rows], dtype=np.float64)
-        except ValueError:
-            raise PointFileError(f"{path}: an ascii PLY vertex row is not numeric") from None
-        if table.shape != (nv, len(names)):
-            raise PointFileError(f"{path}: expected {nv} vertex rows of {len(names)} values, got {table.shape}")
+        rows = [r.split() for r in raw[body_start:].decode("ascii", errors="replace").splitlines()[:nv]]
+        if len(rows) != nv:
+            raise PointFileError(f"{path}: header says {nv} vertices, the ascii PLY body has {len(rows)} rows")
+        table = _numeric_table(rows, len(names), path, "ascii PLY vertex")
         cols = [table[:, names.index(a)] for a in ("x", "y", "z")]
     elif fmt in ("binary_little_endian", "binary_big_endian"):
         bo = "<" if fmt == "binary_little_endian" else ">"
@@ -258,7 +309,10 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         except KeyError as e:
             raise PointFileError(f"{path}: unknown PLY property type {e}") from None
         if len(raw) - body_start < nv * dt.itemsize:
-            raise PointFileError(f"{path}: binary PLY vertex data is truncated")
+            raise PointFileError(
+                f"{path}: binary PLY vertex data is truncated ({len(raw) - body_start} bytes for {nv} vertices "
+                f"of {dt.itemsize} bytes)"
+            )
         rec = np.frombuffer(raw, dtype=dt, count=nv, offset=body_start)
         cols = [rec[a].astype(np.float64) for a in ("x", "y", "z")]
     else:
@@ -266,27 +320,111 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
     return _xyz(np.stack(cols, axis=1), path, "take_xyz")
 
 
-def read_numpy(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
-    """NPY (an (N, C) array) or NPZ (key ``points``, ``xyz`` or ``data``, or its only array)."""
-    if path.stat().st_size == 0:
-        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+# what numpy's NPY header parser raises for a corrupt header (it tokenizes and literal_evals the header text)
+NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, TypeError, KeyError, AttributeError, OverflowError,
+                     RecursionError, tokenize.TokenError)  # fmt: skip
+
+
+def _npy_header(fp, path: Path, available: int) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Shape, dtype and Fortran order of the NPY stream at ``fp``, checked against the ``available`` bytes."""
     try:
-        obj = np.load(path, allow_pickle=False)
-    except Exception as e:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"NPY format version {version} is not supported")
+    except NPY_HEADER_ERRORS as e:
+        raise PointFileError(f"{path} is not a readable numpy file ({e}); re-save it with numpy.save") from None
+    if dtype.hasobject:
+        raise PointFileError(f"{path} holds Python objects ({dtype}); point files must hold plain numbers")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise PointFileError(f"{path}: the NPY header gives the shape {shape}; dimensions must be non-negative")
+    need = math.prod(shape) * dtype.itemsize
+    if need > available - fp.tell():
+        raise PointFileError(
+            f"{path}: the NPY header claims shape {shape} of {dtype} ({need} bytes) but the file holds only "
+            f"{max(0, available - fp.tell())} bytes of data; the file is truncated or corrupt"
+        )
+    return shape, dtype, fortran
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    """The point array of an NPZ archive (key ``points``, ``xyz`` or ``data``, or its only array)."""
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
+            keys = sorted(members)
+            key = next((k for k in ("points", "xyz", "data") if k in members), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise PointFileError(f"{path}: NPZ keys are {keys}; name the point array 'points' (or keep only one)")
+            info = members[key]
+            if info.file_size > MAX_ARRAY_BYTES:
+                raise PointFileError(
+                    f"{path}: NPZ array {key!r} is {info.file_size} bytes uncompressed, above the "
+                    f"{MAX_ARRAY_BYTES}-byte limit (vision_peft.pointio.MAX_ARRAY_BYTES)"
+                )
+            with z.open(info) as fp:
+                head = io.BytesIO(fp.read(65536 + 16))  # magic + the largest header numpy writes
+                shape, dtype, fortran = _npy_header(head, path, info.file_size)
+                data = head.read() + fp.read()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
+        raise PointFileError(f"{path} is not a readable NPZ archive ({type(e).__name__}: {e})") from None
+    count = math.prod(shape)
+    if len(data) < count * dtype.itemsize:
+        raise PointFileError(f"{path}: NPZ array {key!r} is truncated ({len(data)} of {count * dtype.itemsize} bytes)")
+    arr = np.frombuffer(data, dtype=dtype, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def read_numpy(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
+    """NPY (an (N, C) array) or NPZ (key ``points``, ``xyz`` or ``data``, or its only array).
+
+    The header is checked against the file size before any data is read (a header claiming 10^12 points fails at
+    once), NPY data is memory-mapped and only x, y, z are copied out, and nothing is ever unpickled.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
+    with path.open("rb") as fp:
+        magic = fp.read(6)
+        fp.seek(0)
+        if magic.startswith(b"PK"):
+            return _xyz(_read_npz(path), path, extra_columns)
+        if magic != b"\x93NUMPY":
+            raise PointFileError(f"{path} is not a numpy .npy/.npz file (it starts with {magic!r})")
+        shape, dtype, _ = _npy_header(fp, path, size)
+    if math.prod(shape) == 0:
+        raise PointFileError(f"{path} holds no points (shape {shape}); re-export it or remove it from the dataset")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
         raise PointFileError(f"{path} is not a readable numpy file ({type(e).__name__}: {e})") from None
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        keys = list(obj.keys())
-        key = next((k for k in ("points", "xyz", "data") if k in keys), keys[0] if len(keys) == 1 else None)
-        if key is None:
-            raise PointFileError(f"{path}: NPZ keys are {keys}; name the point array 'points' (or keep only one)")
-        arr = obj[key]
-    else:
-        arr = obj
     return _xyz(arr, path, extra_columns)
 
 
-def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """HDF5 with ``data`` (S, N, C) and optionally ``label`` (S,) / (S, 1); returns (data float32, labels int64)."""
+def _h5_dataset(f, key: str, path: Path, kinds: str):
+    """``f[key]`` checked: a dataset (not a group) of a numeric kind in ``kinds``, under MAX_ARRAY_BYTES."""
+    import h5py
+
+    ds = f[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise PointFileError(f"{path}: HDF5 '{key}' is a {type(ds).__name__}, not a dataset")
+    if ds.dtype.kind not in kinds:
+        raise PointFileError(f"{path}: HDF5 '{key}' holds {ds.dtype}; it must hold numbers")
+    if ds.size * ds.dtype.itemsize > MAX_ARRAY_BYTES:
+        raise PointFileError(
+            f"{path}: HDF5 '{key}' is {ds.shape} of {ds.dtype} ({ds.size * ds.dtype.itemsize} bytes), above the "
+            f"{MAX_ARRAY_BYTES}-byte limit (vision_peft.pointio.MAX_ARRAY_BYTES); split the file"
+        )
+    return ds
+
+
+def _open_h5(path: Path):
     try:
         import h5py
     except ImportError:
@@ -294,19 +432,47 @@ def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.stat().st_size == 0:
         raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
     try:
-        with h5py.File(path, "r") as f:
+        return h5py.File(path, "r")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise PointFileError(f"{path} is not a readable HDF5 file ({e})") from None
+
+
+def read_h5(path: Path, index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """HDF5 with ``data`` (S, N, C) and optionally ``label`` (S,) / (S, 1).
+
+    Args:
+        path: the file.
+        index: read only shape ``index`` of ``data`` (then ``data`` is (1, N, C)); None reads every shape.
+
+    Returns:
+        (data, labels int64 or None).
+    """
+    try:
+        with _open_h5(path) as f:
             if "data" not in f:
                 raise PointFileError(f"{path}: HDF5 datasets are {list(f.keys())}; point clouds must be in 'data'")
-            data = np.asarray(f["data"][...])
-            label = np.asarray(f["label"][...]).reshape(-1).astype(np.int64) if "label" in f else None
-    except OSError as e:
-        raise PointFileError(f"{path} is not a readable HDF5 file ({e})") from None
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3 or data.shape[0] == 0:
+            ds = _h5_dataset(f, "data", path, "iuf")
+            if ds.ndim not in (2, 3) or ds.shape[0] == 0:
+                raise PointFileError(f"{path}: 'data' must be (shapes, points, 3+), got {ds.shape}")
+            n_shapes = 1 if ds.ndim == 2 else ds.shape[0]
+            if index is not None and not 0 <= index < n_shapes:
+                raise PointFileError(f"{path} holds {n_shapes} shapes; index {index} is out of range")
+            if ds.ndim == 2:
+                data = np.asarray(ds[...])[None]
+            else:
+                data = np.asarray(ds[...] if index is None else ds[index : index + 1])
+            label = None
+            if "label" in f:
+                lab = np.asarray(_h5_dataset(f, "label", path, "iuf")[...]).reshape(-1)
+                if lab.dtype.kind == "f" and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
+                    raise PointFileError(f"{path}: HDF5 'label' holds non-integer values")
+                if len(lab) != n_shapes:
+                    raise PointFileError(f"{path}: 'label' has {len(lab)} entries for {n_shapes} shapes in 'data'")
+                label = lab.astype(np.int64)
+    except (OSError, KeyError, RuntimeError, TypeError) as e:  # h5py's errors for corrupt metadata or data
+        raise PointFileError(f"{path} is not a readable HDF5 file ({type(e).__name__}: {e})") from None
+    if data.ndim != 3 or data.shape[1] == 0:
         raise PointFileError(f"{path}: 'data' must be (shapes, points, 3+), got {data.shape}")
-    if label is not None and len(label) != len(data):
-        raise PointFileError(f"{path}: 'label' has {len(label)} entries for {len(data)} shapes in 'data'")
     return data, label
 
 
@@ -318,6 +484,10 @@ def read_points(path: str | Path, extra_columns: str = "take_xyz", index: int = 
         extra_columns: ``take_xyz`` (warn and keep the first three columns) or ``error``.
         index: which shape of an HDF5 file.
         off_points: for OFF meshes, sample this many points on the surface (0 = use the vertices).
+
+    Raises:
+        PointFileError: the file is missing, unreadable, truncated or corrupt, or holds no usable points; the
+            message names the file (and the fix).
     """
     path = Path(path)
     if not path.is_file():
@@ -332,10 +502,8 @@ def read_points(path: str | Path, extra_columns: str = "take_xyz", index: int = 
     if ext in (".npy", ".npz"):
         return read_numpy(path, extra_columns)
     if ext in (".h5", ".hdf5"):
-        data, _ = read_h5(path)
-        if not 0 <= index < len(data):
-            raise PointFileError(f"{path} holds {len(data)} shapes; index {index} is out of range")
-        return _xyz(data[index], Path(f"{path}[{index}]"), extra_columns)
+        data, _ = read_h5(path, index)
+        return _xyz(data[0], Path(f"{path}[{index}]"), extra_columns)
     raise PointFileError(
         f"{path}: unknown point-cloud extension {ext!r}; supported: {', '.join(POINT_EXTS)} (convert the file)"
     )

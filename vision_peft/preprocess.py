@@ -50,45 +50,87 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "crop_pct": 1.0,
 }
 SPEC_REQUIRED = ("size", "mean", "std")
+MAX_SIDE = 8192  # the largest network input side a spec may ask for
+MIN_CROP_PCT = 0.1  # the smallest crop_pct (timm's models use 0.875 - 1.0)
 SPEC_KEYS = SPEC_REQUIRED + tuple(SPEC_DEFAULTS)
 
 ImageInput = Image.Image | np.ndarray | str | Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # image file types read everywhere
 
 
-def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+class ImageFileError(ValueError):
+    """An image file that does not decode; the message names the file, ``reason`` says why (without the path)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"image file {path} is unreadable: {reason}; remove or replace the file")
+        self.path, self.reason = str(path), reason
+
+
+def load_image(path: str | Path, exif_transpose: bool = True, draft: tuple[int, int] | None = None) -> Image.Image:
     """Reads an image file fully into memory as RGB.
 
     Grayscale, 16-bit, RGBA/LA (alpha dropped), palette and CMYK images are converted to 8-bit RGB. The file is
-    decoded completely (``Image.load``) so a truncated file fails here, not later inside a data loader.
+    decoded completely (``Image.load``) so a truncated file fails here, not later inside a data loader. Images
+    above Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2) are refused from the header,
+    before any pixel is allocated.
 
     Args:
         path: Image file.
         exif_transpose: Apply the EXIF orientation tag (photos from phones), so the pixels are upright.
+        draft: Decode JPEGs at a reduced scale close to this (W, H) (for validating many files quickly).
 
     Returns:
         An RGB image that no longer holds the file open.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: The file is not a readable image (unknown format, truncated or corrupt data).
+        ImageFileError: (a ValueError) The file is not a readable image (unknown format, truncated or corrupt
+            data, a decompression bomb); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist; check the path")
     try:
         with Image.open(path) as im:
+            _check_png_size(im, path)
+            if draft is not None:
+                im.draft("RGB", draft)
             im.load()
             img = _to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im)
+    except ImageFileError:
+        raise
     except UnidentifiedImageError as e:
-        raise ValueError(
-            f"image file {path} is unreadable: cannot identify image file ({e}); remove or replace the file"
+        raise ImageFileError(path, f"cannot identify image file ({e})") from e
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(
+            path, f"{e} (a decompression bomb, or a huge image: raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
         ) from e
     except (OSError, SyntaxError, EOFError) as e:  # Pillow raises these for truncated/corrupt data
-        raise ValueError(
-            f"image file {path} is unreadable: truncated or corrupt data ({e}); remove or replace the file"
-        ) from e
+        raise ImageFileError(path, f"truncated or corrupt data ({e})") from e
+    except Exception as e:  # Pillow's decoders and EXIF parser raise many other types for corrupt data
+        raise ImageFileError(path, f"corrupt data ({type(e).__name__}: {e})") from e
     return img
+
+
+PNG_MAX_DEFLATE_RATIO = 1032  # deflate (zlib) never expands data by more than this factor
+
+
+def _check_png_size(im: Image.Image, path: Path) -> None:
+    """Refuse a PNG whose header claims more pixels than its bytes can encode (checked before decoding).
+
+    Every PNG row holds at least a filter byte and one bit per pixel, and deflate expands at most
+    ``PNG_MAX_DEFLATE_RATIO``:1, so a file smaller than that bound is certainly truncated or a decompression bomb
+    (Pillow would otherwise decode a 100-byte file into a 116 x 554296 image of zeros).
+    """
+    if im.format != "PNG":
+        return
+    w, h = im.size
+    size = path.stat().st_size
+    if h * (1 + (w + 7) // 8) > size * PNG_MAX_DEFLATE_RATIO + 1024:
+        raise ImageFileError(
+            path, f"its header claims {w}x{h} pixels, more than its {size} bytes can encode (truncated, or a "
+            "decompression bomb)"
+        )  # fmt: skip
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -129,41 +171,48 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out = {**SPEC_DEFAULTS, **spec}
 
     size = out["size"]
-    if isinstance(size, int):
+    if _is_int(size):
         size = [size, size]
-    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
         raise ValueError(f"preprocess 'size' must be [H, W] with positive integers, got {out['size']!r}")
+    if max(size) > MAX_SIDE:
+        raise ValueError(f"preprocess 'size' {list(size)} exceeds {MAX_SIDE} pixels per side")
     out["size"] = [int(s) for s in size]
-    if out["resize"] not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {out['resize']!r}; valid: {', '.join(RESIZE_MODES)}")
-    if out["interpolation"] not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {out['interpolation']!r}; valid: {', '.join(INTERPOLATIONS)}")
-    if out["channel_order"] not in CHANNEL_ORDERS:
-        raise ValueError(f"unknown channel_order {out['channel_order']!r}; valid: {', '.join(CHANNEL_ORDERS)}")
-    if out["layout"] not in LAYOUTS:
-        raise ValueError(f"unknown layout {out['layout']!r}; valid: {', '.join(LAYOUTS)}")
+    for key, valid in (("resize", RESIZE_MODES), ("interpolation", INTERPOLATIONS), ("channel_order", CHANNEL_ORDERS),
+                       ("layout", LAYOUTS)):  # fmt: skip
+        if not isinstance(out[key], str) or out[key] not in valid:
+            word = "mode" if key == "resize" else ""
+            raise ValueError(f"unknown {key} {word + ' ' if word else ''}{out[key]!r}; valid: {', '.join(valid)}")
     for key in ("mean", "std"):
         vals = out[key]
-        if isinstance(vals, (int, float)):
+        if _is_number(vals):
             vals = [vals] * 3
-        if len(vals) != 3:
+        if not (isinstance(vals, (list, tuple)) and len(vals) == 3):
             raise ValueError(f"preprocess {key!r} needs 3 values (one per channel), got {out[key]!r}")
-        out[key] = [float(v) for v in vals]
+        out[key] = [_finite(v, key) for v in vals]
     if any(s == 0 for s in out["std"]):
         raise ValueError(f"preprocess 'std' must be non-zero, got {out['std']}")
-    out["scale"] = float(out["scale"])
+    out["scale"] = _finite(out["scale"], "scale")
     if out["scale"] <= 0:
         raise ValueError(f"preprocess 'scale' must be positive (e.g. 1/255), got {out['scale']}")
     pad = out["pad_value"]
     if isinstance(pad, (list, tuple)):
         if len(pad) != 3:
             raise ValueError(f"preprocess 'pad_value' must be one number or 3 (pixel units 0-255), got {pad!r}")
-        out["pad_value"] = [_plain_number(p) for p in pad]
+        out["pad_value"] = [_plain_number(_finite(p, "pad_value")) for p in pad]
     else:
-        out["pad_value"] = _plain_number(pad)
-    crop_pct = float(out["crop_pct"])
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"preprocess 'crop_pct' must be in (0, 1], got {crop_pct}")
+        out["pad_value"] = _plain_number(_finite(pad, "pad_value"))
+    pixels = np.asarray([0.0, 255.0, *np.ravel(out["pad_value"])], dtype=np.float64)[:, None]  # (P, 1)
+    with np.errstate(over="ignore"):
+        normed = (pixels * out["scale"] - np.asarray(out["mean"])) / np.asarray(out["std"])  # (P, 3)
+    if not (np.abs(normed) < np.finfo(np.float32).max).all() or (np.float32(out["std"]) == 0).any():
+        raise ValueError(
+            f"preprocess 'scale', 'mean', 'std' and 'pad_value' ({out['scale']}, {out['mean']}, {out['std']}, "
+            f"{out['pad_value']}) overflow float32 for pixel values 0-255"
+        )
+    crop_pct = _finite(out["crop_pct"], "crop_pct")
+    if not MIN_CROP_PCT <= crop_pct <= 1:  # a tiny crop_pct would scale the image up without bound first
+        raise ValueError(f"preprocess 'crop_pct' must be in [{MIN_CROP_PCT}, 1], got {crop_pct}")
     if crop_pct != 1.0 and out["resize"] != "shorter_then_center_crop":
         raise ValueError(
             f"preprocess 'crop_pct'={crop_pct} only applies to resize='shorter_then_center_crop', "
@@ -171,6 +220,21 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         )
     out["crop_pct"] = crop_pct
     return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _finite(v: Any, key: str) -> float:
+    """``v`` as a float when it is a finite number, else a ValueError naming the spec key."""
+    if not _is_number(v) or not np.isfinite(float(v)):
+        raise ValueError(f"preprocess {key!r} must hold finite numbers, got {v!r}")
+    return float(v)
 
 
 def _plain_number(v: Any) -> int | float:

@@ -46,6 +46,10 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
             raw = {"name": raw}
         if not isinstance(raw, dict) or "name" not in raw:
             raise ConfigError(f"recipe section {section!r} needs a 'name' (one of: {', '.join(registry.names())})")
+        if not isinstance(raw["name"], str):
+            raise ConfigError(
+                f"{section}.name must be a string (one of: {', '.join(registry.names())}), got {raw['name']!r}"
+            )
         try:
             entry = registry.get(raw["name"])
         except LookupError as e:
@@ -60,6 +64,11 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     return RunConfig(**out)
 
 
+# what yaml.safe_load raises for malformed text: YAMLError, and (PyYAML's scalar constructors on bad tagged values
+# such as `!!float nope` or a bare `!!float`) ValueError / IndexError / TypeError …; deep nesting: RecursionError
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RecursionError)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["train.lr=5e-4", "--adapter.r=4"]`` into a nested dict; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -68,9 +77,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=5e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""  # `null` or `~` give None; `none` stays a string
-        node = out
         parts = key.split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: the key {key!r} has an empty part; write section.key=value")
+        try:  # safe_load builds plain data only: a tag like !!python/object is an error here, never code
+            value = yaml.safe_load(raw) if raw != "" else ""  # `null` or `~` give None; `none` stays a string
+        except YAML_ERRORS as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise ConfigError(f"override {key}: the value {raw[:60]!r} is not a YAML scalar or list ({msg})") from None
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -94,11 +109,13 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     """Merge overrides into recipe data. An override that switches a polymorphic section to another
     ``name`` (e.g. ``--adapter.name=linear`` on a LoRA recipe) replaces that section instead of merging,
     because the old method's keys mean nothing to the new one."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
     data = copy.deepcopy(data)
     for section in POLYMORPHIC:
         new = overrides.get(section)
         old = data.get(section)
-        old_name = old if isinstance(old, str) else (old or {}).get("name")
+        old_name = old if isinstance(old, str) else old.get("name") if isinstance(old, dict) else None
         if isinstance(new, dict) and "name" in new and new["name"] != old_name:
             data[section] = {}
     return deep_merge(data, overrides)
@@ -128,14 +145,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     """Read a YAML recipe, apply dotted overrides (``["train.lr=5e-4"]`` or a nested dict), validate."""
     path = find_recipe(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({e}); save it as UTF-8") from None
+    except YAML_ERRORS as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e or type(e).__name__}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    data = apply_overrides(data, overrides or {})
     try:
-        return build_run_config(data)
+        return build_run_config(apply_overrides(data, overrides or {}))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vision_peft.data import DATASETS
 from vision_peft.data.base import class_folders
-from vision_peft.preprocess import IMAGE_SUFFIXES
+from vision_peft.preprocess import IMAGE_SUFFIXES, ImageFileError, load_image
 
 log = logging.getLogger("vision_peft")
 
@@ -43,14 +42,15 @@ class FolderScan:
 
 
 def check_image(path: Path) -> str | None:
-    """None when ``path`` decodes as an image, else the reason it does not."""
+    """None when ``path`` decodes as an image (exactly as training will read it, JPEGs at reduced scale), else
+    the reason it does not."""
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
+        load_image(path, draft=(64, 64))
         return None
-    except Exception as e:  # PIL raises many types for broken files
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'unreadable'}"
+    except ImageFileError as e:
+        return e.reason.splitlines()[0][:200] if e.reason else "unreadable"
+    except OSError as e:  # the file vanished or cannot be opened (permissions)
+        return f"{type(e).__name__}: {e}"
 
 
 def scan_image_folder(root: str | Path, classes: list[str] | None = None, bad_files: str = "skip") -> FolderScan:

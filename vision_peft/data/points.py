@@ -72,7 +72,12 @@ def scan_point_folder(root: str | Path, classes: list[str] | None = None) -> Poi
         names_file = root / "shape_names.txt"
         if not names_file.is_file():
             raise PointFileError(f"{root} holds HDF5 files but no shape_names.txt (one class name per line)")
-        found = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        try:
+            found = [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise PointFileError(f"{names_file} is not UTF-8 text ({e}); save it as one class name per line") from None
+        if len(found) < 2:
+            raise PointFileError(f"{names_file} names {len(found)} class(es); classification needs at least 2")
         splits: dict[str, list[PointSample]] = {"train": [], "test": []}
         for f in h5s:
             split = "train" if "train" in f.name.lower() else "test" if "test" in f.name.lower() else None
@@ -81,6 +86,12 @@ def scan_point_folder(root: str | Path, classes: list[str] | None = None) -> Poi
             _, labels = read_h5(f)
             if labels is None:
                 raise PointFileError(f"{f} has no 'label' dataset; a labelled HDF5 split needs one")
+            outside = labels[(labels < 0) | (labels >= len(found))]
+            if len(outside):
+                raise PointFileError(
+                    f"{f}: 'label' holds {int(outside[0])}, outside the {len(found)} classes of {names_file} "
+                    f"(labels are 0…{len(found) - 1})"
+                )
             splits[split] += [PointSample(f"{f}[{i}]", int(y), i) for i, y in enumerate(labels)]
         if classes is not None:
             missing = [c for c in classes if c not in found]

@@ -144,7 +144,8 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
     data = Path(path).read_bytes()
     try:
         refs = _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError, ArithmeticError,
+            MemoryError, RecursionError) as e:  # fmt: skip  # what a corrupt stream makes the unpickler raise
         raise DatasetError(f"{path} is not a plain-data refs pickle: {e}") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise DatasetError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
@@ -159,7 +160,7 @@ def rle_counts_from_string(s: str | bytes) -> list[int]:
     From the fourth run on, the value stored is the difference to the run two places earlier.
     """
     if isinstance(s, bytes):
-        s = s.decode("ascii")
+        s = s.decode("latin-1")  # any byte outside '0'..'o' is refused below, naming it
     counts: list[int] = []
     p = 0
     while p < len(s):
@@ -194,7 +195,22 @@ def decode_rle(rle: dict, hw: tuple[int, int]) -> np.ndarray:
     counts = rle.get("counts")
     if isinstance(counts, (str, bytes)):
         counts = rle_counts_from_string(counts)
-    h, w = (int(v) for v in rle.get("size", hw))
+    size = rle.get("size", hw)
+    if not (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size)
+    ):
+        raise DatasetError(f"RLE 'size' must be [H, W] (two non-negative integers), got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    if h * w > (Image.MAX_IMAGE_PIXELS or 2**31):
+        raise DatasetError(f"RLE size {h}x{w} is larger than any image Pillow opens ({Image.MAX_IMAGE_PIXELS} pixels)")
+    if not isinstance(counts, (list, tuple)) or not all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0 for c in counts
+    ):
+        raise DatasetError(
+            f"RLE 'counts' must be a compressed string or a list of non-negative run lengths, got {str(counts)[:60]}"
+        )
     total = sum(int(c) for c in counts)
     if total != h * w:
         raise DatasetError(f"RLE runs add up to {total} pixels but its size {h}x{w} has {h * w}")
