@@ -749,3 +749,41 @@ def test_two_clients_start_jobs_at_the_same_moment(data, tmp_path) -> None:
     assert bad_reads == [], bad_reads[:3]
     assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
     assert _processes_of(root) == []
+
+
+# -- disk full in a sweep folder ------------------------------------------------------------------------------
+ONE_METHOD = (
+    "adapter.name: [linear]\nlinear: {train.head_lr: [3.0e-3, 1.0e-2]}\nfixed: {train.epochs: 1}\npruner: none\n"
+)
+
+
+def test_disk_full_in_the_sweep_folder_fails_the_trial_then_the_sweep_continues(
+    small_fs, tmp_path: Path, aid_root: Path
+) -> None:
+    """A sweep whose folder sits on a full filesystem (the study storage on another disk): the trial's `train` child
+    hits ENOSPC, the trial is told to the study as FAIL (never left RUNNING) with a reason naming the cause, the
+    worker's own state-file write failing too is only logged; once space returns the same sweep runs its next trial
+    to COMPLETE."""
+    from optuna.trial import TrialState
+    from test_sweep import _recipe, _space
+
+    from vision_peft.sweep import budget_done, load_study, run_sweep
+
+    recipe, space = _recipe(tmp_path), _space(tmp_path, ONE_METHOD)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    ballast = fill(small_fs)
+    with open(ballast, "r+b") as f:  # give back 64 KiB: the sweep folder's files fit, a trial's run does not
+        f.truncate(ballast.stat().st_size - (64 << 10))
+    out = small_fs / "sweep"
+    res = run_sweep(recipe, space, trials=1, storage=storage, study="full", out=out, progress=False, select=False)
+    trials = load_study(res["storage"], res["study"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL], [(t.state, t.user_attrs.get("reason")) for t in trials]
+    reason = trials[0].user_attrs["reason"]
+    assert "No space left on device" in reason or "ENOSPC" in reason, reason
+    report("sweep trial ENOSPC", user_saw=reason[-300:], on_disk=listing(out))
+    ballast.unlink()
+    res = run_sweep(recipe, space, trials=2, storage=storage, study="full", out=out, progress=False, select=False)
+    study = load_study(res["storage"], res["study"])
+    states = [t.state for t in study.get_trials()]
+    assert states[0] == TrialState.FAIL and states[-1] == TrialState.COMPLETE, states
+    assert TrialState.RUNNING not in states and budget_done(study)[0] == budget_done(study)[1]

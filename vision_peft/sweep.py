@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import math
 import os
 import signal
@@ -63,6 +64,8 @@ from optuna.trial import TrialState
 
 from vision_peft import rundir
 from vision_peft.paths import REPO_ROOT
+
+log = logging.getLogger("vision_peft")
 
 if TYPE_CHECKING:  # the space module imports the registries (torch): only where a space is read
     from vision_peft.sweep_space import Space
@@ -123,9 +126,15 @@ def _retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     retry(study, trial)
 
 
-def write_state(run_dir: Path, state: str, reason: str = "", **extra: Any) -> None:
-    """``sweep_trial.json`` in a trial's run directory (atomic)."""
-    rundir.atomic_write_json(run_dir / STATE_FILE, {"state": state, "reason": reason, "time": time.time(), **extra})
+def write_state(run_dir: Path, state: str, reason: str = "", **extra: Any) -> str:
+    """``sweep_trial.json`` in a trial's run directory (atomic). A failed write (disk full) must not keep the trial
+    from being told to the study, so it is logged and returned ("" when written): the study records the state."""
+    try:
+        rundir.atomic_write_json(run_dir / STATE_FILE, {"state": state, "reason": reason, "time": time.time(), **extra})
+    except OSError as e:  # rundir.WriteError names the file, the cause and the fix
+        log.warning("sweep: %s", e)
+        return str(e)
+    return ""
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -415,11 +424,19 @@ def run_trial(ctx: Context, trial_id: int) -> TrialState:
         trial.set_user_attr("reason", reason)
         study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL
-    run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "vision_peft", "train", str(ctx.recipe_file.resolve()), "--no-progress"]
     cmd += [f"--{k}={json.dumps(v)}" for k, v in ov.items()]
     log_path = run_dir / "sweep_stdout.log"
-    with open(log_path, "w") as log_f:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_f = open(log_path, "w")
+    except OSError as e:  # disk full / unwritable sweep folder: the trial fails, the study says why
+        reason = f"cannot create {log_path}: {e.strerror or e}; free space in {ctx.trials_dir} and run the sweep again"
+        trial.set_user_attr("reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("sweep: trial %d: %s", number, reason)
+        return TrialState.FAIL
+    with log_f:
         proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=_child_env(),
                                 start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
     trial.set_user_attr("pid", proc.pid)
