@@ -582,11 +582,19 @@ file_names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), m
 @st.composite
 def dataset_tree(draw) -> dict[str, list[tuple[str, str, bytes]]]:
     """{class folder: [(file name, kind, bytes)]} with valid images, garbage, empty and truncated files, images
-    under the wrong extension, odd unicode names, ignored OS files and sub-folders."""
-    classes = draw(st.lists(file_names, min_size=0, max_size=4, unique_by=lambda s: s))
+    under the wrong extension, odd unicode names, ignored OS files and sub-folders. Half of the trees give every
+    class one valid image first (and have two classes or more), so that successful scans are fuzzed as well."""
+    usable = draw(st.booleans())
+    classes = draw(st.lists(file_names, min_size=2 if usable else 0, max_size=4, unique_by=lambda s: s))
+    if usable:
+        classes = [c.lstrip(".") or "c" for c in classes]  # visible class folders
+        classes = list(dict.fromkeys(classes))
     tree: dict[str, list[tuple[str, str, bytes]]] = {}
     for c in classes:
         files = []
+        if usable:
+            ext, raw = draw(valid_image())
+            files.append((f"good{ext}", "image", raw))
         for i in range(draw(st.integers(0, 4))):
             kind = draw(st.sampled_from(["image", "image", "garbage", "empty", "truncated", "wrong_ext", "ignored",
                                          "folder", "odd_name"]))  # fmt: skip
@@ -659,6 +667,7 @@ def test_scan_image_folder(tree: dict[str, list[tuple[str, str, bytes]]], policy
 @given(raw=st.binary(max_size=300) | st.builds(lambda b: b"\x80\x04" + b, st.binary(max_size=200)))
 @example(raw=b"cos\nsystem\n(S'true'\ntR.").via("a protocol-0 os.system call is refused")
 @example(raw=b"\x95\x00\x00\x00\x00\x00\x00\x00\x80").via("regression: FRAME length 2**63 -> OverflowError")
+@example(raw=b"Nr\x00\x00\x00\x10.").via("regression: memo index 2**28 -> the C unpickler cleared GBs (Hang)")
 def test_refs_pickle_random_bytes(raw: bytes) -> None:
     with scratch() as d:
         path = d / "refs(unc).p"

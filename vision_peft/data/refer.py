@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import pickle
+import pickletools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,28 @@ class _PlainUnpickler(pickle.Unpickler):
         )
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+                  ArithmeticError, MemoryError, RecursionError)  # fmt: skip  # what a corrupt stream raises
+
+
+def _check_pickle_ops(data: bytes, path: str | Path) -> None:
+    """Walk the opcodes (nothing is built) and refuse memo indices and frame lengths larger than the file: CPython's
+    C unpickler sizes its memo array by the largest index, so 8 bytes ``N r\x00\x00\x00\x10 .`` would make it
+    allocate and clear gigabytes."""
+    limit = len(data)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if (op.name in _MEMO_OPS or op.name == "FRAME") and int(arg) > limit:
+                raise DatasetError(
+                    f"{path} is not a plain-data refs pickle: opcode {op.name} {arg} exceeds the file's {limit} bytes"
+                )
+    except DatasetError:
+        raise
+    except _PICKLE_ERRORS as e:
+        raise DatasetError(f"{path} is not a plain-data refs pickle: {e}") from None
+
+
 def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
     """Read a RefCOCO ``refs(*).p`` pickle safely (plain containers only; Python-2 strings decoded as latin-1).
 
@@ -142,10 +165,10 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
         DatasetError: the file holds anything but plain containers, or is not a list of ref dicts.
     """
     data = Path(path).read_bytes()
+    _check_pickle_ops(data, path)
     try:
         refs = _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError, ArithmeticError,
-            MemoryError, RecursionError) as e:  # fmt: skip  # what a corrupt stream makes the unpickler raise
+    except _PICKLE_ERRORS as e:
         raise DatasetError(f"{path} is not a plain-data refs pickle: {e}") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise DatasetError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
