@@ -13,7 +13,6 @@ Nothing here unpickles arbitrary objects: adapters are safetensors; the resume c
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vision_peft.bundle import sha256_file
 from vision_peft.rundir import (  # noqa: F401  (file names and atomic writes re-exported: one owner, rundir)
     ADAPTER_FILE,
     CKPT_DIR,
@@ -97,14 +97,6 @@ def load_adapter_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
             full[k].copy_(t.to(full[k].dtype))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write a new latest checkpoint (``checkpoint/state.pt`` + ``meta.json``, each atomically), keeping the
     current latest as ``checkpoint/previous/`` when it is intact.
@@ -129,7 +121,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) 
             _keep_as_previous(d)
 
     atomic_write(d / "state.pt", write_state)
-    meta = {**meta, "state_sha256": _sha256(d / "state.pt"), "state_bytes": (d / "state.pt").stat().st_size}
+    meta = {**meta, "state_sha256": sha256_file(d / "state.pt"), "state_bytes": (d / "state.pt").stat().st_size}
     atomic_write_json(d / "meta.json", meta)
 
 
@@ -174,7 +166,7 @@ def _check(d: Path) -> str | None:
     size = state.stat().st_size
     if "state_bytes" in meta and size != meta["state_bytes"]:
         return f"{state} is truncated or replaced: {size} bytes, {meta_path} records {meta['state_bytes']}"
-    if "state_sha256" in meta and _sha256(state) != meta["state_sha256"]:
+    if "state_sha256" in meta and sha256_file(state) != meta["state_sha256"]:
         return f"{state} is corrupted: its sha256 differs from the one recorded in {meta_path}"
     return None
 

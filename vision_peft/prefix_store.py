@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vision_peft.bundle import sha256_file
 from vision_peft.rundir import atomic_write, atomic_write_json
 
 log = logging.getLogger("vision_peft")
@@ -145,14 +146,6 @@ def _compute(n: int, load, fn, sink, workers: int, desc: str, show: bool) -> Non
     bar.close()
 
 
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open_shards(directory: Path, shape: tuple[int, ...], dtype: torch.dtype) -> list[Shard]:
     """The complete, intact shards of a store; broken ones are removed with a warning (their rows get rebuilt)."""
     out = []
@@ -263,7 +256,7 @@ def build_store(
         stats = {"rows_built": len(first), "rows_reused": 0, "store": "miss", "build_seconds": time.perf_counter() - t0}
         return MemoryStore(rows), [index[p] for p in files], stats
     assert directory is not None
-    hashes = [_file_hash(p) for p in files]
+    hashes = [sha256_file(p) for p in files]
     t_hash = time.perf_counter() - t0
     if rank != 0 and world > 1 and dist.is_initialized():
         dist.barrier()  # rank 0 builds first
