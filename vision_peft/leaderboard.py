@@ -31,7 +31,16 @@ import optuna
 from optuna.trial import TrialState
 
 from vision_peft import rundir
-from vision_peft.sweep import BEST_FILE, DB_FILE, TRIALS_DIR, SweepError, load_study, read_json, read_state, storage_url
+from vision_peft.sweep_study import (
+    BEST_FILE,
+    DB_FILE,
+    TRIALS_DIR,
+    SweepError,
+    load_study,
+    read_json,
+    read_state,
+    storage_url,
+)
 
 CSV_FILE = "leaderboard.csv"
 PNG_FILE = "leaderboard.png"
