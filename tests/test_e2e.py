@@ -102,3 +102,16 @@ def test_list_reads_the_registries() -> None:
 def test_resume_flag_rejects_overrides(tiny_run: Path) -> None:
     res = cli("train", "--resume", str(tiny_run), "--train.lr=1", check=False)
     assert res.returncode == 2 and "give no recipe or overrides" in res.stderr
+
+
+def test_final_test_false_never_touches_test(tmp_path: Path, aid_root: Path, tiny_run: Path) -> None:
+    res = cli("train", "classification-tiny", f"--output.runs_root={tmp_path}", "--output.name=nt",
+              "--train.final_test=false", "--no-progress")  # fmt: skip
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert "val" in final and "test" not in final
+    assert all(json.loads(ln).get("split") != "test" for ln in (run_dir / "metrics.jsonl").read_text().splitlines())
+    # the same seed and recipe: val equals the run that did evaluate test; test is still there to evaluate once
+    assert final["val"] == json.loads((tiny_run / "final_metrics.json").read_text())["val"]
+    out = json.loads(cli("eval", str(run_dir), "--split", "test", "--device", "cpu").stdout)
+    assert out["n"] == json.loads((tiny_run / "final_metrics.json").read_text())["test"]["n"]

@@ -96,6 +96,7 @@ def test_two_workers_share_one_sqlite_study_end_to_end(
         final = json.loads((run / rundir.FINAL_FILE).read_text())
         assert "test" not in final, "a trial must not evaluate the test split"
         assert rundir.RunInfo.read(run).config["task"]["split"]["test"] == 0
+        assert rundir.RunInfo.read(run).config["train"]["final_test"] is False
         assert t.value == final["val"]["top1"]
         assert rundir.RunInfo.read(run).config["train"]["seed"] == 3
     assert [t.user_attrs["method"] for t in trials] == ["linear", "lora", "linear"]  # round robin

@@ -68,6 +68,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
     ckpt_every: int = 0  # write checkpoint/ every N optimizer steps; 0 = at the end of each epoch
     log_every: int = 10  # write a metrics.jsonl line every N optimizer steps
+    final_test: bool = True  # evaluate the test split at the end; false = never touch it (sweep trials)
     num_workers: int = 0  # DataLoader worker processes
     # -- compute only what can change (execution choices: results equal within float noise; not compared on resume)
     cache: CacheMode = "auto"  # frozen-prefix cache: auto (memory if small, else disk) | off | memory | disk

@@ -37,7 +37,7 @@ Selection without peeking (:func:`vision_peft.leaderboard.select_best`). Trials 
 only. When the recipe's task has a ``task.split`` whose last entry is ``test``, trials train with
 ``task.split.test=0`` (train and val are the very same images, checked against ``split.json``) so no trial ever sees
 the test images; the test split is evaluated once, for the selected best, and — labelled post hoc — for each
-method's best. Other tasks' ``train`` evaluates test at the end of every run; the sweep never reads those numbers.
+method's best. Every trial trains with ``train.final_test=false``, so no trial of any task evaluates test.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def _overrides(ctx: Context, params: dict[str, Any], number: int) -> dict[str, Any]:
     out = dict(params)
-    out.update({"train.seed": ctx.seed, "output.runs_root": str(ctx.trials_dir.resolve()), "output.name": str(number)})
+    out.update({"train.seed": ctx.seed, "output.runs_root": str(ctx.trials_dir.resolve()), "output.name": str(number),
+                "train.final_test": False})  # fmt: skip
     if ctx.hidden_test is not None:
         out["task.split.test"] = 0
     if ctx.device:

@@ -178,7 +178,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
 
     # -- finish: final evaluation, adapter tensors, final metrics, model card ------------------------------
     final: dict[str, Any] = {"step": step}
-    for split in ("val", "test"):
+    for split in ("val", "test") if t.final_test else ("val",):  # a sweep trial never touches test
         res = evaluate(split)
         if res is not None:
             final[split] = res
