@@ -58,6 +58,30 @@ ROWS = {
         "--train.lr=1e-2",
         "--train.head_lr=1e-2",
     ],
+    # the wider PET family (issue 16), same rank / targets / lr as the LoRA row
+    "flora": [
+        "--adapter.name=flora",
+        "--adapter.r=8",
+        "--adapter.targets=[conv_pw]",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
+    "hut": [
+        "--adapter.name=hut",
+        "--adapter.r=8",
+        "--adapter.targets=[conv_pw]",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
+    "capaboost": [
+        "--adapter.name=capaboost",
+        "--adapter.r=8",
+        "--adapter.n=2",
+        "--adapter.density=0.5",
+        "--adapter.targets=[conv_pw]",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
     "full": ["--adapter.name=full", "--train.lr=3e-4", "--train.head_lr=1e-2"],
 }
 

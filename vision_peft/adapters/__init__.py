@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from vision_peft.adapters import (  # noqa: E402,F401  (each registers itself)
     baselines,
+    capaboost,
     detris,
     dora,
+    flora,
+    hut,
     kind,
     lora,
     pad_prompt,
