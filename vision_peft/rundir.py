@@ -398,7 +398,7 @@ def write_model_card(run_dir: str | Path, info: RunInfo, final: dict[str, Any]) 
         for k, v in (final.get(split) or {}).items():
             if isinstance(v, (int, float)):
                 lines.append(f"| {split} | {k} | {v:.4f} |" if isinstance(v, float) else f"| {split} | {k} | {v} |")
-    lines += ["", f"Reproduce (into a new run directory): `python -m vision_peft train {run_dir / RECIPE_FILE}`", ""]
+    lines += ["", f"Reproduce: `python -m vision_peft train {run_dir / CONFIG_FILE}`", ""]
     path = run_dir / CARD_FILE
     atomic_write_text(path, "\n".join(lines))
     return path
