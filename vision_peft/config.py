@@ -23,7 +23,9 @@ AmpMode = Literal["auto", "none", "bf16", "fp16"]  # train.amp choices
 CacheMode = Literal["auto", "off", "memory", "disk"]  # train.cache choices
 RecomputeMode = Literal["none", "blocks", "auto"]  # train.recompute choices
 # train keys that choose how a run executes, not what it computes: a resumed run may change them
-EXECUTION_KEYS = ("cache", "cache_dir", "cache_memory_mb", "recompute", "recompute_budget_mb", "compile", "num_workers")
+EXECUTION_KEYS = (
+    "cache", "cache_dir", "cache_memory_mb", "recompute", "recompute_budget_mb", "compile", "num_workers", "tensorboard"
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,7 @@ class TrainConfig:
     log_every: int = 10  # write a metrics.jsonl line every N optimizer steps
     final_test: bool = True  # evaluate the test split at the end; false = never touch it (sweep trials)
     num_workers: int = 0  # DataLoader worker processes
+    tensorboard: bool = True  # also write the metrics as TensorBoard event files in <run_dir>/tensorboard/
     # -- compute only what can change (execution choices: results equal within float noise; not compared on resume)
     cache: CacheMode = "auto"  # frozen-prefix cache: auto (memory if small, else disk) | off | memory | disk
     cache_dir: str | None = None  # disk cache folder; None = <output.runs_root>/.prefix_cache

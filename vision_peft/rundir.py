@@ -5,8 +5,13 @@ A run directory (written by :func:`vision_peft.train.run`) holds::
 
     config.json           RunInfo: format, resolved config, backbone (spec, weight hash, data_config), task state,
                           parameter counts, device/amp, steps, versions
+    recipe.yaml           the resolved recipe (after the command-line overrides) that reproduces the run:
+                          `python -m vision_peft train <run_dir>/recipe.yaml` trains the same config into a new run
+                          directory (see :func:`write_recipe`)
     adapter.safetensors   only what was trained (adapter tensors + head); written at the end
     metrics.jsonl         one JSON object per logged step and per evaluation (``"split"`` key)
+    tensorboard/          the same records as TensorBoard event files (``tensorboard --logdir runs``), unless
+                          ``train.tensorboard`` is false (see :mod:`vision_peft.tb_log`)
     train.log             the engine's log
     checkpoint/           state.pt + meta.json of the latest checkpoint for ``--resume``, and previous/ holding the
                           one before it (a run directory with only the latest still resumes; see
@@ -31,9 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vision_peft.config import ConfigError, build_dataclass
 
 CONFIG_FILE = "config.json"
+RECIPE_FILE = "recipe.yaml"  # the contract with the app: `python -m vision_peft train <run_dir>/recipe.yaml`
+TB_DIR = "tensorboard"
 ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
@@ -276,6 +285,36 @@ class RunInfo:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or re-train the run") from None
         return cls.from_dict(data, str(path))
+
+
+def write_recipe(run_dir: str | Path, config: dict[str, Any], version: str = "") -> Path:
+    """Atomically write ``<run_dir>/recipe.yaml``: the resolved ``config`` (``RunConfig.to_dict()``) as a recipe that
+    trains the same configuration again, with ``output.name`` cleared so that a copy run anywhere makes a new run
+    directory instead of refusing (or touching) this one; returns its path.
+
+    Relative paths in it (``task.data_root``, ``backbone.weights`` …) are kept as written: they resolve the way
+    every recipe's do (data paths: the working directory, then ``$VISION_PEFT_DATA``), so the file works on another
+    machine with the same data root. The header comment says all this to whoever opens the file.
+    """
+    run_dir = Path(run_dir)
+    data = json.loads(json.dumps(config))  # a deep copy of plain data
+    output = data.setdefault("output", {})
+    old_name, root = output.get("name") or run_dir.name, output.get("runs_root", "runs")
+    output["name"] = None
+    header = [
+        f"# The recipe that reproduces the run {json.dumps(old_name)} (trained by vision_peft {version or '?'}): its",
+        "# resolved config after the command-line overrides, every key spelled out. Train it again with",
+        "#   python -m vision_peft train recipe.yaml [--section.key=value ...]",
+        "# output.name is null on purpose: that makes a new run directory",
+        f"# {json.dumps(root)}/<task>-<adapter>-<timestamp> and never touches the original (named {json.dumps(old_name)}",
+        "# under that runs_root); pass --output.name=... / --output.runs_root=... to choose. Relative paths are kept",
+        "# as given and resolve as in any recipe: data paths (task.data_root ...) against the working directory, then",
+        "# $VISION_PEFT_DATA; backbone.weights against the working directory.",
+    ]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    path = run_dir / RECIPE_FILE
+    atomic_write_text(path, text)
+    return path
 
 
 def is_finished(run_dir: str | Path) -> bool:

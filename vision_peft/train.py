@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import vision_peft
 from vision_peft import checkpoint as ckpt
-from vision_peft import prefix_cache, recompute, rundir
+from vision_peft import prefix_cache, recompute, rundir, tb_log
 from vision_peft.config import EXECUTION_KEYS, RunConfig
 from vision_peft.engine import (
     EpochSampler,
@@ -90,6 +90,7 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     info = _run_info(cfg, task, model, counts, device, amp_dtype, world, plan)
     if rank == 0:
         info.write(run_dir)
+        rundir.write_recipe(run_dir, info.config, vision_peft.__version__)  # refreshed on resume: the same config
         splits = {k: [p for p, _ in v] for k, v in task.splits().items()}
         if splits:
             rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, splits)
@@ -107,11 +108,16 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
     if resume is not None:
         step = _restore(run_dir, model, opt, sched, scaler, device, rank, distributed)
         log.info("resumed %s at step %d / %d", run_dir, step, total)
+    with _stop_on_write_error(run_dir, step):  # TensorBoard event files: rank 0, from the checkpoint step on
+        tb = tb_log.open_log(run_dir if rank == 0 else None, t.tensorboard, step if resume is not None else None)
+        if resume is None:
+            tb.start(counts, (run_dir / rundir.RECIPE_FILE).read_text() if tb.enabled else "")
 
     def log_metrics(rec: dict[str, Any]) -> None:
         if rank == 0:
             with _stop_on_write_error(run_dir, step):
                 rundir.append_metrics(run_dir, rec)
+                tb.record(rec)
 
     def evaluate(split: str) -> dict[str, Any] | None:
         if split not in data or rank != 0:
@@ -121,73 +127,78 @@ def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True)
         model.set_train_mode()
         return res
 
-    # -- the loop: one optimizer step, the adapter's step hook, metrics, evaluation, checkpoint ------------
-    model.set_train_mode()
-    bar = _progress_bar(cfg, total, step) if progress and rank == 0 else None
-    step_delay = float(os.environ.get("VISION_PEFT_STEP_DELAY", "0"))  # debugging/tests: slow each step down
-    t_start, step_times = time.perf_counter(), []
-    while step < total:
-        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        sampler.set_epoch(epoch, skip=in_epoch * t.grad_accum * t.batch_size)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        batches = iter(make_loader(task, train_ds, t.batch_size, sampler, t.num_workers, plan.drop_last, device))
-        for _ in range(in_epoch, plan.steps_per_epoch):
-            t0 = time.perf_counter()
-            with cache.active(model):
-                losses = train_step(
-                    model, train_model, batches, opt, sched, scaler, t, device, amp_dtype, distributed, step
-                )
-            step += 1
-            adapter_log = model.adapter.step_fn(step, total) if model.adapter.step_fn is not None else None
-            if step_delay:
-                time.sleep(step_delay)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            lr = sched.get_last_lr()[0]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}")
-            if step % t.log_every == 0 or step == total:
-                log_metrics(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        **losses,
-                        "lr": lr,
-                        "step_time": dt,
-                        "time": time.time(),
-                        "total_steps": total,
-                        **(adapter_log or {}),
-                    }
-                )
-            if step % plan.eval_every == 0 and step < total and "val" in data:
-                res = evaluate("val")
-                if res:
-                    log_metrics({"step": step, "split": "val", **_scalars(res)})
-                    log.info("step %d val %s", step, _fmt(res))
-            if step % plan.ckpt_every == 0 or step == total:
-                if rank == 0:
-                    with _stop_on_write_error(run_dir, step):
-                        _save_checkpoint(run_dir, model, opt, sched, scaler, step, total, device)
-            if step >= total:
-                break
-        del batches
-    if bar is not None:
-        bar.close()
+    try:
+        # -- the loop: one optimizer step, the adapter's step hook, metrics, evaluation, checkpoint ------------
+        model.set_train_mode()
+        bar = _progress_bar(cfg, total, step) if progress and rank == 0 else None
+        step_delay = float(os.environ.get("VISION_PEFT_STEP_DELAY", "0"))  # debugging/tests: slow each step down
+        t_start, step_times = time.perf_counter(), []
+        while step < total:
+            epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+            sampler.set_epoch(epoch, skip=in_epoch * t.grad_accum * t.batch_size)
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)
+            batches = iter(make_loader(task, train_ds, t.batch_size, sampler, t.num_workers, plan.drop_last, device))
+            for _ in range(in_epoch, plan.steps_per_epoch):
+                t0 = time.perf_counter()
+                with cache.active(model):
+                    losses = train_step(
+                        model, train_model, batches, opt, sched, scaler, t, device, amp_dtype, distributed, step
+                    )
+                step += 1
+                adapter_log = model.adapter.step_fn(step, total) if model.adapter.step_fn is not None else None
+                if step_delay:
+                    time.sleep(step_delay)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                lr = sched.get_last_lr()[0]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}")
+                if step % t.log_every == 0 or step == total:
+                    log_metrics(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            **losses,
+                            "lr": lr,
+                            "step_time": dt,
+                            "time": time.time(),
+                            "total_steps": total,
+                            **(adapter_log or {}),
+                        }
+                    )
+                if step % plan.eval_every == 0 and step < total and "val" in data:
+                    res = evaluate("val")
+                    if res:
+                        log_metrics({"step": step, "split": "val", **_scalars(res)})
+                        log.info("step %d val %s", step, _fmt(res))
+                if step % plan.ckpt_every == 0 or step == total:
+                    if rank == 0:
+                        with _stop_on_write_error(run_dir, step):
+                            _save_checkpoint(run_dir, model, opt, sched, scaler, step, total, device)
+                if step >= total:
+                    break
+            del batches
+        if bar is not None:
+            bar.close()
 
-    # -- finish: final evaluation, adapter tensors, final metrics, model card ------------------------------
-    final: dict[str, Any] = {"step": step}
-    for split in ("val", "test") if t.final_test else ("val",):  # a sweep trial never touches test
-        res = evaluate(split)
-        if res is not None:
-            final[split] = res
-            log_metrics({"step": step, "split": split, **_scalars(res)})
-            log.info("final %s %s", split, _fmt(res))
-    final["compute"] = {"cache": cache.report, "recompute": recompute_report, "compile": compile_report}
-    if rank == 0:
-        with _stop_on_write_error(run_dir, step):
-            _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
+        # -- finish: final evaluation, adapter tensors, final metrics, model card ------------------------------
+        final: dict[str, Any] = {"step": step}
+        for split in ("val", "test") if t.final_test else ("val",):  # a sweep trial never touches test
+            res = evaluate(split)
+            if res is not None:
+                final[split] = res
+                log_metrics({"step": step, "split": split, **_scalars(res)})
+                log.info("final %s %s", split, _fmt(res))
+        final["compute"] = {"cache": cache.report, "recompute": recompute_report, "compile": compile_report}
+        if rank == 0:
+            with _stop_on_write_error(run_dir, step):
+                tb.hparams(info.config, counts, final, step)
+                tb.close()  # before the adapter: a run whose event file failed is not finished, and resumes
+                _finish(run_dir, cfg, model, info, final, device, time.perf_counter() - t_start, step_times)
+    finally:
+        tb.abandon()  # a run stopped by an error: close the event file quietly
     if distributed:
         dist.barrier()
     return run_dir
