@@ -30,6 +30,8 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from vision_peft import rundir
 
@@ -283,6 +285,39 @@ def curves(rows: list[RunSummary], names: list[str]) -> tuple[pd.DataFrame, pd.D
     )
 
 
+def run_colours(n: int) -> list[Any]:
+    """``n`` distinct colours: tab10, tab20 for more runs, evenly spaced on turbo beyond 20."""
+    if n <= 20:
+        cmap = colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
+def curve_figure(rows: list[RunSummary], names: list[str]) -> Figure | None:
+    """Training loss (left) and the validation headline metric (right) against step, one colour per chosen run
+    (the same colour in both panels); None when no run is chosen. A matplotlib figure (no pyplot: handlers run in
+    threads)."""
+    loss, metric, mname = curves(rows, names)
+    if loss.empty and metric.empty:
+        return None
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax_loss, ax_val = fig.subplots(1, 2)
+    palette = run_colours(len(names))
+    for n, colour in zip(names, palette, strict=True):
+        for ax, df, col in ((ax_loss, loss, "loss"), (ax_val, metric, "value")):
+            part = df[df["run"] == n]
+            if not part.empty:
+                ax.plot(part["step"], part[col], color=colour, label=n, marker="o" if len(part) < 3 else None)
+    for ax, title, ylabel in ((ax_loss, "training loss", "loss"), (ax_val, f"val {mname} vs step", f"val {mname}")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    return fig
+
+
 def keep_selection(wanted: list[str] | None, rows: list[RunSummary]) -> list[str]:
     """The chosen runs that still exist; when none does, the active runs, else the newest run."""
     names = [r.name for r in rows]
@@ -302,22 +337,11 @@ def runs_tab(demo: gr.Blocks, state: Any) -> None:
         summary = gr.Markdown(elem_id="runs-summary")
     grid = gr.Dataframe(headers=COLUMNS, datatype=DATATYPES, interactive=False, label="runs", elem_id="runs-table")
     pick = gr.Dropdown([], value=[], multiselect=True, label="compare runs", elem_id="runs-pick")
-    with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="run", title="training loss", height=280,
-                                elem_id="runs-loss")  # fmt: skip
-        metric_plot = gr.LinePlot(x="step", y="value", color="run", title="val metric", height=280,
-                                  elem_id="runs-metric")  # fmt: skip
+    plot = gr.Plot(label="curves of the chosen runs", elem_id="runs-curves")
     timer = gr.Timer(2.0)
 
     def scan() -> list[RunSummary]:
         return summarise_all(state.runs_root, state.jobs.list())
-
-    def plots(rows: list[RunSummary], names: list[str]):
-        loss, metric, mname = curves(rows, names)
-        return (
-            gr.LinePlot(value=loss, x="step", y="loss", color="run", title="training loss"),
-            gr.LinePlot(value=metric, x="step", y="value", color="run", title=f"val {mname} vs step"),
-        )
 
     def counts(rows: list[RunSummary]) -> str:
         by: dict[str, int] = {}
@@ -326,30 +350,33 @@ def runs_tab(demo: gr.Blocks, state: Any) -> None:
             by[key] = by.get(key, 0) + 1
         return f"{len(rows)} runs in `{state.runs_root}`: " + ", ".join(f"{n} {k}" for k, n in sorted(by.items()))
 
+    last: dict[str, list[str]] = {"chosen": []}  # the page's latest choice (this app's users share it)
+
     def full(wanted: list[str] | None, sess: dict[str, Any]):
         rows = scan()
         names = [r.name for r in rows]
-        chosen = keep_selection(wanted, rows)
+        chosen = keep_selection(wanted or last["chosen"], rows)
         sess = {"active": any(r.active for r in rows), "names": names}
-        return (table(rows), gr.Dropdown(choices=names, value=chosen), *plots(rows, chosen), counts(rows), sess,
+        return (table(rows), gr.Dropdown(choices=names, value=chosen), curve_figure(rows, chosen), counts(rows), sess,
                 chosen)  # fmt: skip
 
-    outputs = [grid, pick, loss_plot, metric_plot, summary, session, stored]
+    outputs = [grid, pick, plot, summary, session, stored]
 
     def on_tick(wanted: list[str] | None, sess: dict[str, Any]):
         jobs_active = any(j.status in ("queued", "starting", "running") for j in state.jobs.list())
         if not (sess or {}).get("active") and not jobs_active:
             return tuple(gr.skip() for _ in outputs)
         out = list(full(wanted, sess))
-        if out[5]["names"] == (sess or {}).get("names"):
+        if out[4]["names"] == (sess or {}).get("names"):
             out[1] = gr.skip()  # same runs: leave the dropdown alone (it may be open)
         return tuple(out)
 
     def on_pick(names: list[str] | None):
+        last["chosen"] = list(names or [])
         rows = scan()
-        return (*plots(rows, names or []), names or [])
+        return curve_figure(rows, names or []), names or []
 
     demo.load(full, [stored, session], outputs, api_name="runs_reattach")
     refresh.click(full, [pick, session], outputs, api_name="runs_refresh")
     timer.tick(on_tick, [pick, session], outputs, show_progress="hidden")
-    pick.input(on_pick, [pick], [loss_plot, metric_plot, stored], api_name="runs_curves")
+    pick.input(on_pick, [pick], [plot, stored], api_name="runs_curves")

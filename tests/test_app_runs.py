@@ -18,7 +18,7 @@ import yaml
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app.runs_tab import curves, keep_selection, summarise_all, table  # noqa: E402
+from app.runs_tab import curve_figure, curves, keep_selection, run_colours, summarise_all, table  # noqa: E402
 
 RECIPE = "classification-tiny"
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +144,12 @@ def test_curves_overlay_one_run_per_colour(runs) -> None:
         assert list(loss[loss["run"] == f"tiny-{key}"]["step"]) == steps and len(steps) > 2
         assert list(metric[metric["run"] == f"tiny-{key}"]["value"]) == [r[name] for r in vals]
     assert set(loss["run"]) == {"tiny-a", "tiny-b"}  # the unreadable run adds no curve
+    fig = curve_figure(rows, ["tiny-a", "tiny-b"])
+    for ax in fig.axes:  # both panels: one line per run, each its own colour, named in the legend
+        assert [ln.get_label() for ln in ax.lines] == ["tiny-a", "tiny-b"]
+        assert ax.lines[0].get_color() != ax.lines[1].get_color()
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tiny-a", "tiny-b"]
+    assert curve_figure(rows, []) is None and len(set(map(str, run_colours(25)))) == 25
 
 
 # -- through the served app -----------------------------------------------------------------------------------------
@@ -164,13 +170,12 @@ def client(runs):
 
 def test_runs_endpoints(client, runs) -> None:
     c, _ = client
-    grid, pick, loss, metric, summary, *_ = c.predict(api_name="/runs_refresh")
+    grid, pick, figure, summary, *_ = c.predict(api_name="/runs_refresh")
     names = [row[0] for row in grid["data"]]
     assert {"tiny-a", "tiny-b", "sweeps/s/trials/0", "bad-json"} <= set(names)
     assert "unreadable" in summary and "done" in summary
-    loss, metric, chosen = c.predict(["tiny-a", "tiny-b"], api_name="/runs_curves")
-    assert chosen == ["tiny-a", "tiny-b"]
-    assert loss["color"] == "run" and {row[-1] for row in loss["value"]["data"]} == {"tiny-a", "tiny-b"}
+    figure, chosen = c.predict(["tiny-a", "tiny-b"], api_name="/runs_curves")
+    assert chosen == ["tiny-a", "tiny-b"] and figure["type"] == "matplotlib" and figure["plot"]
 
 
 def test_start_form_shows_and_trains_exactly_the_recipe(client, runs) -> None:
