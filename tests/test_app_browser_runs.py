@@ -109,6 +109,7 @@ def test_browser_runs_tab_and_start_form(served, tmp_path: Path) -> None:
         page.screenshot(path=str(shots / "1-runs-selected.png"), full_page=True)
 
         # a reload re-attaches: the rows come back and so do the chosen runs and their curves
+        page.wait_for_timeout(2000)  # the choice reaches the browser storage
         page.reload()
         _open_runs_tab(page, names)
         for n in names:
