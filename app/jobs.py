@@ -38,6 +38,7 @@ from vision_peft import rundir
 ACTIVE = ("queued", "starting", "running")
 ENV_ROOT = "VISION_PEFT_APP_ROOT"  # in each child's environment: the runs root of the manager that started it
 ENV_JOB = "VISION_PEFT_APP_JOB"  # … and its job id
+RUN_RECIPE = "recipe.yaml"  # the resolved recipe `python -m vision_peft train` writes into a run directory
 
 
 @dataclass
@@ -63,7 +64,11 @@ class Job:
 
     @property
     def command_line(self) -> str:
-        return " ".join(shlex.quote(c) for c in ["python", *self.cmd[1:]])
+        """The CLI command that reproduces this run: training the resolved recipe that ``train`` writes into the run
+        directory (``recipe.yaml``) once it starts; until then the recipe the app wrote for the job (same content,
+        before resolution)."""
+        written = Path(self.run_dir) / RUN_RECIPE
+        return shlex.join(["python", "-m", "vision_peft", "train", str(written if written.is_file() else self.recipe)])
 
 
 def _start_time(pid: int) -> int | None:

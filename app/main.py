@@ -39,6 +39,7 @@ from app.errors import friendly  # noqa: E402
 from app.jobs import JobManager  # noqa: E402
 from app.panels import predict_panel  # noqa: E402
 from app.previews import dataset_preview, preview_kind  # noqa: E402
+from app.runs_tab import runs_tab  # noqa: E402
 from app.uploads import UploadError, confine, extract_zip  # noqa: E402
 from vision_peft.paths import REPO_ROOT, data_root  # noqa: E402
 from vision_peft.recipe import build_run_config, find_recipe  # noqa: E402
@@ -53,6 +54,36 @@ def devices() -> list[str]:
         return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     except ImportError:
         return ["cpu"]
+
+
+def form_device(train_device: str, available: list[str]) -> str:
+    """The device slot for a recipe's ``train.device``: its GPU when the recipe asks for one (``cuda``, ``cuda:N``,
+    ``auto``) and it exists here, else ``cpu``."""
+    gpus = [d for d in available if d.startswith("cuda:")]
+    if train_device.startswith("cuda:"):
+        return train_device if train_device in gpus else "cpu"
+    return gpus[0] if train_device in ("cuda", "auto") and gpus else "cpu"
+
+
+def recipe_form(recipe_name: str, available: list[str] | None = None) -> dict[str, Any]:
+    """The Start form's values for ``recipe_name``: what the resolved recipe trains with (its defaults filled in),
+    so an unchanged form trains exactly the recipe. ``max_steps`` None means no cap.
+
+    Raises:
+        vision_peft.config.ConfigError: the recipe is missing or invalid (the message names it and the key).
+    """
+    data = yaml.safe_load(find_recipe(recipe_name).read_text())
+    cfg = build_run_config({**data, "output": {}})
+    t = cfg.train
+    return {
+        "backbone": cfg.backbone.name,
+        "adapter": cfg.adapter.name,
+        "device": form_device(t.device, devices() if available is None else available),
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "max_steps": t.max_steps,
+    }
 
 
 class AppState:
@@ -134,6 +165,8 @@ def build_app(state: AppState) -> gr.Blocks:
             with gr.Tab(view.title, elem_id=f"{view.name}-tab"):
                 gr.Markdown(f"`{view.name}`: {view.help}")
                 _task_tab(demo, state, view, ADAPTERS)
+        with gr.Tab("Runs", elem_id="runs-tab"):
+            runs_tab(demo, state)
     return demo
 
 
@@ -142,18 +175,43 @@ def _task_tab(demo: gr.Blocks, state: AppState, view: TaskView, ADAPTERS) -> Non
     recipes = recipes_for(task)
     choices = [(f"{s} — {weights_status(s)}", s) for s in backbone_specs(view)]
     preview = preview_kind(view.preview)
+    available = devices()
+
+    def form_updates(recipe_name: str | None) -> tuple:
+        """The form's components showing ``recipe_name``'s values (the recipe's backbone joins the choices)."""
+        f = recipe_form(recipe_name, available)
+        specs = choices if f["backbone"] in [c[1] for c in choices] else [(f["backbone"], f["backbone"]), *choices]
+        return (
+            gr.Dropdown(choices=specs, value=f["backbone"]),
+            gr.Dropdown(value=f["adapter"]),
+            gr.Dropdown(value=f["device"]),
+            f["epochs"],
+            f["batch_size"],
+            f["lr"],
+            f["max_steps"],
+        )
+
+    try:
+        first = recipe_form(recipes[0], available) if recipes else {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # a broken first recipe: the page builds, Start says why
+        first = {}
+        print(f"vision_peft app: recipe {recipes[0]!r} of {task} cannot be read: {e}", file=sys.stderr)
+    if first.get("backbone") and first["backbone"] not in [c[1] for c in choices]:
+        choices = [(first["backbone"], first["backbone"]), *choices]
     with gr.Row():
         recipe = gr.Dropdown(
             recipes, value=recipes[0] if recipes else None, label="recipe (tasks/*.yaml)", elem_id=f"{task}-recipe"
         )
-        backbone = gr.Dropdown(choices, value=None, label="backbone (empty = the recipe's)")
-        adapter = gr.Dropdown(ADAPTERS.names(), value=None, label="adapter (empty = the recipe's)")
-        device = gr.Dropdown(devices(), value="cpu", label="device")
+        backbone = gr.Dropdown(choices, value=first.get("backbone"), label="backbone", elem_id=f"{task}-backbone")
+        adapter = gr.Dropdown(ADAPTERS.names(), value=first.get("adapter"), label="adapter", elem_id=f"{task}-adapter")
+        device = gr.Dropdown(available, value=first.get("device", "cpu"), label="device", elem_id=f"{task}-device")
     with gr.Row():
-        epochs = gr.Number(value=0, label="epochs (0 = recipe)", precision=0, minimum=0)
-        batch = gr.Number(value=0, label="batch size (0 = recipe)", precision=0, minimum=0)
-        lr = gr.Number(value=0, label="learning rate (0 = recipe)", minimum=0)
-        max_steps = gr.Number(value=0, label="max steps (0 = no cap)", precision=0, minimum=0)
+        epochs = gr.Number(first.get("epochs"), label="epochs", precision=0, minimum=1, elem_id=f"{task}-epochs")
+        batch = gr.Number(first.get("batch_size"), label="batch size", precision=0, minimum=1, elem_id=f"{task}-batch")
+        lr = gr.Number(first.get("lr"), label="learning rate", minimum=0, elem_id=f"{task}-lr")
+        max_steps = gr.Number(
+            first.get("max_steps"), label="max steps (empty = no cap)", precision=0, minimum=0, elem_id=f"{task}-steps"
+        )
     with gr.Row():
         upload = gr.File(label="dataset zip (folder-per-class or the task's layout)", file_types=[".zip"])
         folder = gr.Textbox(label=f"…or a data folder on the server (inside {state.data_root})")
@@ -196,6 +254,10 @@ def _task_tab(demo: gr.Blocks, state: AppState, view: TaskView, ADAPTERS) -> Non
         columns, rows, items = dataset_preview(view.preview, root)
         return str(root), pd.DataFrame(rows, columns=columns), items
 
+    recipe.input(
+        friendly(form_updates), [recipe], [backbone, adapter, device, epochs, batch, lr, max_steps],
+        api_name=f"{task}_recipe",
+    )  # fmt: skip
     upload.upload(on_data, [upload, folder], [data_path, counts, gallery], api_name=f"{task}_upload")
     folder.submit(on_data, [upload, folder], [data_path, counts, gallery], api_name=f"{task}_folder")
 
@@ -207,17 +269,19 @@ def _task_tab(demo: gr.Blocks, state: AppState, view: TaskView, ADAPTERS) -> Non
         if dataset:
             data["task"]["data_root"] = dataset
             data["task"].pop("classes", None)
-        if spec:
+        if spec and spec != (data.get("backbone") or {}).get("name"):
             data["backbone"] = {**data.get("backbone", {}), "name": spec}
             if is_test_backbone(spec):
                 data["backbone"]["pretrained"] = False
         if adapter_name and adapter_name != data["adapter"]["name"]:
             data["adapter"] = {"name": adapter_name}
         train = data.setdefault("train", {})
-        train.setdefault("log_every", 1)  # a point per step for the live loss plot
-        for key, val in (("epochs", n_epochs), ("batch_size", n_batch), ("lr", rate), ("max_steps", steps)):
-            if val not in (None, "", 0) and val == val:  # 0, empty and NaN keep the recipe's value
+        train.setdefault("log_every", 1)  # a point per step for the live loss plot (logging only, same training)
+        for key, val in (("epochs", n_epochs), ("batch_size", n_batch), ("lr", rate)):
+            if val not in (None, "") and val == val:  # the form shows the recipe's values: used as shown
                 train[key] = int(val) if key != "lr" else float(val)
+            # empty (an API call that leaves it out) keeps the recipe's value
+        train["max_steps"] = int(steps) if steps not in (None, "") and steps == steps and steps > 0 else None  # no cap
         build_run_config({**data, "output": {}})  # validate here: errors show in the page, not in a log
         j = state.jobs.submit(data, device=dev)
         ids = [x.id for x in state.jobs.list() if x.task == task]

@@ -87,8 +87,8 @@ def test_browser_upload_train_predict_export(served, aid_root: Path, tmp_path: P
         page.screenshot(path=str(shots / "2-uploaded.png"), full_page=True)
 
         _dropdown(tab, "recipe (tasks/*.yaml)", "classification-tiny")
-        _dropdown(tab, "backbone (empty = the recipe's)", "timm:test_vit")
-        tab.get_by_label("epochs (0 = recipe)").fill("2")
+        _dropdown(tab, "backbone", "timm:test_vit")
+        tab.get_by_label("epochs").fill("2")
         tab.get_by_role("button", name="Start").click()
         expect(tab.get_by_text(re.compile(r"done, step (\d+) / \1 \(100 %\)"))).to_be_visible(timeout=240_000)
         page.screenshot(path=str(shots / "3-trained.png"), full_page=True)
