@@ -39,6 +39,7 @@ from app.errors import friendly  # noqa: E402
 from app.jobs import JobManager  # noqa: E402
 from app.panels import predict_panel  # noqa: E402
 from app.previews import dataset_preview, preview_kind  # noqa: E402
+from app.sweeps_tab import sweeps_tab  # noqa: E402
 from app.uploads import UploadError, confine, extract_zip  # noqa: E402
 from vision_peft.paths import REPO_ROOT, data_root  # noqa: E402
 from vision_peft.recipe import build_run_config, find_recipe  # noqa: E402
@@ -134,6 +135,8 @@ def build_app(state: AppState) -> gr.Blocks:
             with gr.Tab(view.title, elem_id=f"{view.name}-tab"):
                 gr.Markdown(f"`{view.name}`: {view.help}")
                 _task_tab(demo, state, view, ADAPTERS)
+        with gr.Tab("Sweeps", elem_id="sweeps-tab"):
+            sweeps_tab(demo, state)
     return demo
 
 
