@@ -88,8 +88,8 @@ def test_tiny_sweep_fills_the_leaderboard_exports_the_best_and_reattaches(tmp_pa
                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)  # fmt: skip
     assert res.returncode == 0 and "lora" in res.stdout and "linear" in res.stdout, res.stderr
     # export the best trial (best.json's selection) as a bundle
-    from app.sweeps_tab import best_run
     from app.sweep_jobs import export_best
+    from app.sweeps_tab import best_run
 
     run = best_run(state, sw.id)
     assert run.parent == Path(sw.sweep_dir) / "trials" and (run / "adapter.safetensors").is_file()
