@@ -40,6 +40,7 @@ from app.jobs import JobManager  # noqa: E402
 from app.panels import predict_panel  # noqa: E402
 from app.previews import dataset_preview, preview_kind  # noqa: E402
 from app.runs_tab import runs_tab  # noqa: E402
+from app.sweeps_tab import sweeps_tab  # noqa: E402
 from app.uploads import UploadError, confine, extract_zip  # noqa: E402
 from vision_peft.paths import REPO_ROOT, data_root  # noqa: E402
 from vision_peft.recipe import build_run_config, find_recipe  # noqa: E402
@@ -167,6 +168,8 @@ def build_app(state: AppState) -> gr.Blocks:
                 _task_tab(demo, state, view, ADAPTERS)
         with gr.Tab("Runs", elem_id="runs-tab"):
             runs_tab(demo, state)
+        with gr.Tab("Sweeps", elem_id="sweeps-tab"):
+            sweeps_tab(demo, state)
     return demo
 
 

@@ -1,0 +1,149 @@
+"""The app's Sweeps tab without a browser: the generated space file, a real tiny sweep on classification-tiny (real
+AID images, timm's test ViT), its leaderboard and Pareto plot, Export best, Stop, and re-attach from a new AppState."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from app.sweep_jobs import LOG, SPACE_IN  # noqa: E402
+from app.sweeps_tab import build_space, manager, methods_for, recipe_facts, start_sweep, view  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = "classification-tiny"
+
+
+def _state(root: Path):
+    from app.main import AppState
+
+    return AppState(root / "runs", root / "uploads")
+
+
+def _wait(state, sid: str, statuses=("done", "failed", "stopped"), timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = manager(state).get(sid).status
+        if s in statuses:
+            return s
+        time.sleep(0.3)
+    raise AssertionError(f"sweep {sid} still {manager(state).get(sid).status}: {manager(state).get(sid).log_tail()}")
+
+
+def test_methods_and_space_agree_with_the_cli_checks(tmp_path: Path) -> None:
+    from vision_peft.sweep_space import compatible, load_space
+
+    rdata, backbone, task = recipe_facts(RECIPE)
+    offered = methods_for(RECIPE)
+    assert "lora" in offered and "point_ffn" not in offered
+    assert all(compatible(m, backbone, task) for m in offered)
+    space = tmp_path / "space.yaml"
+    space.write_text(build_space(rdata, offered, epochs=1, max_steps=2))
+    loaded = load_space(space, RECIPE)  # every offered method with its default search is a valid CLI space
+    assert loaded.methods == offered and loaded.fixed == {"train.epochs": 1, "train.max_steps": 2}
+    lora = {p.key: p for p in loaded.conditional["lora"]}
+    assert rdata["adapter"]["r"] in lora["adapter.r"].choices
+    assert lora["train.lr"].low < rdata["train"]["lr"] < lora["train.lr"].high
+
+
+@pytest.mark.parametrize(
+    ("methods", "kw", "match"),
+    [
+        ([], {}, "tick at least one method"),
+        (["point_ffn"], {}, "point_ffn cannot adapt backbone 'timm:test_vit'"),
+        (["lora"], {"trials": 0}, "trials must be a whole number ≥ 1"),
+        (["lora"], {"workers": 0}, "workers must be"),
+        (["lora"], {"minutes": -1}, "minutes must be ≥ 0"),
+        (["lora"], {"data": "../../etc"}, "outside"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(tmp_path: Path, methods, kw, match) -> None:
+    state = _state(tmp_path)
+    args = {"data": "", "trials": 2, "minutes": 0, "workers": 1} | kw
+    with pytest.raises(Exception, match=match):
+        start_sweep(state, RECIPE, args["data"], methods, args["trials"], args["minutes"], "cpu", args["workers"])
+    assert manager(state).list() == []
+    state.jobs.close()
+
+
+def test_tiny_sweep_fills_the_leaderboard_exports_the_best_and_reattaches(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    sw = start_sweep(state, RECIPE, "aid", ["linear", "lora"], 2, 0, "cpu", 1, epochs=1, max_steps=2)
+    assert "vision_peft sweep" in sw.command_line and f"--space {Path(sw.sweep_dir) / SPACE_IN}" in sw.command_line
+    assert _wait(state, sw.id) == "done", manager(state).get(sw.id).log_tail(40)
+    v = view(state, sw.id)
+    assert list(v["table"]["state"]) == ["complete", "complete"]
+    assert sorted(v["table"]["method"]) == ["linear", "lora"]
+    assert v["png"] and Path(v["png"]).stat().st_size > 0 and "done, trials 2 / 2" in v["html"]
+    # the CLI reads the same sweep folder (the shown command's files are real)
+    res = subprocess.run([sys.executable, "-m", "vision_peft", "leaderboard", sw.sweep_dir], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "lora" in res.stdout and "linear" in res.stdout, res.stderr
+    # export the best trial (best.json's selection) as a bundle
+    from app.sweep_jobs import export_best
+    from app.sweeps_tab import best_run
+
+    run = best_run(state, sw.id)
+    assert run.parent == Path(sw.sweep_dir) / "trials" and (run / "adapter.safetensors").is_file()
+    archive, report = export_best(run, dict(os.environ, PYTHONPATH=str(REPO)))
+    with zipfile.ZipFile(archive) as zf:
+        assert {"model.onnx", "manifest.json"} <= set(zf.namelist())
+    assert report["max_abs_diff"] < 1e-4
+    # a new app process (new AppState) re-attaches: the sweep is listed and selected, still done
+    manager(state).close()
+    other = _state(tmp_path)
+    assert manager(other).current() == sw.id and manager(other).get(sw.id).status == "done"
+    for s in (state, other):
+        s.jobs.close()
+    manager(other).close()
+
+
+def test_stop_reattach_and_a_sweep_that_died_while_the_app_was_away(tmp_path: Path) -> None:
+    import optuna
+
+    from app.jobs import _alive
+
+    state = _state(tmp_path)
+    manager(state).env["VISION_PEFT_STEP_DELAY"] = "1.0"  # slow trials: there is a running one to stop
+    sw = start_sweep(state, RECIPE, "", ["lora"], 3, 0, "cpu", 1, epochs=1, max_steps=20)
+    deadline = time.time() + 240
+    while not (Path(sw.sweep_dir) / "trials" / "0" / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.3)
+    assert manager(state).get(sw.id).status == "running", manager(state).get(sw.id).log_tail(40)
+    # a page reload / app restart: a new AppState re-attaches to the running sweep
+    manager(state).close()
+    other = _state(tmp_path)
+    mgr = manager(other)
+    assert mgr.current() == sw.id and mgr.get(sw.id).status == "running"
+    assert "re-attached" in mgr.get(sw.id).message
+    pid = mgr.get(sw.id).pid
+    stopped = mgr.stop(sw.id)
+    assert stopped.status == "stopped" and not _alive(pid)
+    study = optuna.load_study(study_name=sw.id, storage=stopped.storage)
+    states = [t.state for t in study.get_trials()]
+    # the sweep's interruption policy: the running trial failed, one retry queued with its parameters
+    assert optuna.trial.TrialState.FAIL in states and optuna.trial.TrialState.WAITING in states
+    assert "failed" in list(view(other, sw.id)["table"]["state"])
+    # a sweep whose process dies while no app watches shows failed, with its log
+    mgr.env["VISION_PEFT_STEP_DELAY"] = "1.0"
+    gone = start_sweep(other, RECIPE, "", ["lora"], 2, 0, "cpu", 1, epochs=1, max_steps=20)
+    mgr.close()  # the app is away: nobody reaps it
+    time.sleep(1.0)
+    os.killpg(gone.pid, signal.SIGKILL)
+    while _alive(gone.pid):
+        time.sleep(0.1)
+    third = _state(tmp_path)
+    failed = manager(third).get(gone.id)
+    assert failed.status == "failed" and "ended while the app was not running" in failed.message
+    assert (Path(gone.sweep_dir) / LOG).is_file() and failed.message in failed.log_tail()
+    for s in (state, other, third):
+        s.jobs.close()
+    manager(third).close()
