@@ -1,4 +1,4 @@
-"""The command line: ``python -m vision_peft train|eval|predict|export|import-peft|list|serve|app|sweep|leaderboard``.
+"""The command line: ``python -m vision_peft train|eval|predict|export|import-peft|merge|list|serve|app|sweep|leaderboard``.
 
 Only this module reads argv. Every command is a thin call into the library, so the CLI, the app and the
 Python API cannot drift apart. Errors that are the user's to fix print one line (no traceback) and exit 2.
@@ -159,6 +159,22 @@ def _import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from vision_peft.merge import MergeError, merge_runs
+
+    if (args.method != "ties" and args.k is not None) or (args.method != "pcb" and args.r is not None):
+        raise MergeError(f"--k belongs to --method ties and --r to --method pcb, not to --method {args.method}")
+    logging.getLogger("vision_peft").setLevel(logging.INFO)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    man = merge_runs(args.runs, args.out, args.method, args.lam, args.k, args.r, args.device, splits,
+                     progress=not args.no_progress)  # fmt: skip
+    per_task = {n: {s: {k: m[k] for k in ("top1", "n") if k in m} for s, m in r.items()}
+                for n, r in man["results"].items()}  # fmt: skip
+    print(json.dumps({"out": args.out, "method": man["method"], "options": man["options"], "results": per_task},
+                     indent=2))  # fmt: skip
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from vision_peft.adapters import ADAPTERS
     from vision_peft.backbones import BACKBONES
@@ -255,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--classes", help="class names in the head's logit order, comma-separated (default: the data)")
     ip.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="recipe override, repeatable (e.g. --set task.data_root=data/aid)")  # fmt: skip
+    mg = sub.add_parser("merge", help="merge several runs' adapters into one backbone (task arithmetic, TIES, PCB)")
+    mg.add_argument("runs", nargs="+", help="finished run directories: one backbone, one re-parameterising adapter")
+    mg.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "pcb"])
+    mg.add_argument("--lam", type=float, help="scale λ of the merged update (default 1.0)")
+    mg.add_argument("--k", type=float, help="ties: fraction of each task vector's entries kept (default 0.2)")
+    mg.add_argument("--r", type=float, help="pcb: fraction of each task's balancing scores kept (default 0.1)")
+    mg.add_argument("--out", required=True, help="the merge folder to write (e.g. runs/merged); heads stay per task")
+    mg.add_argument("--device", default="cpu")
+    mg.add_argument("--splits", default="val,test", help="splits every merged task is evaluated on")
+    mg.add_argument("--no-progress", action="store_true", help="no progress bar")
     ls = sub.add_parser("list", help="list backbones, adapters, tasks, datasets or recipes")
     ls.add_argument(
         "what", nargs="?", default="all", choices=["all", "backbones", "adapters", "tasks", "datasets", "recipes"]
@@ -288,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict": _predict,
         "export": _export,
         "import-peft": _import_peft,
+        "merge": _merge,
         "list": _list,
         "app": _app,
         "serve": _serve,
