@@ -28,8 +28,9 @@ the retry trains afresh in its own ``trials/<m>``, the dead one's folder stays m
 exits with an error is FAIL and is not retried (the same config would fail again). The child dies with its worker
 (Linux ``PR_SET_PDEATHSIG``), so a killed worker leaves no orphan training.
 
-Seeds. TPE is seeded with ``seed``; every trial trains with ``train.seed = seed`` (common random numbers across
-methods). One worker, the same seed, a fresh storage: the same trials. The same storage: the finished trials stay
+Seeds. Trial n samples with TPE seeded from (``seed``, n), so two workers never draw the same parameters; every
+trial trains with ``train.seed = seed`` (common random numbers across methods). One worker, the same seed, a fresh
+storage: the same trials. The same storage: the finished trials stay
 and the sweep continues up to ``trials``. With several workers the order of completion changes what TPE sees, so
 only the first (random) trials are reproduced exactly.
 
@@ -58,6 +59,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -81,6 +83,7 @@ from vision_peft.sweep_study import (  # noqa: F401  (re-exported: the sweep's n
     prepare_study,
     read_json,
     read_state,
+    redact,
     retry_once,
     storage_url,
     write_state,
@@ -190,9 +193,17 @@ def headline(record: dict[str, Any], metric: str | None) -> str | None:
     return next((k for k, v in record.items() if k not in ("step", "split") and isinstance(v, (int, float))), None)
 
 
+def trial_sampler(seed: int, number: int) -> optuna.samplers.TPESampler:
+    """Trial ``number``'s sampler: TPE seeded from (seed, number). Workers in other processes that each seeded one
+    sampler with ``seed`` would draw the same parameters for their trials; this way trial n's random draws are its
+    own wherever it runs (TPE still reads the whole history from the storage)."""
+    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, number]).generate_state(1)[0]))
+
+
 def run_trial(ctx: Context, trial_id: int) -> TrialState:
     """Train one claimed trial in a child process, following and pruning it; tell the study how it ended."""
     study, space = ctx.study, ctx.space
+    study.sampler = trial_sampler(ctx.seed, study._storage.get_trial_number_from_id(trial_id))
     trial = optuna.Trial(study, trial_id)
     number = trial.number
     run_dir = ctx.trials_dir / str(number)
@@ -486,9 +497,8 @@ def _command(args: argparse.Namespace) -> int:
     res = run_sweep(args.recipe, args.space, args.trials, args.storage, args.study, args.workers, args.timeout,
                     args.seed, args.out, args.device, not args.no_posthoc, not args.no_progress)  # fmt: skip
     sel = (res["best"] or {}).get("selected")
-    print(
-        json.dumps({k: res[k] for k in ("sweep_dir", "storage", "study", "leaderboard")} | {"selected": sel}, indent=2)
-    )
+    shown = {k: res[k] for k in ("sweep_dir", "study", "leaderboard")} | {"storage": redact(res["storage"])}
+    print(json.dumps(shown | {"selected": sel}, indent=2))
     return 0
 
 

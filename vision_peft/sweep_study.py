@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from vision_peft import rundir
@@ -48,22 +50,65 @@ def storage_url(sweep_dir: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(sweep_dir / DB_FILE).resolve()}"
 
 
+def redact(url: str) -> str:
+    """The URL as messages and printed results show it: its password masked."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy parses: mask whatever looks like user:password@
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _engine(url: str) -> tuple[str, dict[str, Any]]:
+    """The URL given to SQLAlchemy and its engine settings. A bare ``postgresql://`` uses psycopg 3 (the
+    ``postgres`` extra); a PostgreSQL connection gives up after 10 s (unless the URL sets ``connect_timeout``) and is
+    pinged before reuse (a long-lived worker survives a server restart or a dropped idle connection)."""
+    try:
+        u = sqlalchemy.engine.make_url(url)
+    except Exception:  # RDBStorage raises the parse error, reported by open_storage
+        return url, {}
+    if u.get_backend_name() == "sqlite":
+        return url, {"connect_args": {"timeout": 60}}
+    if u.get_backend_name() != "postgresql":
+        return url, {}
+    if u.drivername == "postgresql":
+        url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url, {"pool_pre_ping": True, "connect_args": {} if "connect_timeout" in u.query else {"connect_timeout": 10}}
+
+
+def _open_error(url: str, e: Exception) -> str:
+    """One line: which storage (password masked), what went wrong, and the fix."""
+    safe, cause = redact(url), e.__cause__ if isinstance(e, ImportError) and e.__cause__ else e
+    postgres = url.startswith("postgresql")
+    if isinstance(cause, ImportError):  # optuna wraps the driver's ImportError
+        fix = 'pip install "vision_peft[postgres]" (psycopg 3, for postgresql:// and postgresql+psycopg:// URLs)' if postgres else "install the driver the URL names"
+        return f"storage {safe} cannot be opened: its database driver is missing ({cause}); {fix}"
+    if isinstance(e, sqlalchemy.exc.OperationalError) and not url.startswith("sqlite"):
+        detail = " ".join(str(getattr(e, "orig", None) or e).split())
+        password = sqlalchemy.engine.make_url(url).password
+        detail = detail.replace(str(password), "***") if password else detail
+        return (f"storage {safe} cannot be opened: the database server cannot be reached or refused the login "
+                f"({detail}); start the server (it must listen on that host and port), or fix the host, port, user, "
+                "password or database name in the URL")  # fmt: skip
+    return f"storage {safe} cannot be opened: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats and the retry-once policy for trials whose worker died.
 
     Raises:
-        SweepError: the URL cannot be reached or is not a database URL (the message names it).
+        SweepError: the URL cannot be reached, lacks its driver or is not a database URL (one line: the URL with its
+            password masked, the cause, the fix).
     """
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine_url, kwargs = _engine(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                engine_url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                 heartbeat_stale_trial_callback=_on_stale_trial,
             )  # fmt: skip
     except Exception as e:  # sqlalchemy raises many kinds (ArgumentError, OperationalError, ImportError of a driver)
-        raise SweepError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from None
+        raise SweepError(_open_error(url, e)) from None
 
 
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -118,7 +163,8 @@ def load_study(url: str, name: str, seed: int = 0, heartbeat_s: int = HEARTBEAT_
     storage = open_storage(url, heartbeat_s)
     names = [s.study_name for s in storage.get_all_studies()]
     if name not in names:
-        raise SweepError(f"storage {url!r} holds no study {name!r}; studies there: {', '.join(names) or 'none'}")
+        there = ", ".join(names) or "none"
+        raise SweepError(f"storage {redact(url)!r} holds no study {name!r}; studies there: {there}")
     attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
     pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     if "space_text" in attrs and "recipe_text" in attrs:
@@ -208,13 +254,13 @@ def prepare_study(
     else:
         if attrs["recipe_text"] != rtext:
             raise SweepError(
-                f"study {name!r} in {url} belongs to recipe {attrs['recipe']!r} (stored with the study), not "
+                f"study {name!r} in {redact(url)} belongs to recipe {attrs['recipe']!r} (stored with the study), not "
                 f"{str(recipe_path)!r} as it is now; give another --study name, or sweep the stored recipe "
                 f"({sweep_dir / RECIPE_FILE})"
             )
         if attrs["space_text"] != space.text:
             raise SweepError(
-                f"study {name!r} in {url} was made with another space file (stored: {sweep_dir / SPACE_FILE}); "
+                f"study {name!r} in {redact(url)} was made with another space file (stored: {sweep_dir / SPACE_FILE}); "
                 "give another --study name to sweep this space"
             )
     rundir.atomic_write_text(sweep_dir / RECIPE_FILE, rtext)
@@ -249,7 +295,7 @@ def make_context(url: str, name: str, sweep_dir: str | Path | None = None, devic
     study = load_study(url, name, heartbeat_s=heartbeat_s)
     attrs = study.user_attrs
     if "recipe_text" not in attrs:
-        raise SweepError(f"study {name!r} in {url} was not made by vision_peft sweep (no recipe stored)")
+        raise SweepError(f"study {name!r} in {redact(url)} was not made by vision_peft sweep (no recipe stored)")
     sdir = Path(sweep_dir) if sweep_dir else Path(attrs["sweep_dir"])
     sdir.mkdir(parents=True, exist_ok=True)
     recipe_file, space_file = sdir / RECIPE_FILE, sdir / SPACE_FILE
