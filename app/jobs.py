@@ -38,7 +38,7 @@ from vision_peft import rundir
 ACTIVE = ("queued", "starting", "running")
 ENV_ROOT = "VISION_PEFT_APP_ROOT"  # in each child's environment: the runs root of the manager that started it
 ENV_JOB = "VISION_PEFT_APP_JOB"  # … and its job id
-RUN_RECIPE = "recipe.yaml"  # the resolved recipe `python -m vision_peft train` writes into a run directory
+RUN_RECIPE = rundir.RECIPE_FILE  # the resolved recipe `python -m vision_peft train` writes into a run directory
 
 
 @dataclass

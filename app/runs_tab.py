@@ -35,9 +35,9 @@ from matplotlib.figure import Figure
 
 from vision_peft import rundir
 
-TRIALS_DIR = "trials"  # vision_peft.sweep_study.TRIALS_DIR (that module imports optuna: its names are mirrored here)
-SWEEP_MARKERS = ("study.db", "recipe.yaml", "space.yaml")  # sweep_study DB_FILE, RECIPE_FILE, SPACE_FILE
-TRIAL_STATE_FILE = "sweep_trial.json"  # sweep_study.STATE_FILE
+TRIALS_DIR = rundir.SWEEP_TRIALS_DIR
+SWEEP_MARKERS = (rundir.SWEEP_DB_FILE, rundir.SWEEP_RECIPE_FILE, rundir.SWEEP_SPACE_FILE)
+TRIAL_STATE_FILE = rundir.SWEEP_TRIAL_STATE_FILE
 TRIAL_STATES = {"complete": "done", "pruned": "pruned", "stopped": "stopped", "failed": "failed"}
 JOB_STATES = {"queued": "queued", "starting": "running", "running": "running", "done": "done", "failed": "failed",
               "stopped": "stopped"}  # fmt: skip

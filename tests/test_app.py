@@ -136,7 +136,8 @@ def test_app_train_predict_export(app_client, aid_root: Path, tmp_path: Path) ->
     assert _wait(state, job_id) == "done", state.jobs.progress(job_id)["log"]
     html, plot, log, cmd = client.predict(job_id, api_name="/classification_progress")
     p = state.jobs.progress(job_id)
-    assert p["step"] == p["total"] > 0 and "100 %" in html and cmd == command
+    assert p["step"] == p["total"] > 0 and "100 %" in html and cmd == state.jobs.get(job_id).command_line
+    assert cmd.endswith(f"{state.jobs.get(job_id).run_dir}/recipe.yaml") and Path(cmd.split()[-1]).is_file()
     assert len(plot["data"]) == len(p["steps"]) if isinstance(plot, dict) and "data" in plot else True
     # predict on a real image with the finished run
     client.predict(api_name="/classification_runs")

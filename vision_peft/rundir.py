@@ -51,6 +51,13 @@ PREV_CKPT_DIR = "previous"  # checkpoint/previous/: the checkpoint before the la
 CARD_FILE = "README.md"
 SPLIT_FILE = "split.json"
 FINAL_FILE = "final_metrics.json"
+# a sweep folder (vision_peft.sweep_study writes it; the app's Runs tab reads it without importing optuna)
+SWEEP_DB_FILE = "study.db"
+SWEEP_RECIPE_FILE = "recipe.yaml"
+SWEEP_SPACE_FILE = "space.yaml"
+SWEEP_BEST_FILE = "best.json"
+SWEEP_TRIALS_DIR = "trials"
+SWEEP_TRIAL_STATE_FILE = "sweep_trial.json"  # in a trial's run directory: complete | pruned | stopped | failed, and why
 
 RUN_FORMAT = "vision_peft.run/1"  # config.json's format; absent = 1 (run directories written before it was recorded)
 KNOWN_FORMATS = (RUN_FORMAT,)

@@ -28,12 +28,12 @@ if TYPE_CHECKING:  # the space module imports the registries (torch): only where
     from vision_peft.sweep_space import Space
 
 
-STATE_FILE = "sweep_trial.json"  # in a trial's run directory: complete | pruned | stopped | failed, and why
-DB_FILE = "study.db"
-RECIPE_FILE = "recipe.yaml"
-SPACE_FILE = "space.yaml"
-BEST_FILE = "best.json"
-TRIALS_DIR = "trials"
+STATE_FILE = rundir.SWEEP_TRIAL_STATE_FILE  # the sweep folder's names: owned by vision_peft.rundir
+DB_FILE = rundir.SWEEP_DB_FILE
+RECIPE_FILE = rundir.SWEEP_RECIPE_FILE
+SPACE_FILE = rundir.SWEEP_SPACE_FILE
+BEST_FILE = rundir.SWEEP_BEST_FILE
+TRIALS_DIR = rundir.SWEEP_TRIALS_DIR
 HEARTBEAT_S = 10  # seconds between heartbeats of a RUNNING trial; a trial silent for 3× this is stale
 POLL_S = 0.5  # how often a worker reads its trial's metrics.jsonl
 
