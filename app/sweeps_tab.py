@@ -244,7 +244,7 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
 
     recipe.change(on_recipe, [recipe, methods], [methods, backbone], api_name="sweeps_recipe")
     for comp in (recipe, methods, epochs, max_steps):
-        comp.change(on_space, [recipe, methods, epochs, max_steps], [space], show_api=False)
+        comp.change(on_space, [recipe, methods, epochs, max_steps], [space], api_visibility="undocumented")
 
     outs = [sweep, status, table, plot, log, command, plot_key]
 
@@ -267,7 +267,7 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
         return _show(v, same_plot=v["plot_key"] == last and v["png"] is not None)
 
     timer = gr.Timer(2.0)
-    timer.tick(on_refresh, [sweep, plot_key], outs, show_api=False)
+    timer.tick(on_refresh, [sweep, plot_key], outs, api_visibility="undocumented")
     sweep.change(lambda sid: _show(view(state, sid)), [sweep], outs, api_name="sweeps_view")
 
     @friendly
