@@ -37,11 +37,15 @@ def _ranks(values: list[float]) -> list[int]:
     return [1 + sum(1 for w in values if w > v) for v in values]
 
 
-def report(sweep_dir: Path, study: str) -> dict:
+def report(sweep_dir: Path, study: str, name: str = "sweep_aid", recipe: str = "tasks/classification-aid.yaml",
+           space: str = "tasks/sweeps/aid-methods.yaml",
+           title: str = "Sweep on AID: EfficientNet-Lite0, seven methods, selection on val (bench/sweep_aid.py)",
+           budget: str = "one epoch each, CPU, OMP_NUM_THREADS=1.") -> dict:  # fmt: skip
+    """Select on val, evaluate test once (and post hoc per method), write ``bench/results/<name>.{json,md,png}``."""
     st = load_study(storage_url(sweep_dir, None), study)
     best = select_best(st, sweep_dir, posthoc=True)
     lb = write_leaderboard(st, sweep_dir)
-    shutil.copyfile(lb["png"], RESULTS / "sweep_aid.png")
+    shutil.copyfile(lb["png"], RESULTS / f"{name}.png")
     sel = best["selected"]
     per = best["post_hoc"]["per_method"]
     methods = sorted(per, key=lambda m: -per[m]["val"])
@@ -52,19 +56,18 @@ def report(sweep_dir: Path, study: str) -> dict:
     for r in lb["rows"]:
         states[r["state"]] = states.get(r["state"], 0) + 1
     out = {
-        "recipe": "tasks/classification-aid.yaml", "space": "tasks/sweeps/aid-methods.yaml", "study": study,
+        "recipe": recipe, "space": space, "study": study,
         "trials": len(lb["rows"]), "states": states,
         "selected": sel, "post_hoc": best["post_hoc"], "test_evaluations": best["test_evaluations"],
         "val_rank": dict(zip(methods, vr, strict=True)), "test_rank": dict(zip(methods, tr, strict=True)),
         "leaderboard": lb["rows"], "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
-    rundir.atomic_write_json(RESULTS / "sweep_aid.json", out)
+    rundir.atomic_write_json(RESULTS / f"{name}.json", out)
     t = sel["test"]
     lo, hi = t["top1_ci95"]
     lines = [
-        "# Sweep on AID: EfficientNet-Lite0, seven methods, selection on val (bench/sweep_aid.py)", "",
-        f"Trials: {len(lb['rows'])} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); "
-        "one epoch each, CPU, OMP_NUM_THREADS=1.", "",
+        f"# {title}", "",
+        f"Trials: {len(lb['rows'])} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); {budget}", "",
         f"**Selected on val:** trial {sel['trial']} ({sel['method']}, {sel['params']}), val top-1 {sel['val']:.4f}; "
         f"**test top-1 {t['top1']:.4f}** (95 % Wilson [{lo:.4f}, {hi:.4f}], n = {t['n']}), evaluated once.", "",
         "## Leaderboard (ranked on val top-1)", "", lb["table"], "",
@@ -79,7 +82,7 @@ def report(sweep_dir: Path, study: str) -> dict:
     rho = best["post_hoc"]["val_test_spearman"]
     lines += ["", f"Spearman(val rank, test rank) over the {len(methods)} per-method bests: "
               + (f"{rho:.3f}" if rho is not None else "n/a"), ""]  # fmt: skip
-    rundir.atomic_write_text(RESULTS / "sweep_aid.md", "\n".join(lines))
+    rundir.atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines))
     print("\n".join(lines))
     return out
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.phase == "run":
-        res = run_sweep("classification-aid", ROOT / "sweeps" / "aid-methods.yaml", args.trials, out=out,
+        res = run_sweep("classification-aid", ROOT / "tasks" / "sweeps" / "aid-methods.yaml", args.trials, out=out,
                         timeout_min=args.timeout_min, device="cpu", select=False)  # fmt: skip
         print(json.dumps(res, indent=2, default=str))
     else:
