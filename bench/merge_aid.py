@@ -8,7 +8,9 @@ pointwise convs), the same epochs and seed for every task. Then, for every metho
 folds the task vectors into one shared backbone (each task keeps its head) over a tiny grid of λ (TIES's k and
 PCB's r fixed at the papers' defaults, the merge module's ``DEFAULTS``); the grid point with the best mean
 **val** top-1 over the tasks is chosen and its **test** top-1 reported per task with a 95 % Wilson interval.
-Every grid point's val and test numbers go into the JSON; only val chooses.
+Every grid point's val and test numbers go into the JSON; only val chooses. A control column, λ = 0 (each
+task's own head on the frozen backbone, no update), shows how much of each adapter's accuracy is its backbone
+update — the part a merge has to keep.
 
 Finally one merged sub-run (the chosen PCB merge, first task) is exported (``python -m vision_peft export``, with
 its graph-level parity gate) and run through the torch-free runtime (:func:`vision_peft.deploy.load_bundle`, what
@@ -43,6 +45,9 @@ GRID = {
     "ties": [{"k": 0.2, "lam": 0.5}, {"k": 0.2, "lam": 1.0}],
     "pcb": [{"r": 0.1, "lam": 0.5}, {"r": 0.1, "lam": 1.0}],
 }
+# the control: no backbone update at all (λ = 0), each task's own head on the frozen backbone — how much of an
+# adapter's accuracy comes from its backbone update, i.e. what a merge has to keep
+CONTROL = ("task_arithmetic", {"lam": 0.0})
 T0 = time.perf_counter()
 
 
@@ -128,17 +133,26 @@ def ci(r: dict) -> str:
 
 
 def table(out: dict) -> str:
-    heads = [f"{m} ({', '.join(f'{k}={v:g}' for k, v in out['chosen'][m]['options'].items())})" for m in GRID]
-    lines = ["| task (classes) | n | adapter alone | " + " | ".join(heads) + " |", "|---|---|---" + "|---" * len(GRID)
-             + "|"]  # fmt: skip
+    heads = [f"{m} ({_opts(out['chosen'][m]['options'])})" for m in GRID]
+    lines = ["| task (classes) | n | adapter alone | heads only (λ=0) | " + " | ".join(heads) + " |",
+             "|---|---|---|---" + "|---" * len(GRID) + "|"]  # fmt: skip
+    cols = [out["control"], *(out["chosen"][m] for m in GRID)]
     for name, t in out["tasks"].items():
-        cells = [ci(out["chosen"][m]["results"][name]["test"]) for m in GRID]
+        cells = [ci(c["results"][name]["test"]) for c in cols]
         lines.append(f"| {name} ({', '.join(t['classes'])}) | {t['test']['n']} | {ci(t['test'])} | "
                      + " | ".join(cells) + " |")  # fmt: skip
-    mean = [np.mean([out["chosen"][m]["results"][n]["test"]["top1"] for n in out["tasks"]]) for m in GRID]
+    mean = [np.mean([c["results"][n]["test"]["top1"] for n in out["tasks"]]) for c in cols]
     alone = np.mean([t["test"]["top1"] for t in out["tasks"].values()])
     lines.append(f"| mean | | {100 * alone:.1f} | " + " | ".join(f"{100 * v:.1f}" for v in mean) + " |")
+    grid = "; ".join(f"{m} " + ", ".join(f"{_opts(r['options'])} → {100 * r['mean_val']:.1f}" for r in rs)
+                     for m, rs in out["grid"].items())  # fmt: skip
+    val = np.mean([t["val"]["top1"] for t in out["tasks"].values()])
+    lines += ["", f"mean val top-1 per grid point (the selection): {grid}; adapters alone {100 * val:.1f}"]
     return "\n".join(lines)
+
+
+def _opts(opts: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in opts.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             out["grid"][method].append(res)
             say(f"merge {method} {opts}: mean val top-1 {res['mean_val']:.3f}")
         out["chosen"][method] = max(out["grid"][method], key=lambda r: r["mean_val"])  # val only; first on ties
+    say(f"control: {CONTROL[0]} {CONTROL[1]} (heads only, frozen backbone)")
+    out["control"] = merge(root, runs, *CONTROL, args.device)
     say("export + deploy of the chosen PCB merge, task t0")
     out["deploy"] = deploy_check(Path(out["chosen"]["pcb"]["out"]) / "t0", args.device)
     out["wall_s"] = time.perf_counter() - T0
