@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.aid_classification import ROWS  # noqa: E402  (one LoRA recipe for both benches)
 from vision_peft.leaderboard import wilson  # noqa: E402
+from vision_peft.paths import data_root  # noqa: E402
 
 # λ grids (chosen on val); k and r stay at the papers' values (TIES k = 0.2, PCB r = 0.1)
 GRID = {
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-root", default="runs/merge-aid", help="run and merge folders (reused when complete)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    data = Path(os.environ.get("VISION_PEFT_DATA", "data")) / "aid"
+    data = data_root() / "aid"
     root = Path(args.runs_root)
     root.mkdir(parents=True, exist_ok=True)
     out: dict = {"setup": {**vars(args), "recipe": "classification-aid", "adapter": ROWS["lora"], "grid": GRID}}
