@@ -143,14 +143,15 @@ def test_killed_worker_trial_fails_and_is_retried_by_the_other(
 ) -> None:
     url, _ = server
     recipe, space, out = _recipe(tmp_path, log_every=1), _space(tmp_path, LORA), tmp_path / "sweep"
-    beat = ("--heartbeat", "1")  # a silent trial is stale after 3 s
+    beat = ("--heartbeat", "3")  # a silent trial is stale after 9 s (1 s flaked on a loaded 2-core box)
     doomed = _cli(str(recipe), "--space", str(space), "--trials", "2", "--storage", url, "--study", "kill", "--out",
-                  str(out), *beat, VISION_PEFT_STEP_DELAY="1.5")  # fmt: skip
+                  str(out), *beat, VISION_PEFT_STEP_DELAY="10")  # fmt: skip  (trial 0 outlasts the join on a busy box)
     metrics = out / "trials" / "0" / rundir.METRICS_FILE
     _wait("trial 0's first metrics", lambda: metrics.is_file() and metrics.read_text().strip(), [doomed])
     other = _cli("--join", url, "--study", "kill", *beat)
     _wait("the second worker's trial", lambda: "worker_pid" in load_study(url, "kill").trials[1].user_attrs,
           [doomed, other])  # fmt: skip
+    assert load_study(url, "kill").trials[0].state == TrialState.RUNNING, "trial 0 ended before the kill"
     doomed.send_signal(signal.SIGKILL)  # mid-trial 0
     doomed.communicate()
     ran = json.loads(_done(other))["trials_run"]
