@@ -3,7 +3,7 @@ the same training steps.
 
 The timm backbone is built once (random init, seed 0) and deep-copied; ours gets
 ``apply_adalora(AdaLoRAConfig(init_r, target_r, alpha, targets, tinit, tfinal, deltaT, beta1, beta2,
-orth_reg_weight, orth_reg="peft"))``, the copy, wrapped so that its forward returns an output with a ``loss``
+orth_reg_weight))`` (default ``orth_reg: mean_norm``, peft's form), the copy, wrapped so that its forward returns an output with a ``loss``
 (peft adds the orthogonality term only to such outputs), gets ``peft.tuners.AdaLoraModel`` with the same
 fields and ``total_step = --steps``. peft's P, Q (``lora_B``, ``lora_A``, N(0, 0.02²)) are copied into ours; λ
 starts at 0 in both, as in the paper. Every step both models see the same random batch (loss: MSE of the pooled
@@ -18,9 +18,9 @@ live triplets must be identical) and the eval-mode outputs after the last step.
 
 Known differences, aligned here and reported: peft's scale is lora_alpha / (init_r + 1e-5), ours alpha / init_r;
 ``--align-scale`` (default on) gives ours peft's value so the comparison isolates the algorithm, and the report
-prints how far the unaligned scale moves the final outputs. The default ``orth_reg: paper`` of ours (Σ of squared
-Frobenius norms, the paper's Eq. 4) is compared as a value on the final weights only: peft implements the
-authors' released code (mean of unsquared norms).
+prints how far the unaligned scale moves the final outputs. Ours' ``orth_reg: squared_sum`` (Σ of squared
+Frobenius norms, the paper's Eq. 4 as printed) is reported as a value on the final weights only: peft, like the
+authors' released code, implements the mean of unsquared norms.
 
     python bench/adalora_vs_peft.py                                  # test_vit, 32², 20 steps (seconds)
     python bench/adalora_vs_peft.py --model vit_small_patch16_224 --image-size 224 --steps 30 --init-r 12
@@ -91,7 +91,7 @@ class WithLoss(nn.Module):
         return SimpleNamespace(logits=feats, loss=None if target is None else F.mse_loss(feats, target))
 
 
-def ours_config(args: argparse.Namespace, orth_reg: str = "peft") -> AdaLoRAConfig:
+def ours_config(args: argparse.Namespace, orth_reg: str = "mean_norm") -> AdaLoRAConfig:
     return AdaLoRAConfig(
         init_r=args.init_r, target_r=args.target_r, alpha=args.alpha, targets=args.targets.split(","),
         tinit=args.tinit, tfinal=args.tfinal, deltaT=args.deltaT, beta1=args.beta1, beta2=args.beta2,
@@ -208,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in [ours_layer(unaligned, n) for n in names]:
                 m.scale = args.alpha / args.init_r
             scale_effect = float((unaligned(x) - out_o).abs().max())
-        paper = float(orthogonality_loss(mine, ours_config(args, "paper")))
-        peft_form = float(orthogonality_loss(mine, ours_config(args, "peft")))
+        squared = float(orthogonality_loss(mine, ours_config(args, "squared_sum")))
+        mean_norm = float(orthogonality_loss(mine, ours_config(args, "mean_norm")))
     ranks = [m.rank for m in mine]
     print(
         f"AdaLoRA ours vs peft — timm:{args.model} {args.image_size}², {len(names)} layers, init_r {args.init_r} → "
@@ -222,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  eval outputs after the last step: max |Δ| {out_diff:.3g} (effect on output vs λ = 0: {effect:.3g})")
     if not args.no_align_scale:
         print(f"  scale alpha/init_r instead of peft's alpha/(init_r + 1e-5) moves the outputs by {scale_effect:.3g}")
-    print(f"  orthogonality term on the final weights: ours orth_reg=paper {paper:.4g}, orth_reg=peft {peft_form:.4g}")
+    print(
+        f"  orthogonality term on the final weights: orth_reg=mean_norm {mean_norm:.4g} (peft's), squared_sum {squared:.4g}"
+    )
     failures = [k for k, tol in (("orth term (rel)", LOSS_RTOL), ("gradients (rel)", GRAD_RTOL),
                                  ("sensitivity EMA (rel)", STATE_RTOL), ("uncertainty EMA (rel)", STATE_RTOL))
                 if not worst[k] <= tol]  # fmt: skip

@@ -67,9 +67,9 @@ def test_orthogonality_term_on_hand_made_factors() -> None:
         for t in layers:
             t.lora_A.copy_(torch.eye(4)[:3])  # QQᵀ = I
             t.lora_B.copy_(2 * torch.eye(5)[:, :3])  # PᵀP = 4 I
-    paper = AdaLoRAConfig(init_r=3, target_r=1, orth_reg_weight=0.5)
+    paper = AdaLoRAConfig(init_r=3, target_r=1, orth_reg_weight=0.5, orth_reg="squared_sum")
     assert float(orthogonality_loss(layers, paper).detach()) == pytest.approx(0.5 * 2 * 27)  # γ Σ_layers (0 + 27)
-    peft = AdaLoRAConfig(init_r=3, target_r=1, orth_reg_weight=0.5, orth_reg="peft")
+    peft = AdaLoRAConfig(init_r=3, target_r=1, orth_reg_weight=0.5)  # mean_norm, the default
     assert float(orthogonality_loss(layers, peft).detach()) == pytest.approx(
         0.5 * 2 * math.sqrt(27) / 4
     )  # mean of 4 norms
