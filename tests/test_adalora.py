@@ -208,15 +208,29 @@ def test_tiny_run_learns_reaches_the_budget_reloads_and_exports(run_cfg) -> None
     assert manifest["files"] and json.loads((run_dir / "export" / "parity.json").read_text())["max_abs_diff"] < 1e-4
 
 
+PARITY_ARGS = ["--steps", "8", "--tinit", "1", "--tfinal", "2", "--deltaT", "2", "--init-r", "4", "--target-r", "2",
+               "--batch", "2", "--threads", "1"]  # fmt: skip
+
+
 def test_matches_hf_peft_for_a_few_steps(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/adalora_vs_peft.py: gradients, Ī / Ū, rank masks and outputs equal to peft's after the same steps."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     from adalora_vs_peft import main
 
-    rc = main(["--steps", "8", "--tinit", "1", "--tfinal", "2", "--deltaT", "2", "--init-r", "4", "--target-r", "2",
-               "--batch", "2", "--threads", "1"])  # fmt: skip
+    rc = main(PARITY_ARGS)
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "parity OK" in out and ", 0 layer masks differ" in out
     effect = float(out.split("effect on output vs λ = 0: ")[1].split(")")[0])
     assert effect > 1e-3, "the adapter did not change the output, so the parity check proved nothing"
+
+
+def test_parity_check_catches_a_wrong_triplet_score(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same comparison with the P / Q terms left out of our score: the masks must stop matching."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    from adalora_vs_peft import main
+
+    monkeypatch.setattr(AdaLoRATriplets, "scores", lambda t: t.ipt_lora_E * t.unc_lora_E)
+    rc = main(PARITY_ARGS)
+    out = capsys.readouterr().out
+    assert rc == 1 and "parity FAILED" in out and "rank masks" in out.split("parity FAILED")[1], out

@@ -68,7 +68,7 @@ class AdaLoRAConfig:
     beta1: float = 0.85  # EMA of the sensitivity
     beta2: float = 0.85  # EMA of its uncertainty
     orth_reg_weight: float = 0.5  # γ of the orthogonality regulariser (0 = off)
-    orth_reg: Literal["mean_norm", "squared_sum"] = "mean_norm"  # peft / authors' code | the paper's Eq. 4
+    orth_reg: Literal["mean_norm", "squared_sum"] = "mean_norm"  # peft / the authors' code | the paper's objective
     seed: int = 0  # seed of P and Q's initialisation
 
     def __post_init__(self) -> None:
