@@ -234,3 +234,32 @@ def test_parity_check_catches_a_wrong_triplet_score(capsys, monkeypatch: pytest.
     rc = main(PARITY_ARGS)
     out = capsys.readouterr().out
     assert rc == 1 and "parity FAILED" in out and "rank masks" in out.split("parity FAILED")[1], out
+
+
+def test_interrupted_run_resumes_to_the_same_scores_masks_and_weights(run_cfg, monkeypatch) -> None:
+    """The moving averages and masks are checkpointed: a run stopped after step 6 and resumed ends where the
+    uninterrupted one ends (a resume that reset them would allocate differently)."""
+    import vision_peft.train as train_mod
+    from vision_peft.checkpoint import load_tensors
+
+    adapter = {"name": "adalora", "init_r": 3, "target_r": 2, "targets": ["qkv", "mlp"], "tinit": 1, "tfinal": 3}
+    dotted = ("train.epochs=30", "train.max_steps=10", "train.lr=1e-2", "train.ckpt_every=2")
+    ref = Path(train_mod.run(run_cfg(*dotted, "output.name=ref", adapter=adapter), progress=False))
+
+    real_step = train_mod.train_step
+
+    def stop_at_seven(*args, **kwargs):
+        if args[-1] == 6:  # the steps done so far: the checkpoint of step 6 is written, step 7 never happens
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    cfg = run_cfg(*dotted, "output.name=stopped", adapter=adapter)
+    monkeypatch.setattr(train_mod, "train_step", stop_at_seven)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(cfg, progress=False)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = Path(train_mod.run(cfg, resume=ref.parent / "stopped", progress=False))
+    want, got = load_tensors(ref / "adapter.safetensors"), load_tensors(resumed / "adapter.safetensors")
+    assert set(want) == set(got) and any(k.endswith("adalora.ipt_lora_E") for k in want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-5), (k, (got[k] - want[k]).abs().max())
