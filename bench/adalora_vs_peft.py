@@ -191,13 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if step < total - args.tfinal:
                 for t in ("lora_A", "lora_E", "lora_B"):
                     pk = f"{key[n]}.{t}.default"
-                    ipt_p = ra.exp_avg_ipt[pk].view_as(getattr(m, f"ipt_{t}"))
-                    unc_p = ra.exp_avg_unc[pk].view_as(getattr(m, f"unc_{t}"))
+                    ipt_p = ra.exp_avg_ipt[pk].view_as(getattr(m, f"{t}_importance"))
+                    unc_p = ra.exp_avg_unc[pk].view_as(getattr(m, f"{t}_uncertainty"))
                     worst["sensitivity EMA (rel)"] = max(
-                        worst["sensitivity EMA (rel)"], rel(getattr(m, f"ipt_{t}"), ipt_p)
+                        worst["sensitivity EMA (rel)"], rel(getattr(m, f"{t}_importance"), ipt_p)
                     )
                     worst["uncertainty EMA (rel)"] = max(
-                        worst["uncertainty EMA (rel)"], rel(getattr(m, f"unc_{t}"), unc_p)
+                        worst["uncertainty EMA (rel)"], rel(getattr(m, f"{t}_uncertainty"), unc_p)
                     )
     ours.eval()
     theirs.eval()

@@ -90,9 +90,9 @@ def test_sensitivity_smoothing_and_triplet_scores_by_brute_force() -> None:
     for name in ("lora_A", "lora_E", "lora_B"):
         p = getattr(t, name)
         ipt = (p * p.grad).abs().detach()
-        assert torch.allclose(getattr(t, f"ipt_{name}"), 0.15 * ipt)  # Ī from 0: (1 − β1) I
-        assert torch.allclose(getattr(t, f"unc_{name}"), 0.3 * 0.85 * ipt)  # Ū: (1 − β2) |I − Ī|
-    s = {n: getattr(t, f"ipt_{n}") * getattr(t, f"unc_{n}") for n in ("lora_A", "lora_E", "lora_B")}
+        assert torch.allclose(getattr(t, f"{name}_importance"), 0.15 * ipt)  # Ī from 0: (1 − β1) I
+        assert torch.allclose(getattr(t, f"{name}_uncertainty"), 0.3 * 0.85 * ipt)  # Ū: (1 − β2) |I − Ī|
+    s = {n: getattr(t, f"{n}_importance") * getattr(t, f"{n}_uncertainty") for n in ("lora_A", "lora_E", "lora_B")}
     want = torch.stack(
         [s["lora_E"][i] + s["lora_A"][i].sum() / 6 + s["lora_B"][:, i].sum() / 5 for i in range(3)]
     )  # fmt: skip
@@ -105,14 +105,14 @@ def test_masking_keeps_exactly_the_budget_globally() -> None:
     with torch.no_grad():
         for t, s in zip(layers, scores):
             t.lora_E.copy_(torch.tensor([1.0, 2.0, 3.0]))
-            t.ipt_lora_E.copy_(s)
-            t.unc_lora_E.fill_(1.0)  # score = Ī · Ū of λ (P, Q's moving averages are 0)
+            t.lora_E_importance.copy_(s)
+            t.lora_E_uncertainty.fill_(1.0)  # score = Ī · Ū of λ (P, Q's moving averages are 0)
     mask_to_budget(layers, 3)
     assert layers[0].mask.tolist() == [0.0, 1.0, 1.0] and layers[1].mask.tolist() == [1.0, 0.0, 0.0]
     assert layers[0].lora_E.tolist() == [0.0, 2.0, 3.0] and layers[1].lora_E.tolist() == [1.0, 0.0, 0.0]
     assert [t.rank for t in layers] == [2, 1], "ranks follow the scores, not an even split"
     for t in layers:  # all scores tied: still exactly the budget
-        t.ipt_lora_E.fill_(0.5)
+        t.lora_E_importance.fill_(0.5)
     mask_to_budget(layers, 4)
     assert sum(t.rank for t in layers) == 4
     mask_to_budget(layers, 6)  # the full budget revives every mask (λ of a masked triplet trains on)
@@ -230,7 +230,7 @@ def test_parity_check_catches_a_wrong_triplet_score(capsys, monkeypatch: pytest.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     from adalora_vs_peft import main
 
-    monkeypatch.setattr(AdaLoRATriplets, "scores", lambda t: t.ipt_lora_E * t.unc_lora_E)
+    monkeypatch.setattr(AdaLoRATriplets, "scores", lambda t: t.lora_E_importance * t.lora_E_uncertainty)
     rc = main(PARITY_ARGS)
     out = capsys.readouterr().out
     assert rc == 1 and "parity FAILED" in out and "rank masks" in out.split("parity FAILED")[1], out
@@ -260,6 +260,6 @@ def test_interrupted_run_resumes_to_the_same_scores_masks_and_weights(run_cfg, m
     monkeypatch.setattr(train_mod, "train_step", real_step)
     resumed = Path(train_mod.run(cfg, resume=ref.parent / "stopped", progress=False))
     want, got = load_tensors(ref / "adapter.safetensors"), load_tensors(resumed / "adapter.safetensors")
-    assert set(want) == set(got) and any(k.endswith("adalora.ipt_lora_E") for k in want)
+    assert set(want) == set(got) and any(k.endswith("adalora.lora_E_importance") for k in want)
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-5), (k, (got[k] - want[k]).abs().max())

@@ -105,7 +105,8 @@ class AdaLoRAConfig:
 
 class AdaLoRATriplets(nn.Module):
     """P = lora_B (fan_out × r), λ = lora_E (r), Q = lora_A (r × fan_in); buffers: the live-triplet ``mask`` and
-    the moving averages of each tensor's sensitivity (``ipt_*``) and uncertainty (``unc_*``)."""
+    the moving averages of each tensor's sensitivity (``<tensor>_importance``, peft's ``exp_avg_ipt``) and its
+    uncertainty (``<tensor>_uncertainty``)."""
 
     pack_scalars = ("scale",)  # float attributes an adapter pack exposes as graph inputs (vision_peft.pack)
 
@@ -118,8 +119,8 @@ class AdaLoRATriplets(nn.Module):
         self.register_buffer("mask", torch.ones(r, device=like.device))
         for name in TENSORS:
             shape = getattr(self, name).shape
-            self.register_buffer(f"ipt_{name}", torch.zeros(shape, device=like.device))
-            self.register_buffer(f"unc_{name}", torch.zeros(shape, device=like.device))
+            self.register_buffer(f"{name}_importance", torch.zeros(shape, device=like.device))
+            self.register_buffer(f"{name}_uncertainty", torch.zeros(shape, device=like.device))
         self.scale = cfg.alpha / cfg.init_r
 
     def side(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,14 +150,14 @@ class AdaLoRATriplets(nn.Module):
                     "and before zero_grad()"
                 )
             ipt = torch.nan_to_num((p.float() * p.grad.float()).abs(), nan=0.0, posinf=0.0)
-            avg, unc = getattr(self, f"ipt_{name}"), getattr(self, f"unc_{name}")
+            avg, unc = getattr(self, f"{name}_importance"), getattr(self, f"{name}_uncertainty")
             avg.copy_(beta1 * avg + (1 - beta1) * ipt)
             unc.copy_(beta2 * unc + (1 - beta2) * (ipt - avg).abs())
 
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
         """S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji), with s = Ī · Ū; shape (r,)."""
-        s = {name: getattr(self, f"ipt_{name}") * getattr(self, f"unc_{name}") for name in TENSORS}
+        s = {name: getattr(self, f"{name}_importance") * getattr(self, f"{name}_uncertainty") for name in TENSORS}
         return s["lora_E"] + (s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0))
 
     @property
