@@ -59,6 +59,18 @@ ROWS = {
         "--train.head_lr=1e-2",
     ],
     # the wider PET family (issue 16), same rank / targets / lr as the LoRA row
+    # AdaLoRA (Zhang et al. 2023): 12 triplets per layer, sensitivity-pruned to 8 on average; 5 warm-up steps and
+    # a fixed allocation for the last 20 (our choice: a 1-epoch run has 56 steps)
+    "adalora": [
+        "--adapter.name=adalora",
+        "--adapter.init_r=12",
+        "--adapter.target_r=8",
+        "--adapter.tinit=5",
+        "--adapter.tfinal=20",
+        "--adapter.targets=[conv_pw]",
+        "--train.lr=2e-3",
+        "--train.head_lr=1e-2",
+    ],
     "flora": [
         "--adapter.name=flora",
         "--adapter.r=8",

@@ -318,7 +318,8 @@ def test_one_training_step_moves_only_trainable_tensors(name: str, spec: str) ->
     assert any(not torch.equal(p, s) for p, s in zip(params, start)), f"{name}: the optimizer step changed nothing"
     after = {n: t for n, t in bb.named_buffers()} | {n: p for n, p in bb.named_parameters() if not p.requires_grad}
     for n, v in frozen.items():  # frozen weights stay; buffers may only be adapter state or BatchNorm statistics
-        if n in after and not n.endswith(("running_mean", "running_var", "num_batches_tracked", "importance", "mask")):
+        adapter_state = ("importance", "uncertainty", "mask")  # DoRA's, AdaLoRA's moving averages and masks
+        if n in after and not n.endswith(("running_mean", "running_var", "num_batches_tracked", *adapter_state)):
             assert torch.equal(after[n], v), f"{name}: the step moved the frozen tensor {n}"
 
 
@@ -683,7 +684,8 @@ def test_dora_importance_is_each_components_share_of_the_update() -> None:
     assert torch.allclose(comp.current_importance(), want.detach(), rtol=1e-5)
     comp.mask[1] = 0.0  # a pruned component has no importance and no share in the update
     assert float(comp.current_importance()[1]) == 0.0
-    assert torch.allclose(comp.delta(), (delta - torch.outer(comp.lora_B[:, 1] * -2.0, comp.lora_A[1])) * comp.scale)
+    want_delta = (delta - torch.outer(comp.lora_B[:, 1] * -2.0, comp.lora_A[1])) * comp.scale
+    assert torch.allclose(comp.delta(), want_delta, atol=1e-5)  # float cancellation: entries near 0 need an atol
 
 
 def test_dora_prunes_the_least_important_components_globally() -> None:

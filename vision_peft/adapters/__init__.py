@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from vision_peft.adapters import (  # noqa: E402,F401  (each registers itself)
+    adalora,
     baselines,
     capaboost,
     detris,

@@ -94,6 +94,16 @@ class AdapterHandle:
         return {}
 
 
+def cubic_remaining(step: float, t0: float, t1: float) -> float:
+    """The share (1 − progress)³ of a cubic decay still left after ``step``: 1 up to ``t0``, 0 from ``t1`` on
+    (AdaLoRA's budget schedule, which DoRA's dynamic rank reuses)."""
+    if step <= t0:
+        return 1.0
+    if step >= t1:
+        return 0.0
+    return (1.0 - (step - t0) / (t1 - t0)) ** 3
+
+
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (e.g. ``blocks.0.attn.qkv``) with ``new``."""
     parent_name, _, child = name.rpartition(".")

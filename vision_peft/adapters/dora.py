@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_peft.adapters.base import ADAPTERS, AdapterHandle, delta_handle, inject_seeded
+from vision_peft.adapters.base import ADAPTERS, AdapterHandle, cubic_remaining, delta_handle, inject_seeded
 
 
 @dataclass
@@ -111,13 +111,8 @@ class DoRAComponents(nn.Module):
 
 def budget(step: int, total: int, start_budget: int, end_budget: int, cfg: DoRAConfig) -> int:
     """Live components allowed after ``step`` of ``total``: cubic decay between prune_start and prune_end."""
-    t0, t1 = cfg.prune_start * total, cfg.prune_end * total
-    if step <= t0:
-        return start_budget
-    if step >= t1:
-        return end_budget
-    progress = (step - t0) / max(t1 - t0, 1e-12)
-    return end_budget + math.ceil((start_budget - end_budget) * (1.0 - progress) ** 3)
+    left = cubic_remaining(step, cfg.prune_start * total, cfg.prune_end * total)
+    return end_budget + math.ceil((start_budget - end_budget) * left)
 
 
 def prune_to(components: list[DoRAComponents], keep: int) -> int:
