@@ -33,6 +33,8 @@ ROWS = {  # PointNet's adaptable layers are its Conv1d convs (portable target `c
     "point_mlp": ["--adapter.name=point_mlp", "--adapter.hidden=256", "--train.lr=3e-3"],  # the recipe's PPT adapter
     "lora": ["--adapter.name=lora", "--adapter.r=4", "--adapter.targets=[convs]", "--train.lr=1e-3"],
     "flora": ["--adapter.name=flora", "--adapter.r=4", "--adapter.targets=[convs]", "--train.lr=1e-3"],
+    "adalora": ["--adapter.name=adalora", "--adapter.init_r=6", "--adapter.target_r=4", "--adapter.tinit=10",
+                "--adapter.tfinal=40", "--adapter.targets=[convs]", "--train.lr=1e-3"],  # ends at LoRA's rank 4
     "full": ["--adapter.name=full", "--train.lr=4e-4"],
 }
 
