@@ -225,7 +225,8 @@ def _psrp_targets(backbone: nn.Module) -> list[tuple[str, int]]:
     stages = getattr(getattr(backbone, "model", None), "blocks", None)
     for stage in stages if isinstance(stages, nn.Sequential) else []:
         for block in stage.children() if isinstance(stage, nn.Sequential) else [stage]:
-            last = getattr(block, "bn3", None) or getattr(block, "bn2", None)
+            last = getattr(block, "bn3", None)
+            last = getattr(block, "bn2", None) if last is None else last
             if isinstance(last, nn.BatchNorm2d):
                 out.append((names[last], 1))
     return out
@@ -234,10 +235,10 @@ def _psrp_targets(backbone: nn.Module) -> list[tuple[str, int]]:
 @torch.no_grad()
 def _probe(backbone: nn.Module, module: nn.Module, layout: str, pool: bool) -> tuple[int, int]:
     """(tokens N, width C) of the unpooled features, from one forward of a zero image through ``module``."""
-    seen: list[tuple[int, ...]] = []
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def record(_m, args, out):
-        seen.append(tuple((args[0] if pool else out).shape))
+        seen.append((tuple((args[0] if pool else out).shape), tuple(out.shape)))
 
     h = module.register_forward_hook(record)
     was_training = backbone.training
@@ -250,11 +251,12 @@ def _probe(backbone: nn.Module, module: nn.Module, layout: str, pool: bool) -> t
         backbone.train(was_training)
     if not seen:
         raise ValueError(f"Moment Probing: the hooked module of {backbone.spec!r} did not run in forward_features")
-    shape = seen[-1]
+    shape, pooled = seen[-1]
     if layout == "map":
-        if len(shape) != 4:
+        if len(shape) != 4 or len(pooled) != 2:
             raise ValueError(
-                f"Moment Probing expects a (B, C, H, W) map before the pool of {backbone.spec!r}, got {shape}"
+                f"Moment Probing expects a (B, C, H, W) map into the pool of {backbone.spec!r} and a flat (B, C) "
+                f"feature out of it, got {shape} -> {pooled}"
             )
         return shape[2] * shape[3], shape[1]
     n = shape[1] * shape[2] if len(shape) == 4 else shape[0 if layout == "tokens_lbd" else 1]
@@ -293,8 +295,7 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
         units = []
         for name, cdim in targets:
             mod = backbone.get_submodule(name)
-            dim = mod.num_features if isinstance(mod, nn.BatchNorm2d) else _mlp_width(mod, name)
-            unit = PSRPUnit(dim, dim, cfg.psrp_rank, cdim)
+            unit = PSRPUnit(*_branch_dims(mod, name), cfg.psrp_rank, cdim)
             mod.register_forward_hook(unit.hook)
             units.append(unit)
         backbone.psrp = nn.ModuleList(units)
@@ -312,12 +313,15 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
     return AdapterHandle(cfg.name, touched=touched, report=report)
 
 
-def _mlp_width(mlp: nn.Module, name: str) -> int:
-    """Output width of a transformer block's MLP (its last Linear)."""
-    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+def _branch_dims(mod: nn.Module, name: str) -> tuple[int, int]:
+    """(input, output) width of a branch PSRP recalibrates: a CNN block's final BatchNorm, or a transformer block's
+    MLP (its first Linear's input, its last Linear's output)."""
+    if isinstance(mod, nn.BatchNorm2d):
+        return mod.num_features, mod.num_features
+    linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"MP+: {name} has no Linear layer to read its width from")
-    return linears[-1].out_features
+    return linears[0].in_features, linears[-1].out_features
 
 
 TINY = {"hidden_dim": 32, "heads": 4}  # groups of 8: one 1×1 output per cross-covariance on the tiny backbones
