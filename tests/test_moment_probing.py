@@ -246,6 +246,17 @@ def test_features_too_narrow_for_the_head_are_refused() -> None:
     assert not hasattr(bb, "moment_probe") and bb.embed_dim == 64  # refused before touching the backbone
 
 
+def test_a_single_position_map_is_applied_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    bb = frozen("effnet_lite0")  # 32² input: a 1×1 final map
+    with caplog.at_level("WARNING", logger="vision_peft"):
+        handle = apply_adapter(bb, mp())
+    assert handle.report["tokens"] == 1 and "1 position(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vision_peft"):
+        apply_adapter(frozen("timm:test_vit"), mp())  # 4 patch tokens: no warning
+    assert "position(s)" not in caplog.text
+
+
 def test_non_image_backbones_are_refused() -> None:
     with pytest.raises(ValueError, match="needs an image backbone"):
         apply_adapter(frozen("pointnet"), mp())

@@ -40,6 +40,7 @@ Where this implementation differs:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 CONV_K, CONV_S = 3, 2  # the two MHC³ convolutions: 3×3 kernels, stride 2, no padding (official code)
 MIN_HEAD_WIDTH = 7  # smallest group width d that leaves one output after both convolutions
+log = logging.getLogger("vision_peft")
 
 
 def conv_side(d: int) -> int:
@@ -277,6 +279,12 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
         raise ValueError(
             f"Moment Probing: {backbone.spec!r} yields {n} tokens after {prefix} prefix tokens; it needs >= 1"
         )
+    if n < 2:  # allowed (the tiny test backbones at 32² end in a 1×1 map), but say what it means
+        log.warning(
+            "Moment Probing on %s: the final features have %d position(s), so each cross second-moment is one outer "
+            "product; a larger backbone.image_size gives MHC³ more tokens (stride 32 CNNs: >= 64 px for 2×2)",
+            backbone.spec, n,
+        )  # fmt: skip
     if not MIN_HEAD_WIDTH * cfg.heads <= cfg.hidden_dim <= width:
         raise ValueError(
             f"Moment Probing: features of width {width} ({backbone.spec!r}) are too small for hidden_dim="
