@@ -94,6 +94,9 @@ ROWS = {
         "--train.lr=2e-3",
         "--train.head_lr=1e-2",
     ],
+    # Moment Probing (Gao et al., ICCV 2023) at the paper's MHC³ size (512 wide, 4 heads); MP+ adds PSRP (rank 16)
+    "mp": ["--adapter.name=moment_probing", "--train.lr=2e-3", "--train.head_lr=1e-2"],
+    "mp_plus": ["--adapter.name=moment_probing_plus", "--train.lr=2e-3", "--train.head_lr=1e-2"],
     "full": ["--adapter.name=full", "--train.lr=3e-4", "--train.head_lr=1e-2"],
 }
 
