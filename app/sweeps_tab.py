@@ -203,28 +203,30 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
         backbone = gr.Textbox(label="backbone (the recipe's)", interactive=False)
     methods = gr.CheckboxGroup([], label="methods to compare (compatible with the backbone)", elem_id="sweeps-methods")
     with gr.Row():
-        trials = gr.Number(value=6, label="trials", precision=0, minimum=0)
+        trials = gr.Number(value=6, label="trials", precision=0, minimum=0, elem_id="sweeps-trials")
         minutes = gr.Number(value=0, label="minutes (0 = no limit)", minimum=0)
         device = gr.Dropdown(devices(), value="cpu", label="device")
         workers = gr.Number(value=1, label="workers", precision=0, minimum=0)
-        epochs = gr.Number(value=0, label="epochs per trial (0 = recipe)", precision=0, minimum=0)
-        max_steps = gr.Number(value=0, label="max steps per trial (0 = no cap)", precision=0, minimum=0)
+        epochs = gr.Number(value=0, label="epochs per trial (0 = recipe)", precision=0, minimum=0,
+                           elem_id="sweeps-epochs")
+        max_steps = gr.Number(value=0, label="max steps per trial (0 = no cap)", precision=0, minimum=0,
+                              elem_id="sweeps-steps")
     space = gr.Code(language="yaml", label="space file (written into the sweep folder)", interactive=False)
     with gr.Row():
-        start = gr.Button("Start sweep", variant="primary")
+        start = gr.Button("Start sweep", variant="primary", elem_id="sweeps-start")
         stop = gr.Button("Stop sweep", variant="stop")
     sweep = gr.Dropdown([s.id for s in mgr.list()], label="sweep", allow_custom_value=True, elem_id="sweeps-pick")
     status = gr.HTML()
     command = gr.Textbox(label="CLI command that reruns this sweep", interactive=False)
     table = gr.Dataframe(headers=TABLE, label="leaderboard (ranked on val)", interactive=False,
                          elem_id="sweeps-leaderboard")  # fmt: skip
+    # the Pareto figure (two panels side by side) gets the full width, the log goes below it
+    plot = gr.Image(label="Pareto: val vs trainable parameters / step time", type="filepath",
+                    elem_id="sweeps-pareto", height=420)  # fmt: skip
+    log = gr.Textbox(label="sweep log", lines=10, max_lines=14)
     with gr.Row():
-        plot = gr.Image(label="Pareto: val vs trainable parameters / step time", type="filepath",
-                        elem_id="sweeps-pareto")  # fmt: skip
-        log = gr.Textbox(label="sweep log", lines=10, max_lines=14)
-    with gr.Row():
-        export = gr.Button("Export best")
-        bundle = gr.File(label="best trial's bundle (zip)")
+        export = gr.Button("Export best", elem_id="sweeps-export")
+        bundle = gr.File(label="best trial's bundle (zip)", elem_id="sweeps-bundle")
         parity = gr.JSON(label="parity report")
     plot_key = gr.State(None)
 
@@ -244,7 +246,7 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
 
     recipe.change(on_recipe, [recipe, methods], [methods, backbone], api_name="sweeps_recipe")
     for comp in (recipe, methods, epochs, max_steps):
-        comp.change(on_space, [recipe, methods, epochs, max_steps], [space], api_visibility="undocumented")
+        comp.change(on_space, [recipe, methods, epochs, max_steps], [space], api_visibility="private")
 
     outs = [sweep, status, table, plot, log, command, plot_key]
 
@@ -267,7 +269,7 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
         return _show(v, same_plot=v["plot_key"] == last and v["png"] is not None)
 
     timer = gr.Timer(2.0)
-    timer.tick(on_refresh, [sweep, plot_key], outs, api_visibility="undocumented")
+    timer.tick(on_refresh, [sweep, plot_key], outs, api_visibility="private")
     sweep.change(lambda sid: _show(view(state, sid)), [sweep], outs, api_name="sweeps_view")
 
     @friendly

@@ -147,3 +147,15 @@ def test_stop_reattach_and_a_sweep_that_died_while_the_app_was_away(tmp_path: Pa
     for s in (state, other, third):
         s.jobs.close()
     manager(third).close()
+
+
+def test_the_app_builds_with_the_sweeps_tab(tmp_path: Path) -> None:
+    """build_app wires every Sweeps handler (a keyword the installed gradio does not know fails here, not in use)."""
+    from app.main import build_app
+
+    state = _state(tmp_path)
+    demo = build_app(state)
+    names = {getattr(fn, "api_name", None) for fn in demo.fns.values()}
+    assert {"sweeps_start", "sweeps_stop", "sweeps_export", "sweeps_reattach"} <= names
+    state.jobs.close()
+    manager(state).close()
