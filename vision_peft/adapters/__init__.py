@@ -13,6 +13,7 @@ from vision_peft.adapters import (  # noqa: E402,F401  (each registers itself)
     hut,
     kind,
     lora,
+    lst,
     pad_prompt,
     point_adapter,
     prompt_map,
