@@ -61,9 +61,7 @@ class LSTConfig:
 
     name: str = "lst"  # registry name
     reduction: int = 8  # r: side width = backbone width / r (ViT blocks) or channels / r (CNN levels)
-    layers: list[int] | None = (
-        None  # ladder taps: ViT block / CNN feature-level indices (negative from the end); None = all
-    )
+    layers: list[int] | None = None  # ladder taps: ViT block / CNN feature-level indices (negative: from the end)
     gate_alpha: float = 0.0  # initial α of every gate, g = σ(α / T) (0 → 0.5, the paper's)
     gate_temperature: float = 0.1  # T of the gates (the paper's 0.1)
     prune_init: bool = True  # ViT: initialise side blocks by structural pruning of the backbone's blocks
@@ -114,11 +112,12 @@ class SideConvBlock(nn.Module):
 class Ladder(nn.Module):
     """One rung: down-projection of the backbone activation, gate, carry of the side state, side block."""
 
-    def __init__(self, down: nn.Module, carry: nn.Module, block: nn.Module, alpha: float, temperature: float) -> None:
+    def __init__(self, down: nn.Module, carry: nn.Module, block: nn.Module, shape: tuple[int, ...], cfg) -> None:
         super().__init__()
         self.down, self.carry, self.block = down, carry, block
-        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
-        self.temperature = temperature
+        self.alpha = nn.Parameter(torch.full((1,), float(cfg.gate_alpha)))
+        self.temperature = cfg.gate_temperature
+        self.state_shape = shape  # the side state it outputs, without batch: tokens (N, d/r), cnn (c/r, h, w)
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha / self.temperature)
@@ -129,14 +128,15 @@ class Ladder(nn.Module):
 
 
 class LSTSide(nn.Module):
-    """The ladders, the side network's output head, and the recording of the tapped activations."""
+    """The ladders, the side network's output (norm, pool, up-projection), and the recording of the taps."""
 
-    def __init__(self, ladders: list[Ladder], out: nn.Module, layout: str, first_shape: tuple[int, ...]) -> None:
+    def __init__(self, ladders: list[Ladder], layout: str, embed_dim: int) -> None:
         super().__init__()
         self.ladders = nn.ModuleList(ladders)
-        self.out = out  # tokens: LayerNorm + Linear up; cnn: Linear up (after the spatial mean)
         self.layout = layout  # tokens | cnn
-        self.first_shape = first_shape  # shape of the zero side state entering the first ladder (without batch)
+        width = ladders[-1].state_shape[-1 if layout == "tokens" else 0]
+        self.norm = nn.LayerNorm(width) if layout == "tokens" else nn.Identity()  # cnn: the blocks end in a norm
+        self.up = nn.Linear(width, embed_dim)
         self._taps: dict[int, torch.Tensor] | None = None
 
     def record(self, i: int, module: nn.Module, args, output) -> None:
@@ -159,18 +159,12 @@ class LSTSide(nn.Module):
             raise RuntimeError(
                 f"LST ladders recorded {present} of {len(self.ladders)}: the frozen forward skipped some"
             )
-        ref = taps[present[0]]
-        start = present[0]
-        shape = self.first_shape if start == 0 else self.state_shape(start - 1)
-        state = ref.new_zeros(ref.shape[0], *shape)
+        start, ref = present[0], taps[present[0]]
+        state = ref.new_zeros(ref.shape[0], *self.ladders[max(0, start - 1)].state_shape)  # no side state yet
         for i in present:
             state = self.ladders[i](taps[i], state)
-        if self.layout == "cnn":
-            return self.out(state.mean((2, 3)))  # (B, C', h, w) -> (B, C') -> (B, embed_dim)
-        return self.out(state).mean(1)  # (B, N, d') -> (B, N, embed_dim) -> (B, embed_dim)
-
-    def state_shape(self, i: int) -> tuple[int, ...]:
-        return self.ladders[i].state_shape
+        pooled = self.norm(state).mean(1) if self.layout == "tokens" else state.mean((2, 3))  # (B,N,d')|(B,C',h,w)
+        return self.up(pooled)  # (B, d') -> (B, embed_dim)
 
 
 # -- structural pruning of a ViT block -----------------------------------------------------------------------------
@@ -327,9 +321,7 @@ def _token_ladders(cfg: LSTConfig, taps: list[nn.Module], shapes, spec: str) -> 
                 down.bias.zero_()
         else:
             pruned = False
-        ladder = Ladder(down, nn.Identity(), block, cfg.gate_alpha, cfg.gate_temperature)
-        ladder.state_shape = (int(shape[0]), d)
-        ladders.append(ladder)
+        ladders.append(Ladder(down, nn.Identity(), block, (int(shape[0]), d), cfg))
     return ladders, pruned
 
 
@@ -347,9 +339,7 @@ def _cnn_ladders(cfg: LSTConfig, shapes, spec: str) -> list[Ladder]:
             if (ph - 1) // stride + 1 != h or (pw - 1) // stride + 1 != w:
                 raise ValueError(f"LST cannot carry the side state from {ph}×{pw} to {h}×{w} on {spec!r}")
             carry = nn.Conv2d(pc, ch, 3, stride=stride, padding=1)
-        ladder = Ladder(nn.Conv2d(c, ch, 1), carry, SideConvBlock(ch), cfg.gate_alpha, cfg.gate_temperature)
-        ladder.state_shape = (ch, h, w)
-        ladders.append(ladder)
+        ladders.append(Ladder(nn.Conv2d(c, ch, 1), carry, SideConvBlock(ch), (ch, h, w), cfg))
         prev = (ch, h, w)
     return ladders
 
@@ -384,13 +374,9 @@ def apply_lst(backbone: nn.Module, cfg: LSTConfig) -> AdapterHandle:
         torch.manual_seed(cfg.seed)
         if layout == "tokens":
             ladders, pruned = _token_ladders(cfg, modules, shapes, spec)
-            d = ladders[-1].state_shape[-1]
-            out: nn.Module = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, backbone.embed_dim))
         else:
             ladders, pruned = _cnn_ladders(cfg, shapes, spec), False
-            out = nn.Linear(ladders[-1].state_shape[0], backbone.embed_dim)
-    first = ladders[0].state_shape
-    side = LSTSide(ladders, out, layout, first).to(device=p.device, dtype=p.dtype)
+        side = LSTSide(ladders, layout, backbone.embed_dim).to(device=p.device, dtype=p.dtype)
     backbone.lst = side
     for i, m in enumerate(modules):
         m.register_forward_hook(functools.partial(LSTSide.record, side, i))
@@ -401,6 +387,6 @@ def apply_lst(backbone: nn.Module, cfg: LSTConfig) -> AdapterHandle:
         "layout": layout, "ladders": chosen, "widths": [list(lad.state_shape) for lad in ladders],
         "init": "pruned from the backbone blocks" if pruned else "random", "parameters": n,
         "gate": f"sigmoid(alpha / {cfg.gate_temperature}), alpha0 = {cfg.gate_alpha}",
-        "size_ratio": round(n / max(1, sum(t.numel() for t in backbone.parameters() if t is not None) - n), 4),
+        "side_vs_backbone": round(n / max(1, sum(t.numel() for t in backbone.parameters()) - n), 4),
     }  # fmt: skip
     return AdapterHandle("lst", touched=["lst"], report=report)
