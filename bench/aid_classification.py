@@ -97,6 +97,9 @@ ROWS = {
     # Moment Probing (Gao et al., ICCV 2023) at the paper's MHC³ size (512 wide, 4 heads); MP+ adds PSRP (rank 16)
     "mp": ["--adapter.name=moment_probing", "--train.lr=2e-3", "--train.head_lr=1e-2"],
     "mp_plus": ["--adapter.name=moment_probing_plus", "--train.lr=2e-3", "--train.head_lr=1e-2"],
+    # LST (Sung et al. 2022): side network at channels / 8 on the five feature levels; the side network starts at
+    # random init on a CNN, so it takes the paper's larger side lr (3e-3 on T5)
+    "lst": ["--adapter.name=lst", "--adapter.reduction=8", "--train.lr=3e-3", "--train.head_lr=1e-2"],
     "full": ["--adapter.name=full", "--train.lr=3e-4", "--train.head_lr=1e-2"],
 }
 

@@ -14,6 +14,7 @@ from vision_peft.adapters import (  # noqa: E402,F401  (each registers itself)
     hut,
     kind,
     lora,
+    lst,
     moment_probing,
     pad_prompt,
     point_adapter,
