@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_vs_peft import cpu_step_bytes, cuda_step_bytes  # noqa: E402  (the same memory accounting)
-from memory_vs_full import fixed_batch  # noqa: E402  (the same fixed AID batch)
+from memory_vs_full import fixed_batch, train_step  # noqa: E402  (the same fixed AID batch and step)
 
 from vision_peft.engine import build_optimizer  # noqa: E402
 from vision_peft.paths import REPO_ROOT  # noqa: E402
@@ -90,15 +90,7 @@ def build(variant: str, args: argparse.Namespace):
     batch = {k: v.to(device) for k, v in fixed_batch(task, model, args.batch, args.image_size).items()}
     opt = build_optimizer(model, cfg)
 
-    def step() -> float:
-        model.set_train_mode()
-        opt.zero_grad(set_to_none=True)
-        loss = model(batch)["loss"]
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return cfg, model, opt, step
+    return cfg, model, opt, train_step(model, opt, batch)
 
 
 def _status_mib(field: str) -> float:

@@ -98,6 +98,20 @@ def fixed_batch(task, model, n: int, size: int) -> dict[str, torch.Tensor]:
     return {"image": torch.stack(images), "label": torch.tensor(labels)}
 
 
+def train_step(model, opt, batch):
+    """One AdamW training step on the fixed batch, as a closure returning the loss (what every row measures)."""
+
+    def step() -> float:
+        model.set_train_mode()
+        opt.zero_grad(set_to_none=True)
+        loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,15 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[str] = []
 
     def make_step(model, opt):
-        def step() -> float:
-            model.set_train_mode()
-            opt.zero_grad(set_to_none=True)
-            loss = model(batch)["loss"]
-            loss.backward()
-            opt.step()
-            return float(loss.detach())
-
-        return step
+        return train_step(model, opt, batch)
 
     # exactness: one backward of each recompute variant vs its plain twin (same weights), BN stats after the step
     parity = {}
