@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from vision_peft.registry import satisfied
+
 # Concrete backbone specs the backbone dropdown offers (a family name, or ``family:argument`` for the families
 # that take one); each tab lists those whose family provides what its task requires (registry capability tags).
 SUGGESTED_BACKBONES = (
@@ -158,7 +160,7 @@ def backbone_specs(view: TaskView) -> list[str]:
     if not need:
         families = _recipe_families(view.name)
         return [s for s in known if s.partition(":")[0] in families]
-    return [s for s in known if need <= set(BACKBONES.get(s.partition(":")[0]).provides)]
+    return [s for s in known if satisfied(need, BACKBONES.get(s.partition(":")[0]).provides)]
 
 
 RANDOM_WEIGHTS = "random weights (tests)"  # the status of random-weight test backbones (backbones.weights_status)

@@ -1,7 +1,7 @@
 """The Sweeps tab: compare methods on one recipe with ``python -m vision_peft sweep`` run as a child process.
 
 Pick a recipe and its data, tick the methods (the adapter registry filtered by the sweep's own compatibility check,
-:func:`vision_peft.sweep_space.compatible_adapters`, so the tab and the CLI agree); each ticked method gets a small
+:func:`vision_peft.recipe.compatible_adapters`, so the tab and the CLI agree); each ticked method gets a small
 default search (a log range around the recipe's learning rate, its rank-like size at half/same/double) written
 into a real space file in the sweep folder, validated by :func:`vision_peft.sweep_space.load_space` before the
 sweep starts. The leaderboard and the Pareto plot (:mod:`vision_peft.leaderboard`) refresh from the study while it
@@ -52,7 +52,7 @@ def recipe_facts(recipe: str) -> tuple[dict[str, Any], str, str]:
 
 def methods_for(recipe: str) -> list[str]:
     """The adapters the recipe's backbone and task can take (the sweep's own check)."""
-    from vision_peft.sweep_space import compatible_adapters
+    from vision_peft.recipe import compatible_adapters
 
     _, backbone, task = recipe_facts(recipe)
     return compatible_adapters(backbone, task)
@@ -108,7 +108,8 @@ def _int(v: Any, name: str, low: int) -> int:
 def start_sweep(state: Any, recipe: str, data: str | None, methods: list[str] | None, trials: Any,
                 minutes: Any, device: str, workers: Any, epochs: Any = 0, max_steps: Any = 0) -> Sweep:  # fmt: skip
     """Validate the inputs, write the recipe and the space into a new sweep folder, start the sweep."""
-    from vision_peft.sweep_space import compatible, compatible_adapters, load_space
+    from vision_peft.recipe import compatible_adapters
+    from vision_peft.sweep_space import compatible, load_space
 
     rdata, backbone, task = recipe_facts(recipe)
     if not methods:

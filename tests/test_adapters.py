@@ -27,6 +27,8 @@ from vision_peft.adapters.pad_prompt import PadPromptConfig
 from vision_peft.adapters.vpt import VPTConfig
 from vision_peft.backbones import ImageBackbone, build_backbone  # noqa: F401
 from vision_peft.config import BackboneConfig
+from vision_peft.registry import satisfied, unmet
+from vision_peft.tasks import TASKS
 
 SIZE = 32
 IMAGE_BACKBONES = ["timm:test_vit", "timm:test_efficientnet", "open_clip:vp-tiny-clip"]
@@ -92,13 +94,18 @@ def tiny_adapter_cfg(name: str, bb: nn.Module, **kw):
     return entry.config_cls(**{**tiny, **kw})
 
 
+# tags a task offers (a head on pooled features, a bound text encoder): the task's side of a pairing, checked by
+# vision_peft.recipe.check_compatible before training, not by the adapter on a bare backbone
+TASK_TAGS = {t for _, e in TASKS.items() for t in e.provides}
+
+
 def compatible(name: str, bb: nn.Module) -> bool:
-    return set(ADAPTERS.get(name).requires) <= capabilities(bb)
+    return satisfied(ADAPTERS.get(name).requires, capabilities(bb) | TASK_TAGS)
 
 
 def refusal(name: str, bb: nn.Module) -> str:
     """The error an incompatible pair must raise: it names the first unmet requirement."""
-    missing = sorted(set(ADAPTERS.get(name).requires) - capabilities(bb))
+    missing = sorted(unmet(ADAPTERS.get(name).requires, capabilities(bb) | TASK_TAGS))
     return REFUSALS[missing[0]]
 
 

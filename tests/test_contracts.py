@@ -38,7 +38,7 @@ from vision_peft.adapters import ADAPTERS
 from vision_peft.backbones import BACKBONES, build_backbone
 from vision_peft.config import BackboneConfig, RunConfig
 from vision_peft.recipe import build_run_config
-from vision_peft.registry import Entry, Registry, UnknownNameError
+from vision_peft.registry import Entry, Registry, UnknownNameError, satisfied
 from vision_peft.runtimes import RUNTIMES
 from vision_peft.tasks import TASKS
 
@@ -63,15 +63,11 @@ class Case:
         return f"{self.task}-{self.adapter}-{self.backbone}"
 
 
-def _needs(entry: Entry) -> set[str]:
-    return set(entry.requires)
-
-
 def compatible(task: Entry, adapter: Entry, backbone: Entry) -> bool:
     """True when the backbone offers what the task needs, and the backbone plus the task offer what the adapter
-    needs (tags from ``Entry.requires`` / ``Entry.provides``)."""
+    needs (tags from ``Entry.requires`` / ``Entry.provides``; ``"a|b"`` is met by either)."""
     offered = set(backbone.provides)
-    return _needs(task) <= offered and _needs(adapter) <= offered | set(task.provides)
+    return satisfied(task.requires, offered) and satisfied(adapter.requires, offered | set(task.provides))
 
 
 def generate_cases() -> list[Case]:

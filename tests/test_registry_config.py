@@ -244,3 +244,44 @@ def test_literal_choices_are_checked_generically() -> None:
         build_dataclass(Widget, {"size": True}, "widget")  # a bool is not the integer 1 here
     with pytest.raises(ConfigError, match=r"widget\.mode must be one of a, b"):
         Widget(mode="z")
+
+
+# -- capability tags: alternatives, task tags, the pre-training refusal ---------------------------------------------
+def test_unmet_tags_and_alternatives() -> None:
+    from vision_peft.registry import satisfied, unmet
+
+    assert unmet(("image", "pooled"), {"image"}) == ["pooled"]
+    assert unmet(("image|points", "pooled"), {"points", "pooled"}) == []
+    assert unmet(("image|points",), {"tokens"}) == ["image|points"]
+    assert satisfied((), set()) and not satisfied(("a|b",), {"c"})
+
+
+@pytest.mark.parametrize(
+    ("recipe", "adapter", "needle"),
+    [
+        ("refseg-coco128", "moment_probing", "'pooled'"),  # MP widens pooled features; refseg's head reads a grid
+        ("refseg-coco128", "lst", "'pooled'"),
+        ("classification-aid", "detris", "'text_encoder'"),  # DETRIS's aligners need the task's text tokens
+    ],
+)
+def test_adapter_the_task_cannot_use_is_refused_before_training(recipe: str, adapter: str, needle: str,
+                                                                tmp_path: Path) -> None:
+    from vision_peft.recipe import check_compatible, compatible_adapters
+    from vision_peft.train import run
+
+    cfg = load_recipe(recipe, [f"adapter.name={adapter}", f"output.runs_root={tmp_path}", "train.tensorboard=false"])
+    ok = compatible_adapters(cfg.backbone.name, cfg.task.name)
+    assert adapter not in ok and "lora" in ok
+    with pytest.raises(ConfigError, match=needle) as e:
+        check_compatible(cfg)
+    assert "compatible adapters: " + ", ".join(ok) in str(e.value)
+    with pytest.raises(ConfigError, match=needle):
+        run(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_every_adapter_is_compatible_with_some_task_and_backbone() -> None:
+    from vision_peft.recipe import compatible_adapters
+
+    offered = {a for t in TASKS.names() for b in BACKBONES.names() for a in compatible_adapters(b, t)}
+    assert offered == set(ADAPTERS.names())

@@ -21,7 +21,7 @@ from vision_peft.adapters import ADAPTERS
 from vision_peft.backbones import BACKBONES
 from vision_peft.config import ConfigError, RunConfig, build_dataclass, reject_unknown
 from vision_peft.paths import REPO_ROOT
-from vision_peft.registry import Registry
+from vision_peft.registry import Registry, unmet
 from vision_peft.rundir import CONFIG_FILE, RunInfo
 from vision_peft.tasks import TASKS
 
@@ -62,6 +62,38 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     except LookupError as e:
         raise ConfigError(f"backbone.name={out['backbone'].name!r}: {e}") from None
     return RunConfig(**out)
+
+
+def offered_tags(backbone_name: str, task_name: str) -> set[str]:
+    """The capability tags a backbone spec's family and a task offer an adapter (registry ``provides``)."""
+    return set(BACKBONES.get(backbone_name.partition(":")[0]).provides) | set(TASKS.get(task_name).provides)
+
+
+def compatible_adapters(backbone_name: str, task_name: str) -> list[str]:
+    """Every registered adapter this backbone and task can take (what a sweep or the app may offer)."""
+    offered = offered_tags(backbone_name, task_name)
+    return [a for a, e in ADAPTERS.items() if not unmet(e.requires, offered)]
+
+
+def incompatibility(adapter: str, backbone_name: str, task_name: str) -> str | None:
+    """Why ``adapter`` cannot go with this backbone and task (its unmet capability tags and the adapters that can),
+    or None when it can. E.g. Moment Probing needs a task whose head reads pooled features ("pooled"), DETRIS a
+    task that binds a text encoder ("text_encoder")."""
+    missing = unmet(ADAPTERS.get(adapter).requires, offered_tags(backbone_name, task_name))
+    if not missing:
+        return None
+    ok = ", ".join(compatible_adapters(backbone_name, task_name))
+    return (
+        f"adapter {adapter!r} needs {' and '.join(repr(t) for t in missing)}, which backbone {backbone_name!r} with "
+        f"task {task_name!r} does not offer; compatible adapters: {ok}"
+    )
+
+
+def check_compatible(cfg: RunConfig) -> None:
+    """Refuse a config whose adapter the backbone family and task cannot take (:func:`incompatibility`)."""
+    why = incompatibility(cfg.adapter.name, cfg.backbone.name, cfg.task.name)
+    if why is not None:
+        raise ConfigError(f"adapter.name={cfg.adapter.name!r}: {why}")
 
 
 # what yaml.safe_load raises for malformed text: YAMLError, and (PyYAML's scalar constructors on bad tagged values

@@ -7,7 +7,7 @@ known ones. The registry is the only list: the CLI, the app and parametrized tes
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -29,9 +29,11 @@ class Entry(Generic[T]):
     # what the generated contract tests need: a tiny, offline build spec (e.g. {"name": "timm:vit_tiny…",
     # "pretrained": False}) or synthetic-data hints; None = the entry is not instantiable offline
     spec: dict[str, Any] | None = None
-    # capabilities this entry needs from its partners, e.g. ("tokens",) for a token backbone only, ("denoiser",)
+    # capabilities this entry needs from its partners, e.g. ("tokens",) for a token backbone only, ("denoiser",);
+    # a tag "a|b" is met by either alternative (see :func:`unmet`)
     requires: tuple[str, ...] = ()
-    # capabilities this entry offers (a backbone's "tokens", "image", "points", "text", "diffusion" …)
+    # capabilities this entry offers (a backbone's "tokens", "image", "points", "text", "diffusion" …; a task's
+    # "pooled" when its head reads the backbone's pooled feature vector, "text" when it binds a text encoder)
     provides: tuple[str, ...] = ()
 
 
@@ -89,3 +91,14 @@ class Registry(Generic[T]):
 def describe(obj: Any) -> str:
     """First docstring line of an object, for listings."""
     return (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+
+
+def unmet(requires: Iterable[str], offered: Iterable[str]) -> list[str]:
+    """The required capability tags that ``offered`` does not meet, in order; ``"a|b"`` is met by ``a`` or ``b``."""
+    have = set(offered)
+    return [tag for tag in requires if not set(tag.split("|")) & have]
+
+
+def satisfied(requires: Iterable[str], offered: Iterable[str]) -> bool:
+    """``offered`` meets every tag of ``requires`` (alternatives ``"a|b"`` included)."""
+    return not unmet(requires, offered)

@@ -37,9 +37,8 @@ from typing import Any
 import yaml
 
 from vision_peft.adapters import ADAPTERS
-from vision_peft.backbones import BACKBONES
 from vision_peft.config import ConfigError, RunConfig
-from vision_peft.recipe import apply_overrides, build_run_config, find_recipe
+from vision_peft.recipe import apply_overrides, build_run_config, find_recipe, incompatibility
 from vision_peft.tasks import TASKS
 
 RESERVED = ("fixed", "constraints", "objective", "pruner", "methods")  # top-level sections that are not config keys
@@ -220,13 +219,7 @@ def trial_config(recipe: dict[str, Any], overrides: dict[str, Any]) -> RunConfig
 
 def compatible(adapter: str, backbone_name: str, task_name: str) -> bool:
     """The backbone family plus the task offer every capability tag the adapter requires (registry tags)."""
-    offered = set(BACKBONES.get(backbone_name.partition(":")[0]).provides) | set(TASKS.get(task_name).provides)
-    return set(ADAPTERS.get(adapter).requires) <= offered
-
-
-def compatible_adapters(backbone_name: str, task_name: str) -> list[str]:
-    """Every registered adapter this backbone and task can take (what the app's Sweeps tab would offer)."""
-    return [a for a in ADAPTERS.names() if compatible(a, backbone_name, task_name)]
+    return incompatibility(adapter, backbone_name, task_name) is None
 
 
 def load_space(space_file: str | Path, recipe: str | Path, preflight: bool = True) -> Space:
@@ -281,13 +274,9 @@ def load_space(space_file: str | Path, recipe: str | Path, preflight: bool = Tru
             methods.append(m)
     backbone = trial_config(rdata, fixed).backbone.name if fixed else base.backbone.name
     for m in methods:
-        if not compatible(m, backbone, base.task.name):
-            ok = compatible_adapters(backbone, base.task.name)
-            raise _fail(
-                path, "adapter.name",
-                f"adapter {m!r} needs {', '.join(ADAPTERS.get(m).requires)}, which backbone {backbone!r} with task "
-                f"{base.task.name!r} does not offer; compatible adapters: {', '.join(ok)}",
-            )  # fmt: skip
+        why = incompatibility(m, backbone, base.task.name)
+        if why is not None:
+            raise _fail(path, "adapter.name", why)
 
     common: list[Param] = []
     conditional: dict[str, list[Param]] = {m: [] for m in methods}

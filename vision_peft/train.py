@@ -50,6 +50,7 @@ from vision_peft.engine import (
     seed_everything,
     train_step,
 )
+from vision_peft.recipe import check_compatible
 from vision_peft.rundir import BackboneInfo, CheckpointError, RunInfo, StepsInfo, WriteError, write_error
 from vision_peft.tasks import TASKS, Task, TaskModel
 
@@ -59,6 +60,7 @@ log = logging.getLogger("vision_peft")
 def run(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True) -> Path:
     """Train ``cfg`` and return the run directory. ``resume`` continues an interrupted run in place."""
     # -- setup: processes, run directory, model, data, schedule, optimizer ---------------------------------
+    check_compatible(cfg)  # e.g. Moment Probing on a task whose head does not read pooled features: refused here
     rank, world = dist_info()
     distributed = world > 1
     device = resolve_device(cfg.train.device)

@@ -323,7 +323,7 @@ def _stage_channels(stage: nn.Module) -> tuple[int, int]:
 
 @ADAPTERS.register(
     "detris", config_cls=DetrisConfig, help="DETRIS dense aligners (ViT/CNN) + dense text adapters",
-    requires=("image",), spec={},
+    requires=("image", "text_encoder"), spec={},  # the aligners cross-attend to the task's text tokens
 )  # fmt: skip
 def apply_detris(backbone: nn.Module, cfg: DetrisConfig) -> AdapterHandle:
     """Insert Dense Aligners into the image backbone; text adapters follow when a task binds its text encoder."""

@@ -360,7 +360,7 @@ def _lst_from_grid(self: nn.Module, grid: torch.Tensor, stage: int | None = None
 
 @ADAPTERS.register(
     "lst", config_cls=LSTConfig, help="ladder side-tuning: a gated side network next to the no-grad frozen backbone",
-    requires=("image",), spec={"reduction": 4},
+    requires=("image", "pooled"), spec={"reduction": 4},  # the side network replaces the pooled features
 )  # fmt: skip
 def apply_lst(backbone: nn.Module, cfg: LSTConfig) -> AdapterHandle:
     """Attach a ladder side network to the ViT blocks / CNN feature levels of an image backbone."""

@@ -336,7 +336,7 @@ TINY = {"hidden_dim": 32, "heads": 4}  # groups of 8: one 1×1 output per cross-
 
 
 @ADAPTERS.register(
-    "moment_probing", config_cls=MomentProbingConfig, requires=("image",), spec=TINY,
+    "moment_probing", config_cls=MomentProbingConfig, requires=("image", "pooled"), spec=TINY,
     help="Moment Probing (MP): linear head on first-order + MHC³ second-order features",
 )  # fmt: skip
 def apply_moment_probing(backbone: nn.Module, cfg: MomentProbingConfig) -> AdapterHandle:
@@ -345,7 +345,8 @@ def apply_moment_probing(backbone: nn.Module, cfg: MomentProbingConfig) -> Adapt
 
 
 @ADAPTERS.register(
-    "moment_probing_plus", config_cls=MomentProbingPlusConfig, requires=("image",), spec={**TINY, "psrp_rank": 4},
+    "moment_probing_plus", config_cls=MomentProbingPlusConfig, requires=("image", "pooled"),
+    spec={**TINY, "psrp_rank": 4},
     help="MP+: Moment Probing plus PSRP scale-and-shift recalibration in every block",
 )  # fmt: skip
 def apply_moment_probing_plus(backbone: nn.Module, cfg: MomentProbingPlusConfig) -> AdapterHandle:

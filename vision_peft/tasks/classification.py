@@ -75,7 +75,7 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray
     "classification",
     config_cls=ClassificationConfig,
     help="image classification, folder-per-class data",
-    requires=("image",),
+    requires=("image",), provides=("pooled",),  # the head reads the pooled feature vector
     spec={"classes": ["a", "b", "c"], "augment": "none"},  # tiny offline config: set_classes(spec classes), no data
 )
 class ClassificationTask(ClassFolderTask):

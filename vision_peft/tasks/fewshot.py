@@ -141,7 +141,8 @@ class FewShotConfig:
     "fewshot",
     config_cls=FewShotConfig,
     help="few-shot scene classification: MVP (meta visual prompts)",
-    requires=("image", "grid"),  # PER recombines the backbone's first patch / feature grid (forward_grid)
+    # PER recombines the backbone's first patch / feature grid (forward_grid); prototypes of the pooled features
+    requires=("image", "grid"), provides=("pooled",),
     spec={"n_way": 2, "k_shot": 1, "q_query": 1, "train_q_query": 1},  # tiny offline config (train.batch_size: 1)
 )
 class FewShotTask(Task):

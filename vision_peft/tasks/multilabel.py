@@ -243,7 +243,7 @@ class MultiLabelModel(LinearHeadModel):
     config_cls=MultiLabelConfig,
     help="multi-label image classification (sigmoid + BCE, mAP), COCO categories of coco128-seg",
     spec={"classes": ["person", "car", "dog"], "augment": "none"},  # tiny offline config for the contract tests
-    requires=("image",),
+    requires=("image",), provides=("pooled",),
 )
 class MultiLabelTask(Task):
     """Which categories appear in an image: one sigmoid per category, a threshold chosen on val."""

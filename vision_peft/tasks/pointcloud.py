@@ -267,7 +267,7 @@ class _PointLogits(nn.Module):
 
 @TASKS.register(
     "pointcloud", config_cls=PointCloudConfig, help="point-cloud classification with PPT prompts",
-    requires=("points",),
+    requires=("points",), provides=("pooled",),
     spec={  # tiny task config (tests)
         "n_ctx": 2, "num_points": 64, "classes": ["chair", "table"],
         "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False},

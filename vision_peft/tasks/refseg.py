@@ -133,7 +133,7 @@ def text_tokenizer_file(text) -> str:
     "refseg",
     config_cls=RefSegConfig,
     help="referring image segmentation (image + phrase → mask)",
-    requires=("image",),
+    requires=("image",), provides=("text_encoder",),  # binds its text encoder to the adapter (DETRIS)
     spec={  # tiny offline config (tests): a random tiny text tower and a small head
         "text_backbone": {"name": "open_clip_text:vp-tiny-clip", "pretrained": False},
         "dim": 32, "heads": 4, "ffn": 64, "proj_dim": 8, "decoder_layers": 1, "max_tokens": 8, "augment": "none",
