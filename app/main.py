@@ -39,7 +39,7 @@ from app.errors import friendly  # noqa: E402
 from app.jobs import JobManager  # noqa: E402
 from app.panels import predict_panel  # noqa: E402
 from app.previews import dataset_preview, preview_kind  # noqa: E402
-from app.runs_tab import runs_tab  # noqa: E402
+from app.runs_tab import runs_tab, selection_store  # noqa: E402
 from app.sweeps_tab import sweeps_tab  # noqa: E402
 from app.uploads import UploadError, confine, extract_zip  # noqa: E402
 from vision_peft.paths import REPO_ROOT, data_root  # noqa: E402
@@ -162,12 +162,13 @@ def build_app(state: AppState) -> gr.Blocks:
 
     with gr.Blocks(title="vision_peft") as demo:
         gr.Markdown("# vision_peft\nTrain a few parameters on a frozen backbone, predict, export to ONNX.")
+        chosen_runs = selection_store()  # page level: mounted before the page-load event reads it
         for view in task_views():
             with gr.Tab(view.title, elem_id=f"{view.name}-tab"):
                 gr.Markdown(f"`{view.name}`: {view.help}")
                 _task_tab(demo, state, view, ADAPTERS)
         with gr.Tab("Runs", elem_id="runs-tab"):
-            runs_tab(demo, state)
+            runs_tab(demo, state, chosen_runs)
         with gr.Tab("Sweeps", elem_id="sweeps-tab"):
             sweeps_tab(demo, state)
     return demo

@@ -326,11 +326,18 @@ def keep_selection(wanted: list[str] | None, rows: list[RunSummary]) -> list[str
 
 
 # -- the tab -------------------------------------------------------------------------------------------------------
-def runs_tab(demo: gr.Blocks, state: Any) -> None:
-    """Build the Runs tab inside the current ``gr.Tab`` (``state``: :class:`app.main.AppState`)."""
+def selection_store() -> gr.BrowserState:
+    """The chosen runs in the browser's localStorage, so they survive a page reload. Build it at the page's top
+    level, outside every tab: a tab's contents mount only when the tab is first opened, and a store inside the
+    Runs tab would hand the page-load event its empty default instead of the saved choice."""
+    return gr.BrowserState([], storage_key=SELECTION_KEY)
+
+
+def runs_tab(demo: gr.Blocks, state: Any, stored: gr.BrowserState) -> None:
+    """Build the Runs tab inside the current ``gr.Tab`` (``state``: :class:`app.main.AppState`; ``stored``: the
+    page-level :func:`selection_store`)."""
     gr.Markdown("Every run directory under the runs root (sweep trials included). Click a header to sort; choose "
                 "runs below to overlay their curves.")  # fmt: skip
-    stored = gr.BrowserState([], storage_key=SELECTION_KEY)  # the chosen runs survive a page reload
     session = gr.State({"active": False, "names": []})
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=0)
@@ -350,12 +357,10 @@ def runs_tab(demo: gr.Blocks, state: Any) -> None:
             by[key] = by.get(key, 0) + 1
         return f"{len(rows)} runs in `{state.runs_root}`: " + ", ".join(f"{n} {k}" for k, n in sorted(by.items()))
 
-    last: dict[str, list[str]] = {"chosen": []}  # the page's latest choice (this app's users share it)
-
     def full(wanted: list[str] | None, sess: dict[str, Any]):
         rows = scan()
         names = [r.name for r in rows]
-        chosen = keep_selection(wanted or last["chosen"], rows)
+        chosen = keep_selection(wanted, rows)
         sess = {"active": any(r.active for r in rows), "names": names}
         return (table(rows), gr.Dropdown(choices=names, value=chosen), curve_figure(rows, chosen), counts(rows), sess,
                 chosen)  # fmt: skip
@@ -372,11 +377,12 @@ def runs_tab(demo: gr.Blocks, state: Any) -> None:
         return tuple(out)
 
     def on_pick(names: list[str] | None):
-        last["chosen"] = list(names or [])
         rows = scan()
         return curve_figure(rows, names or []), names or []
 
     demo.load(full, [stored, session], outputs, api_name="runs_reattach")
     refresh.click(full, [pick, session], outputs, api_name="runs_refresh")
     timer.tick(on_tick, [pick, session], outputs, show_progress="hidden")
-    pick.input(on_pick, [pick], [plot, stored], api_name="runs_curves")
+    # always_last: a second choice made while the first one's curves are drawn is not dropped (Gradio's default
+    # trigger mode ignores events that arrive while one is pending, so the saved choice would miss it)
+    pick.input(on_pick, [pick], [plot, stored], api_name="runs_curves", trigger_mode="always_last")

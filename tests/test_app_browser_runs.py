@@ -115,13 +115,9 @@ def test_browser_runs_tab_and_start_form(served, tmp_path: Path) -> None:
         _open_runs_tab(page, names)
         for n in names:  # the rows come back
             expect(page.get_by_role("gridcell", name=n, exact=True).first).to_be_visible()
-        restored = True
-        try:  # … and so should the chosen runs and their curves (a known regression: see the xfail below)
-            for n in names:
-                expect(page.locator("#runs-pick").get_by_text(n, exact=True).first).to_be_visible(timeout=20_000)
-            assert _expect_overlay(page) == both  # the same two runs' curves again
-        except AssertionError:
-            restored = False
+        for n in names:  # … and so do the chosen runs (from the browser's storage only) and their curves
+            expect(page.locator("#runs-pick").get_by_text(n, exact=True).first).to_be_visible(timeout=20_000)
+        assert _expect_overlay(page) == both  # the same two runs' curves again
         page.screenshot(path=str(shots / "2-runs-after-reload.png"), full_page=True)
 
         # the Start form: the first recipe's values on load, another recipe's when it is chosen
@@ -143,9 +139,6 @@ def test_browser_runs_tab_and_start_form(served, tmp_path: Path) -> None:
     shutil.copy(shots / "2-runs-after-reload.png", RESULTS / "app_runs_tab.png")
     shutil.copy(shots / "3-start-form.png", RESULTS / "app_start_form.png")
     print(f"screenshots: {shots}")
-    if not restored:  # every other assertion above ran and passed
-        pytest.xfail("known regression (2026-12-03): after a reload the Runs tab's table comes back but the chosen "
-                     "runs saved in gr.BrowserState are not restored")
 
 
 def _stored(page) -> str | None:
