@@ -361,3 +361,24 @@ def pytest_configure(config: pytest.Config) -> None:
 def fuzz_examples(n: int) -> int:
     """The example count for a fuzz test: ``n`` in CI, ``50 * n`` under ``--fuzz-long``."""
     return n * 50 if os.environ.get("VISION_PEFT_FUZZ_LONG") == "1" else n
+
+
+def build_tiny_pack(root: Path, runs: dict[str, tuple[str, ...]], extra: tuple[str, ...]) -> tuple[dict, dict]:
+    """Train one tiny run per ``runs`` entry plus run ``d`` (classes ``extra``), export the pack of ``runs`` to
+    ``root/pack``, run a's merged bundle to ``root/merged`` and d's file pair for the pack to ``root/extra``.
+    Returns ({name: run dir}, the extra adapter's record)."""
+    from vision_peft.export import export_run
+    from vision_peft.pack import export_adapter_for, export_pack
+    from vision_peft.train import run
+
+    dirs: dict[str, Path] = {}
+    try:
+        for name, classes in [*runs.items(), ("d", extra)]:
+            data = write_image_folder(root / f"data-{name}", classes=classes)
+            dirs[name] = Path(run(make_run_cfg(data, root / "runs", f"output.name={name}"), progress=False))
+    finally:
+        reset_vision_peft_logging()
+    export_pack([dirs[n] for n in runs], root / "pack", names=list(runs))
+    export_run(dirs["a"], root / "merged")
+    rec = export_adapter_for(dirs["d"], root / "pack", out_dir=root / "extra", name="d")
+    return dirs, rec

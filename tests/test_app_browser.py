@@ -6,6 +6,7 @@ a malicious zip shows an error and the app keeps working. Screenshots land in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,19 +28,39 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from app.main import AppState, build_app
+@contextlib.contextmanager
+def serving(state, root: Path):
+    """The app over ``state`` served on loopback (files under ``root`` allowed); yields its URL, closes after."""
+    from app.main import build_app
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
-    root = tmp_path_factory.mktemp("browser")
-    state = AppState(root / "runs", root / "uploads")
     demo = build_app(state)
     demo.queue()
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, allowed_paths=[str(root)])
-    yield demo.local_url, state, root
-    demo.close()
-    state.jobs.close()
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+        state.jobs.close()
+
+
+def open_page(p, url: str, height: int, **kw):
+    """(browser, page): headless Chromium at ``url``, 1400 × ``height``, with a patient default timeout."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": height}, **kw)
+    page.set_default_timeout(120_000)  # actions wait long on a loaded box
+    page.goto(url)
+    return browser, page
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from app.main import AppState
+
+    root = tmp_path_factory.mktemp("browser")
+    state = AppState(root / "runs", root / "uploads")
+    with serving(state, root) as url:
+        yield url, state, root
 
 
 def _dropdown(page, label: str, option: str) -> None:
@@ -65,10 +86,7 @@ def test_browser_upload_train_predict_export(served, aid_root: Path, tmp_path: P
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
-        page.set_default_timeout(120_000)
-        page.goto(url)
+        browser, page = open_page(p, url, 1800, accept_downloads=True)
         expect(page.get_by_text("vision_peft").first).to_be_visible()
         tab = page.get_by_role("tabpanel").first
 

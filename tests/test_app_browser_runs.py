@@ -17,7 +17,7 @@ import yaml
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from tests.test_app_browser import ARGS, CHROMIUM  # noqa: E402
+from tests.test_app_browser import open_page, serving  # noqa: E402
 from tests.test_app_runs import RECIPE, cli_train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -25,20 +25,15 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, aid_root: Path):
-    from app.main import AppState, build_app
+    from app.main import AppState
 
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
     root = tmp_path_factory.mktemp("browser_runs")
     names = ["tiny-a", "tiny-b"]
     cli_train(root / "runs", names[0])
     cli_train(root / "runs", names[1], "--train.lr=0.005", "--train.epochs=3")
     state = AppState(root / "runs", root / "uploads")
-    demo = build_app(state)
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, allowed_paths=[str(root)])
-    yield demo.local_url, state, names
-    demo.close()
-    state.jobs.close()
+    with serving(state, root) as url:
+        yield url, state, names
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -91,10 +86,7 @@ def test_browser_runs_tab_and_start_form(served, tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1500})
-        page.set_default_timeout(120_000)
-        page.goto(url)
+        browser, page = open_page(p, url, 1500)
         _open_runs_tab(page, names)
         pick = page.locator("#runs-pick")
         expect(pick.get_by_text(names[1], exact=True).first).to_be_visible()  # nothing chosen yet: the newest run

@@ -18,7 +18,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from tests.test_app_browser import ARGS, CHROMIUM  # noqa: E402
+from tests.test_app_browser import open_page, serving  # noqa: E402
 from tests.test_app_browser_runs import RESULTS, _choose, _tab  # noqa: E402
 
 RECIPE = "classification-tiny"
@@ -27,19 +27,16 @@ METHODS = ["linear", "lora"]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, aid_root: Path):
-    from app.main import AppState, build_app
+    from app.main import AppState
     from app.sweeps_tab import manager
 
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
     root = tmp_path_factory.mktemp("browser_sweeps")
     state = AppState(root / "runs", root / "uploads", data=aid_root.parent)
-    demo = build_app(state)
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, allowed_paths=[str(root)])
-    yield demo.local_url, state
-    demo.close()
-    manager(state).close()
-    state.jobs.close()
+    with serving(state, root) as url:
+        try:
+            yield url, state
+        finally:
+            manager(state).close()
 
 
 def _number(page, elem_id: str, value: int) -> None:
@@ -76,10 +73,7 @@ def test_browser_sweeps_tab_start_leaderboard_reattach_export(served, tmp_path: 
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2000})
-        page.set_default_timeout(120_000)
-        page.goto(url)
+        browser, page = open_page(p, url, 2000)
         _tab(page, "Sweeps")
         _choose(page, "sweeps-recipe", RECIPE)
         _choose(page, "sweeps-data", "aid")

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
-from conftest import fuzz_examples, make_run_cfg, reset_vision_peft_logging, write_image_folder
+from conftest import build_tiny_pack, fuzz_examples
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import event as _hypothesis_event
 from hypothesis import strategies as st
@@ -342,21 +342,8 @@ EXTRA = ("u", "v", "w")
 def artifacts(tmp_path_factory) -> dict:
     """A pack of two tiny runs (timm:test_vit 32², LoRA r=2, 2 steps), the merged bundle of run a, and the file pair
     of a third run exported for the pack (to add at run time): built once per module (~10 s on one CPU)."""
-    from vision_peft.export import export_run
-    from vision_peft.pack import export_adapter_for, export_pack
-    from vision_peft.train import run
-
     root = tmp_path_factory.mktemp("fuzz-pack")
-    runs = {}
-    try:
-        for name, classes in [*RUNS.items(), ("d", EXTRA)]:
-            data = write_image_folder(root / f"data-{name}", classes=classes)
-            runs[name] = Path(run(make_run_cfg(data, root / "runs", f"output.name={name}"), progress=False))
-    finally:
-        reset_vision_peft_logging()
-    export_pack([runs[n] for n in RUNS], root / "pack", names=list(RUNS))
-    export_run(runs["a"], root / "merged")
-    export_adapter_for(runs["d"], root / "pack", out_dir=root / "extra", name="d")
+    runs, _ = build_tiny_pack(root, RUNS, EXTRA)
     images = sorted(p for p in (root / "data-a").rglob("*") if p.suffix in (".jpg", ".png"))[:2]
     return {"root": root, "pack": root / "pack", "merged": root / "merged", "runs": runs, "images": images,
             "extra": (root / "extra" / "d.onnx_adapter", root / "extra" / "d.adapter.json")}  # fmt: skip

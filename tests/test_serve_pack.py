@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import make_run_cfg, reset_vision_peft_logging, write_image_folder
+from tests.conftest import build_tiny_pack
 from vision_peft.deploy import load_bundle
 from vision_peft.serve import ServeLimits, create_app
 
@@ -30,21 +30,8 @@ EXTRA = ("g1", "g2", "g3")
 def pack(tmp_path_factory):
     """(pack dir, merged bundle dir of run a, {name: run dir}, (extra .onnx_adapter, extra .adapter.json), images):
     a pack of 3 tiny runs (timm:test_vit 32², LoRA r=2, 2 steps), exported once per module."""
-    from vision_peft.export import export_run
-    from vision_peft.pack import export_adapter_for, export_pack
-    from vision_peft.train import run
-
     root = tmp_path_factory.mktemp("serve-pack")
-    runs = {}
-    try:
-        for name, classes in [*RUNS.items(), ("d", EXTRA)]:
-            data = write_image_folder(root / f"data-{name}", classes=classes)
-            runs[name] = Path(run(make_run_cfg(data, root / "runs", f"output.name={name}"), progress=False))
-    finally:
-        reset_vision_peft_logging()
-    export_pack([runs[n] for n in RUNS], root / "pack", names=list(RUNS))
-    export_run(runs["a"], root / "merged")
-    rec = export_adapter_for(runs["d"], root / "pack", out_dir=root / "extra", name="d")
+    runs, rec = build_tiny_pack(root, RUNS, EXTRA)
     extra = (root / "extra" / "d.onnx_adapter", root / "extra" / "d.adapter.json")
     assert rec["name"] == "d"
     images = sorted(p for p in (root / "data-a").rglob("*") if p.suffix in (".jpg", ".png"))[:4]
