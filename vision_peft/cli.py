@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vision_peft import leaderboard, sweep
+from vision_peft import sweep_cli  # the sweep/leaderboard arguments: optuna loads only when they run
 from vision_peft.rundir import CONFIG_FILE, CheckpointError, WriteError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=7860)
     a.add_argument("--auth", help="user:password (required when binding beyond localhost)")
-    sweep.add_cli(sub)
-    leaderboard.add_cli(sub)
+    sweep_cli.add_sweep_parser(sub)
+    sweep_cli.add_leaderboard_parser(sub)
     return p
 
 
@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         "list": _list,
         "app": _app,
         "serve": _serve,
-        "sweep": sweep.cli_main,
-        "leaderboard": leaderboard.cli_main,
+        "sweep": sweep_cli.cli_main,
+        "leaderboard": sweep_cli.leaderboard_main,
     }
     try:
         return handlers[args.cmd](args)
