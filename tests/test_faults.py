@@ -258,6 +258,64 @@ def test_disk_full_while_appending_metrics_then_resume_rewrites_them(tmp_path: P
     assert [r["step"] for r in rundir.read_metrics(tmp_path)] == [1, 2]
 
 
+def test_disk_full_in_the_tensorboard_folder_stops_like_metrics_then_resumes_without_events(
+    data, reference, tmp_path, monkeypatch, capfd, vp_logging_reset
+) -> None:
+    """After the step-4 checkpoint every write of the event file fails with ENOSPC (TensorBoard's own file write,
+    in its writer thread): the run stops as a full metrics.jsonl stops it — one ``error:`` line, no traceback,
+    naming the event file in <run>/tensorboard, ENOSPC, ``--train.tensorboard=false`` and ``--resume``; the step-4
+    checkpoint intact, metrics.jsonl whole. With the disk still full, ``train --resume <run>
+    --train.tensorboard=false`` ends with the uninterrupted run's adapter, every step logged once."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from vision_peft.cli import main
+
+    runs = tmp_path / "runs"
+    recipe = tmp_path / "tb.yaml"
+    recipe.write_text(yaml.safe_dump(cfg_for(data, runs, "tb").to_dict(), sort_keys=False))
+    run_dir, tb_dir = runs / "tb", runs / "tb" / rundir.TB_DIR
+    full: list[str] = []  # the event files a write was refused to
+    write, save = gfile.LocalFileSystem._write, ckpt.save_checkpoint
+
+    def event_write(self, filename, file_content, mode):
+        name = os.fsdecode(filename)
+        if full and Path(name).parent == tb_dir:
+            full.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return write(self, filename, file_content, mode)
+
+    def saved_then_full(*a, **k):
+        save(*a, **k)
+        if ckpt.checkpoint_step(run_dir) == 4:
+            full.append("armed")
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", event_write)
+    monkeypatch.setattr(ckpt, "save_checkpoint", saved_then_full)
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    err = capfd.readouterr().err
+    assert len(full) > 1, "the event file was never written after the step-4 checkpoint"
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    msg = lines[0]
+    assert f"could not write {full[1]}:" in msg and Path(full[1]).parent == tb_dir, msg
+    assert "(ENOSPC)" in msg and f"df -h {tb_dir}" in msg and "--train.tensorboard=false" in msg, msg
+    assert "stopped at step 6" in msg and "last intact checkpoint is step 4" in msg and f"--resume {run_dir}" in msg
+    report("tensorboard ENOSPC", user_saw=msg, on_disk=listing(run_dir))
+    state, meta = ckpt.load_checkpoint(run_dir)
+    assert meta["step"] == 4 and set(state["model"]) == set(reference)
+    lines = (run_dir / rundir.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines if "split" not in json.loads(ln)] == [6], lines  # none cut
+    assert not (run_dir / rundir.ADAPTER_FILE).exists() and not rundir.is_finished(run_dir)
+    assert no_temp_files(run_dir) == []
+
+    refused = len(full)  # the disk stays full: the resume runs without event files
+    assert main(["train", "--resume", str(run_dir), "--train.tensorboard=false", "--no-progress"]) == 0
+    assert len(full) == refused, "the resume with train.tensorboard=false still wrote events"
+    assert_same(load_tensors(run_dir / rundir.ADAPTER_FILE), reference)
+    assert train_steps(run_dir) == [6] and rundir.is_finished(run_dir)
+    report("tensorboard ENOSPC", resumed="--train.tensorboard=false: adapter equal to the uninterrupted run's")
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A real 8 MiB tmpfs mounted for the test (needs root and CAP_SYS_ADMIN; unmounted afterwards). Where it

@@ -12,21 +12,31 @@ import logging
 import sys
 from pathlib import Path
 
-from vision_peft import leaderboard, sweep
+from vision_peft import sweep_cli  # the sweep/leaderboard arguments: optuna loads only when they run
 from vision_peft.rundir import CONFIG_FILE, CheckpointError, WriteError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, FileExistsError)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vision_peft.config import EXECUTION_KEYS
     from vision_peft.recipe import apply_overrides, build_run_config, load_recipe, load_run_config, parse_overrides
     from vision_peft.rundir import RunInfo
     from vision_peft.train import run
 
     if args.resume:
-        cfg = load_run_config(args.resume)
-        if args.recipe or args.overrides:
-            raise ValueError("--resume continues a run with its own config.json; give no recipe or overrides")
+        changed = parse_overrides(args.overrides)
+        other = [k for k in _dotted(changed) if k.removeprefix("train.") not in EXECUTION_KEYS or k[:6] != "train."]
+        if args.recipe or other:
+            raise ValueError(
+                "--resume continues a run with its own config.json; give no recipe or overrides other than how it "
+                f"executes ({', '.join('--train.' + k for k in EXECUTION_KEYS)}); got "
+                + (" ".join(f"--{k}" for k in other) if other else f"the recipe {args.recipe}")
+            )
+        if changed:  # how it executes, e.g. --train.tensorboard=false once the event files hit a full disk
+            cfg = build_run_config(apply_overrides(RunInfo.read(args.resume).config, changed))
+        else:
+            cfg = load_run_config(args.resume)
     else:
         if not args.recipe:
             raise ValueError(
@@ -40,6 +50,12 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
     print(run_dir)
     return 0
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of nested overrides: {"train": {"lr": 1}} -> ["train.lr"]."""
+    return [k for key, v in tree.items()
+            for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) and v else [f"{prefix}{key}"])]  # fmt: skip
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -295,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=7860)
     a.add_argument("--auth", help="user:password (required when binding beyond localhost)")
-    sweep.add_cli(sub)
-    leaderboard.add_cli(sub)
+    sweep_cli.add_sweep_parser(sub)
+    sweep_cli.add_leaderboard_parser(sub)
     return p
 
 
@@ -318,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "list": _list,
         "app": _app,
         "serve": _serve,
-        "sweep": sweep.cli_main,
-        "leaderboard": leaderboard.cli_main,
+        "sweep": sweep_cli.cli_main,
+        "leaderboard": sweep_cli.leaderboard_main,
     }
     try:
         return handlers[args.cmd](args)

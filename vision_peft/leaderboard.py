@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from vision_peft import rundir
+from vision_peft import rundir, sweep_cli
 from vision_peft.sweep_study import (
     BEST_FILE,
     DB_FILE,
@@ -358,19 +358,11 @@ def _open(args: argparse.Namespace) -> tuple[optuna.Study, Path]:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``leaderboard`` for ``python -m vision_peft``; the handler is :func:`cli_main` (set as ``func``)."""
-    p = subparsers.add_parser("leaderboard", help="table, leaderboard.csv and a Pareto plot of a sweep")
-    _arguments(p)
+    """``leaderboard`` for ``python -m vision_peft``; the handler is :func:`cli_main` (set as ``func``). The
+    arguments live in :mod:`vision_peft.sweep_cli` (the CLI builds its parser from there without optuna)."""
+    p = sweep_cli.add_leaderboard_parser(subparsers)
     p.set_defaults(func=cli_main)
     return p
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep_dir", nargs="?", help="sweep folder (holding study.db)")
-    p.add_argument("--storage", help="SQLAlchemy URL of the study")
-    p.add_argument("--study", help="study name")
-    p.add_argument("--out", help="where leaderboard.csv / .png go (default: the sweep folder)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -388,7 +380,7 @@ def cli_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m vision_peft.leaderboard …`` until the command is wired into vision_peft.cli."""
     p = argparse.ArgumentParser(prog="python -m vision_peft.leaderboard", description=__doc__.splitlines()[0])
-    _arguments(p)
+    sweep_cli.leaderboard_arguments(p)
     try:
         return cli_main(p.parse_args(argv))
     except (SweepError, LookupError, FileNotFoundError, ValueError) as e:

@@ -5,7 +5,9 @@ This module is part of the torch-free deployment runtime (``vision_peft.deploy``
 
 Formats: PCD (``DATA ascii`` and ``DATA binary``), OFF (mesh vertices, or points sampled on the faces), PLY
 (``ascii``, ``binary_little_endian``, ``binary_big_endian``; the ``vertex`` element), NPY / NPZ, and HDF5 files
-holding ``data`` (S, N, C) and ``label`` (S,) or (S, 1) arrays (the ModelNet40 ``ply_data_*.h5`` layout).
+holding ``data`` (S, N, C) and ``label`` (S,) or (S, 1) arrays (the ModelNet40 ``ply_data_*.h5`` layout). The array
+containers (NPY, NPZ, HDF5), :class:`PointFileError` and the xyz check every reader ends with live in
+:mod:`vision_peft.pointarrays`, re-exported here.
 
 Every reader returns an (N, 3) float32 array of xyz. Bad input raises :class:`PointFileError` naming the file and
 the fix: empty files, NaN/inf coordinates, wrong column counts (xyzrgb / xyz+normals → the first three columns are
@@ -26,14 +28,20 @@ Preprocessing (the order every path uses — training, eval, predict and the ONN
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from vision_peft.pointarrays import (  # noqa: F401  (re-exported: pointio stays the one import for point files)
+    MAX_ARRAY_BYTES,
+    PointFileError,
+    read_h5,
+    read_numpy,
+    to_xyz,
+)
 
 log = logging.getLogger("vision_peft")
 
@@ -42,50 +50,10 @@ UP_AXIS_RULES = ("none", "swap_yz")
 SAMPLING_RULES = ("random", "fps")
 
 
-MAX_ARRAY_BYTES = 2 * 2**30  # an NPZ member or HDF5 dataset larger than this (uncompressed) is refused unread
 MAX_PCD_COUNT = 4096  # the largest COUNT (values per field) a PCD header may give
 
 
-class PointFileError(ValueError):
-    """A point file that cannot be used as given; the message names the file and the fix."""
-
-
 # -- readers --------------------------------------------------------------------------------------------------
-def _xyz(arr: np.ndarray, path: Path, extra_columns: str, names: list[str] | None = None) -> np.ndarray:
-    """Validate an (N, C) numeric array and keep x, y, z."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "iuf":
-        raise PointFileError(
-            f"{path} holds a {arr.dtype} array; point coordinates must be integers or floats (re-export the file)"
-        )
-    if arr.size == 0:
-        raise PointFileError(f"{path} holds no points (empty file); re-export it or remove it from the dataset")
-    if arr.ndim != 2:
-        raise PointFileError(f"{path}: expected an (N, 3) array of xyz points, got shape {arr.shape}")
-    if arr.shape[1] < 3:
-        raise PointFileError(
-            f"{path} has {arr.shape[1]} column(s) per point; point clouds need at least x, y, z (3 columns)"
-        )
-    if arr.shape[1] > 3:
-        cols = ", ".join(names) if names else f"{arr.shape[1]} columns"
-        if extra_columns == "error":
-            raise PointFileError(
-                f"{path} has {arr.shape[1]} columns per point ({cols}), not xyz; drop the extra columns "
-                "(e.g. rgb or normals) or set task.extra_columns=take_xyz to use the first three"
-            )
-        log.warning("%s has %d columns per point (%s): using the first three as x, y, z", path, arr.shape[1], cols)
-        arr = arr[:, :3]
-    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: reported below
-        arr = np.array(arr, dtype=np.float32)  # a copy: never a view into a memory-mapped file
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise PointFileError(
-            f"{path} has {int(bad.sum())} point(s) with NaN/inf coordinates (first at row {int(np.argmax(bad))}), "
-            "values beyond the float32 range included; remove those points from the file (or re-export it)"
-        )
-    return arr
-
-
 def _read_text_lines(path: Path) -> list[str]:
     text = path.read_text(errors="replace")
     if not text.strip():
@@ -158,7 +126,7 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         raise PointFileError(f"{path} holds no points (POINTS 0); re-export it or remove it from the dataset")
     extra = [f for f, c in zip(fields, counts) for _ in range(c) if f not in ("x", "y", "z")]
     if extra and extra_columns == "error":
-        _xyz(np.zeros((1, 3 + len(extra))), path, "error", fields)  # raises with the column names
+        to_xyz(np.zeros((1, 3 + len(extra))), path, "error", fields)  # raises with the column names
     if extra:
         log.warning("%s has fields %s: using x, y, z", path, " ".join(fields))
     if mode == "ascii":
@@ -186,7 +154,7 @@ def read_pcd(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
             f"{path}: PCD 'DATA {mode}' is not supported (ascii and binary are); re-save it uncompressed, e.g. "
             "with pcl_convert_pcd_ascii_binary <in> <out> 1"
         )
-    return _xyz(np.stack(cols, axis=1), path, "take_xyz")
+    return to_xyz(np.stack(cols, axis=1), path, "take_xyz")
 
 
 def _off_faces(body: list[str], nf: int, nv: int, path: Path) -> np.ndarray:
@@ -229,7 +197,7 @@ def read_off(path: Path, extra_columns: str = "take_xyz", surface_points: int = 
     if len(body) < nv:
         raise PointFileError(f"{path}: header says {nv} vertices, the file has {len(body)}")
     rows = [ln.split() for ln in body[:nv]]
-    verts = _xyz(_numeric_table(rows, len(rows[0]), path, "OFF vertex"), path, extra_columns)
+    verts = to_xyz(_numeric_table(rows, len(rows[0]), path, "OFF vertex"), path, extra_columns)
     if surface_points <= 0 or nf == 0:
         return verts
     tris = _off_faces(body[nv:], nf, nv, path)
@@ -247,7 +215,7 @@ def read_off(path: Path, extra_columns: str = "take_xyz", surface_points: int = 
     flip = (u + v) > 1
     u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
     a, b, c = t[pick, 0], t[pick, 1], t[pick, 2]
-    return _xyz(a + u * (b - a) + v * (c - a), path, "take_xyz")
+    return to_xyz(a + u * (b - a) + v * (c - a), path, "take_xyz")
 
 
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -294,7 +262,7 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         raise PointFileError(f"{path}: list properties inside 'vertex' are not supported")
     if len(names) > 3:
         if extra_columns == "error":
-            _xyz(np.zeros((1, len(names))), path, "error", names)
+            to_xyz(np.zeros((1, len(names))), path, "error", names)
         log.warning("%s has vertex properties %s: using x, y, z", path, " ".join(names))
     if fmt == "ascii":
         rows = [r.split() for r in raw[body_start:].decode("ascii", errors="replace").splitlines()[:nv]]
@@ -317,163 +285,7 @@ def read_ply(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
         cols = [rec[a].astype(np.float64) for a in ("x", "y", "z")]
     else:
         raise PointFileError(f"{path}: unknown PLY format {fmt!r} (ascii, binary_little_endian, binary_big_endian)")
-    return _xyz(np.stack(cols, axis=1), path, "take_xyz")
-
-
-# what numpy's NPY header parser raises for a corrupt header (it tokenizes and literal_evals the header text)
-NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, TypeError, KeyError, AttributeError, OverflowError,
-                     RecursionError, tokenize.TokenError)  # fmt: skip
-
-
-def _npy_header(fp, path: Path, available: int) -> tuple[tuple[int, ...], np.dtype, bool]:
-    """Shape, dtype and Fortran order of the NPY stream at ``fp``, checked against the ``available`` bytes."""
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"NPY format version {version} is not supported")
-    except NPY_HEADER_ERRORS as e:
-        raise PointFileError(f"{path} is not a readable numpy file ({e}); re-save it with numpy.save") from None
-    if dtype.hasobject:
-        raise PointFileError(f"{path} holds Python objects ({dtype}); point files must hold plain numbers")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise PointFileError(f"{path}: the NPY header gives the shape {shape}; dimensions must be non-negative")
-    need = math.prod(shape) * dtype.itemsize
-    if need > available - fp.tell():
-        raise PointFileError(
-            f"{path}: the NPY header claims shape {shape} of {dtype} ({need} bytes) but the file holds only "
-            f"{max(0, available - fp.tell())} bytes of data; the file is truncated or corrupt"
-        )
-    return shape, dtype, fortran
-
-
-def _read_npz(path: Path) -> np.ndarray:
-    """The point array of an NPZ archive (key ``points``, ``xyz`` or ``data``, or its only array)."""
-    import zipfile
-    import zlib
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
-            keys = sorted(members)
-            key = next((k for k in ("points", "xyz", "data") if k in members), keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise PointFileError(f"{path}: NPZ keys are {keys}; name the point array 'points' (or keep only one)")
-            info = members[key]
-            if info.file_size > MAX_ARRAY_BYTES:
-                raise PointFileError(
-                    f"{path}: NPZ array {key!r} is {info.file_size} bytes uncompressed, above the "
-                    f"{MAX_ARRAY_BYTES}-byte limit (vision_peft.pointio.MAX_ARRAY_BYTES)"
-                )
-            with z.open(info) as fp:
-                head = io.BytesIO(fp.read(65536 + 16))  # magic + the largest header numpy writes
-                shape, dtype, fortran = _npy_header(head, path, info.file_size)
-                data = head.read() + fp.read()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
-        raise PointFileError(f"{path} is not a readable NPZ archive ({type(e).__name__}: {e})") from None
-    count = math.prod(shape)
-    if len(data) < count * dtype.itemsize:
-        raise PointFileError(f"{path}: NPZ array {key!r} is truncated ({len(data)} of {count * dtype.itemsize} bytes)")
-    arr = np.frombuffer(data, dtype=dtype, count=count)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def read_numpy(path: Path, extra_columns: str = "take_xyz") -> np.ndarray:
-    """NPY (an (N, C) array) or NPZ (key ``points``, ``xyz`` or ``data``, or its only array).
-
-    The header is checked against the file size before any data is read (a header claiming 10^12 points fails at
-    once), NPY data is memory-mapped and only x, y, z are copied out, and nothing is ever unpickled.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
-    with path.open("rb") as fp:
-        magic = fp.read(6)
-        fp.seek(0)
-        if magic.startswith(b"PK"):
-            return _xyz(_read_npz(path), path, extra_columns)
-        if magic != b"\x93NUMPY":
-            raise PointFileError(f"{path} is not a numpy .npy/.npz file (it starts with {magic!r})")
-        shape, dtype, _ = _npy_header(fp, path, size)
-    if math.prod(shape) == 0:
-        raise PointFileError(f"{path} holds no points (shape {shape}); re-export it or remove it from the dataset")
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise PointFileError(f"{path} is not a readable numpy file ({type(e).__name__}: {e})") from None
-    return _xyz(arr, path, extra_columns)
-
-
-def _h5_dataset(f, key: str, path: Path, kinds: str):
-    """``f[key]`` checked: a dataset (not a group) of a numeric kind in ``kinds``, under MAX_ARRAY_BYTES."""
-    import h5py
-
-    ds = f[key]
-    if not isinstance(ds, h5py.Dataset):
-        raise PointFileError(f"{path}: HDF5 '{key}' is a {type(ds).__name__}, not a dataset")
-    if ds.dtype.kind not in kinds:
-        raise PointFileError(f"{path}: HDF5 '{key}' holds {ds.dtype}; it must hold numbers")
-    if ds.size * ds.dtype.itemsize > MAX_ARRAY_BYTES:
-        raise PointFileError(
-            f"{path}: HDF5 '{key}' is {ds.shape} of {ds.dtype} ({ds.size * ds.dtype.itemsize} bytes), above the "
-            f"{MAX_ARRAY_BYTES}-byte limit (vision_peft.pointio.MAX_ARRAY_BYTES); split the file"
-        )
-    return ds
-
-
-def _open_h5(path: Path):
-    try:
-        import h5py
-    except ImportError:
-        raise PointFileError(f"{path}: reading HDF5 needs h5py; pip install h5py") from None
-    if path.stat().st_size == 0:
-        raise PointFileError(f"{path} is empty; re-export it or remove it from the dataset")
-    try:
-        return h5py.File(path, "r")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise PointFileError(f"{path} is not a readable HDF5 file ({e})") from None
-
-
-def read_h5(path: Path, index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """HDF5 with ``data`` (S, N, C) and optionally ``label`` (S,) / (S, 1).
-
-    Args:
-        path: the file.
-        index: read only shape ``index`` of ``data`` (then ``data`` is (1, N, C)); None reads every shape.
-
-    Returns:
-        (data, labels int64 or None).
-    """
-    try:
-        with _open_h5(path) as f:
-            if "data" not in f:
-                raise PointFileError(f"{path}: HDF5 datasets are {list(f.keys())}; point clouds must be in 'data'")
-            ds = _h5_dataset(f, "data", path, "iuf")
-            if ds.ndim not in (2, 3) or ds.shape[0] == 0:
-                raise PointFileError(f"{path}: 'data' must be (shapes, points, 3+), got {ds.shape}")
-            n_shapes = 1 if ds.ndim == 2 else ds.shape[0]
-            if index is not None and not 0 <= index < n_shapes:
-                raise PointFileError(f"{path} holds {n_shapes} shapes; index {index} is out of range")
-            if ds.ndim == 2:
-                data = np.asarray(ds[...])[None]
-            else:
-                data = np.asarray(ds[...] if index is None else ds[index : index + 1])
-            label = None
-            if "label" in f:
-                lab = np.asarray(_h5_dataset(f, "label", path, "iuf")[...]).reshape(-1)
-                if lab.dtype.kind == "f" and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
-                    raise PointFileError(f"{path}: HDF5 'label' holds non-integer values")
-                if len(lab) != n_shapes:
-                    raise PointFileError(f"{path}: 'label' has {len(lab)} entries for {n_shapes} shapes in 'data'")
-                label = lab.astype(np.int64)
-    except (OSError, KeyError, RuntimeError, TypeError) as e:  # h5py's errors for corrupt metadata or data
-        raise PointFileError(f"{path} is not a readable HDF5 file ({type(e).__name__}: {e})") from None
-    if data.ndim != 3 or data.shape[1] == 0:
-        raise PointFileError(f"{path}: 'data' must be (shapes, points, 3+), got {data.shape}")
-    return data, label
+    return to_xyz(np.stack(cols, axis=1), path, "take_xyz")
 
 
 def read_points(path: str | Path, extra_columns: str = "take_xyz", index: int = 0, off_points: int = 0) -> np.ndarray:
@@ -503,7 +315,7 @@ def read_points(path: str | Path, extra_columns: str = "take_xyz", index: int = 
         return read_numpy(path, extra_columns)
     if ext in (".h5", ".hdf5"):
         data, _ = read_h5(path, index)
-        return _xyz(data[0], Path(f"{path}[{index}]"), extra_columns)
+        return to_xyz(data[0], Path(f"{path}[{index}]"), extra_columns)
     raise PointFileError(
         f"{path}: unknown point-cloud extension {ext!r}; supported: {', '.join(POINT_EXTS)} (convert the file)"
     )

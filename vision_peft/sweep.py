@@ -63,8 +63,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from vision_peft import rundir
+from vision_peft import rundir, sweep_cli
 from vision_peft.paths import REPO_ROOT
+from vision_peft.sweep_cli import cli_main  # noqa: F401  (the sweep command: stays importable from here)
 from vision_peft.sweep_study import (  # noqa: F401  (re-exported: the sweep's names stay importable from here)
     BEST_FILE,
     DB_FILE,
@@ -444,72 +445,16 @@ def _run_workers(url: str, name: str, sweep_dir: Path, k: int, device: str | Non
         print(f"warning: {len(bad)} of {k} workers exited with codes {bad}", file=sys.stderr)
 
 
-# -- command line --------------------------------------------------------------------------------------------------
+# -- command line (vision_peft.sweep_cli: the arguments and the handler, importing no optuna) -------------------
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``sweep`` for ``python -m vision_peft``; the handler is :func:`cli_main` (set as ``func``)."""
-    p = subparsers.add_parser("sweep", help="search methods and hyperparameters with Optuna; one run dir per trial")
-    _arguments(p)
-    p.set_defaults(func=cli_main)
-    return p
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="YAML recipe path or name in tasks/")
-    p.add_argument("--space", help="space file (YAML): keys, choices/ranges, per-method sub-spaces, constraints")
-    p.add_argument("--trials", type=int, help="trials in the study in total (an existing study continues)")
-    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite in the sweep folder)")
-    p.add_argument("--study", help="study name (default <recipe>-<space>)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the storage")
-    p.add_argument("--timeout", type=float, help="minutes after which no new trial starts")
-    p.add_argument("--seed", type=int, default=0, help="TPE seed and every trial's train.seed")
-    p.add_argument("--out", help="sweep folder (default runs/sweeps/<study>)")
-    p.add_argument("--device", help="train.device of the trials (default: the recipe's)")
-    p.add_argument("--join", metavar="URL", help="be an extra worker of the study --study in this storage")
-    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # epoch seconds (workers started by a sweep)
-    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a worker's heartbeats")
-    p.add_argument("--no-posthoc", action="store_true", help="evaluate test for the selected best only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """Run the ``sweep`` command (prints the selection as JSON). SIGTERM and Ctrl-C stop the running trial's process
-    group, fail it and queue one retry, then exit 130; user errors propagate (the caller prints them)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _command(args)
-    except KeyboardInterrupt as e:
-        print(f"sweep interrupted ({e or 'Ctrl-C'}): a running trial is failed and queued again", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _command(args: argparse.Namespace) -> int:
-    if args.join:
-        if not args.study:
-            raise SweepError("--join URL needs --study NAME (the study to work on)")
-        ctx = make_context(args.join, args.study, args.out, args.device, args.deadline, args.heartbeat)
-        n = run_worker(ctx, None if args.no_progress else _bar(budget_done(ctx.study)[1]))
-        print(json.dumps({"study": args.study, "trials_run": n}))
-        return 0
-    if not (args.recipe and args.space and args.trials):
-        raise SweepError("sweep needs <recipe> --space FILE --trials N (or --join URL --study NAME)")
-    res = run_sweep(args.recipe, args.space, args.trials, args.storage, args.study, args.workers, args.timeout,
-                    args.seed, args.out, args.device, not args.no_posthoc, not args.no_progress)  # fmt: skip
-    sel = (res["best"] or {}).get("selected")
-    shown = {k: res[k] for k in ("sweep_dir", "study", "leaderboard")} | {"storage": redact(res["storage"])}
-    print(json.dumps(shown | {"selected": sel}, indent=2))
-    return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return sweep_cli.add_sweep_parser(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vision_peft.sweep …`` until the command is wired into vision_peft.cli."""
+    """``python -m vision_peft.sweep …``: the ``sweep`` command on its own (how a sweep starts its extra workers)."""
     p = argparse.ArgumentParser(prog="python -m vision_peft.sweep", description=__doc__.splitlines()[0])
-    _arguments(p)
+    sweep_cli.sweep_arguments(p)
     args = p.parse_args(argv)
     try:
         return cli_main(args)

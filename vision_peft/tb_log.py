@@ -10,7 +10,10 @@ for the HPARAMS tab. Only the process that writes ``metrics.jsonl`` writes here 
 A resume starts a new event file with ``purge_step`` = the checkpoint step + 1: TensorBoard then drops what the
 interrupted run had logged after its checkpoint, as :func:`vision_peft.rundir.truncate_metrics` does for
 ``metrics.jsonl``, so no step appears twice. Every record is flushed at once, and a write that fails (disk full,
-size limit) raises the :class:`~vision_peft.rundir.WriteError` of any run-directory file, naming the event file.
+size limit; in the writer's thread too) raises the :class:`~vision_peft.rundir.WriteError` of any run-directory file,
+naming the event file and saying that ``train.tensorboard=false`` runs without it. The run then stops as it does when
+``metrics.jsonl`` cannot be written: the record is in ``metrics.jsonl``, the last checkpoint is intact, and
+``train --resume <run>`` (with ``--train.tensorboard=false`` while the disk is still full) continues it.
 
 ``tensorboard`` is imported only when a writer is opened (``--help``, predict and export never pay for it).
 """
@@ -127,8 +130,16 @@ class _WriteGuard:
             return False
         err = rundir.os_error_in(e)
         if err is not None:
-            raise rundir.write_error(self.log.event_file() or self.log.folder, err) from e
+            raise rundir.write_error(self.log.event_file() or self.log.folder, err, _off_hint(self.log.folder)) from e
         return False
+
+
+def _off_hint(folder: Path | None) -> str:
+    """What a failed event-file write tells the user besides the cause: the events are a copy, and can be off."""
+    return (
+        f"the TensorBoard events in {folder} only repeat metrics.jsonl: add --train.tensorboard=false to the train "
+        "(or train --resume) command to go on without them"
+    )
 
 
 _HOOK_LOCK = threading.Lock()
