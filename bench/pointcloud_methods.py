@@ -11,7 +11,9 @@ with and without the head, median step time, peak RSS.
     OMP_NUM_THREADS=1 nice -n 10 python bench/pointcloud_methods.py --rows linear,lora,flora --seeds 0 1 2 \\
         --runs-root runs/bench/pointcloud_methods --out bench/results/pointcloud_methods.json
 
-Finished runs under ``--runs-root`` are reused (a row can be added later without re-running the others).
+Finished runs under ``--runs-root`` are reused (a row can be added later without re-running the others), and an
+existing ``--out`` file keeps its other rows: the rows run now replace theirs, the rest stay (only when its seeds
+and epochs are the same; otherwise the script refuses to mix them).
 Caveat: the PointNet weights were trained on ModelNet40, which contains the ten ModelNet10 classes.
 """
 
@@ -36,6 +38,13 @@ ROWS = {  # PointNet's adaptable layers are its Conv1d convs (portable target `c
     "adalora": ["--adapter.name=adalora", "--adapter.init_r=6", "--adapter.target_r=4", "--adapter.tinit=10",
                 "--adapter.tfinal=40", "--adapter.targets=[convs]", "--train.lr=1e-3"],  # ends at LoRA's rank 4
     "full": ["--adapter.name=full", "--train.lr=4e-4"],
+    # LST: a side network at 1/8 width (the paper's r = 8) on PointNet's five conv stages, trained from scratch, so
+    # the linear probe's lr. MP / MP+: 4 heads as the paper, hidden_dim 128 instead of its 512 (fixed in advance for
+    # CPU cost: the projection runs on all 1,024 points of every cloud; 147 second-order dims), PSRP rank 16
+    "lst": ["--adapter.name=lst", "--adapter.reduction=8", "--train.lr=3e-3"],
+    "moment_probing": ["--adapter.name=moment_probing", "--adapter.hidden_dim=128", "--train.lr=3e-3"],
+    "moment_probing_plus": ["--adapter.name=moment_probing_plus", "--adapter.hidden_dim=128", "--adapter.psrp_rank=16",
+                            "--train.lr=3e-3"],
 }
 
 
@@ -87,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r} | {mean:.1f} ± {half:.1f} ({per}) | {p['trainable_no_head']:,} ({p['trainable']:,}) "
               f"| {step:.3f} | {peak:.0f} |")  # fmt: skip
     if args.out:
-        rundir.atomic_write_json(Path(args.out), {"table": table, "runs": runs, "seeds": args.seeds,
-                                                  "epochs": args.epochs})  # fmt: skip
+        out = Path(args.out)
+        old = json.loads(out.read_text()) if out.is_file() else {"table": {}, "runs": {}}
+        kept = [r for r in old.get("table", {}) if r not in table]
+        if kept and (old.get("seeds") != args.seeds or old.get("epochs") != args.epochs):
+            print(f"refusing to merge into {out}: its rows {kept} have seeds {old.get('seeds')}, epochs "
+                  f"{old.get('epochs')}, not {args.seeds}, {args.epochs}; rerun them or pick another --out")  # fmt: skip
+            return 1
+        table = {**{r: old["table"][r] for r in kept}, **table}
+        runs = {**{r: old["runs"][r] for r in kept if r in old.get("runs", {})}, **runs}
+        rundir.atomic_write_json(out, {"table": table, "runs": runs, "seeds": args.seeds, "epochs": args.epochs})
+        print(f"wrote {out}: rows {', '.join(table)} (kept from the file: {', '.join(kept) or 'none'})")
     return 0
 
 

@@ -43,6 +43,7 @@ REFUSALS = {
     "denoiser": r"KIND needs a class-conditional backbone",
     "points": r"needs a point backbone",
     "image": r"needs an image backbone|needs ViT blocks or CNN stages",
+    "image|points": r"needs an image backbone .*or a point backbone|needs ViT blocks, CNN stages or point stages",
 }
 MERGE_TOL = 1e-5
 # scale of the random values given to trainable tensors: PVeRA's update is a product of two scaling vectors on

@@ -162,8 +162,8 @@ def test_a_tiny_training_run_lowers_the_loss(spec: str) -> None:
 
 
 def test_refusals_name_the_backbone_and_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"needs ViT blocks or CNN stages.*'pointnet'.*Supported: timm ViTs"):
-        apply_adapter(tiny("pointnet"), LSTConfig())
+    with pytest.raises(ValueError, match=r"needs ViT blocks, CNN stages or point stages.*'dit:.*Supported: timm ViTs"):
+        apply_adapter(tiny("dit:d1-w32-h2-c3"), LSTConfig())
     with pytest.raises(ValueError, match=r"layers \[6\] outside the 6 ladder points of 'timm:test_vit'"):
         adapted("timm:test_vit", layers=[0, 6])
     with pytest.raises(ValueError, match=r"name a ladder point twice"):
@@ -197,3 +197,123 @@ def test_run_trains_reloads_and_exports_the_side_network(run_cfg, backbone: str)
     manifest = export_run(run_dir, batch_sizes=(1, 2))
     parity = json.loads((Path(run_dir) / "export" / "parity.json").read_text())
     assert manifest["files"] and parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+# -- point backbones -------------------------------------------------------------------------------------------------
+POINT_SPECS = ["pointnet", "pointbert:tiny"]
+
+
+def clouds(n: int = 4, points: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, points, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _side_ids(bb: nn.Module) -> set[int]:
+    return {id(p) for p in bb.lst.parameters()}
+
+
+def test_pointnet_ladders_read_the_stage_outputs() -> None:
+    """Each ladder reads exactly PointNet's per-point stage output relu(bn_i(conv_i x)) (B, C_i, N)."""
+    bb, handle = adapted("pointnet")
+    assert handle.report["layout"] == "points" and handle.report["ladders"] == [0, 1, 2, 3, 4]
+    assert handle.report["widths"] == [[c // 4] for c in (64, 64, 64, 128, 1024)]
+    x = clouds(2)
+    with torch.no_grad(), bb.lst.recording() as taps:
+        type(bb)._features(bb, x)
+        want = bb.forward_intermediates(x, [0, 1, 2, 3, 4])
+    for i, w in enumerate(want):
+        assert torch.equal(nn.functional.relu(taps[i]), w), f"stage {i}"
+
+
+@pytest.mark.parametrize("spec", POINT_SPECS)
+def test_point_backbone_gets_no_gradient_and_runs_without_autograd(spec: str) -> None:
+    bb, handle = adapted(spec)
+    grad_mode: list[bool] = []
+    taps = [m for m in bb.modules() if any(getattr(h, "args", (None,))[0] is bb.lst for h in m._forward_hooks.values())]
+    assert len(taps) == len(bb.lst.ladders)
+    hooks = [m.register_forward_hook(lambda *_: grad_mode.append(torch.is_grad_enabled())) for m in taps]
+    head = nn.Linear(bb.embed_dim, 3)
+    bb.train()
+    out = bb.forward_features(clouds())
+    for h in hooks:
+        h.remove()
+    assert out.shape == (4, bb.embed_dim)
+    assert grad_mode and not any(grad_mode), "the frozen backbone must run under no_grad"
+    nn.functional.cross_entropy(head(out), torch.tensor([0, 1, 2, 0])).backward()
+    side = _side_ids(bb)
+    for n, p in bb.named_parameters():
+        if id(p) in side:
+            assert p.requires_grad and p.grad is not None, n
+        else:
+            assert not p.requires_grad and p.grad is None, f"backbone tensor {n} got a gradient"
+
+
+@pytest.mark.parametrize("spec", POINT_SPECS)
+def test_point_side_is_order_invariant(spec: str) -> None:
+    """The side network pools like the backbone (max over points / tokens): shuffling a PointNet cloud's points
+    leaves the feature unchanged (PointBERT's FPS start point depends on the order, so only PointNet is exact)."""
+    bb, _ = adapted(spec)
+    x = clouds(2)
+    perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = bb.forward_features(x), bb.forward_features(x[:, perm])
+    assert torch.isfinite(a).all()
+    if spec == "pointnet":
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", POINT_SPECS)
+def test_a_point_training_step_changes_only_the_side_network(spec: str) -> None:
+    bb, _ = adapted(spec)
+    before = {n: p.detach().clone() for n, p in bb.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in bb.named_buffers()}
+    head = nn.Linear(bb.embed_dim, 2)
+    opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-2)
+    bb.eval()  # frozen BatchNorm statistics stay (the tasks' set_train_mode does the same)
+    loss = nn.functional.cross_entropy(head(bb.forward_features(clouds())), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    side = {n for n, p in bb.named_parameters() if id(p) in _side_ids(bb)}
+    for n, p in bb.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == (n in side), f"{n} moved={moved}"
+    assert all(torch.equal(b, buffers[n]) for n, b in bb.named_buffers())
+
+
+@pytest.mark.parametrize("spec", POINT_SPECS)
+def test_point_side_network_saves_and_reloads(spec: str, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bb, _ = adapted(spec)
+    with torch.no_grad():
+        for p in bb.lst.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in bb.lst.state_dict().items()}, tmp_path / "lst.safetensors")
+    fresh, _ = adapted(spec, seed=7)  # another random side network
+    x = clouds(2, seed=4)
+    with torch.no_grad():
+        assert not torch.allclose(fresh.forward_features(x), bb.forward_features(x))
+        fresh.lst.load_state_dict(load_file(tmp_path / "lst.safetensors"), strict=True)
+        assert torch.equal(fresh.forward_features(x), bb.forward_features(x))
+
+
+def test_point_refusals_name_the_valid_range() -> None:
+    with pytest.raises(ValueError, match=r"reduction=3 does not divide the width 64 of point stage 0.*'pointnet'"):
+        adapted("pointnet", reduction=3)
+    with pytest.raises(ValueError, match=r"layers \[5\] outside the 5 ladder points of 'pointnet'.*0\.\.4"):
+        adapted("pointnet", layers=[5])
+    bb, _ = adapted("pointnet")
+    with pytest.raises(ValueError, match=r"LST on 'pointnet' needs point clouds \(B, N, 3\) with N >= 1.*num_points"):
+        bb.forward_features(torch.zeros(2, 0, 3))
+    bb, handle = adapted("pointnet", layers=[-2, -1])  # the last two stages only: the side starts at conv4's output
+    assert handle.report["ladders"] == [3, 4]
+    with torch.no_grad():
+        assert bb.forward_features(clouds(2)).shape == (2, 1024)
+
+
+def test_pointbert_side_blocks_are_pruned_from_its_blocks() -> None:
+    bb, handle = adapted("pointbert:tiny")
+    assert handle.report["layout"] == "tokens" and handle.report["init"] == "pruned from the backbone blocks"
+    for lad, blk in zip(bb.lst.ladders, bb.blocks.blocks, strict=True):
+        keep = lad.down.weight.argmax(1)
+        assert torch.equal(lad.block.norm1.weight, blk.norm1.weight[keep])
+        assert _rows_of(lad.block.qkv.weight, blk.attn.qkv.weight[:, keep])

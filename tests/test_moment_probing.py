@@ -33,7 +33,7 @@ _BUILT: dict[str, nn.Module] = {}
 
 def frozen(spec: str) -> nn.Module:
     if spec not in _BUILT:
-        kw = {"image_size": SIZE} if spec != "pointnet" else {}
+        kw = {"image_size": SIZE} if spec.startswith(("timm", "open_clip", "effnet")) else {}
         _BUILT[spec] = build_backbone(BackboneConfig(name=spec, pretrained=False, **kw)).eval().requires_grad_(False)
     return copy.deepcopy(_BUILT[spec])
 
@@ -257,9 +257,121 @@ def test_a_single_position_map_is_applied_with_a_warning(caplog: pytest.LogCaptu
     assert "position(s)" not in caplog.text
 
 
-def test_non_image_backbones_are_refused() -> None:
-    with pytest.raises(ValueError, match="needs an image backbone"):
-        apply_adapter(frozen("pointnet"), mp())
+def test_backbones_without_images_or_points_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"needs an image backbone .* or a point backbone .*'dit:d1-w32-h2-c3'"):
+        apply_adapter(frozen("dit:d1-w32-h2-c3"), mp())
+
+
+# -- point backbones -------------------------------------------------------------------------------------------------
+POINTS = ["pointnet", "pointbert:tiny"]
+
+
+def clouds(n: int = 2, points: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, points, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def point_tokens(bb: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The per-point features before the global pool, from the backbone's own API (not the adapter's hooks)."""
+    if bb.spec == "pointnet":
+        return bb.forward_intermediates(x, [-1])[0].transpose(1, 2)  # (B, 1024, N) -> (B, N, 1024)
+    return bb.tokens(x)[:, 1:]  # PointBERT: normed patch tokens, the CLS token dropped
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("spec", POINTS)
+def test_point_first_order_is_the_frozen_feature_and_second_order_reads_the_points(spec: str, plus: bool) -> None:
+    ref = frozen(spec)
+    bb = copy.deepcopy(ref)
+    handle = apply_adapter(bb, mp_plus() if plus else mp())
+    x = clouds()
+    with torch.no_grad():
+        out, want = bb.forward_features(x), ref.forward_features(x)
+        second = bb.moment_probe.mhc3(point_tokens(ref, x))  # PSRP starts as the identity: the frozen tokens
+    d = ref.embed_dim
+    assert handle.report["first_order_dim"] == d and bb.embed_dim == d + handle.report["second_order_dim"]
+    assert torch.equal(out[:, :d], want), "the first-order part must be exactly the frozen pooled feature"
+    assert torch.allclose(out[:, d:], second, atol=1e-6)
+    if spec == "pointnet":  # every point is a token; its width is the last stage's 1,024 channels
+        assert handle.report["tokens"] == ref.data_config["num_points"] and handle.report["token_width"] == 1024
+
+
+def test_pointnet_psrp_recalibrates_every_conv_stage() -> None:
+    bb = frozen("pointnet")
+    handle = apply_adapter(bb, mp_plus())
+    assert handle.report["psrp_blocks"] == 5 and handle.touched == ["moment_probe", "psrp"]
+    x = clouds()
+    with torch.no_grad():
+        before = bb.forward_features(x)
+        for i, unit in enumerate(bb.psrp):
+            assert unit.down.in_features == unit.up_scale.out_features == (64, 64, 64, 128, 1024)[i]
+            unit.up_shift.weight.normal_(0, 0.1)
+            unit.up_scale.weight.normal_(0, 0.1)
+            out = bb.forward_features(x)
+            assert not torch.allclose(out[:, :1024], before[:, :1024]), f"PSRP of stage {i + 1} changes nothing"
+            before = out
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_a_pointnet_training_step_changes_only_the_adapter(plus: bool) -> None:
+    bb = frozen("pointnet")
+    apply_adapter(bb, mp_plus() if plus else mp())
+    before = {n: p.detach().clone() for n, p in bb.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in bb.named_buffers()}
+    head = nn.Linear(bb.embed_dim, 2)
+    trainable = [p for p in bb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable + list(head.parameters()), lr=1e-2)
+    loss = F.cross_entropy(head(bb.forward_features(clouds(4))), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    adapter = ("moment_probe.", "psrp.") if plus else ("moment_probe.",)
+    for n, p in bb.named_parameters():
+        assert p.requires_grad == n.startswith(adapter), n
+        assert (not torch.equal(p, before[n])) == n.startswith(adapter), f"{n} moved wrongly"
+    assert all(torch.equal(b, buffers[n]) for n, b in bb.named_buffers())
+
+
+@pytest.mark.parametrize("spec", POINTS)
+def test_point_adapter_state_saves_and_reloads(spec: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bb = frozen(spec)
+    apply_adapter(bb, mp_plus())
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.contiguous() for k, v in bb.state_dict().items() if k.startswith(("moment_probe.", "psrp."))}
+    save_file(state, tmp_path / "mp.safetensors")
+    fresh = frozen(spec)
+    apply_adapter(fresh, mp_plus())
+    x = clouds(seed=2)
+    with torch.no_grad():
+        assert not torch.allclose(fresh.forward_features(x), bb.forward_features(x))
+        missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "mp.safetensors"), strict=False)
+        assert not unexpected and not [k for k in missing if k.startswith(("moment_probe.", "psrp."))]
+        assert torch.equal(fresh.forward_features(x), bb.forward_features(x))
+    twin = copy.deepcopy(fresh)  # a copy widens through its own probe (the wrapped _features is rebound)
+    with torch.no_grad():
+        proj = twin.moment_probe.mhc3.proj.weight  # (a bias shift would vanish in the groups' LayerNorm)
+        proj.add_(0.1 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(5)))
+        assert not torch.allclose(twin.forward_features(x), fresh.forward_features(x))
+        assert torch.equal(fresh.forward_features(x), bb.forward_features(x))
+
+
+def test_point_refusals_name_the_valid_range() -> None:
+    bb = frozen("pointnet")
+    apply_adapter(bb, mp())
+    with pytest.raises(ValueError, match=r"Moment Probing on 'pointnet' needs point clouds \(B, N, 3\) with N >= 2"):
+        bb.forward_features(clouds(points=1))
+    with pytest.raises(ValueError, match=r"width 64 \('pointbert:tiny'\).*hidden_dim must lie in \[28, 64\]"):
+        apply_adapter(frozen("pointbert:tiny"), mp(hidden=128))
+    with pytest.raises(ValueError, match=r"width 1024 \('pointnet'\).*\[28, 1024\]"):
+        apply_adapter(frozen("pointnet"), mp(hidden=2048))
+    one = frozen("pointnet")
+    one.data_config = {**one.data_config, "num_points": 1}
+    with pytest.raises(ValueError, match=r"1 point token\(s\); MHC³ needs >= 2.*task.num_points >= 2"):
+        apply_adapter(one, mp())
+    assert not hasattr(one, "moment_probe")
 
 
 def test_recipe_fields_are_checked(run_cfg) -> None:

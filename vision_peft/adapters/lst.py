@@ -17,6 +17,13 @@ How it maps onto vision backbones (the paper tunes T5 / CLIP-T5):
   resolutions, 16/24/40/112/320 channels), a 1×1 conv ladder to c_i/r channels, a strided 3×3 conv carrying the side
   state to the next level's resolution and channels, and a light residual block (depthwise 3×3 + pointwise 1×1,
   GroupNorm, ReLU); the last state is averaged over space and up-projected to ``embed_dim``.
+- PointNet (point backbones, ``vision_peft.adapters.point_sites``): one ladder per per-point stage (conv1..conv5 +
+  BN + ReLU, 64/64/64/128/1024 channels, each (B, C_i, N)): the ReLU'd stage output through a 1×1 Conv1d to
+  C_i/r channels, a 1×1 Conv1d carry when the side width changes, and a residual per-point MLP (two 1×1 Conv1d,
+  GroupNorm, ReLU) — PointNet's own layer type at 1/r width, every point independent as in the backbone. The last
+  state is max-pooled over points (PointNet's symmetric pooling, so the side stays order-invariant) and
+  up-projected to ``embed_dim`` (1,024), so the task head is unchanged. PointBERT: its blocks as ViT blocks (pruned
+  side blocks over the 1 + G tokens), the last state max-pooled over tokens.
 
 Where this implementation differs:
 
@@ -26,7 +33,11 @@ Where this implementation differs:
   per head the q/k and the v coordinates of largest |W|, and the fc1 units of largest |W|; layer norms keep the same
   coordinates, and the ladder starts as the selection of the kept residual coordinates (the official code starts it
   at random), so step 0 feeds each pruned block the coordinates it was pruned for. CNN side blocks start at random
-  (PyTorch's default init): an inverted-residual stage has no block of the side's shape to prune from.
+  (PyTorch's default init): an inverted-residual stage has no block of the side's shape to prune from. PointNet
+  side blocks start at random too: a residual per-point MLP fed by a ladder has no backbone layer of its shape
+  (PointNet's convs are not residual), and pruning conv_i's rows would not give the side's input columns.
+- PointNet is not a stack of blocks the paper's side could mirror one-to-one; the side has one block per conv
+  stage, and its final max-pool (not T5-LST's mean) keeps the permutation invariance of the backbone.
 - The first ladder has a gate too (its side state before is zero; T5-LST starts the side from a down-projected
   embedding instead); gates start at α = 0, T = 0.1 (σ = 0.5), as the official code's defaults.
 - No side-network layer dropping (the paper's best T5 runs drop some side layers): choose ``layers`` instead.
@@ -53,6 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.adapters.base import ADAPTERS, AdapterHandle
+from vision_peft.adapters.point_sites import (
+    check_points,
+    is_pointnet,
+    point_side_parts,
+    pointbert_blocks,
+    pointnet_stages,
+    probe_input,
+)
 
 
 @dataclass
@@ -117,7 +136,7 @@ class Ladder(nn.Module):
         self.down, self.carry, self.block = down, carry, block
         self.alpha = nn.Parameter(torch.full((1,), float(cfg.gate_alpha)))
         self.temperature = cfg.gate_temperature
-        self.state_shape = shape  # the side state it outputs, without batch: tokens (N, d/r), cnn (c/r, h, w)
+        self.state_shape = shape  # side state out, no batch: tokens (N, d/r), cnn (c/r, h, w), points (c/r,) × N
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha / self.temperature)
@@ -130,10 +149,11 @@ class Ladder(nn.Module):
 class LSTSide(nn.Module):
     """The ladders, the side network's output (norm, pool, up-projection), and the recording of the taps."""
 
-    def __init__(self, ladders: list[Ladder], layout: str, embed_dim: int) -> None:
+    def __init__(self, ladders: list[Ladder], layout: str, embed_dim: int, pool: str = "mean") -> None:
         super().__init__()
         self.ladders = nn.ModuleList(ladders)
-        self.layout = layout  # tokens | cnn
+        self.layout = layout  # tokens | cnn | points
+        self.pool = pool  # tokens: mean (images) | max (point backbones' symmetric pooling)
         width = ladders[-1].state_shape[-1 if layout == "tokens" else 0]
         self.norm = nn.LayerNorm(width) if layout == "tokens" else nn.Identity()  # cnn: the blocks end in a norm
         self.up = nn.Linear(width, embed_dim)
@@ -160,10 +180,14 @@ class LSTSide(nn.Module):
                 f"LST ladders recorded {present} of {len(self.ladders)}: the frozen forward skipped some"
             )
         start, ref = present[0], taps[present[0]]
-        state = ref.new_zeros(ref.shape[0], *self.ladders[max(0, start - 1)].state_shape)  # no side state yet
+        points = (ref.shape[-1],) if self.layout == "points" else ()  # a per-point state is (B, C', N)
+        state = ref.new_zeros(ref.shape[0], *self.ladders[max(0, start - 1)].state_shape, *points)  # no side state
         for i in present:
             state = self.ladders[i](taps[i], state)
-        pooled = self.norm(state).mean(1) if self.layout == "tokens" else state.mean((2, 3))  # (B,N,d')|(B,C',h,w)
+        if self.layout == "tokens":
+            pooled = self.norm(state).amax(1) if self.pool == "max" else self.norm(state).mean(1)  # (B,N,d')->(B,d')
+        else:  # points: PointNet's symmetric max over points (B,C',N)->(B,C'); cnn: average (B,C',h,w)->(B,C')
+            pooled = state.amax(2) if self.layout == "points" else state.mean((2, 3))
         return self.up(pooled)  # (B, d') -> (B, embed_dim)
 
 
@@ -186,7 +210,7 @@ def _block_weights(block: nn.Module) -> dict[str, torch.Tensor | None] | None:
             qkv_w, qkv_b = block.attn.in_proj_weight, block.attn.in_proj_bias
         else:
             return None
-        heads = int(block.attn.num_heads)
+        heads = int(block.attn.num_heads if hasattr(block.attn, "num_heads") else block.attn.heads)  # PointBERT
     except AttributeError:
         return None
     if not all(isinstance(m, nn.Linear) for m in (proj, fc1, fc2)) or not isinstance(qkv_w, torch.Tensor):
@@ -243,6 +267,12 @@ def prune_into(side: SideAttentionBlock, w: dict, heads: int) -> torch.Tensor:
 # -- building ------------------------------------------------------------------------------------------------------
 def _taps(backbone: nn.Module) -> tuple[str, list[nn.Module]]:
     """(layout, the modules whose outputs the ladders read, in order) of a backbone, or a refusal naming it."""
+    if getattr(backbone, "kind", "") == "points":
+        if is_pointnet(backbone):
+            return "points", pointnet_stages(backbone)  # bn1..bn5: the stages' outputs before their ReLU
+        blocks = pointbert_blocks(backbone)
+        if blocks is not None:
+            return "tokens", blocks
     tb = backbone.token_blocks() if hasattr(backbone, "token_blocks") else None
     if tb is not None:
         return "tokens", list(tb[0])
@@ -254,9 +284,10 @@ def _taps(backbone: nn.Module) -> tuple[str, list[nn.Module]]:
     if names and all(isinstance(n, str) for n in names) and getattr(backbone, "kind", "") == "image":
         return "cnn", [model.get_submodule(n) for n in names]  # timm's feature levels (Lite0: blocks.0/1/2/4/6)
     raise ValueError(
-        f"LST needs ViT blocks or CNN stages to ladder from; {getattr(backbone, 'spec', type(backbone).__name__)!r} "
-        "exposes neither. Supported: timm ViTs and open_clip image towers (token blocks), EfficientNet-Lite0 and timm "
-        "CNNs with feature_info (feature levels). Use lora or linear instead"
+        f"LST needs ViT blocks, CNN stages or point stages to ladder from; "
+        f"{getattr(backbone, 'spec', type(backbone).__name__)!r} exposes none. Supported: timm ViTs and open_clip image "
+        "towers (token blocks), EfficientNet-Lite0 and timm CNNs with feature_info (feature levels), PointNet (conv "
+        "stages) and PointBERT (blocks). Use lora or linear instead"
     )
 
 
@@ -283,7 +314,8 @@ def _divide(width: int, r: int, what: str, spec: str) -> int:
 
 @torch.no_grad()
 def _probe(backbone: nn.Module, taps: list[nn.Module]) -> list[torch.Size]:
-    """Shapes (without batch) of the tapped outputs on one zero image, in eval mode (no statistics move)."""
+    """Shapes (without batch) of the tapped outputs on one zero image (point cloud), in eval mode (no statistics
+    move)."""
     shapes: dict[int, torch.Size] = {}
 
     def keep(i: int, _m: nn.Module, _a, out) -> None:
@@ -294,7 +326,9 @@ def _probe(backbone: nn.Module, taps: list[nn.Module]) -> list[torch.Size]:
     p = next(backbone.parameters())
     try:
         backbone.eval()
-        backbone.forward_features(torch.zeros(1, 3, *backbone.input_size, device=p.device, dtype=p.dtype))
+        points = getattr(backbone, "kind", "") == "points"
+        x = probe_input(backbone) if points else torch.zeros(1, 3, *backbone.input_size, device=p.device, dtype=p.dtype)
+        backbone.forward_features(x)
     finally:
         backbone.train(was)
         for h in hooks:
@@ -346,6 +380,8 @@ def _cnn_ladders(cfg: LSTConfig, shapes, spec: str) -> list[Ladder]:
 
 def _lst_features(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's pooled features with LST: the frozen forward under no_grad, then the side network."""
+    if self.lst.layout == "points" or self.lst.pool == "max":
+        check_points(x, 1, "LST", self.spec)
     with torch.no_grad(), self.lst.recording() as taps:
         type(self)._features(self, x)
     return self.lst(taps)
@@ -360,10 +396,10 @@ def _lst_from_grid(self: nn.Module, grid: torch.Tensor, stage: int | None = None
 
 @ADAPTERS.register(
     "lst", config_cls=LSTConfig, help="ladder side-tuning: a gated side network next to the no-grad frozen backbone",
-    requires=("image", "pooled"), spec={"reduction": 4},  # the side network replaces the pooled features
+    requires=("image|points", "pooled"), spec={"reduction": 4},  # the side network replaces the pooled features
 )  # fmt: skip
 def apply_lst(backbone: nn.Module, cfg: LSTConfig) -> AdapterHandle:
-    """Attach a ladder side network to the ViT blocks / CNN feature levels of an image backbone."""
+    """Attach a ladder side network to the ViT blocks / CNN feature levels / point stages of a backbone."""
     spec = getattr(backbone, "spec", type(backbone).__name__)
     layout, modules = _taps(backbone)
     chosen = _choose(len(modules), cfg.layers, spec)
@@ -374,14 +410,19 @@ def apply_lst(backbone: nn.Module, cfg: LSTConfig) -> AdapterHandle:
         torch.manual_seed(cfg.seed)
         if layout == "tokens":
             ladders, pruned = _token_ladders(cfg, modules, shapes, spec)
+        elif layout == "points":
+            parts = point_side_parts([int(s[0]) for s in shapes], cfg.reduction, functools.partial(_divide, spec=spec))
+            ladders, pruned = [Ladder(d, c, b, (ch,), cfg) for d, c, b, ch in parts], False
         else:
             ladders, pruned = _cnn_ladders(cfg, shapes, spec), False
-        side = LSTSide(ladders, layout, backbone.embed_dim).to(device=p.device, dtype=p.dtype)
+        pool = "max" if getattr(backbone, "kind", "") == "points" else "mean"
+        side = LSTSide(ladders, layout, backbone.embed_dim, pool).to(device=p.device, dtype=p.dtype)
     backbone.lst = side
     for i, m in enumerate(modules):
         m.register_forward_hook(functools.partial(LSTSide.record, side, i))
     backbone._features = types.MethodType(_lst_features, backbone)
-    backbone.forward_from_grid = types.MethodType(_lst_from_grid, backbone)
+    if hasattr(backbone, "forward_from_grid"):  # image backbones (MVP's path); point backbones have none
+        backbone.forward_from_grid = types.MethodType(_lst_from_grid, backbone)
     n = sum(t.numel() for t in side.parameters())
     report = {
         "layout": layout, "ladders": chosen, "widths": [list(lad.state_shape) for lad in ladders],

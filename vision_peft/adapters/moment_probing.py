@@ -22,7 +22,15 @@ accordingly, so the head built after it sees the concatenation. The unpooled fea
 pooled vector), timm ViTs at the final ``norm`` (tokens, prefix tokens dropped) with the widened vector leaving
 ``head_drop``, open_clip image towers at the transformer's output with the widened vector leaving the tower. The
 first ``embed_dim`` entries are exactly the frozen backbone's pooled feature (MP+ at init too). A shape probe (one
-forward of a zero image at apply time) reads the token count and width. Not mergeable (a new head branch, like
+forward of a zero image at apply time) reads the token count and width.
+
+Point backbones (sites in ``vision_peft.adapters.point_sites``): the tokens are the per-point features before the
+global pool — PointNet's last stage, relu(bn5(conv5 x)) as (B, N, 1024), read by a hook on ``bn5``; PointBERT's
+normed patch tokens (B, G, D), its CLS token dropped — and the first-order part is the backbone's own pooled
+feature (PointNet's max-pool, PointBERT's [CLS; max]), exactly the frozen one: ``_features`` is wrapped on this
+instance, since no module emits the pooled vector. MP+'s PSRP recalibrates each of PointNet's five Conv1d+BN
+stages per point (a hook on ``bn_i``: scale and shift from the conv output, zero-init), PointBERT's blocks' MLP as
+on a ViT. Clouds with fewer than 2 points are refused (one point's cross second-moment is one outer product). Not mergeable (a new head branch, like
 VPT); the ONNX export carries the hooks in the graph.
 
 Where this implementation differs:
@@ -41,12 +49,14 @@ Where this implementation differs:
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vision_peft.adapters import point_sites
 from vision_peft.adapters.base import ADAPTERS, AdapterHandle
 
 CONV_K, CONV_S = 3, 2  # the two MHC³ convolutions: 3×3 kernels, stride 2, no padding (official code)
@@ -135,7 +145,7 @@ class MomentProbe(nn.Module):
     def __init__(self, mhc3: MHC3, layout: str, prefix: int) -> None:
         super().__init__()
         self.mhc3 = mhc3
-        self.layout = layout  # map: (B, C, H, W) | tokens: (B, L, D) | tokens_lbd: (L, B, D)
+        self.layout = layout  # map: (B, C, H, W) | tokens: (B, L, D) | tokens_lbd: (L, B, D) | points: (B, C, N)
         self.prefix = prefix  # leading prefix tokens (class / register) that are not part of the token set
         self._tokens: torch.Tensor | None = None
 
@@ -143,6 +153,8 @@ class MomentProbe(nn.Module):
         """The unpooled features as a token set (B, N, C)."""
         if self.layout == "map":
             return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        if self.layout == "points":  # PointNet's last stage before its ReLU (the hook sits on bn5)
+            return F.relu(x).transpose(1, 2)  # (B, C, N) -> (B, N, C)
         if self.layout == "tokens_lbd":
             x = x.transpose(0, 1)  # (L, B, D) -> (B, L, D)
         if x.dim() == 4:
@@ -193,7 +205,11 @@ class PSRPUnit(nn.Module):
 
 # -- where the features live, per backbone family ------------------------------------------------------------------
 def _sites(backbone: nn.Module) -> tuple[str, int, list[tuple[str, str]]]:
-    """(layout, prefix tokens, [(hook, module name)]) of the hooks that read and widen the features."""
+    """(layout, prefix tokens, [(hook, module name)]) of the hooks that read and widen the features; on a point
+    backbone the widening replaces its ``_features`` on this instance instead (no module emits the pooled vector)."""
+    if getattr(backbone, "kind", "") == "points":
+        name, layout, prefix = point_sites.mp_token_site(backbone)
+        return layout, prefix, [("tap", name)]
     model = getattr(backbone, "model", None)
     if model is not None and isinstance(getattr(model, "global_pool", None), nn.Module):  # timm CNNs
         return "map", 0, [("pool", "model.global_pool")]
@@ -218,6 +234,8 @@ def _sites(backbone: nn.Module) -> tuple[str, int, list[tuple[str, str]]]:
 
 def _psrp_targets(backbone: nn.Module) -> list[tuple[str, int]]:
     """(module name, channel dim) of every branch PSRP recalibrates: ViT blocks' MLP, CNN blocks' last projection."""
+    if getattr(backbone, "kind", "") == "points":
+        return point_sites.psrp_targets(backbone)
     tb = backbone.token_blocks()
     names = {m: n for n, m in backbone.named_modules()}
     if tb is not None:
@@ -247,7 +265,10 @@ def _probe(backbone: nn.Module, module: nn.Module, layout: str, pool: bool) -> t
     backbone.eval()
     try:
         p = next(backbone.parameters())
-        backbone.forward_features(torch.zeros(1, 3, *backbone.input_size, device=p.device, dtype=p.dtype))
+        if getattr(backbone, "kind", "") == "points":
+            backbone.forward_features(point_sites.probe_input(backbone))
+        else:
+            backbone.forward_features(torch.zeros(1, 3, *backbone.input_size, device=p.device, dtype=p.dtype))
     finally:
         h.remove()
         backbone.train(was_training)
@@ -261,15 +282,24 @@ def _probe(backbone: nn.Module, module: nn.Module, layout: str, pool: bool) -> t
                 f"feature out of it, got {shape} -> {pooled}"
             )
         return shape[2] * shape[3], shape[1]
+    if layout == "points":
+        return shape[2], shape[1]  # (B, C, N): N points of width C
     n = shape[1] * shape[2] if len(shape) == 4 else shape[0 if layout == "tokens_lbd" else 1]
     return n, shape[-1]
 
 
+def _point_features(self: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """A point backbone's pooled feature with MP: the backbone's own (first order), then MHC³ of the tokens."""
+    point_sites.check_points(points, point_sites.MIN_POINTS, "Moment Probing", self.spec)
+    return self.moment_probe.sink_hook(self, (points,), type(self)._features(self, points))
+
+
 def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> AdapterHandle:
-    if getattr(backbone, "kind", "") != "image" or not hasattr(backbone, "token_blocks"):
+    points = getattr(backbone, "kind", "") == "points"
+    if not points and (getattr(backbone, "kind", "") != "image" or not hasattr(backbone, "token_blocks")):
         raise ValueError(
-            f"Moment Probing needs an image backbone (ViT blocks or CNN stages); "
-            f"{getattr(backbone, 'spec', type(backbone).__name__)!r} is not one"
+            f"Moment Probing needs an image backbone (ViT blocks or CNN stages) or a point backbone (PointNet, "
+            f"PointBERT); {getattr(backbone, 'spec', type(backbone).__name__)!r} is neither"
         )
     layout, prefix, sites = _sites(backbone)
     first = backbone.get_submodule(sites[0][1])
@@ -278,6 +308,12 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
     if n < 1:
         raise ValueError(
             f"Moment Probing: {backbone.spec!r} yields {n} tokens after {prefix} prefix tokens; it needs >= 1"
+        )
+    if points and n < point_sites.MIN_POINTS:
+        raise ValueError(
+            f"Moment Probing on {backbone.spec!r}: the final features have {n} point token(s); MHC³ needs >= "
+            f"{point_sites.MIN_POINTS} (a second moment over one point is one outer product). Fix: task.num_points "
+            f">= {point_sites.MIN_POINTS}"
         )
     if n < 2:  # allowed (the tiny test backbones at 32² end in a 1×1 map), but say what it means
         log.warning(
@@ -297,7 +333,8 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
         targets = _psrp_targets(backbone)
         if not targets:
             raise ValueError(
-                f"MP+ needs ViT blocks with an MLP or CNN blocks with a final BatchNorm projection; {backbone.spec!r} "
+                f"MP+ needs ViT blocks with an MLP, CNN blocks with a final BatchNorm projection or PointNet's "
+                f"Conv1d+BN stages; {backbone.spec!r} "
                 "has none. Use adapter moment_probing (MP without PSRP)"
             )
         units = []
@@ -316,6 +353,8 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
         backbone.psrp.to(device=p.device, dtype=p.dtype)
     for role, name in sites:
         backbone.get_submodule(name).register_forward_hook(getattr(probe, f"{role}_hook"))
+    if points:  # the sink: the backbone's own pooled feature, widened (a deep copy rebinds the method)
+        backbone._features = types.MethodType(_point_features, backbone)
     backbone.embed_dim = int(backbone.embed_dim) + probe.mhc3.out_dim
     report["second_order_dim"] = probe.mhc3.out_dim
     return AdapterHandle(cfg.name, touched=touched, report=report)
@@ -324,7 +363,7 @@ def _apply(backbone: nn.Module, cfg: MomentProbingConfig, plus: bool) -> Adapter
 def _branch_dims(mod: nn.Module, name: str) -> tuple[int, int]:
     """(input, output) width of a branch PSRP recalibrates: a CNN block's final BatchNorm, or a transformer block's
     MLP (its first Linear's input, its last Linear's output)."""
-    if isinstance(mod, nn.BatchNorm2d):
+    if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
         return mod.num_features, mod.num_features
     linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -336,7 +375,7 @@ TINY = {"hidden_dim": 32, "heads": 4}  # groups of 8: one 1×1 output per cross-
 
 
 @ADAPTERS.register(
-    "moment_probing", config_cls=MomentProbingConfig, requires=("image", "pooled"), spec=TINY,
+    "moment_probing", config_cls=MomentProbingConfig, requires=("image|points", "pooled"), spec=TINY,
     help="Moment Probing (MP): linear head on first-order + MHC³ second-order features",
 )  # fmt: skip
 def apply_moment_probing(backbone: nn.Module, cfg: MomentProbingConfig) -> AdapterHandle:
@@ -345,7 +384,7 @@ def apply_moment_probing(backbone: nn.Module, cfg: MomentProbingConfig) -> Adapt
 
 
 @ADAPTERS.register(
-    "moment_probing_plus", config_cls=MomentProbingPlusConfig, requires=("image", "pooled"),
+    "moment_probing_plus", config_cls=MomentProbingPlusConfig, requires=("image|points", "pooled"),
     spec={**TINY, "psrp_rank": 4},
     help="MP+: Moment Probing plus PSRP scale-and-shift recalibration in every block",
 )  # fmt: skip
