@@ -2,7 +2,8 @@
 
 Pick a recipe and its data, tick the methods (the adapter registry filtered by the sweep's own compatibility check,
 :func:`vision_peft.recipe.compatible_adapters`, so the tab and the CLI agree); each ticked method gets a small
-default search (a log range around the recipe's learning rate, its rank-like size at half/same/double) written
+default search (a log range around the recipe's learning rate, its size fields at half/same/double, only values
+its config accepts together and whose model builds on the backbone, and targets the backbone has) written
 into a real space file in the sweep folder, validated by :func:`vision_peft.sweep_space.load_space` before the
 sweep starts. The leaderboard and the Pareto plot (:mod:`vision_peft.leaderboard`) refresh from the study while it
 runs; Export best exports the best trial's run directory. Sweeps re-attach after a reload (app/sweep_jobs.py).
@@ -11,6 +12,9 @@ runs; Export best exports the best trial's run directory. Sweeps re-attach after
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,10 @@ from vision_peft.paths import REPO_ROOT, resolve_data_path  # noqa: E402
 
 # tasks whose predict panel ranks class labels or answers queries: a val top-1 / accuracy to rank trials on
 SWEEP_PANELS = ("ranked_images", "support_query", "ranked_points")
-SIZE_FIELDS = ("r", "num_tokens", "pad")  # rank-like adapter fields searched at half / same / double
+# size-like adapter fields searched at half / same / double (AdaLoRA's init_r stays: target_r is searched below it)
+SIZE_FIELDS = ("r", "num_tokens", "pad", "target_r", "reduction", "hidden_dim")
+WIDTH_FIELDS = ("hidden_dim",)  # size fields bounded by the backbone's feature width (Moment Probing's projection)
+TARGET_GROUPS = ("qkv", "conv_pw", "mlp")  # portable groups tried in turn when the recipe names no targets
 TABLE = ["rank", "trial", "method", "hyperparameters", "state", "val", "trainable", "step s", "note"]
 
 
@@ -58,25 +65,112 @@ def methods_for(recipe: str) -> list[str]:
     return compatible_adapters(backbone, task)
 
 
+@functools.lru_cache(maxsize=8)
+def _random_backbone(backbone_json: str) -> Any:
+    """The backbone of a config, built once with random weights (shapes and module names are all that matter)."""
+    from vision_peft.backbones import build_backbone
+    from vision_peft.config import BackboneConfig
+
+    return build_backbone(
+        dataclasses.replace(BackboneConfig(**json.loads(backbone_json)), pretrained=False, weights=None)
+    )
+
+
+def _backbone_json(rdata: dict[str, Any]) -> str:
+    from vision_peft.recipe import build_run_config
+
+    return json.dumps(dataclasses.asdict(build_run_config(rdata).backbone), sort_keys=True)
+
+
+def backbone_facts(rdata: dict[str, Any]) -> tuple[int, frozenset[str]]:
+    """(feature width ``embed_dim``, portable target groups) of the recipe's backbone (built once per config)."""
+    bb = _random_backbone(_backbone_json(rdata))
+    return int(bb.embed_dim), frozenset(bb.target_groups)
+
+
+def _valid(cls: type, fields: dict[str, Any]) -> bool:
+    """The adapter's config class accepts these field values (its ``__post_init__`` holds the joint rules)."""
+    try:
+        cls(**fields)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def size_choices(cls: type, own: dict[str, Any], width: int) -> dict[str, list[int]]:
+    """Half / same / double of every SIZE_FIELDS field (the recipe's value, else the default; WIDTH_FIELDS first
+    capped at the backbone's feature width), kept only where every combination is a config the class accepts and
+    no width-bound value exceeds the width. Fields are added in declaration order, each value checked against every
+    combination of the fields before it, so the sweep cannot sample an invalid pair (e.g. AdaLoRA target_r > init_r)."""
+    base = {f.name: own[f.name] for f in dataclasses.fields(cls) if f.name in own and f.name != "name"}
+    out: dict[str, list[int]] = {}
+    for f in dataclasses.fields(cls):
+        d = base.get(f.name, f.default)
+        if f.name not in SIZE_FIELDS or isinstance(d, bool) or not isinstance(d, int):
+            continue
+        if f.name in WIDTH_FIELDS:
+            d = min(d, width)
+        combos = [dict(zip(out, c, strict=True)) for c in itertools.product(*out.values())]
+        keep = [v for v in sorted({max(1, d // 2), d, 2 * d})
+                if (f.name not in WIDTH_FIELDS or v <= width)
+                and all(_valid(cls, {**base, **c, f.name: v}) for c in combos)]  # fmt: skip
+        if keep:
+            out[f.name] = keep
+    return out
+
+
 def default_search(method: str, rdata: dict[str, Any]) -> dict[str, Any]:
-    """A method's small sub-space: ``train.lr`` log range [lr/3, 3·lr] around the recipe's, its size field (if any)
-    at half / same / double (the recipe's value when it is the recipe's method, else the adapter's default), and
-    the recipe's ``targets`` carried over to another method that has targets."""
+    """A method's small sub-space: ``train.lr`` log range [lr/3, 3·lr] around the recipe's, its size fields
+    (:func:`size_choices`, from the recipe's values when it is the recipe's method, else the adapter's defaults;
+    a value whose model does not build on the recipe's backbone is dropped, :func:`_builds`), and its targets: the recipe's carried over to another method that has targets, or — when the recipe names none
+    and the adapter's default groups are not on this backbone — the first of TARGET_GROUPS the backbone has."""
     from vision_peft.adapters import ADAPTERS
 
     lr = float((rdata.get("train") or {}).get("lr") or 1e-3)
     out: dict[str, Any] = {"train.lr": {"low": float(f"{lr / 3:.3g}"), "high": float(f"{lr * 3:.3g}"), "log": True}}
     cls = ADAPTERS.get(method).config_cls
-    own = rdata.get("adapter") or {}
-    own = own if isinstance(own, dict) and own.get("name") == method else {}
-    recipe_targets = (rdata.get("adapter") or {}).get("targets") if isinstance(rdata.get("adapter"), dict) else None
-    for f in dataclasses.fields(cls) if cls else []:
-        if f.name in SIZE_FIELDS and isinstance(own.get(f.name, f.default), int):
-            d = int(own.get(f.name, f.default))
-            out[f"adapter.{f.name}"] = sorted({max(1, d // 2), d, 2 * d})
-        elif f.name == "targets" and recipe_targets and not own:
-            out["adapter.targets"] = [list(recipe_targets)]
+    if cls is None:
+        return out
+    section = rdata.get("adapter") if isinstance(rdata.get("adapter"), dict) else {}
+    own = section if section.get("name") == method else {}
+    width, groups = backbone_facts(rdata)
+    targets = next((f for f in dataclasses.fields(cls) if f.name == "targets"), None)
+    if targets is not None and not own:
+        if section.get("targets"):
+            out["adapter.targets"] = [list(section["targets"])]
+        else:
+            default = targets.default_factory() if targets.default_factory is not dataclasses.MISSING else []
+            if default and not set(default) <= groups:
+                pick = next((g for g in TARGET_GROUPS if g in groups), None)
+                if pick is not None:
+                    out["adapter.targets"] = [[pick]]
+    fixed = {k: v[0] for k, v in out.items() if k.startswith("adapter.")}
+    rjson = json.dumps(rdata, sort_keys=True, default=str)
+    for k, values in size_choices(cls, own, width).items():
+        built = [v for v in values if _builds(rjson, method, json.dumps({**fixed, f"adapter.{k}": v}))]
+        if built:
+            out[f"adapter.{k}"] = built
     return out
+
+
+@functools.lru_cache(maxsize=512)
+def _builds(rdata_json: str, method: str, overrides_json: str) -> bool:
+    """The adapter with these dotted overrides applies to (a copy of) the recipe's backbone, so its own checks
+    against the backbone pass: LST's reduction divides every tapped width, a pad leaves an image, MP's hidden_dim
+    fits the feature width … (random weights; the task's data is not read)."""
+    import copy
+
+    from vision_peft.adapters import apply_adapter
+    from vision_peft.config import ConfigError
+    from vision_peft.sweep_space import trial_config
+
+    rdata = json.loads(rdata_json)
+    try:
+        cfg = trial_config(rdata, {"adapter.name": method, **json.loads(overrides_json)})
+        apply_adapter(copy.deepcopy(_random_backbone(_backbone_json(rdata))), cfg.adapter)
+    except (ConfigError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def build_space(rdata: dict[str, Any], methods: list[str], epochs: int = 0, max_steps: int = 0) -> str:

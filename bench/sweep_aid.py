@@ -7,6 +7,12 @@ small search, one epoch per trial). Two phases, so a CPU budget can bound each w
     OMP_NUM_THREADS=1 timeout 62m python bench/sweep_aid.py run --trials 14 --timeout-min 52   # took 29 min
     OMP_NUM_THREADS=1 timeout 10m python bench/sweep_aid.py report                             # took 2 min
 
+``--space`` sweeps another space file on the same recipe (its folder ``runs/sweeps/<stem>/``, its results
+``bench/results/sweep_aid_<stem without aid->.*``), e.g. the PET family (issue 16)::
+
+    OMP_NUM_THREADS=1 python bench/sweep_aid.py run --space tasks/sweeps/aid-pet-family.yaml --trials 9
+    OMP_NUM_THREADS=1 python bench/sweep_aid.py report --space tasks/sweeps/aid-pet-family.yaml   # sweep_aid_pet_family
+
 ``run`` trains the trials (their run directories under ``runs/sweeps/aid-methods/trials/``; they never see the
 test split: trials train with ``task.split.test=0``); ``report`` selects the best on val, evaluates the test split
 once for it and — post hoc, not used for selection — for each method's best, and writes
@@ -28,7 +34,8 @@ from vision_peft.leaderboard import select_best, write_leaderboard
 from vision_peft.sweep import load_study, run_sweep, storage_url
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP_DIR = ROOT / "runs" / "sweeps" / "aid-methods"
+RECIPE = "classification-aid"
+DEFAULT_SPACE = "tasks/sweeps/aid-methods.yaml"
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -92,15 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("phase", choices=["run", "report"])
     p.add_argument("--trials", type=int, default=14)
     p.add_argument("--timeout-min", type=float, default=None, help="no new trial after this many minutes")
-    p.add_argument("--out", default=str(SWEEP_DIR))
+    p.add_argument("--space", default=DEFAULT_SPACE, help="space file (repo-relative); default: the seven-method one")
+    p.add_argument("--out", default=None, help="sweep folder; default runs/sweeps/<space stem>")
+    p.add_argument("--name", default=None, help="results prefix under bench/results; default sweep_aid for the "
+                   "default space, else sweep_aid_<space stem without aid->")  # fmt: skip
+    p.add_argument("--title", default=None, help="heading of the .md (report)")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    space = Path(args.space)
+    space_file = space if space.is_absolute() else ROOT / space
+    if not space_file.is_file():
+        p.error(f"--space {args.space}: no such file; give a space file such as {DEFAULT_SPACE}")
+    stem = space_file.stem
+    out = Path(args.out) if args.out else ROOT / "runs" / "sweeps" / stem
     if args.phase == "run":
-        res = run_sweep("classification-aid", ROOT / "tasks" / "sweeps" / "aid-methods.yaml", args.trials, out=out,
-                        timeout_min=args.timeout_min, device="cpu", select=False)  # fmt: skip
+        res = run_sweep(RECIPE, space_file, args.trials, out=out, timeout_min=args.timeout_min, device="cpu",
+                        select=False)  # fmt: skip
         print(json.dumps(res, indent=2, default=str))
+    elif args.space == DEFAULT_SPACE and args.name is None and args.title is None:
+        report(out, f"{RECIPE}-{stem}")  # the committed sweep_aid results
     else:
-        report(out, "classification-aid-aid-methods")
+        name = args.name or "sweep_aid_" + stem.removeprefix("aid-").replace("-", "_")
+        title = args.title or f"Sweep on AID: EfficientNet-Lite0, {args.space}, selection on val (bench/sweep_aid.py)"
+        report(out, f"{RECIPE}-{stem}", name=name, space=args.space, title=title)
     return 0
 
 

@@ -310,3 +310,34 @@ def test_stopped_worker_stops_its_trial_and_queues_a_retry(tmp_path: Path, aid_r
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
     assert json.loads((out / "trials" / "0" / STATE_FILE).read_text())["state"] == "failed"
+
+
+PET_FAMILY = ("flora", "hut", "capaboost", "adalora", "moment_probing", "moment_probing_plus", "lst")
+
+
+def test_aid_pet_family_space_loads_and_every_configuration_builds() -> None:
+    """tasks/sweeps/aid-pet-family.yaml (bench/sweep_aid.py --space): the PET family next to lora and linear on
+    classification-aid; every method compatible with the recipe, every structural combination an adapter that
+    applies to the recipe's backbone (random weights; the adapters' own checks against the backbone run)."""
+    import dataclasses
+    import itertools
+
+    from vision_peft.sweep_space import compatible, recipe_data, trial_config
+    from vision_peft.tasks.base import build_adapted_backbone
+
+    path = Path(__file__).resolve().parent.parent / "tasks" / "sweeps" / "aid-pet-family.yaml"
+    space = load_space(path, "classification-aid")  # preflight on
+    _, rdata = recipe_data("classification-aid")
+    base = trial_config(rdata, space.fixed)
+    assert set(PET_FAMILY) | {"lora", "linear"} == set(space.methods)
+    assert base.train.epochs == 1
+    assert all(p.key.startswith("train.") for p in space.common)
+    for m in space.methods:
+        assert compatible(m, base.backbone.name, base.task.name), m
+        structural = [p for p in space.conditional[m] if not p.key.startswith("train.")]
+        for combo in itertools.product(*[[(p.key, v) for v in p.choices] for p in structural]):
+            cfg = trial_config(rdata, {**space.fixed, "adapter.name": m, **dict(combo)})
+            cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=False, weights=None))
+            backbone, _, _ = build_adapted_backbone(cfg)  # a combination the backbone refuses fails here
+            trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+            assert (trainable == 0) == (m == "linear"), (m, combo, trainable)
