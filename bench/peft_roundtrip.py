@@ -16,7 +16,10 @@ Cases (each on real AID test images of the run's split, plus 4 random inputs):
 4. timm ViT AdaLoRA, ours → peft (issue 16): a short AdaLoRA run (init_r 12 → target_r 4 on qkv + mlp, tinit 1,
    tfinal 2, so the budget masks two thirds of the triplets), its live λ replaced by seeded random values
    (``--lambda-std``; a few-step λ is ~1e-3), exported as a peft ADALORA folder (masks = rank_pattern);
-   ``PeftModel.from_pretrained`` logits vs the run's, and the triplet count in the file vs the run's masks.
+   ``PeftModel.from_pretrained`` logits vs the run's, and the triplet count in the file vs the run's masks. Then the
+   reverse: a peft AdaLoraModel (same targets and schedule) trained by peft for the same steps on the run's AID
+   train images (cross-entropy, ``update_and_allocate`` after each step, so its own RankAllocator masks triplets),
+   ``save_pretrained``, ``import_peft``; the imported run's logits vs PeftModel's.
 
 Weights: ``vit_small_patch16_224`` and open_clip ``ViT-B-32`` weights are not available offline here
 (``$VISION_PEFT_WEIGHTS`` holds none, the HF cache is empty), so both run with random-init weights (seed 0) at 224²
@@ -280,7 +283,9 @@ def adalora_case(args, root: Path, backbone: dict) -> dict:
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / "timm-adalora-peft")).eval()
     ours = model.logits(x)
     live = sum(int(m.sum()) for m in masks.values())
+    back = _peft_trained_adalora(args, root, run_dir, cfg, base, backbone, adapter, x, n_real, plain)
     return {
+        "peft_to_ours": back,
         **_stats(ours, pm(x), model.head(plain.forward_features(x)), n_real),
         "compared": "logits: run (load_run) vs PeftModel.from_pretrained(timm model, ADALORA dir)(x)",
         "adapter": adapter, "train_steps": args.adalora_steps, "lambda": f"live λ seeded random, std {args.lambda_std}",
@@ -289,6 +294,52 @@ def adalora_case(args, root: Path, backbone: dict) -> dict:
         "rank_per_module_range": [min(summary["rank_per_module"].values()), max(summary["rank_per_module"].values())],
         "max_abs_masked_lambda_as_trained": trained_masked_abs, "masked_but_nonzero": summary["masked_but_nonzero"],
         "export_seconds": round(t_export, 2), "files_bytes": summary["files"],
+    }  # fmt: skip
+
+
+def _peft_trained_adalora(args, root, run_dir, cfg, base, backbone, adapter, x, n_real, plain) -> dict:
+    """peft → ours: an AdaLoraModel trained by peft (its RankAllocator's masks), imported, compared with PeftModel."""
+    import peft
+
+    from vision_peft.peft_import import import_peft
+    from vision_peft.predict import load_run
+    from vision_peft.preprocess import image_spec, preprocess_batch
+
+    split = json.loads((run_dir / "split.json").read_text())
+    files = list(split["train"])
+    classes = list(load_run(run_dir)[1].classes)
+    labels = torch.tensor([classes.index(Path(f).parent.name) for f in files])  # folder-per-class AID
+    imgs = torch.from_numpy(preprocess_batch(files, image_spec(plain.data_config, resize=cfg.task.resize)))
+    steps, names = args.adalora_steps, ["qkv", "fc1", "fc2"]
+    pcfg = peft.AdaLoraConfig(init_r=adapter["init_r"], target_r=adapter["target_r"], lora_alpha=adapter["alpha"],
+                              target_modules=names, total_step=steps, tinit=adapter["tinit"], tfinal=adapter["tfinal"],
+                              deltaT=adapter["deltaT"], modules_to_save=["head"])  # fmt: skip
+    pm = peft.get_peft_model(copy.deepcopy(base), pcfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    with torch.enable_grad():
+        pm.train()
+        for step in range(steps):
+            idx = torch.randperm(len(files), generator=g)[:4]
+            torch.nn.functional.cross_entropy(pm(imgs[idx]), labels[idx]).backward()
+            opt.step()
+            pm.base_model.update_and_allocate(step)
+            opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(str(root / "timm-adalora-hf"))
+    pattern = json.loads((root / "timm-adalora-hf" / "adapter_config.json").read_text())["rank_pattern"] or {}
+    sets = [f"backbone.{k}={json.dumps(v) if v is not None else 'null'}" for k, v in backbone.items() if k != "name"]
+    t0 = time.perf_counter()
+    imp = import_peft(root / "timm-adalora-hf", backbone["name"], "classification-tiny", root / "timm-adalora-imp",
+                      classes=classes, overrides=sets)  # fmt: skip
+    t_import = time.perf_counter() - t0
+    _, _, model2, _ = load_run(root / "timm-adalora-imp")
+    return {
+        **_stats(model2.logits(x), pm(x), model2.head(plain.forward_features(x)), n_real),
+        "compared": "logits: PeftModel (AdaLoRA trained by peft, update_and_allocate) vs the imported run (load_run)",
+        "peft_train": f"{steps} AdamW steps (lr 1e-2, batch 4) on the run's AID train images, seed 5",
+        "triplets_live_in_peft": sum(sum(v) for v in pattern.values()), "triplets_initial": adapter["init_r"] * len(pattern),
+        "imported_ranks": imp["ranks"], "import_seconds": round(t_import, 2),
     }  # fmt: skip
 
 
@@ -344,7 +395,10 @@ def main(argv=None) -> int:
         diffs += [report["open_clip_fused_mha"][d]["image_features"]["max_abs_diff"]
                   for d in ("ours_to_peft", "peft_to_ours")]  # fmt: skip
     if "timm_vit_adalora" in report:
-        diffs.append(report["timm_vit_adalora"]["max_abs_diff"])
+        diffs += [
+            report["timm_vit_adalora"]["max_abs_diff"],
+            report["timm_vit_adalora"]["peft_to_ours"]["max_abs_diff"],
+        ]
     worst = max(diffs)
     print(f"worst max |Δ| over the {len(diffs)} round-trips: {worst:.3g}", file=sys.stderr)
     return 0 if worst < 1e-4 and np.isfinite(worst) else 1

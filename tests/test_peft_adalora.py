@@ -174,3 +174,88 @@ def test_weight_space_adalora_is_refused_with_the_reason(tmp_path) -> None:
         export_peft(run_dir, tmp_path / "never")
     assert "export" in str(e.value) and str(run_dir) in str(e.value)
     assert not (tmp_path / "never").exists()
+
+
+# -- peft → ours -----------------------------------------------------------------------------------------------------
+IMPORT_SETS = ["backbone.pretrained=false", f"backbone.image_size={TINY_IMAGE_SIZE}"]
+
+
+def _imported_vs_peft(run_dir: Path, peft_dir: Path) -> tuple[float, float, float]:
+    """(max |Δ| imported run vs PeftModel logits, max |ours|, max |ours − frozen|) on 5 fresh random inputs."""
+    return _ours_vs_peft(run_dir, peft_dir, seed=11)
+
+
+def test_exported_adalora_imports_back_with_its_masks(adalora_run) -> None:
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import PARITY_ATOL, export_peft
+
+    run_dir, root = adalora_run
+    _enlarge(run_dir, seed=3)
+    export_peft(run_dir, root / "peft-rt")
+    summary = import_peft(root / "peft-rt", "timm:test_vit", "classification-tiny", root / "imported-rt",
+                          overrides=IMPORT_SETS)  # fmt: skip
+    assert summary["adapter"] == "adalora" and summary["init_r"] == 3 and summary["classes_from"].endswith("metadata")
+    ours, back = _our_layers(run_dir), _our_layers(root / "imported-rt")
+    assert sorted(ours) == sorted(back)
+    for n, t in ours.items():
+        torch.testing.assert_close(back[n].mask, t.mask)
+        live = t.mask > 0
+        assert float(back[n].lora_A.detach()[~live].abs().sum()) == 0.0  # absent from the file: zeros
+        torch.testing.assert_close(back[n].lora_E.detach(), t.lora_E.detach())
+    diff, biggest, effect = _imported_vs_peft(root / "imported-rt", root / "peft-rt")
+    assert effect > 1e-2 and diff <= PARITY_ATOL * max(1.0, biggest)
+
+
+@pytest.fixture(scope="module")
+def peft_trained(tmp_path_factory) -> tuple[Path, dict]:
+    """A peft AdaLoraModel trained by peft itself (6 steps, update_and_allocate, masks from its RankAllocator)."""
+    root = tmp_path_factory.mktemp("peft-made")
+    base = _plain_timm(3)
+    pcfg = peft.AdaLoraConfig(init_r=3, target_r=1, lora_alpha=4, target_modules=["qkv", "fc1"], total_step=6,
+                              tinit=1, tfinal=2, deltaT=1, modules_to_save=["head"])  # fmt: skip
+    pm = peft.get_peft_model(base, pcfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=g)
+        loss = torch.nn.functional.cross_entropy(pm(x), torch.randint(0, 3, (4,), generator=g))
+        loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.save_pretrained(str(root / "peft"))
+    return root, json.loads((root / "peft" / "adapter_config.json").read_text())
+
+
+def test_peft_trained_adalora_imports_with_equal_logits(peft_trained) -> None:
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import PARITY_ATOL
+
+    root, conf = peft_trained
+    pattern = conf["rank_pattern"]
+    assert pattern and any(not all(v) for v in pattern.values()), "peft's allocation must have masked triplets"
+    summary = import_peft(root / "peft", "timm:test_vit", "classification-tiny", root / "imported",
+                          classes=["Beach", "Forest", "Port"], overrides=IMPORT_SETS)  # fmt: skip
+    assert summary["parity"]["max_abs_diff"] <= PARITY_ATOL * max(1.0, summary["parity"]["max_abs_output"])
+    back = _our_layers(root / "imported")
+    assert "Imported from the peft AdaLoRA adapter folder" in (root / "imported" / "README.md").read_text()
+    assert {f"{n}.lora_E": [bool(v) for v in (t.mask > 0).tolist()] for n, t in back.items()} == pattern
+    diff, biggest, effect = _imported_vs_peft(root / "imported", root / "peft")
+    assert effect > 1e-3 and diff <= PARITY_ATOL * max(1.0, biggest)
+
+
+def test_rank_pattern_that_does_not_fit_the_tensors_is_refused(peft_trained, tmp_path) -> None:
+    import shutil
+
+    from vision_peft.peft_import import import_peft
+    from vision_peft.peft_interop import PeftInteropError
+
+    root, conf = peft_trained
+    shutil.copytree(root / "peft", tmp_path / "peft")
+    key = next(k for k, v in sorted(conf["rank_pattern"].items()) if not all(v))
+    conf["rank_pattern"][key] = [True] * len(conf["rank_pattern"][key])  # a higher rank than the file holds
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(PeftInteropError, match=r"adapter_model\.safetensors.*do not fit"):
+        import_peft(tmp_path / "peft", "timm:test_vit", "classification-tiny", tmp_path / "run",
+                    classes=["Beach", "Forest", "Port"], overrides=IMPORT_SETS)  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
-"""AdaLoRA → Hugging Face ``peft``'s ``AdaLoraConfig`` (peft_type ``ADALORA``) for
-:func:`vision_peft.peft_interop.export_peft`: a faithful AdaLoRA export, not a LoRA with λ folded in.
+"""AdaLoRA ↔ Hugging Face ``peft``'s ``AdaLoraConfig`` (peft_type ``ADALORA``): :func:`adalora_peft_model` for
+:func:`vision_peft.peft_interop.export_peft` (a faithful AdaLoRA export, not a LoRA with λ folded in), and
+:func:`read_adalora` / :func:`fill_adalora` for :func:`vision_peft.peft_import.import_peft` (the reverse).
 
 Ours (``vision_peft/adapters/adalora.py``) and peft 0.21.2's ``SVDLinear`` hold the same triplets: Q = ``lora_A``
 (init_r × fan_in), λ = ``lora_E`` (ours (init_r,), peft's (init_r, 1)), P = ``lora_B`` (fan_out × init_r). What maps
@@ -21,6 +22,11 @@ to what, from peft's ``tuners/adalora`` (layer.py, model.py):
   ``total_step`` is the run's total optimizer steps (peft requires it, it matters only for further training). The
   sensitivity averages (Ī, Ū) are not exported: peft does not save its ``RankAllocator``'s state either.
 
+The reverse reads the same mapping backwards: init_r, lora_alpha, the schedule and ``rank_pattern`` become our
+AdaLoRA config and masks; the triplets a pattern pruned are not in peft's file, so they come back as zeros (mask 0,
+no effect on outputs; in further training they could not revive, as their P and Q are lost). Only ``nn.Linear``
+targets import.
+
 Loading warns twice, harmlessly (peft 0.21.2): its generic LoRA check says the ``rank_pattern`` keys "did not match
 any targeted module" (they name ``<module>.lora_E``, the form peft's own ``RankAllocator`` writes and its AdaLoRA
 resize reads), and rank-0 layers' zero-sized tensors are flagged as possibly unsharded (ZeRO-3 / FSDP).
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -138,3 +145,73 @@ def adalora_peft_model(model: nn.Module, base: nn.Module, layout: _Layout, cfg: 
     return pm, filled, {"target_modules": len(names), "ranks": sorted(set(ranks)), "triplets": sum(ranks),
                         "rank_per_module": dict(zip(names, ranks)), "masked_but_nonzero": masked_nonzero,
                         "init_r": ac.init_r, "total_step": total}  # fmt: skip
+
+
+# -- peft → ours (vision_peft.peft_import.import_peft on a peft_type ADALORA folder) ------------------------------
+def read_adalora(data: dict, lib_tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module], matched: list[str],
+                 layout: _Layout, cfg_path: Path, w_path: Path) -> tuple[dict[str, tuple], dict, set[str]]:  # fmt: skip
+    """A peft ADALORA folder's tensors → (our module name → (A, λ, B, mask) at init_r, our adapter section, the
+    tensor keys used). Triplets the ``rank_pattern`` pruned are absent from peft's file: they come back as zeros with
+    mask 0 (no effect; such a run predicts / exports exactly, but those triplets cannot revive in further training).
+    λ is rescaled from peft's lora_alpha / (init_r + 1e-5) to our alpha / init_r.
+
+    Raises:
+        PeftInteropError: a non-Linear target, a missing tensor, a rank_pattern entry that does not fit the tensors
+            or names no target (each naming the file and the fix).
+    """
+    init_r, alpha = data.get("init_r"), data.get("lora_alpha")
+    if not isinstance(init_r, int) or init_r < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise PeftInteropError(f"{cfg_path}: init_r ({init_r!r}) must be a positive int and lora_alpha ({alpha!r}) "
+                               "positive; save the adapter again with peft's save_pretrained")  # fmt: skip
+    pattern = dict(data.get("rank_pattern") or {})
+    stray = sorted(set(pattern) - {f"{n}.lora_E" for n in matched})
+    if stray:
+        raise PeftInteropError(
+            f"{cfg_path}: rank_pattern names {stray[:3]}, which are no target of this adapter on {layout.family} "
+            "(keys are <module>.lora_E); save config and weights together"
+        )
+    ratio = (alpha / (init_r + PEFT_RANKNUM_EPS)) / (alpha / init_r)  # peft's scale / ours
+    factors, used = {}, set()
+    for n in matched:
+        mod = modules[n]
+        if not isinstance(mod, nn.Linear):
+            raise PeftInteropError(f"{cfg_path}: target {n} is a {type(mod).__name__}; vision_peft imports AdaLoRA on "
+                                   "nn.Linear modules only (peft's SVDConv2d is not reproduced); re-train with Linear "
+                                   "targets")  # fmt: skip
+        keys = [f"{n}.{t}" for t in ("lora_A", "lora_E", "lora_B")]
+        missing = [k for k in keys if k not in lib_tensors]
+        if missing:
+            raise PeftInteropError(f"{w_path} lacks base_model.model.{missing[0]} for target {n}; save config and "
+                                   "weights together with save_pretrained")  # fmt: skip
+        a, e, b = (lib_tensors[k].float() for k in keys)
+        used |= set(keys)
+        live = pattern.get(f"{n}.lora_E", [True] * init_r)
+        fan_out, fan_in = mod.weight.shape
+        r = a.shape[0] if a.dim() == 2 else -1
+        fits = isinstance(live, list) and len(live) == init_r and all(isinstance(v, bool) for v in live)
+        if not fits or sum(live) != r or a.shape[1] != fan_in or e.shape != (r, 1) or b.shape != (fan_out, r):
+            raise PeftInteropError(
+                f"{w_path}: {n} holds lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)}, lora_B {tuple(b.shape)}; "
+                f"{cfg_path} says init_r {init_r} with rank_pattern {live if isinstance(live, list) else '?'} and the "
+                f"layer is {fan_out}×{fan_in}: they do not fit (another model size, or config and weights not saved "
+                "together)"
+            )
+        keep = torch.tensor(live)
+        full_a, full_e, full_b = torch.zeros(init_r, fan_in), torch.zeros(init_r), torch.zeros(fan_out, init_r)
+        full_a[keep], full_e[keep], full_b[:, keep] = a, e[:, 0] * ratio, b
+        factors[layout.prefix + n] = (full_a, full_e, full_b, keep.float())
+    schedule = {k: data[k] for k in ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight") if k in data}
+    section = {"name": "adalora", "init_r": init_r, "target_r": min(int(data.get("target_r") or init_r), init_r),
+               "alpha": float(alpha), "targets": sorted(factors), "seed": 0, **schedule}  # fmt: skip
+    return factors, section, used
+
+
+@torch.no_grad()
+def fill_adalora(model: nn.Module, factors: dict[str, tuple]) -> None:
+    """Copy :func:`read_adalora`'s triplets and masks into a freshly built AdaLoRA model."""
+    for name, (a, e, b, mask) in factors.items():
+        t = model.backbone.get_submodule(name).factors
+        t.lora_A.copy_(a)
+        t.lora_E.copy_(e)
+        t.lora_B.copy_(b)
+        t.mask.copy_(mask)

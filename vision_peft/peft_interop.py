@@ -42,7 +42,7 @@ update as an activation-path conv with the base's padding, which differs from ti
 grouped kernels), and an ``out_proj`` update inside open_clip's MHA (above).
 
 :func:`vision_peft.peft_import.import_peft` reverses it for peft LoRA folders on Linear and fused-MHA targets (``use_rslora`` maps
-exactly: our alpha = lora_alpha · √r), writing a run directory (config.json, adapter.safetensors, model card)
+exactly: our alpha = lora_alpha · √r) and AdaLoRA folders on Linear targets, writing a run directory (config.json, adapter.safetensors, model card)
 that ``predict`` / ``eval`` / ``export`` load like any run. Both directions check themselves against
 ``PeftModel`` on random inputs before anything is written (``parity`` in the summary; the folder is assembled in a
 temporary folder and renamed into place only when it passes).
