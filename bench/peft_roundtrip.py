@@ -15,11 +15,11 @@ Cases (each on real AID test images of the run's split, plus 4 random inputs):
    update inside ``nn.MultiheadAttention`` — measured how peft applies it (vs W + BA and W + 2BA).
 4. timm ViT AdaLoRA, ours → peft (issue 16): a short AdaLoRA run (init_r 12 → target_r 4 on qkv + mlp, tinit 1,
    tfinal 2, so the budget masks two thirds of the triplets), its live λ replaced by seeded random values
-   (``--lambda-std``; a few-step λ is ~1e-3), exported as a peft ADALORA folder (masks = rank_pattern);
-   ``PeftModel.from_pretrained`` logits vs the run's, and the triplet count in the file vs the run's masks. Then the
-   reverse: a peft AdaLoraModel (same targets and schedule) trained by peft for the same steps on the run's AID
-   train images (cross-entropy, ``update_and_allocate`` after each step, so its own RankAllocator masks triplets),
-   ``save_pretrained``, ``import_peft``; the imported run's logits vs PeftModel's.
+   (``--lambda-std``; a few-step λ is at most ~steps × lr under AdamW), exported as a peft ADALORA folder
+   (masks = rank_pattern); ``PeftModel.from_pretrained`` logits vs the run's, and the triplet count in the file vs
+   the run's masks. Then the reverse: a peft AdaLoraModel (same targets and schedule) trained by peft for the same
+   steps on the run's AID train images (cross-entropy, ``update_and_allocate`` after each step, so its own
+   RankAllocator masks triplets), ``save_pretrained``, ``import_peft``; the imported run's logits vs PeftModel's.
 
 Weights: ``vit_small_patch16_224`` and open_clip ``ViT-B-32`` weights are not available offline here
 (``$VISION_PEFT_WEIGHTS`` holds none, the HF cache is empty), so both run with random-init weights (seed 0) at 224²
@@ -266,6 +266,7 @@ def adalora_case(args, root: Path, backbone: dict) -> dict:
     masks = {k[: -len(".mask")]: v > 0 for k, v in sd.items() if k.endswith("adalora.mask")}
     masked = [sd[k + ".lora_E"][~m].abs() for k, m in masks.items()]
     trained_masked_abs = float(torch.cat(masked).max()) if sum(len(v) for v in masked) else 0.0
+    trained_live_abs = float(torch.cat([sd[k + ".lora_E"][m].abs() for k, m in masks.items()]).max())
     for k, m in masks.items():
         e = sd[k + ".lora_E"]
         sd[k + ".lora_E"] = torch.where(m, torch.randn(e.shape, generator=g) * args.lambda_std, e)
@@ -288,11 +289,13 @@ def adalora_case(args, root: Path, backbone: dict) -> dict:
         "peft_to_ours": back,
         **_stats(ours, pm(x), model.head(plain.forward_features(x)), n_real),
         "compared": "logits: run (load_run) vs PeftModel.from_pretrained(timm model, ADALORA dir)(x)",
-        "adapter": adapter, "train_steps": args.adalora_steps, "lambda": f"live λ seeded random, std {args.lambda_std}",
+        "adapter": adapter, "train_steps": args.adalora_steps,
+        "lambda": f"live λ seeded random, std {args.lambda_std}",
         "peft_type": conf["peft_type"], "target_modules": summary["target_modules"],
         "triplets_initial": 12 * len(masks), "triplets_live_in_run": live, "triplets_in_file": int(in_file),
         "rank_per_module_range": [min(summary["rank_per_module"].values()), max(summary["rank_per_module"].values())],
-        "max_abs_masked_lambda_as_trained": trained_masked_abs, "masked_but_nonzero": summary["masked_but_nonzero"],
+        "max_abs_masked_lambda_as_trained": trained_masked_abs,
+        "max_abs_live_lambda_as_trained": trained_live_abs, "masked_but_nonzero": summary["masked_but_nonzero"],
         "export_seconds": round(t_export, 2), "files_bytes": summary["files"],
     }  # fmt: skip
 
@@ -338,7 +341,8 @@ def _peft_trained_adalora(args, root, run_dir, cfg, base, backbone, adapter, x, 
         **_stats(model2.logits(x), pm(x), model2.head(plain.forward_features(x)), n_real),
         "compared": "logits: PeftModel (AdaLoRA trained by peft, update_and_allocate) vs the imported run (load_run)",
         "peft_train": f"{steps} AdamW steps (lr 1e-2, batch 4) on the run's AID train images, seed 5",
-        "triplets_live_in_peft": sum(sum(v) for v in pattern.values()), "triplets_initial": adapter["init_r"] * len(pattern),
+        "triplets_live_in_peft": sum(sum(v) for v in pattern.values()),
+        "triplets_initial": adapter["init_r"] * len(pattern),
         "imported_ranks": imp["ranks"], "import_seconds": round(t_import, 2),
     }  # fmt: skip
 

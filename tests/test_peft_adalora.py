@@ -2,7 +2,8 @@
 AdaLoRA run on the offline recipe classification-tiny (timm:test_vit at 32², AID classes) whose budget masks ranks
 exports as a peft ADALORA folder; ``peft.PeftModel.from_pretrained`` on the plain timm model gives the run's logits
 on fresh inputs, and the masked triplets are absent from the file. P, Q and the live λ are made larger first (a
-few-step λ is ~1e-3, which would make any mapping "match" within the parity tolerance); the masks stay the run's."""
+few-step λ is at most ~steps × lr under AdamW, which would make any mapping "match" within the parity tolerance);
+the masks stay the run's. The reverse: our export and a folder peft trained itself import as adalora runs."""
 
 from __future__ import annotations
 
@@ -162,6 +163,20 @@ def test_masked_triplet_with_nonzero_lambda_is_exported_with_it(adalora_run) -> 
     assert summary["masked_but_nonzero"] == 1
     diff, biggest, _ = _ours_vs_peft(copy_dir, root / "peft-moved")
     assert diff <= PARITY_ATOL * max(1.0, biggest)
+
+
+def test_open_clip_adalora_on_mlp_exports_with_the_head_file(tmp_path) -> None:
+    """open_clip: AdaLoRA on the tower's MLP Linears → encode_image of the PeftModel on the whole CLIP model."""
+    from vision_peft.peft_interop import HEAD_NAME, PARITY_ATOL, export_peft
+
+    bb = {"name": "open_clip:vp-tiny-clip", "pretrained": False, "image_size": TINY_IMAGE_SIZE}
+    run_dir = _train(tmp_path, "clip-adalora-mlp", {**ADALORA, "targets": ["mlp"]}, backbone=bb)
+    _enlarge(run_dir)
+    summary = export_peft(run_dir, tmp_path / "peft")
+    assert summary["peft_type"] == "ADALORA" and (tmp_path / "peft" / HEAD_NAME).is_file()
+    assert summary["parity"]["compared"].startswith("image features") and summary["parity"]["adapter_effect"] > 1e-2
+    assert summary["parity"]["max_abs_diff"] <= PARITY_ATOL * max(1.0, summary["parity"]["max_abs_output"])
+    assert all(n.startswith("visual.") for n in summary["rank_per_module"])
 
 
 def test_weight_space_adalora_is_refused_with_the_reason(tmp_path) -> None:
