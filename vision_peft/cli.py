@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib", type=int, default=256, help="train images calibrating --int8 static (default 256)")
     x.add_argument("--calib-method", default="minmax", help="--int8 static calibration: minmax|entropy|percentile")
     x.add_argument("--peft", metavar="DIR", help="write a peft adapter folder (adapter_config.json + "
-                   "adapter_model.safetensors) for PeftModel.from_pretrained instead of an ONNX bundle")  # fmt: skip
-    ip = sub.add_parser("import-peft", help="build a run directory from a peft LoRA adapter folder")
+                   "adapter_model.safetensors) for PeftModel.from_pretrained instead of an ONNX bundle "
+                   "(lora, dora, pvera, adalora runs)")  # fmt: skip
+    ip = sub.add_parser("import-peft", help="build a run directory from a peft LoRA or AdaLoRA adapter folder")
     ip.add_argument("peft_dir", help="folder with adapter_config.json + adapter_model.safetensors")
     ip.add_argument("--backbone", required=True, help="the base model: timm:<name> or open_clip:<arch>@<tag>")
     ip.add_argument("--task", required=True, help="recipe (file or name in tasks/) or task name (classification …)")

@@ -1,9 +1,10 @@
-"""Hugging Face ``peft`` → vision_peft: a peft LoRA adapter folder as a run directory (:func:`import_peft`).
+"""Hugging Face ``peft`` → vision_peft: a peft LoRA or AdaLoRA adapter folder as a run directory (:func:`import_peft`).
 
 The reverse of :func:`vision_peft.peft_interop.export_peft`, whose docstring says what maps to what: peft LoRA
 folders on Linear and fused-MHA targets (``use_rslora`` maps exactly: our alpha = lora_alpha · √r) become a run
 directory (config.json, adapter.safetensors, model card) that ``predict`` / ``eval`` / ``export`` load like any
-run, checked against ``PeftModel`` on random inputs before anything is written.
+run, checked against ``PeftModel`` on random inputs before anything is written. AdaLoRA folders (peft_type ADALORA
+on Linear targets) become an ``adalora`` run with the ``rank_pattern`` as its masks (``vision_peft.peft_adalora``).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def _read_config(peft_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PeftInteropError(f"{path} must hold a JSON object, got {type(data).__name__}")
     ptype = str(data.get("peft_type", "")).upper()
-    if ptype != "LORA":
+    if ptype not in ("LORA", "ADALORA"):
         raise PeftInteropError(
-            f"{path}: peft_type {data.get('peft_type')!r} is not LORA; import-peft reads LoRA adapters only "
+            f"{path}: peft_type {data.get('peft_type')!r} is not LORA or ADALORA; import-peft reads those only "
             "(other peft methods have no vision_peft counterpart to load into)"
         )
     for key, ok, why in _UNSUPPORTED_OPTIONS:
@@ -245,79 +246,85 @@ def import_peft(
         )
     bad = [f"{n} ({type(names[n]).__name__})" for n in matched
            if not isinstance(names[n], (nn.Linear, nn.MultiheadAttention))]  # fmt: skip
-    if bad:
+    adalora = str(data["peft_type"]).upper() == "ADALORA"  # its own tensors and config (vision_peft.peft_adalora)
+    if adalora:
+        from vision_peft.peft_adalora import read_adalora
+
+        factors, adapter_section, used = read_adalora(data, lib_tensors, names, matched, layout, cfg_path, w_path)
+    elif bad:
         raise PeftInteropError(
             f"{cfg_path}: target_modules match {', '.join(bad[:4])}: vision_peft imports LoRA on nn.Linear and fused "
             "nn.MultiheadAttention modules only; re-train the adapter with Linear / attention targets"
         )
-    # the tensors, per module: peft saves <base_model.model.><name>.lora_A.weight (MHA: + base_layer.out_proj.…)
-    parts_of: dict[str, dict[str, str]] = {}
-    for n in matched:
-        if isinstance(names[n], nn.MultiheadAttention):
-            parts_of[n] = {"in_proj": n, "out_proj": f"{n}.base_layer.out_proj"}
-        else:
-            parts_of[n] = {"linear": n}
-    used: set[str] = set()
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our wrapper-relative module name -> (A, B)
-    ranks: dict[str, int] = {}
-    for n, parts in parts_of.items():
-        for part, key in parts.items():
-            ka, kb = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
-            missing = [k for k in (ka, kb) if k not in lib_tensors]
-            if missing:
-                raise PeftInteropError(
-                    f"{w_path} lacks {prefix}{missing[0]} for target {n}: the weights do not belong to "
-                    f"{cfg_path} (or to {backbone}); save config and weights together with save_pretrained"
-                )
-            a, b = lib_tensors[ka].float(), lib_tensors[kb].float()
-            used |= {ka, kb}
-            if part == "out_proj":
-                if bool((b != 0).any()):
+    if not adalora:  # LoRA: A, B per module (fused MHA: + out_proj), one rank and scale
+        # the tensors, per module: peft saves <base_model.model.><name>.lora_A.weight (MHA: + base_layer.out_proj.…)
+        parts_of: dict[str, dict[str, str]] = {}
+        for n in matched:
+            if isinstance(names[n], nn.MultiheadAttention):
+                parts_of[n] = {"in_proj": n, "out_proj": f"{n}.base_layer.out_proj"}
+            else:
+                parts_of[n] = {"linear": n}
+        used: set[str] = set()
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our wrapper-relative module name -> (A, B)
+        ranks: dict[str, int] = {}
+        for n, parts in parts_of.items():
+            for part, key in parts.items():
+                ka, kb = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+                missing = [k for k in (ka, kb) if k not in lib_tensors]
+                if missing:
                     raise PeftInteropError(
-                        f"{w_path}: {n}.out_proj has a non-zero LoRA update; peft {_peft_version()} "
-                        f"{MHA_OUT_PROJ_BUG} vision_peft applies an update once, so it does not import this layout "
-                        "(an in_proj-only update, out_proj lora_B = 0, imports exactly)"
+                        f"{w_path} lacks {prefix}{missing[0]} for target {n}: the weights do not belong to "
+                        f"{cfg_path} (or to {backbone}); save config and weights together with save_pretrained"
                     )
-                continue  # B = 0: no update at all
-            ours = layout.prefix + (n if part in ("linear", "in_proj") else f"{n}.out_proj")
-            w = names[n].in_proj_weight if part == "in_proj" else (
-                names[n].out_proj.weight if part == "out_proj" else names[n].weight)  # fmt: skip
-            fan_out, fan_in = int(w.shape[0]), int(w.shape[1])
-            if (
-                a.dim() != 2
-                or b.dim() != 2
-                or a.shape[1] != fan_in
-                or b.shape[0] != fan_out
-                or b.shape[1] != a.shape[0]
-            ):
-                raise PeftInteropError(
-                    f"{w_path}: {n} ({part}) has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, but {backbone}'s "
-                    f"layer is {fan_out}×{fan_in} (expects A (r, {fan_in}), B ({fan_out}, r)); the adapter was "
-                    "trained on another model size"
-                )
-            factors[ours] = (a, b)
-            ranks[n] = int(a.shape[0])
-    # the rank and scale of each peft layer (patterns are regex suffixes, as peft reads them)
-    from peft.utils.other import get_pattern_key
+                a, b = lib_tensors[ka].float(), lib_tensors[kb].float()
+                used |= {ka, kb}
+                if part == "out_proj":
+                    if bool((b != 0).any()):
+                        raise PeftInteropError(
+                            f"{w_path}: {n}.out_proj has a non-zero LoRA update; peft {_peft_version()} "
+                            f"{MHA_OUT_PROJ_BUG} vision_peft applies an update once, so it does not import this layout "
+                            "(an in_proj-only update, out_proj lora_B = 0, imports exactly)"
+                        )
+                    continue  # B = 0: no update at all
+                ours = layout.prefix + (n if part in ("linear", "in_proj") else f"{n}.out_proj")
+                w = names[n].in_proj_weight if part == "in_proj" else (
+                    names[n].out_proj.weight if part == "out_proj" else names[n].weight)  # fmt: skip
+                fan_out, fan_in = int(w.shape[0]), int(w.shape[1])
+                if (
+                    a.dim() != 2
+                    or b.dim() != 2
+                    or a.shape[1] != fan_in
+                    or b.shape[0] != fan_out
+                    or b.shape[1] != a.shape[0]
+                ):
+                    raise PeftInteropError(
+                        f"{w_path}: {n} ({part}) has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, but {backbone}'s "
+                        f"layer is {fan_out}×{fan_in} (expects A (r, {fan_in}), B ({fan_out}, r)); the adapter was "
+                        "trained on another model size"
+                    )
+                factors[ours] = (a, b)
+                ranks[n] = int(a.shape[0])
+        # the rank and scale of each peft layer (patterns are regex suffixes, as peft reads them)
+        from peft.utils.other import get_pattern_key
 
-    rank_pattern, alpha_pattern = data.get("rank_pattern") or {}, data.get("alpha_pattern") or {}
-    scales: dict[str, float] = {}
-    for n in parts_of:
-        r = rank_pattern.get(get_pattern_key(list(rank_pattern), n), data["r"])
-        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), n), data["lora_alpha"])
-        if ranks[n] != r:
+        rank_pattern, alpha_pattern = data.get("rank_pattern") or {}, data.get("alpha_pattern") or {}
+        scales: dict[str, float] = {}
+        for n in parts_of:
+            r = rank_pattern.get(get_pattern_key(list(rank_pattern), n), data["r"])
+            alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), n), data["lora_alpha"])
+            if ranks[n] != r:
+                raise PeftInteropError(
+                    f"{w_path}: {n} has rank {ranks[n]} but {cfg_path} says r={r}; save config and weights together"
+                )
+            scales[n] = alpha / math.sqrt(r) if data.get("use_rslora") else alpha / r
+        if len(set(ranks.values())) > 1 or len({round(s, 12) for s in scales.values()}) > 1:
             raise PeftInteropError(
-                f"{w_path}: {n} has rank {ranks[n]} but {cfg_path} says r={r}; save config and weights together"
+                f"{cfg_path}: the layers have different ranks or scales (rank_pattern / alpha_pattern: ranks "
+                f"{sorted(set(ranks.values()))}, scales {sorted(set(scales.values()))}); vision_peft's LoRA has one rank "
+                "and one alpha per adapter. Save the adapter with a single r and lora_alpha"
             )
-        scales[n] = alpha / math.sqrt(r) if data.get("use_rslora") else alpha / r
-    if len(set(ranks.values())) > 1 or len({round(s, 12) for s in scales.values()}) > 1:
-        raise PeftInteropError(
-            f"{cfg_path}: the layers have different ranks or scales (rank_pattern / alpha_pattern: ranks "
-            f"{sorted(set(ranks.values()))}, scales {sorted(set(scales.values()))}); vision_peft's LoRA has one rank "
-            "and one alpha per adapter. Save the adapter with a single r and lora_alpha"
-        )
-    r = next(iter(ranks.values()))
-    scale = next(iter(scales.values()))
+        r = next(iter(ranks.values()))
+        scale = next(iter(scales.values()))
     # the head: peft's modules_to_save on the timm classifier, or our own head file (open_clip)
     mts = list(data.get("modules_to_save") or [])
     head_w = head_b = None
@@ -371,16 +378,21 @@ def import_peft(
     # our run: the recipe with a LoRA of this rank/scale on exactly these modules
     targets = sorted(factors)
     cfg_dict = cfg.to_dict()
-    cfg_dict["adapter"] = {"name": "lora", "r": r, "alpha": scale * r, "dropout": float(data.get("lora_dropout") or 0.0),
-                           "targets": targets, "train_a": True, "seed": 0}  # fmt: skip
+    cfg_dict["adapter"] = adapter_section if adalora else {
+        "name": "lora", "r": r, "alpha": scale * r, "dropout": float(data.get("lora_dropout") or 0.0),
+        "targets": targets, "train_a": True, "seed": 0}  # fmt: skip
     cfg_dict["output"]["name"] = out_dir.name
     cfg_dict["output"]["runs_root"] = str(out_dir.parent)
     cfg = build_run_config(cfg_dict)
     task = TASKS.get(cfg.task.name).builder(cfg)
     task.set_classes(list(classes))
     model = task.build_model()
+    if adalora:
+        from vision_peft.peft_adalora import fill_adalora
+
+        fill_adalora(model, factors)
     with torch.no_grad():
-        for name, (a, b) in factors.items():
+        for name, (a, b) in ({} if adalora else factors).items():
             mod = model.backbone.get_submodule(name)
             if isinstance(mod, DeltaLinear):
                 f = mod.factors
@@ -424,7 +436,8 @@ def import_peft(
         info.write(tmp)
         ckpt.save_tensors(
             tmp / rundir.ADAPTER_FILE, model.adapter_state_dict(),
-            metadata={"backbone": bb.spec, "weights_id": bb.weights_id, "adapter": "lora", "task": cfg.task.name,
+            metadata={"backbone": bb.spec, "weights_id": bb.weights_id, "adapter": cfg.adapter.name,
+                      "task": cfg.task.name,
                       "imported_from_peft": str(peft_dir.resolve())},
         )  # fmt: skip
         rundir.atomic_write_json(tmp / rundir.FINAL_FILE, final)
@@ -434,8 +447,13 @@ def import_peft(
         "peft_dir": str(peft_dir),
         "backbone": backbone,
         "task": cfg.task.name,
-        "rank": r,
-        "alpha": scale * r,
+        "adapter": cfg.adapter.name,
+        **(
+            {"init_r": cfg.adapter.init_r, "ranks": sorted({int(f[3].sum()) for f in factors.values()})}
+            if adalora
+            else {"rank": r}
+        ),
+        "alpha": cfg.adapter.alpha,
         "targets": len(targets),
         "classes": list(classes),
         "classes_from": where,
@@ -449,12 +467,15 @@ def _write_card(d: Path, name: str, info: RunInfo, source: dict, parity: dict, n
     lines = [
         f"# {name}",
         "",
-        f"Imported from the peft LoRA adapter folder `{source['peft_dir']}` (peft {source['peft_version']}, "
+        f"Imported from the peft {'AdaLoRA' if info.adapter_name == 'adalora' else 'LoRA'} adapter folder "
+        f"`{source['peft_dir']}` "
+        f"(peft {source['peft_version']}, "
         f"base model {source['base_model_name_or_path']!r}) with `python -m vision_peft import-peft`; not trained "
         "here (no metrics, no split).",
         "",
         f"- task: `{info.task_name}`; backbone: `{info.backbone.spec}` ({info.backbone.weights_source}); adapter: "
-        f"`lora` r={info.config['adapter']['r']} alpha={info.config['adapter']['alpha']:g} on {n} modules",
+        f"`{info.adapter_name}` r={info.config['adapter'].get('r', info.config['adapter'].get('init_r'))} "
+        f"alpha={info.config['adapter']['alpha']:g} on {n} modules",
         f"- classes ({len(info.classes)}, from {source['classes_from']}): {', '.join(info.classes)}",
         f"- parity vs peft.PeftModel ({parity['compared']}, {parity['inputs']}): max |Δ| "
         f"{parity['max_abs_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.3f}",

@@ -30,7 +30,10 @@ What maps to what (peft 0.21.2 ``LoraConfig``; ours keeps the same A (r × fan_i
 - ``pvera`` on ``nn.Linear`` layers: peft's ``PveraConfig`` with the same r, the shared frozen A (2r × max fan-in)
   and B (max fan-out × r) saved as peft's projections (``save_projection``), λ_d / λ_b per layer; exact at
   inference (both use z = μ; ``sample_at_inference`` false). PVeRA on 1×1 convs (hooked side path) or in weight
-  space (k×k convs, fused MHA) is refused: peft's PVeRA adapts Linear layers only.
+  space (k×k convs, fused MHA) is refused: peft's PVeRA adapts Linear layers only (``vision_peft.peft_pvera``).
+- ``adalora`` on ``nn.Linear`` layers: peft's ``AdaLoraConfig`` (peft_type ADALORA), the masks as its
+  ``rank_pattern`` (masked triplets are absent from the file), λ written with peft's +1e-5 in the scale compensated;
+  weight-space AdaLoRA (convs, fused MHA) is refused (``vision_peft.peft_adalora`` says what maps to what).
 
 Refused, with the reason and the fix (the merged ONNX bundle, ``export <run>``): adapters peft has no equivalent
 of (vpt, prompt_map, pad_prompt, detris, sara, fish, kind, point adapters, full, linear), tasks other than
@@ -39,7 +42,7 @@ update as an activation-path conv with the base's padding, which differs from ti
 grouped kernels), and an ``out_proj`` update inside open_clip's MHA (above).
 
 :func:`vision_peft.peft_import.import_peft` reverses it for peft LoRA folders on Linear and fused-MHA targets (``use_rslora`` maps
-exactly: our alpha = lora_alpha · √r), writing a run directory (config.json, adapter.safetensors, model card)
+exactly: our alpha = lora_alpha · √r) and AdaLoRA folders on Linear targets, writing a run directory (config.json, adapter.safetensors, model card)
 that ``predict`` / ``eval`` / ``export`` load like any run. Both directions check themselves against
 ``PeftModel`` on random inputs before anything is written (``parity`` in the summary; the folder is assembled in a
 temporary folder and renamed into place only when it passes).
@@ -69,7 +72,7 @@ CONFIG_NAME = "adapter_config.json"  # peft's file names
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEAD_NAME = "vision_peft_head.safetensors"  # open_clip only: the linear head (peft ignores the file)
 PEFT_TASKS = ("classification", "multilabel")
-PEFT_ADAPTERS = ("lora", "dora", "pvera")
+PEFT_ADAPTERS = ("lora", "dora", "pvera", "adalora")
 PEFT_FAMILIES = ("timm", "open_clip")
 PARITY_ATOL = 1e-4
 
@@ -318,9 +321,9 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     layout = _check_exportable(run_dir, RunInfo.read(run_dir))
     cfg, task, model, info = load_run(run_dir, "cpu")
-    pvera = cfg.adapter.name == "pvera"
-    updates = {} if pvera else _run_updates(model, layout, str(run_dir))
-    if not pvera and not updates:
+    own_config = cfg.adapter.name in ("pvera", "adalora")  # their own peft config class (peft_pvera, peft_adalora)
+    updates = {} if own_config else _run_updates(model, layout, str(run_dir))
+    if not own_config and not updates:
         raise PeftInteropError(f"{run_dir}: the adapter holds no non-zero-rank layer; nothing to export")
     classes = list(task.classes)
     from vision_peft.backbones import build_backbone
@@ -338,8 +341,12 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, atol: float = PARITY_A
                 f"use the merged ONNX bundle: `python -m vision_peft export {run_dir}`"
             )
     mts = [layout.classifier] if layout.classifier else None
-    if pvera:
-        pm, filled, summary_extra = _pvera_peft_model(model, base, layout, cfg, mts, str(run_dir))
+    if own_config:
+        from vision_peft.peft_adalora import adalora_peft_model
+        from vision_peft.peft_pvera import pvera_peft_model
+
+        build = {"pvera": pvera_peft_model, "adalora": adalora_peft_model}[cfg.adapter.name]
+        pm, filled, summary_extra = build(model, base, layout, cfg, mts, str(run_dir))
     else:
         pm = get_peft_model(copy.deepcopy(base), _peft_config(updates, mts))
         filled = _fill_lora(pm, updates, str(run_dir))
@@ -412,48 +419,6 @@ def _fill_lora(pm: nn.Module, updates: dict[str, dict[str, _Update]], run_dir: s
                 b.copy_(upd.b)
                 filled += 2
     return filled
-
-
-def _pvera_peft_model(model, base, layout: _Layout, cfg, mts, run_dir: str) -> tuple[nn.Module, int, dict]:
-    """PVeRA → peft's PveraConfig: the shared A (2r × max fan-in) / B (max fan-out × r) as peft's saved projections
-    (``save_projection``), λ_d / λ_b per layer. Exact at inference (z = μ; peft's ``sample_at_inference`` false)
-    when every adapted layer is an ``nn.Linear`` on the activation path, which is all peft's PVeRA covers."""
-    from peft import PveraConfig, get_peft_model
-
-    bb = model.backbone
-    layers = {n: m for n, m in bb.named_modules() if isinstance(m, DeltaLinear) and m.factors_attr == "pvera"}
-    other = [n for n, m in bb.named_modules() if hasattr(m, "pvera") and n not in layers]
-    other += [n for n, m in bb.named_modules() if parametrize.is_parametrized(m) and n not in layers]
-    if other or not layers:
-        raise PeftInteropError(
-            f"{run_dir}: PVeRA on {other[:3] or 'no Linear layer'} (1×1 convs with a hooked side path, or weight-space "
-            "k×k convs / fused MHA) has no peft form: peft's PVeRA adapts nn.Linear only. Train PVeRA on Linear "
-            "targets (qkv, mlp on a timm ViT) to share it, or deploy the merged ONNX bundle "
-            f"(`python -m vision_peft export {run_dir}`)"
-        )
-    shared = bb.pvera_shared
-    names = sorted(n[len(layout.prefix) :] for n in layers)
-    pcfg = PveraConfig(r=cfg.adapter.r, target_modules=names, d_initial=cfg.adapter.lambda_d_init, pvera_dropout=0.0,
-                       projection_prng_key=cfg.adapter.seed, save_projection=True, modules_to_save=mts,
-                       sample_at_inference=False, inference_mode=True)  # fmt: skip
-    pm = get_peft_model(copy.deepcopy(base), pcfg)
-    filled = 0
-    with torch.no_grad():
-        a, b = pm.base_model.pvera_A["default"], pm.base_model.pvera_B["default"]
-        if a.shape != shared.A.shape or b.shape != shared.B.shape:
-            raise PeftInteropError(
-                f"{run_dir}: peft sized the shared PVeRA projections A{tuple(a.shape)} B{tuple(b.shape)}, the run has "
-                f"A{tuple(shared.A.shape)} B{tuple(shared.B.shape)}"
-            )
-        a.copy_(shared.A)
-        b.copy_(shared.B)
-        filled += 2
-        for n in names:
-            ours, theirs = layers[layout.prefix + n].factors, pm.base_model.model.get_submodule(n)
-            theirs.pvera_lambda_d["default"].copy_(ours.lambda_d)
-            theirs.pvera_lambda_b["default"].copy_(ours.lambda_b)
-            filled += 2
-    return pm, filled, {"target_modules": len(names), "ranks": [cfg.adapter.r]}
 
 
 def _load_hint(layout: _Layout, spec: str, n: int) -> str:
