@@ -67,7 +67,8 @@ class AdapterStore:
         """What ``/info`` and the adapter endpoints say of one adapter."""
         view = self.bundle.select(name)
         meta = view.active.meta
-        parity = meta.get("parity") or {}
+        parity = meta.get("parity")
+        parity = parity if isinstance(parity, dict) else {}  # an uploaded file may carry any JSON here
         return {
             "name": name,
             "labels": list(meta.get("labels") or []),
