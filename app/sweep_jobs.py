@@ -49,6 +49,9 @@ class Sweep:
     created: float = field(default_factory=time.time)
     ended: float | None = None
     returncode: int | None = None
+    # the Sweeps form it was started from (recipe, data, methods, trials …): a reload shows these settings again;
+    # records written before this field existed load with {} and the form is read back from cmd and the space
+    form: dict[str, Any] = field(default_factory=dict)
 
     @property
     def command_line(self) -> str:
@@ -99,7 +102,7 @@ class SweepManager:
         return sid, d
 
     def start(self, sid: str, recipe: str, trials: int, workers: int, timeout_min: float | None,
-              device: str) -> Sweep:  # fmt: skip
+              device: str, form: dict[str, Any] | None = None) -> Sweep:  # fmt: skip
         """Start the sweep whose folder :meth:`new_dir` made and whose recipe and space files are written."""
         d = self.root / sid
         cmd = [sys.executable, "-m", "vision_peft", "sweep", str(d / RECIPE_IN), "--space", str(d / SPACE_IN),
@@ -107,7 +110,7 @@ class SweepManager:
                "--device", device, "--no-progress"]  # fmt: skip
         if timeout_min:
             cmd += ["--timeout", f"{timeout_min:g}"]
-        sw = Sweep(sid, recipe, str(d), cmd, trials)
+        sw = Sweep(sid, recipe, str(d), cmd, trials, form=dict(form or {}))
         with self.lock:
             self.sweeps[sid] = sw
             self._save()  # from here a killed server leaves a child that the next start finds by its environment

@@ -234,7 +234,35 @@ def start_sweep(state: Any, recipe: str, data: str | None, methods: list[str] | 
     rundir.atomic_write_text(d / RECIPE_IN, yaml.safe_dump(rdata, sort_keys=False))
     rundir.atomic_write_text(d / SPACE_IN, build_space(rdata, list(methods), ep, steps))
     load_space(d / SPACE_IN, d / RECIPE_IN)  # a bad space shows in the page, not in a log
-    return mgr.start(sid, Path(recipe).stem, n, k, float(minutes) if minutes else None, device or "cpu")
+    form = {"recipe": recipe, "data": data or "", "methods": list(methods), "trials": n,
+            "minutes": float(minutes) if minutes else 0, "device": device or "cpu", "workers": k, "epochs": ep,
+            "max_steps": steps}  # fmt: skip
+    return mgr.start(sid, Path(recipe).stem, n, k, float(minutes) if minutes else None, device or "cpu", form)
+
+
+FORM_FIELDS = ("recipe", "data", "methods", "trials", "minutes", "device", "workers", "epochs", "max_steps")
+
+
+def form_of(sw: Sweep) -> dict[str, Any]:
+    """The Sweeps form a sweep was started from: its record's ``form``, or — for a sweep recorded before the form
+    was kept — read back from its command line and its space file (the data folder is then the recipe's own)."""
+    if sw.form:
+        return {k: sw.form.get(k) for k in FORM_FIELDS}
+    cmd = list(sw.cmd)
+
+    def opt(flag: str, default: Any) -> Any:
+        return cmd[cmd.index(flag) + 1] if flag in cmd[:-1] else default
+
+    try:
+        space = yaml.safe_load((Path(sw.sweep_dir) / SPACE_IN).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        space = {}
+    fixed = space.get("fixed") if isinstance(space.get("fixed"), dict) else {}
+    names = space.get("adapter.name")
+    return {"recipe": sw.recipe, "data": "", "methods": list(names) if isinstance(names, list) else [],
+            "trials": int(opt("--trials", sw.trials)), "minutes": float(opt("--timeout", 0)),
+            "device": opt("--device", "cpu"), "workers": int(opt("--workers", 1)),
+            "epochs": int(fixed.get("train.epochs") or 0), "max_steps": int(fixed.get("train.max_steps") or 0)}  # fmt: skip
 
 
 def best_run(state: Any, sid: str) -> Path:
@@ -376,13 +404,34 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
 
     stop.click(on_stop, [sweep], outs, api_name="sweeps_stop")
 
+    numbers = [trials, minutes, device, workers, epochs, max_steps]  # FORM_FIELDS[3:], in that order
+
+    def restored(sid: str | None) -> dict[str, Any] | None:
+        """The re-attached sweep's form, where its recipe still exists here (else the form keeps its defaults)."""
+        if not sid:
+            return None
+        f = form_of(mgr.get(sid))
+        if f["recipe"] not in recipes:
+            return None
+        if f["data"] and not (state.data_root / str(f["data"])).is_dir():
+            f["data"] = ""  # the folder is gone: the recipe's own data
+        if f["device"] not in devices():
+            f["device"] = "cpu"
+        return f
+
     @friendly
     def on_load(name, ticked):
-        methods_update, bb = on_recipe(name, ticked) if name else (gr.skip(), "")
         v = view(state, None)
-        return (methods_update, bb, *_show(v, choices=True))
+        f = restored(v["sid"])
+        if f is not None:  # a reload shows the settings of the sweep it re-attaches to
+            name, ticked = f["recipe"], f["methods"]
+        methods_update, bb = on_recipe(name, ticked) if name else (gr.skip(), "")
+        rest = [gr.skip()] * len(numbers) if f is None else [f[k] for k in FORM_FIELDS[3:]]
+        head = [gr.skip(), gr.skip()] if f is None else [f["recipe"], f["data"]]
+        return (*head, methods_update, bb, *rest, *_show(v, choices=True))
 
-    demo.load(on_load, [recipe, methods], [methods, backbone, *outs], api_name="sweeps_reattach")
+    demo.load(on_load, [recipe, methods], [recipe, data, methods, backbone, *numbers, *outs],
+              api_name="sweeps_reattach")  # fmt: skip
 
     @friendly
     def on_export(sid):
@@ -392,4 +441,3 @@ def sweeps_tab(demo: gr.Blocks, state: Any) -> None:
         return export_best(run, dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
 
     export.click(on_export, [sweep], [bundle, parity], api_name="sweeps_export")
-

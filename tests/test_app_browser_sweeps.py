@@ -2,7 +2,8 @@
 
 A real tiny sweep (classification-tiny: timm's test ViT on real AID images, two methods, two trials of two steps)
 is started from the page; the live leaderboard and the Pareto plot show the finished trials and agree with the
-sweep folder's leaderboard.csv; a page reload re-attaches (the same sweep is shown); Export best gives the bundle.
+sweep folder's leaderboard.csv; a page reload re-attaches (the same sweep is shown, the form
+holds its settings); Export best gives the bundle.
 The last screenshot is copied to bench/results/app_sweeps_tab.png.
 """
 
@@ -111,6 +112,13 @@ def test_browser_sweeps_tab_start_leaderboard_reattach_export(served, tmp_path: 
         expect(page.locator("#sweep-status")).to_contain_text(sid)
         expect(page.locator("#sweeps-pareto img").first).to_be_visible()
         _expect_table_matches(page, sweep_dir)
+        # … and the form shows that sweep's settings again, not its defaults (6 trials, recipe epochs, no cap)
+        for elem_id, value in (("sweeps-trials", "2"), ("sweeps-epochs", "1"), ("sweeps-steps", "2")):
+            expect(page.locator(f"#{elem_id} input").first).to_have_value(value)
+        expect(page.locator("#sweeps-data input").first).to_have_value("aid")
+        for m in METHODS:
+            expect(page.locator("#sweeps-methods").get_by_label(m, exact=True)).to_be_checked()
+        expect(page.get_by_text("max_steps: 2").first).to_be_visible()  # the space shown is the sweep's
 
         # Export best: the best trial's bundle is offered as a zip, and its folder is on disk
         page.locator("#sweeps-export").click()

@@ -20,6 +20,7 @@ from app.sweep_jobs import LOG, SPACE_IN  # noqa: E402
 from app.sweeps_tab import (  # noqa: E402
     build_space,
     default_search,
+    form_of,
     manager,
     methods_for,
     recipe_facts,
@@ -112,6 +113,11 @@ def test_tiny_sweep_fills_the_leaderboard_exports_the_best_and_reattaches(tmp_pa
     manager(state).close()
     other = _state(tmp_path)
     assert manager(other).current() == sw.id and manager(other).get(sw.id).status == "done"
+    # … with the form it was started from (what a reload puts back into the page)
+    assert form_of(manager(other).get(sw.id)) == {
+        "recipe": RECIPE, "data": "aid", "methods": ["linear", "lora"], "trials": 2, "minutes": 0, "device": "cpu",
+        "workers": 1, "epochs": 1, "max_steps": 2,
+    }  # fmt: skip
     for s in (state, other):
         s.jobs.close()
     manager(other).close()
@@ -260,3 +266,28 @@ def test_a_bad_combination_is_refused_naming_the_key(tmp_path: Path) -> None:
     space.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(SpaceError, match=rf"adalora: adapter\.target_r.*target_r={init_r + 4}.*init_r={init_r}"):
         load_space(space, recipe, preflight=False)
+
+
+def test_a_sweep_recorded_before_the_form_was_kept_reads_it_back_from_its_command_and_space(tmp_path: Path) -> None:
+    """Old ``.app_sweeps.json`` records have no ``form``: it is read back from the command line and the space file."""
+    import json
+
+
+    d = tmp_path / "runs" / "sweeps" / "old"
+    d.mkdir(parents=True)
+    rdata = recipe_facts(RECIPE)[0]
+    (d / SPACE_IN).write_text(build_space(rdata, ["lora", "linear"], epochs=3, max_steps=7))
+    cmd = [sys.executable, "-m", "vision_peft", "sweep", str(d / "app_recipe.yaml"), "--space", str(d / SPACE_IN),
+           "--trials", "5", "--study", "old", "--out", str(d), "--workers", "2", "--device", "cpu", "--no-progress",
+           "--timeout", "12.5"]  # fmt: skip
+    old = {"id": "old", "recipe": RECIPE, "sweep_dir": str(d), "cmd": cmd, "trials": 5, "status": "done"}
+    (tmp_path / "runs" / ".app_sweeps.json").write_text(json.dumps([old]))
+    state = _state(tmp_path)
+    sw = manager(state).get("old")
+    assert sw.form == {}
+    assert form_of(sw) == {"recipe": RECIPE, "data": "", "methods": ["lora", "linear"], "trials": 5, "minutes": 12.5,
+                           "device": "cpu", "workers": 2, "epochs": 3, "max_steps": 7}  # fmt: skip
+    (d / SPACE_IN).write_text("adapter.name: [unclosed")  # an unreadable space: the methods are not guessed
+    assert form_of(sw)["methods"] == [] and form_of(sw)["trials"] == 5
+    state.jobs.close()
+    manager(state).close()
