@@ -300,6 +300,28 @@ def tiny_cls_bundle(tmp_path_factory, aid_root):
     return run_dir, run_dir / "bundle"
 
 
+# -- the fault-injection tests (tests/test_faults_*.py; their helpers are in tests/fault_injection.py) ----------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("faults") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory) -> dict[str, Any]:
+    """The adapter tensors of the uninterrupted 6-step run every fault test must end up with (0 work lost)."""
+    from fault_injection import cfg_for
+
+    from vision_peft import rundir
+    from vision_peft.checkpoint import load_tensors
+    from vision_peft.train import run
+
+    try:
+        d = run(cfg_for(data, tmp_path_factory.mktemp("ref"), "ref"), progress=False)
+    finally:
+        reset_vision_peft_logging()
+    return load_tensors(d / rundir.ADAPTER_FILE)
+
+
 _TORCH_BLOCKER = """
 import sys
 

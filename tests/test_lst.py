@@ -1,6 +1,7 @@
 """LST (ladder side-tuning) specifics: the frozen backbone runs without autograd and gets no gradient, only the side
 network and the head train, the gates' initial value, shapes, structural-pruning init, the grid path, copies,
-a tiny training run, and the refusals. The registry-generated invariants live in test_adapters / test_contracts."""
+a tiny training run, and the refusals. The registry-generated invariants live in test_adapters_generated /
+test_contracts."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Moment Probing, MP and MP+ (vision_peft/adapters/moment_probing.py).
 
 The generic invariants (freezing, gradients, one optimizer step, save → strict reload) come from the registry in
-test_adapters.py and test_contracts.py; here: MHC³ by hand, the first-order part, PSRP's identity start, what
-trains, a tiny training run, the refusals and the ONNX export.
+test_adapters_generated.py and test_contracts.py; here: MHC³ by hand, the first-order part, PSRP's identity start,
+what trains, a tiny training run, the refusals and the ONNX export.
 """
 
 from __future__ import annotations
