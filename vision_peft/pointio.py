@@ -12,7 +12,7 @@ containers (NPY, NPZ, HDF5), :class:`PointFileError` and the xyz check every rea
 Every reader returns an (N, 3) float32 array of xyz. Bad input raises :class:`PointFileError` naming the file and
 the fix: empty files, NaN/inf coordinates, wrong column counts (xyzrgb / xyz+normals → the first three columns are
 taken with a warning, or an error when ``extra_columns="error"``), unknown extensions, binary_compressed PCD,
-non-numeric dtypes, truncated or corrupt files. No other exception type leaves a reader (``tests/test_fuzz_inputs.py``
+non-numeric dtypes, truncated or corrupt files. No other exception type leaves a reader (``tests/test_fuzz_points.py``
 fuzzes them). A header that claims more data than the file holds fails before anything is allocated; NPY data is
 memory-mapped; NPZ members and HDF5 datasets above ``MAX_ARRAY_BYTES`` are refused unread, and ``read_points`` reads
 one shape of an HDF5 file, not the whole dataset.
