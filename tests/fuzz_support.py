@@ -119,8 +119,6 @@ def h5_bytes(data: np.ndarray, label: np.ndarray | None) -> bytes:
     return buf.getvalue()
 
 
-
-
 HUGE = [-1, 0, 2**31, 2**32 + 3, 10**12, 2**63 - 1, 10**30]
 
 
@@ -160,4 +158,3 @@ def mutation(draw, data: bytes) -> bytes:
                 new = draw(st.sampled_from([b"nan", b"inf", b"-inf", b"NaN", b"1e999", b"x"]))
             out[i:j] = new
     return bytes(out)
-

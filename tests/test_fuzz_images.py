@@ -291,6 +291,7 @@ def test_rle_masks(counts: Any, h: int, w: int) -> None:
         return
     assert mask.shape == (h, w) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
 
+
 TIFF_SHORT_STRIP = (
     b"II*\x00\x08\x00\x00\x00\x0b\x00\x00\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x01\x01\x04\x00"
     b"\x01\x00\x00\x00\x01\x00\x00\x00\x02\x01\x03\x00\x04\x00\x00\x00\x92\x00\x00\x00\x03\x01\x03\x00"
@@ -327,6 +328,7 @@ def test_rle_regressions(rle: dict) -> None:
     a 10^12-pixel mask (would allocate 1 TB), a size that is not [H, W]."""
     with pytest.raises(DatasetError, match="RLE"):
         decode_rle(rle, (1, 1))
+
 
 # -- the preprocess spec (it travels in a bundle's manifest.json, so deploy reads it from a file) ----------------
 spec_values = st.one_of(

@@ -50,6 +50,7 @@ from vision_peft.pointio import PointFileError, read_points
 
 pytestmark = pytest.mark.fuzz
 
+
 # =================================================================================================================
 # 1. point readers
 # =================================================================================================================
@@ -79,6 +80,7 @@ clouds = (
     .map(lambda rows: np.asarray(rows, dtype=np.float32))
 )
 
+
 @st.composite
 def valid_point_file(draw) -> tuple[str, bytes, np.ndarray]:
     """(file name, bytes, the xyz the reader must return) for every format the readers support."""
@@ -104,6 +106,7 @@ def valid_point_file(draw) -> tuple[str, bytes, np.ndarray]:
     if kind.startswith("npz"):
         return "cloud.npz", npz_bytes({"points": table}, compressed=kind == "npz_c"), pts
     return "shapes.h5", h5_bytes(table[None], np.zeros(1, np.int64)), pts
+
 
 @pytest.mark.fuzz
 @settings(max_examples=fuzz_examples(150), **FUZZ)
@@ -300,6 +303,7 @@ def test_point_folder_h5_layout(shapes: int, labels: list[int], names: list[str]
             for s in split:
                 assert 0 <= s.label < n_classes, f"label {s.label} outside the {n_classes} classes of {scan.classes}"
                 assert expect_points(Path(s.path.rsplit("[", 1)[0]), index=s.h5_index) is not None
+
 
 # =================================================================================================================
 # regressions: the concrete inputs the fuzzer found (each broke a reader before its fix)

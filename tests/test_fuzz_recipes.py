@@ -260,6 +260,7 @@ def test_yaml_tag_override_never_runs_code(tmp_path: Path) -> None:
     assert not marker.exists()
     assert not os.path.exists(marker)
 
+
 RECIPE_REGRESSIONS = {
     "list_document": b"- a\n- b\n",  # AttributeError in apply_overrides
     "not_utf8": b"\xff\xfe task: x\n",  # UnicodeDecodeError
