@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vision_peft.adapters import apply_adapter
-from vision_peft.adapters.capaboost import CapaBoostConfig, CapaBoostFactors
+from vision_peft.adapters.capaboost import CapaBoostConfig, CapaBoostFactors, CapaBoostFLoRA
 from vision_peft.adapters.flora import FLoRAConfig, FLoRAFactors
 from vision_peft.adapters.hut import HUTConfig, HUTFactors
 from vision_peft.backbones import build_backbone
@@ -20,6 +20,7 @@ CONFIGS = {
     "flora": lambda t: FLoRAConfig(r=2, targets=t),
     "hut": lambda t: HUTConfig(r=2, targets=t),
     "capaboost": lambda t: CapaBoostConfig(r=2, n=2, density=0.5, targets=t),
+    "capaboost_flora": lambda t: CapaBoostConfig(base="flora", r=2, n=2, density=0.5, targets=t),
 }
 BACKBONES = {"timm:test_vit": ["qkv", "mlp"], "timm:test_efficientnet": ["conv_pw", "conv_dw"]}
 _CACHE: dict[str, nn.Module] = {}
@@ -128,6 +129,38 @@ def test_capaboost_masks_are_static_seeded_and_raise_the_rank() -> None:
     )
 
 
+def test_capaboost_over_flora_masks_the_shared_core_and_factors() -> None:
+    """base: flora wraps FLoRA's own factor module: FLoRA's parameters, n static seeded masks per tensor, a sum of
+    masked Tucker products whose rank exceeds one FLoRA update's on a Linear."""
+    w = torch.zeros(16, 16)
+    cfg = CapaBoostConfig(base="flora", r=2, n=4, density=0.5)
+    a = CapaBoostFLoRA(16, 16, cfg, torch.Generator().manual_seed(3), w)
+    b = CapaBoostFLoRA(16, 16, cfg, torch.Generator().manual_seed(3), w)
+    c = CapaBoostFLoRA(16, 16, cfg, torch.Generator().manual_seed(4), w)
+    plain = FLoRAFactors(16, 16, FLoRAConfig(r=2), torch.Generator().manual_seed(3), w)
+    assert torch.equal(a.mask_core, b.mask_core) and torch.equal(a.mask_factor1, b.mask_factor1)
+    assert not torch.equal(a.mask_factor0, c.mask_factor0)
+    assert {n for n, _ in a.named_parameters()} == {"inner.core", "inner.factors.0", "inner.factors.1"}
+    assert sum(p.numel() for p in a.parameters()) == plain.num_params() == 2 * (16 + 16) + 2 * 2
+    assert a.mask_core.shape == (4, 2, 2) and a.mask_factor0.shape == (4, 16, 2)
+    assert a.delta().abs().max() == 0.0  # G = 0: identity at step 0
+    with torch.no_grad():
+        a.inner.core.normal_()
+    masks = a.mask_core.clone()
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    a.delta().pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a.parameters())
+    opt.step()
+    assert torch.equal(a.mask_core, masks)
+    f = a.inner
+    want = sum(
+        (f.factors[0] * a.mask_factor0[i]) @ (f.core * a.mask_core[i]) @ (f.factors[1] * a.mask_factor1[i]).T
+        for i in range(4)
+    ) * f.scale
+    assert torch.allclose(a.delta(), want, atol=1e-6)
+    assert torch.linalg.matrix_rank(a.delta()).item() > cfg.r  # masked copies exceed one FLoRA update's rank
+
+
 @pytest.mark.parametrize(
     ("cls", "kw", "match"),
     [
@@ -136,7 +169,7 @@ def test_capaboost_masks_are_static_seeded_and_raise_the_rank() -> None:
         (HUTConfig, {"r": 1}, r"adapter.r must be an integer >= 2"),
         (CapaBoostConfig, {"density": 0.0}, r"adapter.density must lie in \(0, 1\]"),
         (CapaBoostConfig, {"n": 0}, r"adapter.n must be an integer >= 1"),
-        (CapaBoostConfig, {"base": "vpt"}, r"adapter.base must be one of \['lora'\]"),
+        (CapaBoostConfig, {"base": "vpt"}, r"adapter.base must be one of \['flora', 'lora'\]"),
     ],
 )
 def test_bad_inputs_are_refused_naming_the_key(cls, kw, match) -> None:

@@ -4,10 +4,13 @@ https://arxiv.org/abs/2407.01320).
 Idea: n parallel copies of a low-rank module share one set of weights but each sees it through its own static
 random binary mask, ΔW = s Σᵢ (B ⊙ M_Bⁱ)(A ⊙ M_Aⁱ): the sum can reach rank n·r at LoRA's parameter count.
 
-Where this implementation differs: it wraps LoRA only (``base: lora``; A random, B = 0 so ΔW = 0 at step 0);
-masks are drawn once from the seeded generator with keep-probability ``density`` and stored as buffers (saved
-with the adapter, never trained or re-drawn). Parameters per layer: r · (fan_in + fan_out), LoRA's count;
-the masks add n · r · (fan_in + fan_out) stored 0/1 values.
+Bases (``adapter.base``): ``lora`` (A random, B = 0 so ΔW = 0 at step 0; parameters per layer r · (fan_in +
+fan_out), LoRA's count) and ``flora`` (FLoRA's own factor module, :class:`~vision_peft.adapters.flora.FLoRAFactors`,
+wrapped: every copy masks the shared core and factors, ΔW = s Σᵢ (G ⊙ M_Gⁱ) ×₁ (U¹ ⊙ M₁ⁱ) … — G = 0 keeps ΔW = 0 at
+step 0; FLoRA's parameter count, its kernel modes uncompressed as FLoRA's default). The paper also boosts
+adapters and prefix tuning; HUT does not fit (its identity start W0 ⊙ (M_A M_B) is not a sum of masked copies that
+starts at zero). Masks are drawn once from the seeded generator with keep-probability ``density`` and stored as
+buffers (saved with the adapter, never trained or re-drawn): n stored 0/1 values per trainable value.
 
 CNN / ViT mapping: as LoRA — ViT ``qkv`` / ``mlp`` Linears via the activation path, EfficientNet-Lite0's
 ``conv_pw`` and depthwise ``conv_dw`` (kernel as (out, in/groups · kh · kw)) in weight space. ``merge()``
@@ -24,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_peft.adapters.base import ADAPTERS, AdapterHandle, delta_handle, inject_seeded
-
-BASES = ("lora",)
+from vision_peft.adapters.flora import FLoRAConfig, FLoRAFactors
 
 
 @dataclass
@@ -33,7 +35,7 @@ class CapaBoostConfig:
     """n masked copies of one shared LoRA pair per targeted module."""
 
     name: str = "capaboost"  # registry name
-    base: str = "lora"  # the wrapped low-rank method
+    base: str = "lora"  # the wrapped low-rank method: lora or flora
     n: int = 2  # number of parallel masked copies
     density: float = 0.5  # keep-probability of every mask entry
     r: int = 8  # rank of the shared pair
@@ -43,7 +45,7 @@ class CapaBoostConfig:
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
-            raise ValueError(f"CapaBoost adapter.base must be one of {list(BASES)}, got {self.base!r}")
+            raise ValueError(f"CapaBoost adapter.base must be one of {sorted(BASES)}, got {self.base!r}")
         if self.n < 1:
             raise ValueError(f"CapaBoost adapter.n must be an integer >= 1, got {self.n}")
         if not 0.0 < self.density <= 1.0:
@@ -85,11 +87,49 @@ class CapaBoostFactors(nn.Module):
         return F.linear(x, self.delta().to(x.dtype))
 
 
+class CapaBoostFLoRA(nn.Module):
+    """FLoRA's factor module (``inner``: core G, factors Uⁱ) seen through n static masks per tensor (buffers
+    ``mask_core`` (n, *G.shape) and ``mask_factor<k>`` (n, *Uᵏ.shape)); ``delta()`` sums the n masked Tucker products."""
+
+    def __init__(
+        self, fan_in: int, fan_out: int, cfg: CapaBoostConfig, gen: torch.Generator, like: torch.Tensor
+    ) -> None:
+        super().__init__()
+        inner = FLoRAConfig(r=cfg.r, alpha=cfg.alpha, targets=list(cfg.targets), seed=cfg.seed)
+        self.inner = FLoRAFactors(fan_in, fan_out, inner, gen, like)
+        self.n = cfg.n
+
+        def mask(t: torch.Tensor) -> torch.Tensor:
+            return (torch.rand(cfg.n, *t.shape, generator=gen) < cfg.density).to(device=t.device, dtype=t.dtype)
+
+        self.register_buffer("mask_core", mask(self.inner.core))
+        for k, u in enumerate(self.inner.factors):
+            self.register_buffer(f"mask_factor{k}", mask(u))
+
+    def delta(self) -> torch.Tensor:
+        """s Σᵢ (G ⊙ M_Gⁱ) ×₁ (U¹ ⊙ M₁ⁱ) …, (fan_out, fan_in)."""
+        f = self.inner
+        total = sum(
+            f.full_from(
+                f.core * self.mask_core[i], [u * getattr(self, f"mask_factor{k}")[i] for k, u in enumerate(f.factors)]
+            )
+            for i in range(self.n)
+        )
+        return total.reshape(f.shape[0], -1)
+
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.delta().to(x.dtype))
+
+
+BASES = {"lora": CapaBoostFactors, "flora": CapaBoostFLoRA}  # adapter.base → the factor module per target
+
+
 @ADAPTERS.register(
     "capaboost", config_cls=CapaBoostConfig, help="CapaBoost: masked parallel copies of one LoRA pair",
     spec={"r": 2, "n": 2, "density": 0.5},
 )  # fmt: skip
 def apply_capaboost(backbone: nn.Module, cfg: CapaBoostConfig) -> AdapterHandle:
-    """n statically masked copies of one shared LoRA pair per target (B = 0: outputs unchanged at step 0)."""
-    targets = inject_seeded(backbone, cfg, "capaboost", "CapaBoost", CapaBoostFactors)
-    return delta_handle("capaboost", backbone, targets, report={"layers": len(targets), "n": cfg.n})
+    """n statically masked copies of one shared LoRA pair (or FLoRA core + factors) per target (B = 0 / G = 0:
+    outputs unchanged at step 0)."""
+    targets = inject_seeded(backbone, cfg, "capaboost", "CapaBoost", BASES[cfg.base])
+    return delta_handle("capaboost", backbone, targets, report={"layers": len(targets), "n": cfg.n, "base": cfg.base})

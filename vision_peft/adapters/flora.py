@@ -100,7 +100,12 @@ class FLoRAFactors(nn.Module):
 
     def full(self) -> torch.Tensor:
         """ΔW in the weight's own N-D shape: s · G ×₁ U¹ … ×_N Uᴺ."""
-        return torch.einsum(self.equation, self.core, *self.factors) * self.scale
+        return self.full_from(self.core, list(self.factors))
+
+    def full_from(self, core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+        """s · core ×₁ factors[0] … : the same Tucker product from other tensors of this layer's shapes (CapaBoost's
+        masked copies of the core and factors, :mod:`vision_peft.adapters.capaboost`)."""
+        return torch.einsum(self.equation, core, *factors) * self.scale
 
     def delta(self) -> torch.Tensor:
         return self.full().reshape(self.shape[0], -1)
