@@ -341,3 +341,40 @@ def test_aid_pet_family_space_loads_and_every_configuration_builds() -> None:
             backbone, _, _ = build_adapted_backbone(cfg)  # a combination the backbone refuses fails here
             trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
             assert (trainable == 0) == (m == "linear"), (m, combo, trainable)
+
+
+CLAIMER = """
+import json, sys, time
+from pathlib import Path
+from vision_peft.sweep import _pop_waiting, make_context
+ctx = make_context(sys.argv[1], sys.argv[2])
+go = Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.005)
+got = []
+while (tid := _pop_waiting(ctx.study)) is not None:
+    got.append(tid)
+print(json.dumps(got))
+"""
+
+
+def test_workers_racing_for_trials_never_claim_one_twice(tmp_path: Path, aid_root: Path) -> None:
+    """Four processes claim the queue of one SQLite study at the same moment: every trial is claimed exactly once
+    (SQLite ignores optuna's SELECT … FOR UPDATE; before the claim lock a CI run trained one trial twice)."""
+    recipe, space = _recipe(tmp_path), _space(tmp_path, TWO_METHODS)
+    url, name, _ = prepare_study(recipe, space, trials=40, sweep_dir=tmp_path / "sweep", seed=0)
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, name, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]  # fmt: skip
+    time.sleep(4.0)  # every child has imported optuna and opened the study
+    go.touch()
+    claims = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        claims.append(json.loads(out.strip().splitlines()[-1]))
+    flat = [t for c in claims for t in c]
+    assert len(flat) == len(set(flat)) == 40, [len(c) for c in claims]
+    study = load_study(url, name)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 40

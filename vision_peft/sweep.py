@@ -44,7 +44,9 @@ method's best. Every trial trains with ``train.final_test=false``, so no trial o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -56,6 +58,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +97,44 @@ log = logging.getLogger("vision_peft")
 
 
 # -- one worker --------------------------------------------------------------------------------------------------
+def _sqlite_file(storage: Any) -> Path | None:
+    """The database file of a SQLite-backed study storage (optuna wraps the RDB storage in a cache), else None."""
+    url = str(getattr(getattr(storage, "_backend", storage), "url", ""))
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _claim_lock(storage: Any) -> Iterator[None]:
+    """Serialise claims on a SQLite study across worker processes (an flock next to the database file).
+
+    Optuna's WAITING → RUNNING update reads the trial ``FOR UPDATE``, which PostgreSQL and MySQL honour and SQLite
+    ignores: two workers could both read WAITING and both claim one trial (seen in CI: one trial trained twice, the
+    second ``tell`` refused). SQLite studies live on one machine, so a file lock makes the read-and-update atomic."""
+    db = _sqlite_file(storage)
+    if db is None or not db.parent.is_dir():
+        yield
+        return
+    with open(db.with_name(db.name + ".claim.lock"), "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _pop_waiting(study: optuna.Study) -> int | None:
-    """Claim a WAITING trial (WAITING → RUNNING is atomic in the storage); its id, or None."""
+    """Claim a WAITING trial (WAITING → RUNNING, atomic in the storage; under :func:`_claim_lock` for SQLite);
+    its id, or None."""
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                storage.record_heartbeat(t._trial_id)  # from now on a dead worker shows as a stale trial
-                return t._trial_id
+            with _claim_lock(storage):
+                if storage.get_trial(t._trial_id).state != TrialState.WAITING:
+                    continue  # another worker claimed it since the list was read
+                if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    continue
+            storage.record_heartbeat(t._trial_id)  # from now on a dead worker shows as a stale trial
+            return t._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
