@@ -94,17 +94,6 @@ ROWS = {
         "--train.lr=2e-3",
         "--train.head_lr=1e-2",
     ],
-    # CapaBoost over FLoRA's factor module: n masked copies of the shared core + factors (same size knobs as above)
-    "capaboost_flora": [
-        "--adapter.name=capaboost",
-        "--adapter.base=flora",
-        "--adapter.r=8",
-        "--adapter.n=2",
-        "--adapter.density=0.5",
-        "--adapter.targets=[conv_pw]",
-        "--train.lr=2e-3",
-        "--train.head_lr=1e-2",
-    ],
     # Moment Probing (Gao et al., ICCV 2023) at the paper's MHC³ size (512 wide, 4 heads); MP+ adds PSRP (rank 16)
     "mp": ["--adapter.name=moment_probing", "--train.lr=2e-3", "--train.head_lr=1e-2"],
     "mp_plus": ["--adapter.name=moment_probing_plus", "--train.lr=2e-3", "--train.head_lr=1e-2"],
@@ -113,6 +102,8 @@ ROWS = {
     "lst": ["--adapter.name=lst", "--adapter.reduction=8", "--train.lr=3e-3", "--train.head_lr=1e-2"],
     "full": ["--adapter.name=full", "--train.lr=3e-4", "--train.head_lr=1e-2"],
 }
+# CapaBoost over FLoRA's factor module: n masked copies of the shared core + factors, the capaboost row otherwise
+ROWS["capaboost_flora"] = [*ROWS["capaboost"], "--adapter.base=flora"]
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -1,6 +1,18 @@
 """What the input fuzzers (tests/test_fuzz_points.py, _images.py, _recipes.py) share: the
 hypothesis settings, the SIGALRM watchdog, a scratch folder per example, outcome counting, and the byte
-builders of valid point files (PCD, PLY, OFF, NPY, NPZ, HDF5) and the byte-level ``mutation`` strategy."""
+builders of valid point files (PCD, PLY, OFF, NPY, NPZ, HDF5) and the byte-level ``mutation`` strategy.
+
+The property everywhere: a reader either returns a valid value of its documented shape/dtype, or raises its
+documented error type (``PointFileError``, ``ValueError`` for images, ``DatasetError``, ``ConfigError``) with a
+message naming the input; never another exception, never a hang (hypothesis ``deadline`` plus a hard SIGALRM
+watchdog per example) and never a large allocation for a header that merely *claims* a huge size (tracemalloc
+sees every numpy buffer). Inputs are random bytes and mutations (truncation, flipped bytes, rewritten header
+fields, huge/negative counts, NaN/inf, wrong columns and dtypes) of valid files the tests write themselves; the
+unmutated files must read back exactly, so a reader that rejects everything fails too.
+
+Every failure the fuzzer found is kept as an ``@example`` (or a plain test) with the concrete input.
+Example counts come from ``fuzz_examples(n)``: n in CI, 50n under ``pytest --fuzz-long``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,14 @@
 """What the surface fuzzers (tests/test_fuzz_upload.py, test_fuzz_bundles.py, test_fuzz_serve.py) share: the
 hypothesis settings, event counting, and the tiny exported pack (two runs, a merged bundle, a third run's
-file pair) that the bundle-loader and HTTP fuzzers attack, and the JSON values and tree edits they inject."""
+file pair) that the bundle-loader and HTTP fuzzers attack, and the JSON values and tree edits they inject.
+
+The properties: only the documented error type, with a message naming the input (``UploadError`` naming the archive,
+``ValueError`` / ``FileNotFoundError`` / ``AdapterFileError`` naming the bundle file), never another exception; an
+upload never writes outside its own upload folder; every HTTP answer is a 2xx or a 4xx with a JSON ``detail``, never
+a 5xx, a traceback or a hang, and the server process still answers ``/health`` afterwards.
+
+Example counts are bounded (``fuzz_examples(n)``; ``pytest --fuzz-long`` multiplies them by 50).
+"""
 
 from __future__ import annotations
 

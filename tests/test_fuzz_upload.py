@@ -1,12 +1,7 @@
 """Property-based fuzzing of the dataset-zip upload validator (issue 18, app/uploads.py): random archives with
 tricky names, links, special files and corrupted headers; an upload never writes outside its own upload folder.
 
-The properties: only the documented error type, with a message naming the input (``UploadError`` naming the archive,
-``ValueError`` / ``FileNotFoundError`` / ``AdapterFileError`` naming the bundle file), never another exception; an
-upload never writes outside its own upload folder; every HTTP answer is a 2xx or a 4xx with a JSON ``detail``, never
-a 5xx, a traceback or a hang, and the server process still answers ``/health`` afterwards.
-
-Example counts are bounded (``fuzz_examples(n)``; ``pytest --fuzz-long`` multiplies them by 50).
+The properties every fuzzer here checks, and the example counts: see ``tests/surface_support.py``.
 """
 
 from __future__ import annotations

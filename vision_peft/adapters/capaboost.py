@@ -97,7 +97,6 @@ class CapaBoostFLoRA(nn.Module):
         super().__init__()
         inner = FLoRAConfig(r=cfg.r, alpha=cfg.alpha, targets=list(cfg.targets), seed=cfg.seed)
         self.inner = FLoRAFactors(fan_in, fan_out, inner, gen, like)
-        self.n = cfg.n
 
         def mask(t: torch.Tensor) -> torch.Tensor:
             return (torch.rand(cfg.n, *t.shape, generator=gen) < cfg.density).to(device=t.device, dtype=t.dtype)
@@ -113,7 +112,7 @@ class CapaBoostFLoRA(nn.Module):
             f.full_from(
                 f.core * self.mask_core[i], [u * getattr(self, f"mask_factor{k}")[i] for k, u in enumerate(f.factors)]
             )
-            for i in range(self.n)
+            for i in range(len(self.mask_core))
         )
         return total.reshape(f.shape[0], -1)
 
